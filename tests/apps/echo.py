@@ -1,0 +1,93 @@
+"""A scripted app for integration tests: stdlib only, behaviour set by environment.
+
+GET /healthz          200 once ready
+GET /whoami           JSON: service, version, replica, pid
+GET /call/<upstream>/<path>   calls <UPSTREAM>_URL/<path> and returns its body and status
+GET /crash            exits with EXIT_CODE (default 1) right away
+GET /spawn            starts a grandchild `sleep` in the same process group; returns its pid
+
+READY_DELAY (seconds) delays listening; EXIT_AT_START=N exits at once with code N;
+REQUIRE_UPSTREAMS=1 checks every *_URL answers /healthz at start and exits 7 otherwise,
+which makes a start before the upstreams were ready visible as a restart.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+children = []
+
+
+def upstream_urls():
+    return {k[:-4].lower(): v for k, v in os.environ.items() if k.endswith("_URL")}
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt, *args):
+        print("%s %s" % (self.command, self.path), flush=True)
+
+    def reply(self, status, body, ctype="application/json"):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path == "/healthz":
+            return self.reply(200, b"ok", "text/plain")
+        if self.path == "/whoami":
+            return self.reply(200, {
+                "service": os.environ.get("MESH_SERVICE"), "version": os.environ.get("MESH_VERSION"),
+                "replica": os.environ.get("MESH_REPLICA"), "pid": os.getpid(),
+            })
+        if self.path == "/crash":
+            self.reply(200, b"bye", "text/plain")
+            self.wfile.flush()
+            os._exit(int(os.environ.get("EXIT_CODE", "1")))
+        if self.path == "/spawn":
+            child = subprocess.Popen(["sleep", "600"])
+            children.append(child)
+            return self.reply(200, {"pid": child.pid})
+        if self.path.startswith("/call/"):
+            _, _, upstream, rest = self.path.split("/", 3)
+            url = upstream_urls().get(upstream)
+            if url is None:
+                return self.reply(500, {"error": f"no {upstream.upper()}_URL"})
+            try:
+                with urllib.request.urlopen(f"{url}/{rest}", timeout=10) as resp:
+                    return self.reply(resp.status, resp.read(), resp.headers.get("Content-Type", "text/plain"))
+            except urllib.error.HTTPError as exc:
+                return self.reply(exc.code, exc.read(), "text/plain")
+            except OSError as exc:
+                return self.reply(502, {"error": str(exc)})
+        self.reply(404, {"error": "no such path"})
+
+
+def main():
+    if "EXIT_AT_START" in os.environ:
+        print("exiting at start as told", flush=True)
+        sys.exit(int(os.environ["EXIT_AT_START"]))
+    if os.environ.get("REQUIRE_UPSTREAMS"):
+        for name, url in upstream_urls().items():
+            try:
+                urllib.request.urlopen(f"{url}/healthz", timeout=5).read()
+            except OSError as exc:
+                print(f"upstream {name} not reachable at start: {exc}", flush=True)
+                sys.exit(7)
+    time.sleep(float(os.environ.get("READY_DELAY", "0")))  # simulates a slow start, not a sync
+    server = ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler)
+    print(f"listening on {os.environ['PORT']}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
