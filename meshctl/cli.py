@@ -1,0 +1,429 @@
+"""The `meshctl` command: up, down, status, logs, validate, schema, init.
+
+Commands validate locally what they can (the manifest), then talk to the agent only
+through the control API (`meshctl.client`). Exit codes: 0 ok, 1 operational failure,
+2 usage or validation error. Errors go to stderr as `error: ...` plus a `hint: ...`
+saying what to do; the `ClientError` and `StateDirError` families are translated into
+those in one place, `main()`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from contextlib import closing
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+import meshctl
+from meshctl import render
+from meshctl.client import (
+    AgentError,
+    AgentStartError,
+    AgentUnavailable,
+    Client,
+    ClientError,
+    connect,
+    ensure_agent,
+    stop_agent,
+)
+from meshctl.paths import StateDirError, existing_home, log_path, prepare_home, resolve_home
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+STATUS_POLL_S = 0.2
+FAILURE_LOG_LINES = 10
+# Enough history that one replica's last lines survive its siblings' chatter.
+FAILURE_LOG_FETCH = 500
+VALIDATION_ERROR_CODES = ("manifest-invalid", "bad-request")
+REPO_ROOT = Path(meshctl.__file__).resolve().parent.parent
+TEMPLATES_DIR = REPO_ROOT / "templates"
+
+app = typer.Typer(
+    name="meshctl",
+    help="A service mesh for the processes on one host.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
+class TemplateName(str, Enum):
+    shopfast = "shopfast"
+    hello = "hello"
+
+
+class CliFailure(Exception):
+    """A command cannot go on; `main()` prints it and exits with `exit_code`."""
+
+    def __init__(self, message: str, hint: str | None = None, exit_code: int = EXIT_FAILURE):
+        super().__init__(message)
+        self.hint = hint
+        self.exit_code = exit_code
+
+
+def fail(message: str, hint: str | None = None, exit_code: int = EXIT_FAILURE) -> NoReturn:
+    raise CliFailure(message, hint, exit_code)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"meshctl {meshctl.__version__}")
+        raise typer.Exit(EXIT_OK)
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """A service mesh for the processes on one host: canary splits, retries, mTLS, metrics."""
+
+
+# --- manifests -----------------------------------------------------------------------------
+
+
+def load_manifest_or_exit(file: Path) -> Any:
+    """The validated manifest, or exit 2 with every problem as `file:line: path: message`."""
+    from agent.errors import ManifestError
+    from agent.manifest import load_manifest
+
+    try:
+        return load_manifest(file)
+    except ManifestError as exc:
+        problems = str(exc).splitlines()
+        err = render.make_console(stderr=True)
+        count = len(problems)
+        render.print_error(err, f"{file} is not a valid manifest ({count} problem{'s' * (count != 1)})")
+        for line in problems:
+            err.out(line)
+        err.out("hint: `meshctl schema` prints the JSON Schema the manifest must follow")
+        raise typer.Exit(EXIT_USAGE) from None
+    except OSError as exc:
+        fail(f"cannot read {file}: {exc.strerror}", "check the path given to -f", EXIT_USAGE)
+
+
+def instance_ids(manifest: Any) -> list[str]:
+    """The ids the agent gives the instances of a manifest: `service@version#replica`."""
+    return [
+        f"{service.name}@{version.name}#{replica}"
+        for service in manifest.services
+        for version in service.versions
+        for replica in range(version.replicas)
+    ]
+
+
+# --- up ----------------------------------------------------------------------------------
+
+
+@app.command()
+def up(
+    file: Annotated[Path, typer.Option("-f", "--file", help="The manifest (mesh.yaml).")],
+    timeout: Annotated[
+        float, typer.Option(min=0, help="Seconds to wait for every instance to be ready.")
+    ] = 60.0,
+) -> None:
+    """Start the mesh described by FILE, or bring a running mesh in line with it."""
+    manifest = load_manifest_or_exit(file)
+    home = prepare_home(resolve_home())
+    client = ensure_agent(home)
+    applied = client.request("apply", manifest_path=str(file.resolve()))
+    expected = instance_ids(manifest)
+    out = render.make_console()
+    final = wait_until_ready(client, expected, timeout, out)
+    states = instance_states(final, expected)
+    not_ready = [instance_id for instance_id in expected if states[instance_id] != "ready"]
+    if not_ready:
+        report_not_ready(client, not_ready, final, timeout, file)
+    changes = applied if isinstance(applied, dict) else {}
+    out.out(
+        f"mesh {manifest.mesh}: {len(expected)}/{len(expected)} instances ready"
+        f" (started {len(changes.get('started') or [])},"
+        f" changed {len(changes.get('changed') or [])},"
+        f" stopped {len(changes.get('stopped') or [])})"
+    )
+    if final.get("ingress"):
+        out.out(f"ingress: {render.ingress_url(final['ingress'])}")
+    out.out("next: meshctl status · meshctl logs -f · meshctl down")
+
+
+def instances_by_id(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {entry.get("id"): entry for entry in status.get("instances") or []}
+
+
+def instance_states(status: dict[str, Any], expected: list[str]) -> dict[str, str]:
+    """The state of each expected instance; "pending" while the agent does not list it."""
+    entries = instances_by_id(status)
+    return {
+        instance_id: entries.get(instance_id, {}).get("state", "pending")
+        for instance_id in expected
+    }
+
+
+def wait_until_ready(
+    client: Client, expected: list[str], timeout: float, out: Any
+) -> dict[str, Any]:
+    """Poll `status` until every expected instance is ready, one has failed, or time is up.
+
+    Returns the last status. Instances the manifest does not name (being stopped) are
+    ignored: they are not what `up` waits for.
+    """
+    give_up_at = time.monotonic() + timeout
+    last_line = ""
+    spinner = out.status("applying", spinner="dots") if out.is_terminal else None
+    if spinner is not None:
+        spinner.start()
+    try:
+        while True:
+            status = client.request("status") or {}
+            states = instance_states(status, expected)
+            if all(state == "ready" for state in states.values()):
+                return status
+            if "failed" in states.values() or time.monotonic() > give_up_at:
+                return status
+            line = render.progress_line(states)
+            if spinner is not None:
+                spinner.update(line)
+            elif line != last_line:
+                out.out(line)
+            last_line = line
+            time.sleep(STATUS_POLL_S)
+    finally:
+        if spinner is not None:
+            spinner.stop()
+
+
+def report_not_ready(
+    client: Client, not_ready: list[str], status: dict[str, Any], timeout: float, file: Path
+) -> NoReturn:
+    """Name each instance that is not ready, why, and its last log lines; exit 1."""
+    err = render.make_console(stderr=True)
+    instances = instances_by_id(status)
+    failed = [i for i in not_ready if (instances.get(i) or {}).get("state") == "failed"]
+    if failed:
+        headline = f"{len(failed)} instance{'s' * (len(failed) != 1)} failed: {', '.join(failed)}"
+    else:
+        headline = f"{len(not_ready)} instance(s) not ready after {timeout:g} s"
+    render.print_error(err, headline)
+    for instance_id in not_ready:
+        entry = instances.get(instance_id) or {}
+        state = entry.get("state", "pending (not reported by the agent)")
+        message = entry.get("message")
+        err.out(f"  {instance_id}: {state}" + (f" ({message})" if message else ""))
+        for line in last_log_lines(client, instance_id):
+            err.out(f"    | {line}")
+    service = not_ready[0].split("@", 1)[0]
+    err.out(
+        f"hint: fix the cause, then run `meshctl up -f {file}` again;"
+        f" `meshctl logs {service}` shows more"
+    )
+    raise typer.Exit(EXIT_FAILURE)
+
+
+def last_log_lines(client: Client, instance_id: str) -> list[str]:
+    service = instance_id.split("@", 1)[0]
+    try:
+        with closing(client.events("logs", service=service, tail=FAILURE_LOG_FETCH)) as events:
+            lines = [str(e.get("line", "")) for e in events if e.get("instance") == instance_id]
+    except ClientError as exc:
+        return [f"(logs unavailable: {exc})"]
+    return [line.rstrip("\n") for line in lines[-FAILURE_LOG_LINES:]]
+
+
+# --- down, status, logs -------------------------------------------------------------------
+
+
+def running_agent() -> tuple[Path, Client | None]:
+    """The state directory and its agent, without creating the directory."""
+    home = resolve_home()
+    if existing_home(home) is None:
+        return home, None
+    return home, connect(home)
+
+
+def no_mesh(home: Path) -> NoReturn:
+    fail(f"no mesh running (MESHCTL_HOME={home})", "start one with `meshctl up -f mesh.yaml`")
+
+
+@app.command()
+def down(
+    timeout: Annotated[
+        float, typer.Option(min=0, help="Seconds to wait before killing the agent.")
+    ] = 30.0,
+) -> None:
+    """Stop every instance and the agent. Never hangs: past the timeout the agent is killed."""
+    home, client = running_agent()
+    out = render.make_console()
+    if client is None:
+        out.out(f"no mesh running in {home}")
+        return
+    mesh = client.info.get("mesh")
+    outcome = stop_agent(client, home, timeout)
+    if outcome.killed:
+        out.out(
+            f"the agent (pid {client.info.get('pid')}) did not exit within {timeout:g} s;"
+            " killed it with SIGKILL (its sentinel stops the instances it supervised)"
+        )
+    count = len(outcome.stopped)
+    out.out(f"mesh {mesh} stopped ({count} instance{'s' * (count != 1)})")
+
+
+@app.command()
+def status(
+    output: Annotated[
+        OutputFormat, typer.Option("-o", "--output", help="table or json.")
+    ] = OutputFormat.table,
+) -> None:
+    """Every instance: its state, process ids, ports, restarts and uptime."""
+    home, client = running_agent()
+    if client is None:
+        no_mesh(home)
+    result = client.request("status") or {}
+    if output is OutputFormat.json:
+        print(json.dumps(render.status_json(result), indent=2))
+        return
+    render.print_status(render.make_console(), result, time.time())
+
+
+@app.command()
+def logs(
+    service: Annotated[str | None, typer.Argument(help="Only this service's instances.")] = None,
+    follow: Annotated[bool, typer.Option("-f", "--follow", help="Keep printing new lines.")] = False,
+    tail: Annotated[int, typer.Option(min=0, help="Lines of history per request.")] = 100,
+) -> None:
+    """Print the instances' logs, each line prefixed by its instance (service@version#replica)."""
+    home, client = running_agent()
+    if client is None:
+        no_mesh(home)
+    fields: dict[str, Any] = {"tail": tail}
+    if service:
+        fields["service"] = service
+    out = render.make_console()
+    try:
+        with closing(client.events("logs", follow=follow, **fields)) as events:
+            for event in events:
+                render.print_log_line(out, event)
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_OK) from None
+
+
+# --- local commands ------------------------------------------------------------------------
+
+
+@app.command()
+def validate(
+    file: Annotated[Path, typer.Option("-f", "--file", help="The manifest to check.")],
+) -> None:
+    """Check a manifest without starting anything."""
+    manifest = load_manifest_or_exit(file)
+    services = len(manifest.services)
+    instances = len(instance_ids(manifest))
+    print(
+        f"{file}: ok (mesh {manifest.mesh}, {services} service{'s' * (services != 1)},"
+        f" {instances} instance{'s' * (instances != 1)})"
+    )
+
+
+@app.command()
+def schema() -> None:
+    """Print the manifest's JSON Schema (for editors and CI)."""
+    from agent.schema import manifest_json_schema
+
+    print(json.dumps(manifest_json_schema(), indent=2))
+
+
+WORKDIR_LINE = re.compile(
+    r"^(?P<lead>[ \t]*workdir:[ \t]*)(?P<value>[^#\n]*?)(?P<trail>[ \t]*(?:#[^\n]*)?)$",
+    re.MULTILINE,
+)
+PLAIN_YAML_PATH = re.compile(r"^[A-Za-z0-9_./-]+$")
+
+
+def absolutize_workdirs(text: str, base: Path) -> str:
+    """Rewrite every `workdir:` value, relative to `base`, as an absolute path.
+
+    A template's `workdir: ..` means "relative to the templates folder"; once copied
+    elsewhere it would point at the wrong place.
+    """
+
+    def rewrite(match: re.Match[str]) -> str:
+        value = match["value"].strip()
+        if not value:
+            return match[0]
+        if value[0] in "'\"" and value[-1] == value[0] and len(value) >= 2:
+            value = value[1:-1]
+        resolved = str((base / Path(value).expanduser()).resolve())
+        quoted = resolved if PLAIN_YAML_PATH.match(resolved) else json.dumps(resolved)
+        return f"{match['lead']}{quoted}{match['trail']}"
+
+    return WORKDIR_LINE.sub(rewrite, text)
+
+
+@app.command()
+def init(
+    template: Annotated[
+        TemplateName, typer.Option("--template", "-t", help="Which example to start from.")
+    ] = TemplateName.hello,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing mesh.yaml.")] = False,
+) -> None:
+    """Write an example mesh.yaml into the current directory."""
+    source = TEMPLATES_DIR / f"{template.value}.yaml"
+    target = Path.cwd() / "mesh.yaml"
+    if target.exists() and not force:
+        fail(f"{target} already exists", "pass --force to overwrite it")
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as exc:
+        fail(f"cannot read template {source}: {exc.strerror}", "reinstall meshctl from its repository")
+    target.write_text(absolutize_workdirs(text, TEMPLATES_DIR), encoding="utf-8")
+    print(f"wrote {target} (template {template.value})")
+    print("next: meshctl up -f mesh.yaml")
+
+
+# --- entry point ---------------------------------------------------------------------------
+
+
+def translate(exc: Exception) -> CliFailure:
+    """Turn the errors of the lower layers into what the user reads, with an exit code."""
+    if isinstance(exc, CliFailure):
+        return exc
+    if isinstance(exc, StateDirError):
+        return CliFailure(str(exc), exc.hint)
+    log_hint = f"see {log_path(resolve_home())}"
+    if isinstance(exc, AgentStartError):
+        tail = "\n".join(f"  | {line}" for line in exc.log_tail) or "  (agent.log is empty)"
+        return CliFailure(f"{exc}; last lines of its log:\n{tail}", log_hint)
+    if isinstance(exc, AgentError):
+        code = EXIT_USAGE if exc.code in VALIDATION_ERROR_CODES else EXIT_FAILURE
+        return CliFailure(str(exc), exc.hint, code)
+    if isinstance(exc, AgentUnavailable):
+        return CliFailure(f"the agent stopped answering ({exc})", log_hint)
+    if isinstance(exc, ClientError):
+        return CliFailure(str(exc), log_hint)
+    raise TypeError(f"not a meshctl error: {exc!r}")
+
+
+def main() -> None:
+    try:
+        app()
+    except (CliFailure, StateDirError, ClientError) as exc:
+        failure = translate(exc)
+        render.print_error(render.make_console(stderr=True), str(failure), failure.hint)
+        sys.exit(failure.exit_code)
+
+
+if __name__ == "__main__":
+    main()
