@@ -132,10 +132,14 @@ class Router:
         timeout = _timeout(cfg.get("timeout"), "%s.timeout" % prefix, DEFAULT_TIMEOUT)
         retries = cfg.get("retries")
         retry_policy = _retry_policy(retries, "%s.retries" % prefix)
-        split = cfg.get("split") or {self.versions[0]: 100}
+        split = cfg.get("split")
+        if split is None:
+            split = {self.versions[0]: 100}
         self._default = self._compile_split(split, "%s.split" % prefix, -1, timeout, retries, retry_policy, None, None, rng)
 
-        routes = cfg.get("routes") or []
+        routes = cfg.get("routes")
+        if routes is None:
+            routes = []
         if not isinstance(routes, list):
             raise RouterError("%s.routes: expected a list, got %r" % (prefix, routes))
         self._rules: tuple[_Rule, ...] = tuple(
@@ -238,7 +242,9 @@ def _versions(cfg: dict, prefix: str) -> tuple[str, ...]:
     if versions is None:
         # Hand-written configs may leave versions out: take them from the splits.
         seen: dict[str, None] = {}
-        for split in [cfg.get("split")] + [r.get("split") for r in cfg.get("routes") or [] if isinstance(r, dict)]:
+        routes = cfg.get("routes")
+        route_splits = [r.get("split") for r in routes if isinstance(r, dict)] if isinstance(routes, list) else []
+        for split in [cfg.get("split"), *route_splits]:
             if isinstance(split, dict):
                 seen.update(dict.fromkeys(split))
         versions = list(seen)
