@@ -107,20 +107,19 @@ _Predicate = Callable[[str, str, Any, Any], bool]
 
 
 class _Rule:
-    """One compiled route: predicates over (method, path, query params, headers)."""
+    """One compiled route: predicates over (method, path, query, headers), all must hold."""
 
-    __slots__ = ("predicates", "split", "uses_query")
+    __slots__ = ("predicates", "split")
 
-    def __init__(self, predicates: list[_Predicate], split: _Split, uses_query: bool) -> None:
+    def __init__(self, predicates: list[_Predicate], split: _Split) -> None:
         self.predicates = tuple(predicates)
         self.split = split
-        self.uses_query = uses_query
 
 
 class Router:
     """Routes requests for one upstream service; see the module docstring."""
 
-    __slots__ = ("service", "versions", "needs_request_details", "_rules", "_default", "_uses_query")
+    __slots__ = ("service", "versions", "needs_request_details", "_rules", "_default")
 
     def __init__(self, service: str, cfg: dict[str, Any], rng: random.Random | None = None) -> None:
         self.service = service
@@ -146,16 +145,14 @@ class Router:
             self._compile_route(route, "%s.routes[%d]" % (prefix, index), index, timeout, retries, retry_policy, rng)
             for index, route in enumerate(routes)
         )
-        self._uses_query = any(rule.uses_query for rule in self._rules)
         self.needs_request_details = bool(self._rules)
 
     def route(self, method: str, path: str, query: str = "", headers: dict[str, str] | None = None) -> RouteAction:
         """The action for one request: first matching route, else the service split."""
         if self._rules:
-            params = _parse_query(query) if self._uses_query else None
             for rule in self._rules:
                 for predicate in rule.predicates:
-                    if not predicate(method, path, params, headers):
+                    if not predicate(method, path, query, headers):
                         break
                 else:
                     return rule.split.pick()
@@ -205,7 +202,7 @@ class Router:
     ) -> _Rule:
         if not isinstance(route, dict):
             raise RouterError("%s: expected a mapping, got %r" % (where, route))
-        predicates, uses_query = _compile_match(route.get("match"), "%s.match" % where)
+        predicates = _compile_match(route.get("match"), "%s.match" % where)
         timeout = _timeout(route.get("timeout"), "%s.timeout" % where, service_timeout)
         retries = route.get("retries")
         if retries is None:
@@ -223,7 +220,6 @@ class Router:
         return _Rule(
             predicates,
             self._compile_split(split, split_where, index, timeout, retries, retry_policy, fault, mirror, rng),
-            uses_query,
         )
 
     def _mirror(self, mirror: Any, where: str) -> dict | None:
@@ -347,7 +343,7 @@ def _named_specs(specs: Any, where: str, value_means: str) -> list[tuple[str, An
             if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
                 raise RouterError("%s: expected a mapping with a name, got %r" % (item_where, spec))
             rest = {key: value for key, value in spec.items() if key != "name"}
-            named.append((spec["name"], rest if "kind" in rest else rest.get("value"), item_where))
+            named.append((spec["name"], rest["value"] if set(rest) == {"value"} else rest, item_where))
         return named
     raise RouterError("%s: expected a mapping of name to %s, or a list, got %r" % (where, value_means, specs))
 
@@ -358,9 +354,9 @@ def _header_spec(spec: Any, where: str) -> tuple[str, str]:
     return _kind_and_value(spec, where)
 
 
-def _compile_match(match: Any, where: str) -> tuple[list[_Predicate], bool]:
+def _compile_match(match: Any, where: str) -> list[_Predicate]:
     if match is None:
-        return [], False
+        return []
     if not isinstance(match, dict):
         raise RouterError("%s: expected a mapping, got %r" % (where, match))
     predicates: list[_Predicate] = []
@@ -369,11 +365,7 @@ def _compile_match(match: Any, where: str) -> tuple[list[_Predicate], bool]:
     if unknown:
         raise RouterError("%s.%s: unknown match field (known: %s)" % (where, unknown[0], ", ".join(sorted(known))))
 
-    if match.get("path") is not None:
-        kind, value = _kind_and_value(match["path"], "%s.path" % where)
-        test = _string_test(kind, value, "%s.path" % where)
-        predicates.append(lambda method, path, params, headers: test(path))
-
+    # Cheapest tests first: a route usually fails on the method or the path.
     methods = match.get("methods", match.get("method"))
     if methods is not None:
         if isinstance(methods, str):
@@ -381,22 +373,33 @@ def _compile_match(match: Any, where: str) -> tuple[list[_Predicate], bool]:
         if not isinstance(methods, list) or not methods or not all(isinstance(m, str) for m in methods):
             raise RouterError("%s.methods: expected a method or a non-empty list of methods, got %r" % (where, methods))
         allowed = frozenset(m.upper() for m in methods)
-        predicates.append(lambda method, path, params, headers: method in allowed or method.upper() in allowed)
+        predicates.append(lambda method, path, query, headers: method in allowed or method.upper() in allowed)
+
+    if match.get("path") is not None:
+        kind, value = _kind_and_value(match["path"], "%s.path" % where)
+        predicates.append(_path_predicate(kind, value, "%s.path" % where))
 
     for name, spec, item_where in _named_specs(match.get("headers"), "%s.headers" % where, "value"):
         kind, value = _header_spec(spec, item_where)
         predicates.append(_header_predicate(name.lower(), _string_test(kind, value, item_where)))
 
-    uses_query = False
     for name, spec, item_where in _named_specs(match.get("query"), "%s.query" % where, "value"):
         kind, value = _header_spec(spec, item_where)
         predicates.append(_query_predicate(name, _string_test(kind, value, item_where)))
-        uses_query = True
-    return predicates, uses_query
+    return predicates
+
+
+def _path_predicate(kind: str, value: str, where: str) -> _Predicate:
+    if kind == "exact":
+        return lambda method, path, query, headers: path == value
+    if kind == "prefix":
+        return lambda method, path, query, headers: path.startswith(value)
+    test = _string_test(kind, value, where)
+    return lambda method, path, query, headers: test(path)
 
 
 def _header_predicate(name: str, test: Callable[[str], bool]) -> _Predicate:
-    def predicate(method: str, path: str, params: Any, headers: Any) -> bool:
+    def predicate(method: str, path: str, query: str, headers: Any) -> bool:
         if not headers:
             return False
         value = headers.get(name)
@@ -406,21 +409,20 @@ def _header_predicate(name: str, test: Callable[[str], bool]) -> _Predicate:
 
 
 def _query_predicate(name: str, test: Callable[[str], bool]) -> _Predicate:
-    def predicate(method: str, path: str, params: Any, headers: Any) -> bool:
-        values = params.get(name) if params else None
-        return values is not None and any(test(value) for value in values)
+    # Parsing a query string costs far more than a substring test, so a name that reads
+    # the same percent-encoded rules out most requests before any parsing.
+    literal = name if _URL_SAFE.fullmatch(name) else ""
+
+    def predicate(method: str, path: str, query: str, headers: Any) -> bool:
+        if not query or (literal and literal not in query):
+            return False
+        try:
+            pairs = parse_qsl(query, keep_blank_values=True)
+        except ValueError:
+            return False
+        return any(key == name and test(value) for key, value in pairs)
 
     return predicate
 
 
-def _parse_query(query: str) -> dict[str, list[str]]:
-    params: dict[str, list[str]] = {}
-    if not query:
-        return params
-    try:
-        pairs = parse_qsl(query, keep_blank_values=True)
-    except ValueError:
-        return params
-    for name, value in pairs:
-        params.setdefault(name, []).append(value)
-    return params
+_URL_SAFE = re.compile(r"[A-Za-z0-9._~-]+")

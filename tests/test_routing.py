@@ -53,6 +53,8 @@ MATCH_CASES = [
     ({"headers": [{"name": "user-agent", "kind": "prefix", "value": "curl/"}]}, ("GET", "/", "", {"user-agent": "curl/8"}), "v2"),
     ({"headers": [{"name": "x-user", "kind": "regex", "value": "u[0-4]"}]}, ("GET", "/", "", {"x-user": "u3"}), "v2"),
     ({"headers": [{"name": "x-user", "kind": "regex", "value": "u[0-4]"}]}, ("GET", "/", "", {"x-user": "u37"}), "v1"),
+    ({"headers": [{"name": "x-user", "regex": "u[0-4]"}]}, ("GET", "/", "", {"x-user": "u3"}), "v2"),
+    ({"headers": [{"name": "x-user", "value": "u3"}]}, ("GET", "/", "", {"x-user": "u3"}), "v2"),
     # headers, shorthand; names match case-insensitively from the config side
     ({"headers": {"X-Canary": "true"}}, ("GET", "/", "", {"x-canary": "true"}), "v2"),
     ({"headers": {"x-user": {"regex": "a.*"}}}, ("GET", "/", "", {"x-user": "alice"}), "v2"),
@@ -66,6 +68,10 @@ MATCH_CASES = [
     ({"query": {"beta": "1"}}, ("GET", "/", "", None), "v1"),
     ({"query": {"q": "a b"}}, ("GET", "/", "q=a+b", None), "v2"),
     ({"query": {"flag": ""}}, ("GET", "/", "flag", None), "v2"),
+    ({"query": {"a b": "1"}}, ("GET", "/", "a%20b=1", None), "v2"),
+    ({"query": {"a b": "1"}}, ("GET", "/", "a+b=1", None), "v2"),
+    ({"query": {"beta": {"regex": "[0-9]+"}}}, ("GET", "/", "beta=42", None), "v2"),
+    ({"query": {"beta": "1"}}, ("GET", "/", "alphabeta=1", None), "v1"),
     # every condition must hold
     ({"path": {"prefix": "/api"}, "method": "GET", "headers": {"x-canary": "1"}, "query": {"b": "1"}}, ("GET", "/api", "b=1", {"x-canary": "1"}), "v2"),
     ({"path": {"prefix": "/api"}, "method": "GET", "headers": {"x-canary": "1"}, "query": {"b": "1"}}, ("GET", "/api", "b=1", {"x-canary": "0"}), "v1"),
@@ -243,3 +249,35 @@ text = st.text(alphabet=st.characters(codec="utf-8"), max_size=40) | st.text(max
 def test_route_never_raises(method, path, query, headers):
     action = ROUTER.route(method, path, query, headers)
     assert action.version in VERSIONS
+
+
+def test_accepts_the_agents_normalised_shape():
+    retries = {"attempts": 3, "per_try_timeout": None, "retry_on": ["connect-failure", "refused", "gateway-error", 503],
+               "backoff": 0.025, "max_backoff": 0.25, "non_idempotent": False,
+               "budget": {"ratio": 0.2, "min_per_second": 10.0}}
+    cfg = {
+        "split": {"v1": 90, "v2": 10},
+        "versions": ["v1", "v2"],
+        "routes": [
+            {"match": {"path": {"kind": "prefix", "value": "/api"}, "methods": ["GET", "HEAD"],
+                       "headers": [{"name": "x-canary", "kind": "exact", "value": "true"}],
+                       "query": [{"name": "beta", "value": "1"}]},
+             "split": {"v2": 100}, "timeout": None, "retries": retries,
+             "fault": {"delay": None, "abort": {"status": 503, "percent": 5.0}},
+             "mirror": {"version": "v2", "percent": 10.0}},
+            {"match": {"path": None, "methods": None, "headers": [], "query": []},
+             "split": {"v1": 100}, "timeout": 2.5, "retries": None, "fault": None, "mirror": None},
+        ],
+        "timeout": 15.0, "connect_timeout": 1.0, "retries": None,
+        "load_balancer": {"kind": "least_request"},
+        "outlier_detection": {"enabled": True, "consecutive_errors": 5, "interval": 10.0, "base_ejection_time": 30.0,
+                              "max_ejection_percent": 10.0, "max_ejection_time": 300.0},
+        "limits": {"max_connections": 1024, "max_pending": 1024},
+    }
+    router = Router("cart", cfg)
+    canary = router.route("GET", "/api/items", "beta=1", {"x-canary": "true"})
+    assert (canary.version, canary.rule, canary.timeout) == ("v2", 0, 15.0)
+    assert canary.retry_policy.retry_on == frozenset({"connect-failure", "refused", "gateway-error", "503"})
+    assert canary.fault == {"delay": None, "abort": {"status": 503, "percent": 5.0}}
+    other = router.route("POST", "/api/items", "beta=1", {"x-canary": "true"})
+    assert (other.version, other.rule, other.timeout, other.retries) == ("v1", 1, 2.5, None)
