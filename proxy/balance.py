@@ -95,10 +95,10 @@ def _eligible(group: Sequence[Endpoint], exclude: frozenset[str], now: float) ->
 
 
 class Balancer:
-    """Base: endpoints grouped by version, and the key used by consistent hashing."""
+    """Base: endpoints grouped by version; subclasses choose among the eligible ones."""
 
     __slots__ = ("endpoints", "needs_headers", "_by_version", "_rng")
-    kind = "least_request"
+    kind = ""
 
     def __init__(self, endpoints: list[Endpoint], rng: random.Random | None = None) -> None:
         self.endpoints = endpoints
@@ -125,7 +125,7 @@ class Balancer:
         return self._choose(version, _eligible(group, exclude, now), hash_key)
 
     def _choose(self, version: str, candidates: Sequence[Endpoint], hash_key: str | None) -> Endpoint:
-        return _least_request(candidates, self._rng.random)
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         counts = ", ".join("%s=%d" % (version, len(group)) for version, group in self._by_version.items())
@@ -146,6 +146,28 @@ def _least_request(candidates: Sequence[Endpoint], draw: Any) -> Endpoint:
 
 class LeastRequestBalancer(Balancer):
     __slots__ = ()
+    kind = "least_request"
+
+    def pick(
+        self, version: str, hash_key: str | None = None, exclude: frozenset[str] = _NO_EXCLUSIONS, now: float = 0.0
+    ) -> Endpoint | None:
+        group = self._by_version.get(version)
+        if not group:
+            return None
+        count = len(group)
+        if count == 1:
+            return group[0]
+        # Draw first, check only the two drawn: no pass over the group unless one of them
+        # is ejected or excluded, and then a fresh draw among the eligible ones.
+        draw = self._rng.random
+        first = int(draw() * count)
+        second = int(draw() * (count - 1))
+        if second >= first:
+            second += 1
+        a, b = group[first], group[second]
+        if a.ejected_until > now or b.ejected_until > now or (exclude and (a.id in exclude or b.id in exclude)):
+            return _least_request(_eligible(group, exclude, now), draw)
+        return a if a.active <= b.active else b
 
 
 class RandomBalancer(Balancer):
