@@ -223,8 +223,11 @@ def report_not_ready(
         state = entry.get("state", "pending (not reported by the agent)")
         message = entry.get("message")
         err.out(f"  {instance_id}: {state}" + (f" ({message})" if message else ""))
-        for line in last_log_lines(client, instance_id):
+        lines = last_log_lines(client, instance_id)
+        for line in lines:
             err.out(f"    | {line}")
+        if not lines:
+            err.out("    (it wrote no log lines)")
     service = not_ready[0].split("@", 1)[0]
     err.out(
         f"hint: fix the cause, then run `meshctl up -f {file}` again;"
@@ -345,31 +348,35 @@ def schema() -> None:
     print(json.dumps(manifest_json_schema(), indent=2))
 
 
+# Only the top-level key: a service's `workdir` is relative to the mesh's, not to the file.
 WORKDIR_LINE = re.compile(
-    r"^(?P<lead>[ \t]*workdir:[ \t]*)(?P<value>[^#\n]*?)(?P<trail>[ \t]*(?:#[^\n]*)?)$",
+    r"^(?P<lead>workdir:[ \t]*)(?P<value>[^#\n]*?)(?P<trail>[ \t]*(?:#[^\n]*)?)$",
     re.MULTILINE,
 )
 PLAIN_YAML_PATH = re.compile(r"^[A-Za-z0-9_./-]+$")
 
 
-def absolutize_workdirs(text: str, base: Path) -> str:
-    """Rewrite every `workdir:` value, relative to `base`, as an absolute path.
+def absolutize_workdir(text: str, base: Path) -> str:
+    """Make the mesh's `workdir:` absolute, resolving it against `base`.
 
-    A template's `workdir: ..` means "relative to the templates folder"; once copied
-    elsewhere it would point at the wrong place.
+    A template's `workdir: ..` is relative to the templates folder, and a missing one
+    means that folder; once copied elsewhere either would point at the wrong place.
     """
 
-    def rewrite(match: re.Match[str]) -> str:
-        value = match["value"].strip()
-        if not value:
-            return match[0]
-        if value[0] in "'\"" and value[-1] == value[0] and len(value) >= 2:
+    def absolute(value: str) -> str:
+        if len(value) >= 2 and value[0] in "'\"" and value[-1] == value[0]:
             value = value[1:-1]
         resolved = str((base / Path(value).expanduser()).resolve())
-        quoted = resolved if PLAIN_YAML_PATH.match(resolved) else json.dumps(resolved)
-        return f"{match['lead']}{quoted}{match['trail']}"
+        return resolved if PLAIN_YAML_PATH.match(resolved) else json.dumps(resolved)
 
-    return WORKDIR_LINE.sub(rewrite, text)
+    def rewrite(match: re.Match[str]) -> str:
+        value = match["value"].strip() or "."
+        return f"{match['lead']}{absolute(value)}{match['trail']}"
+
+    rewritten, count = WORKDIR_LINE.subn(rewrite, text)
+    if count:
+        return rewritten
+    return text.rstrip("\n") + f"\nworkdir: {absolute('.')}\n"
 
 
 @app.command()
@@ -388,7 +395,7 @@ def init(
         text = source.read_text(encoding="utf-8")
     except OSError as exc:
         fail(f"cannot read template {source}: {exc.strerror}", "reinstall meshctl from its repository")
-    target.write_text(absolutize_workdirs(text, TEMPLATES_DIR), encoding="utf-8")
+    target.write_text(absolutize_workdir(text, TEMPLATES_DIR), encoding="utf-8")
     print(f"wrote {target} (template {template.value})")
     print("next: meshctl up -f mesh.yaml")
 

@@ -306,7 +306,8 @@ def stop_agent(client: Client, home: Path, timeout_s: float) -> StopOutcome:
     try:
         result = client.request("down")
         if isinstance(result, dict):
-            stopped = list(result.get("stopped") or [])
+            # "stopping" is what an agent says when it answers before it has finished.
+            stopped = list(result.get("stopped") or result.get("stopping") or [])
     except (AgentDisconnected, AgentUnavailable):
         pass  # it went away while answering: what we asked for
     except AgentTimeout:

@@ -170,9 +170,7 @@ def print_log_line(console: Console, event: Mapping[str, Any]) -> None:
     instance_id = str(event.get("instance", "?"))
     line = str(event.get("line", "")).rstrip("\n")
     if console.is_terminal:
-        text = Text(log_prefix(instance_id), style=instance_colour(instance_id))
-        text.append(line)
-        console.print(text)
+        console.print(Text.assemble((log_prefix(instance_id), instance_colour(instance_id)), line))
     else:
         console.out(log_prefix(instance_id) + line)
     console.file.flush()
