@@ -42,6 +42,8 @@ FAILURE_LOG_LINES = 10
 # Enough history that one replica's last lines survive its siblings' chatter.
 FAILURE_LOG_FETCH = 500
 VALIDATION_ERROR_CODES = ("manifest-invalid", "bad-request")
+# Stands for the ingress sidecar among the instances `up` waits for; ids always contain "@".
+INGRESS_ID = "ingress"
 REPO_ROOT = Path(meshctl.__file__).resolve().parent.parent
 TEMPLATES_DIR = REPO_ROOT / "templates"
 
@@ -141,16 +143,16 @@ def up(
     home = prepare_home(resolve_home())
     client = ensure_agent(home)
     applied = client.request("apply", manifest_path=str(file.resolve()))
-    expected = instance_ids(manifest)
+    expected = instance_ids(manifest) + ([INGRESS_ID] if manifest.ingress else [])
     out = render.make_console()
     final = wait_until_ready(client, expected, timeout, out)
     states = instance_states(final, expected)
-    not_ready = [instance_id for instance_id in expected if states[instance_id] != "ready"]
-    if not_ready:
-        report_not_ready(client, not_ready, final, timeout, file)
+    if any(state != "ready" for state in states.values()):
+        report_not_ready(client, states, final, timeout, file)
     changes = applied if isinstance(applied, dict) else {}
+    count = len(instance_ids(manifest))
     out.out(
-        f"mesh {manifest.mesh}: {len(expected)}/{len(expected)} instances ready"
+        f"mesh {manifest.mesh}: {count}/{count} instances ready"
         f" (started {len(changes.get('started') or [])},"
         f" changed {len(changes.get('changed') or [])},"
         f" stopped {len(changes.get('stopped') or [])})"
@@ -165,12 +167,20 @@ def instances_by_id(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def instance_states(status: dict[str, Any], expected: list[str]) -> dict[str, str]:
-    """The state of each expected instance; "pending" while the agent does not list it."""
+    """The state of each expected instance; "pending" while the agent does not list it.
+
+    The ingress sidecar counts too (as INGRESS_ID) when the agent says whether it is ready.
+    """
     entries = instances_by_id(status)
-    return {
+    states = {
         instance_id: entries.get(instance_id, {}).get("state", "pending")
         for instance_id in expected
+        if instance_id != INGRESS_ID
     }
+    if INGRESS_ID in expected:
+        ingress = status.get("ingress") or {}
+        states[INGRESS_ID] = "ready" if ingress.get("ready", True) else "starting"
+    return states
 
 
 def wait_until_ready(
@@ -207,32 +217,31 @@ def wait_until_ready(
 
 
 def report_not_ready(
-    client: Client, not_ready: list[str], status: dict[str, Any], timeout: float, file: Path
+    client: Client, states: dict[str, str], status: dict[str, Any], timeout: float, file: Path
 ) -> NoReturn:
     """Name each instance that is not ready, why, and its last log lines; exit 1."""
     err = render.make_console(stderr=True)
     instances = instances_by_id(status)
-    failed = [i for i in not_ready if (instances.get(i) or {}).get("state") == "failed"]
+    not_ready = [instance_id for instance_id, state in states.items() if state != "ready"]
+    failed = [instance_id for instance_id in not_ready if states[instance_id] == "failed"]
     if failed:
         headline = f"{len(failed)} instance{'s' * (len(failed) != 1)} failed: {', '.join(failed)}"
     else:
         headline = f"{len(not_ready)} instance(s) not ready after {timeout:g} s"
     render.print_error(err, headline)
     for instance_id in not_ready:
-        entry = instances.get(instance_id) or {}
-        state = entry.get("state", "pending (not reported by the agent)")
-        message = entry.get("message")
-        err.out(f"  {instance_id}: {state}" + (f" ({message})" if message else ""))
+        message = (instances.get(instance_id) or {}).get("message")
+        err.out(f"  {instance_id}: {states[instance_id]}" + (f" ({message})" if message else ""))
+        if instance_id == INGRESS_ID:
+            continue  # its sidecar's log is the agent's business, not the logs op's
         lines = last_log_lines(client, instance_id)
         for line in lines:
             err.out(f"    | {line}")
         if not lines:
             err.out("    (it wrote no log lines)")
-    service = not_ready[0].split("@", 1)[0]
-    err.out(
-        f"hint: fix the cause, then run `meshctl up -f {file}` again;"
-        f" `meshctl logs {service}` shows more"
-    )
+    services = [instance_id.split("@", 1)[0] for instance_id in not_ready if "@" in instance_id]
+    more = f"`meshctl logs {services[0]}`" if services else f"{log_path(resolve_home())}"
+    err.out(f"hint: fix the cause, then run `meshctl up -f {file}` again; {more} shows more")
     raise typer.Exit(EXIT_FAILURE)
 
 

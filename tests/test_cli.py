@@ -459,6 +459,30 @@ def test_up_times_out_naming_instances_not_ready(home: Path, tmp_path: Path, fak
     assert "(it wrote no log lines)" in result.stderr
 
 
+def test_up_waits_for_the_ingress_when_the_agent_reports_it(home: Path, tmp_path: Path, fake_agent) -> None:
+    pytest.importorskip("agent.manifest")
+    manifest = write(
+        tmp_path / "mesh.yaml",
+        GOOD_MANIFEST + "ingress:\n  port: 8080\n  routes: [{path: /, service: web}]\n",
+    )
+    ready = {"web@v1#0": "ready", "web@v1#1": "ready"}
+    status_with_ingress = scripted_status([ready])
+
+    def status(request: dict, agent: FakeAgent, conn: socket.socket) -> list[dict]:
+        [answer] = status_with_ingress(request, agent, conn)
+        answer["result"]["ingress"] = {"host": "127.0.0.1", "port": 8080, "ready": False}
+        return [answer]
+
+    fake_agent({
+        "apply": lambda req, agent, conn: [ok({"mesh": "shopfast", "changed": [], "stopped": [], "started": []})],
+        "status": status,
+    })
+    result = run_cli(home, "up", "-f", str(manifest), "--timeout", "0.3")
+    assert result.returncode == 1
+    assert "  ingress: starting" in result.stderr
+    assert "web@v1#" not in result.stderr
+
+
 def test_up_rejects_an_invalid_manifest_before_starting_anything(home: Path, tmp_path: Path) -> None:
     pytest.importorskip("agent.manifest")
     manifest = write(tmp_path / "mesh.yaml", TYPO_MANIFEST)
