@@ -1,0 +1,527 @@
+"""One request and its response, from the client connection to an upstream and back.
+
+An `Exchange` is created per request head by `proxy.server.ClientConnection`. It
+decides (route, endpoint, retry) with the pure policy modules, then moves raw bytes:
+
+* request bytes queue in `pending` until an upstream connection is attached, then go
+  out in one write; after that body bytes are written straight through;
+* the response is parsed by the upstream connection's `Parser` and its raw bytes are
+  written to the client, batched per `data_received`;
+* backpressure both ways: a full write buffer on one side pauses reading on the other;
+* a copy of the request (`replay`) is kept while it is at most 64 KiB, so a failed try
+  can be sent again: after a retriable outcome (proxy.retry), and always once when a
+  reused keep-alive connection turns out to have been closed by the peer.
+
+Every error the exchange generates goes through proxy.errors; once response bytes have
+been sent to the client, a failure can only abort the client connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import TYPE_CHECKING
+
+from proxy.errors import ProtocolError, error_response
+from proxy.http1 import END, NEED_DATA, Data, Head, rebuild_head
+from proxy.retry import MAX_REPLAY_BODY_BYTES
+
+if TYPE_CHECKING:
+    from proxy.balance import Endpoint
+    from proxy.listeners import Target
+    from proxy.pool import UpstreamConnection
+    from proxy.routing import RouteAction
+    from proxy.server import ClientConnection
+
+log = logging.getLogger("proxy.exchange")
+
+MAX_PENDING_BYTES = 256 * 1024  # queued while connecting; above it the client is paused
+MAX_REPLAY_BYTES = MAX_REPLAY_BODY_BYTES + 16 * 1024  # body limit plus room for the head
+_CONNECTION_CLOSE = b"connection: close"
+_CONNECT_FAILURE_CODE = {"connect-failure": "upstream-connect-failed", "refused": "upstream-connect-failed", "reset": "upstream-reset", "timeout": "timeout"}
+
+
+class Exchange:
+    __slots__ = (
+        "client",
+        "target",
+        "head",
+        "method",
+        "action",
+        "endpoint",
+        "address",
+        "label",
+        "upstream",
+        "pending",
+        "pending_size",
+        "replay",
+        "replay_size",
+        "request_done",
+        "response_started",
+        "answered",
+        "client_keep_alive",
+        "attempt",
+        "tried",
+        "deadline",
+        "try_deadline",
+        "interim",
+        "discarding",
+        "connect_task",
+        "hash_key",
+        "counted",
+        "reused",
+        "upstream_keep_alive",
+    )
+
+    def __init__(self, client: ClientConnection, target: Target, head: Head, out_head: bytes) -> None:
+        self.client = client
+        self.target = target
+        self.head = head
+        self.method = head.method
+        self.action: RouteAction | None = None
+        self.endpoint: Endpoint | None = None
+        self.address = target.address
+        self.label = target.label
+        self.upstream: UpstreamConnection | None = None
+        self.pending: list[bytes] | None = [out_head]
+        self.pending_size = len(out_head)
+        self.replay: list[bytes] | None = [out_head]
+        self.replay_size = len(out_head)
+        self.request_done = False
+        self.response_started = False
+        self.answered = False
+        self.client_keep_alive = head.keep_alive
+        self.attempt = 1
+        self.tried: frozenset[str] = frozenset()
+        self.deadline = 0.0
+        self.try_deadline = 0.0
+        self.interim = False
+        self.discarding = False
+        self.connect_task: asyncio.Task | None = None
+        self.hash_key: str | None = None
+        self.counted = False
+        self.reused = False
+        self.upstream_keep_alive = False
+
+    def __repr__(self) -> str:
+        return "<Exchange %s %s -> %s try %d%s%s>" % (
+            self.method.decode("ascii", "replace"),
+            self.head.target[:80].decode("ascii", "replace"),
+            self.label,
+            self.attempt,
+            " request-done" if self.request_done else "",
+            " answered" if self.answered else "",
+        )
+
+    # -- decisions ---------------------------------------------------------------------
+
+    def start(self, now: float) -> None:
+        """Route, apply faults and limits, then make the first try."""
+        service = self.target.service
+        if service is None:
+            self.deadline = 0.0
+            self._try()
+            return
+        if service.in_flight >= service.max_in_flight:
+            self.fail("circuit-open", "%s: %d requests in flight, limit reached" % (service.name, service.in_flight))
+            return
+        method = self.method.decode("latin-1")
+        headers = None
+        if service.needs_headers:
+            headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in self.head.headers}
+        router = service.router
+        if router.needs_request_details:
+            path, _, query = self.head.target.decode("latin-1").partition("?")
+            action = router.route(method, path, query, headers)
+        else:
+            action = router.route(method, "")
+        self.action = action
+        self.deadline = now + action.timeout
+        service.in_flight += 1
+        self.counted = True
+        service.budget.record_request(now)
+        if service.balancer.needs_headers:
+            self.hash_key = service.balancer.hash_key_for(headers, self.client.client_ip)
+        fault = action.fault
+        if fault is not None:
+            abort = fault["abort"]
+            if abort is not None and random.random() * 100 < abort["percent"]:
+                self.fail("fault-abort", "%s: injected fault" % service.name, abort["status"])
+                return
+            delay = fault["delay"]
+            if delay is not None and random.random() * 100 < delay["percent"]:
+                self.client.deadline = self.deadline
+                self.client.state.loop.call_later(delay["fixed"], self._try)
+                return
+        self._try()
+
+    def _try(self) -> None:
+        if self.answered:
+            return
+        service = self.target.service
+        state = self.client.state
+        if service is not None:
+            action = self.action
+            endpoint = service.balancer.pick(action.version, self.hash_key, self.tried, state.loop.time())  # type: ignore[union-attr]
+            if endpoint is None:
+                self.fail("no-healthy-endpoints", "%s@%s: no endpoints" % (service.name, action.version))  # type: ignore[union-attr]
+                return
+            endpoint.active += 1
+            self.endpoint = endpoint
+            self.address = endpoint.address
+            self.label = "%s@%s (%s:%d)" % (service.name, endpoint.version, endpoint.address[0], endpoint.address[1])
+            policy = action.retry_policy  # type: ignore[union-attr]
+            if policy is not None and policy.per_try_timeout:
+                self.try_deadline = state.loop.time() + policy.per_try_timeout
+        self.client.deadline = self._next_deadline()
+        conn = state.pool.take(self.address)  # type: ignore[arg-type]
+        if conn is not None:
+            self._attach(conn, reused=True)
+            if not self.client.processing:
+                self.flush()
+            return
+        connect_timeout = service.connect_timeout if service is not None else 1.0
+        self.connect_task = state.loop.create_task(self._connect(self.address, connect_timeout))  # type: ignore[arg-type]
+
+    def _next_deadline(self) -> float:
+        if self.try_deadline and (not self.deadline or self.try_deadline < self.deadline):
+            return self.try_deadline
+        return self.deadline
+
+    async def _connect(self, address: tuple[str, int], timeout: float) -> None:
+        pool = self.client.state.pool
+        try:
+            conn = await pool.connect(address, timeout)
+        except TimeoutError:
+            self.connect_task = None
+            self._try_failed("connect-failure", "connect timed out after %gs" % timeout, None)
+        except ConnectionRefusedError:
+            self.connect_task = None
+            self._try_failed("refused", "connection refused", None)
+        except OSError as exc:
+            self.connect_task = None
+            self._try_failed("connect-failure", exc.strerror or str(exc), None)
+        else:
+            self.connect_task = None
+            if self.answered:
+                pool.add_idle(conn)
+                return
+            self._attach(conn, reused=False)
+            self.flush()
+
+    def _attach(self, conn: UpstreamConnection, reused: bool) -> None:
+        conn.owner = self
+        conn.requests += 1
+        self.upstream = conn
+        self.reused = reused
+        if self.method == b"HEAD":
+            conn.parser.expect_no_body()
+        if self.client.write_paused:
+            conn.pause_reading()
+
+    def flush(self) -> None:
+        """Write the queued request bytes once an upstream connection is attached."""
+        pending = self.pending
+        conn = self.upstream
+        if pending is None or conn is None:
+            return
+        self.pending = None
+        if len(pending) == 1:
+            conn.transport.write(pending[0])  # type: ignore[union-attr]
+        else:
+            conn.transport.writelines(pending)  # type: ignore[union-attr]
+        self.client.resume_for_pending()
+
+    # -- request side (called by the client connection) ----------------------------------
+
+    def request_data(self, data: bytes) -> None:
+        if self.answered:
+            return
+        replay = self.replay
+        if replay is not None:
+            self.replay_size += len(data)
+            if self.replay_size <= MAX_REPLAY_BYTES:
+                replay.append(data)
+            else:
+                self.replay = None
+        pending = self.pending
+        if pending is None:
+            self.upstream.transport.write(data)  # type: ignore[union-attr]
+            return
+        pending.append(data)
+        self.pending_size += len(data)
+        if self.pending_size > MAX_PENDING_BYTES:
+            self.client.pause_for_pending()
+
+    def request_end(self) -> None:
+        self.request_done = True
+        if self.answered:
+            self.client.exchange_finished(self, self.client_keep_alive)
+
+    def client_lost(self) -> None:
+        """The client went away: nothing left to answer."""
+        self.answered = True
+        conn = self.upstream
+        if conn is not None:
+            self.upstream = None
+            conn.abort()
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+            self.connect_task = None
+        self._release_endpoint()
+        self._release_service()
+
+    def client_write_paused(self) -> None:
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def client_write_resumed(self) -> None:
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
+    def on_deadline(self, now: float) -> None:
+        if self.deadline and now >= self.deadline:
+            self._try_failed("timeout", "no response within %gs" % self.action.timeout, None, final=True)  # type: ignore[union-attr]
+        elif self.try_deadline and now >= self.try_deadline:
+            self._try_failed("timeout", "no response within the per-try timeout", None)
+
+    # -- response side (called by the upstream connection) -------------------------------
+
+    def upstream_data(self, data: bytes) -> None:
+        conn = self.upstream
+        if conn is None:
+            return
+        parser = conn.parser
+        parser.feed(data)
+        out: list[bytes] = []
+        while True:
+            try:
+                event = parser.next_event()
+            except ProtocolError as exc:
+                self._write_out(out)
+                self._upstream_broken(conn, str(exc))
+                return
+            kind = type(event)
+            if kind is Data:
+                if not self.discarding:
+                    out.append(event.data)  # type: ignore[attr-defined]
+            elif event is NEED_DATA:
+                break
+            elif kind is Head:
+                if not self._response_head(event, out):  # type: ignore[arg-type]
+                    return
+            elif event is END:
+                if self.interim:
+                    self.interim = False
+                    parser.start_next_cycle()
+                    if self.method == b"HEAD":
+                        parser.expect_no_body()
+                    continue
+                self._write_out(out)
+                self._response_end(conn)
+                return
+            else:
+                break
+        self._write_out(out)
+
+    def _write_out(self, out: list[bytes]) -> None:
+        if out:
+            transport = self.client.transport
+            if len(out) == 1:
+                transport.write(out[0])
+            else:
+                transport.writelines(out)
+            out.clear()
+
+    def _response_head(self, head: Head, out: list[bytes]) -> bool:
+        """Forward a response head; False when the exchange already ended."""
+        status = head.status
+        if status < 200:
+            if status == 101:
+                self._upstream_broken(self.upstream, "unexpected 101 switching protocols")  # type: ignore[arg-type]
+                return False
+            self.interim = True
+            if self.head.version == b"1.1":
+                out.append(head.raw)
+            return True
+        self.try_deadline = 0.0
+        endpoint = self.endpoint
+        if endpoint is not None:
+            self._record(endpoint, status < 500)
+            policy = self.action.retry_policy  # type: ignore[union-attr]
+            if (
+                policy is not None
+                and self.replay is not None
+                and self.request_done
+                and policy.should_retry(self.attempt, self.method.decode("latin-1"), "response", status, self.replay_size - len(self.replay[0]))
+                and self.target.service.budget.try_spend(self.client.state.loop.time())  # type: ignore[union-attr]
+            ):
+                self.upstream_keep_alive = head.keep_alive
+                self.discarding = True
+                return True
+        self.response_started = True
+        self.client.deadline = self.deadline
+        self.upstream_keep_alive = head.keep_alive
+        keep = self.client_keep_alive
+        if not (head.content_length is not None or head.chunked or status in (204, 304) or self.method == b"HEAD"):
+            keep = False  # the body runs until the upstream closes, so the client must see a close too
+        if self.client.state.draining:
+            keep = False
+        self.client_keep_alive = keep
+        if head.has_hop_by_hop or not keep:
+            out.append(rebuild_head(head, [] if keep else [_CONNECTION_CLOSE]))
+        else:
+            out.append(head.raw)
+        return True
+
+    def _response_end(self, conn: UpstreamConnection) -> None:
+        self.upstream = None
+        self._release_endpoint()
+        if conn.parser.buffered == 0 and self.request_done and self.upstream_keep_alive:
+            self.client.state.pool.release(conn)
+        else:
+            conn.close()
+        if self.discarding:
+            self.discarding = False
+            self._retry(self.action.retry_policy.backoff(self.attempt), count_attempt=True)  # type: ignore[union-attr]
+            return
+        self._answered()
+
+    def _answered(self) -> None:
+        self.answered = True
+        self._release_service()
+        if self.request_done:
+            self.client.exchange_finished(self, self.client_keep_alive)
+
+    def upstream_eof(self) -> None:
+        conn = self.upstream
+        if conn is None:
+            return
+        conn.parser.feed_eof()
+        self.upstream_data(b"")
+
+    def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
+        if self.upstream is not conn:
+            return
+        self.upstream = None
+        if self.response_started:
+            log.info("%s: upstream closed mid-response (%s), aborting the client", self.label, exc or "eof")
+            self._release_endpoint()
+            self._release_service()
+            self.answered = True
+            self.client.abort()
+            return
+        stale = self.reused and conn.parser.at_message_start and conn.parser.buffered == 0
+        self._try_failed("reset", "connection closed before a response", exc, stale_connection=stale)
+
+    def upstream_write_paused(self) -> None:
+        self.client.pause_for_upstream()
+
+    def upstream_write_resumed(self) -> None:
+        self.client.resume_for_upstream()
+
+    def _upstream_broken(self, conn: UpstreamConnection, detail: str) -> None:
+        self.upstream = None
+        conn.abort()
+        self._release_endpoint()
+        if self.response_started:
+            log.info("%s: invalid response after the head (%s), aborting the client", self.label, detail)
+            self._release_service()
+            self.answered = True
+            self.client.abort()
+            return
+        self.fail("upstream-reset", "%s: invalid response: %s" % (self.label, detail))
+
+    # -- failures and retries ------------------------------------------------------------
+
+    def _try_failed(self, outcome: str, detail: str, exc: Exception | None, final: bool = False, stale_connection: bool = False) -> None:
+        if self.answered:
+            return
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+            self.connect_task = None
+        conn = self.upstream
+        if conn is not None:
+            self.upstream = None
+            conn.abort()
+        if self.response_started:
+            self._release_endpoint()
+            self._release_service()
+            self.answered = True
+            self.client.abort()
+            return
+        endpoint = self.endpoint
+        if endpoint is not None and not stale_connection:
+            self._record(endpoint, False)
+        self._release_endpoint()
+        if not final and self.replay is not None:
+            if stale_connection:
+                # The peer closed a pooled connection as we reused it: not the endpoint's fault.
+                self._retry(0.0, count_attempt=False)
+                return
+            if self._may_retry(outcome):
+                self._retry(self.action.retry_policy.backoff(self.attempt), count_attempt=True)  # type: ignore[union-attr]
+                return
+        self.fail(_CONNECT_FAILURE_CODE[outcome], "%s: %s" % (self.label, detail))
+
+    def _may_retry(self, outcome: str) -> bool:
+        action = self.action
+        if action is None or action.retry_policy is None:
+            return False
+        body_size = self.replay_size - len(self.replay[0]) if self.request_done and self.replay else None  # type: ignore[index]
+        if not action.retry_policy.should_retry(self.attempt, self.method.decode("latin-1"), outcome, None, body_size):
+            return False
+        return self.target.service.budget.try_spend(self.client.state.loop.time())  # type: ignore[union-attr]
+
+    def _retry(self, delay: float, count_attempt: bool) -> None:
+        """Send the replay copy again, to another endpoint when there is one."""
+        if count_attempt:
+            self.attempt += 1
+        self.pending = list(self.replay)  # type: ignore[arg-type]
+        self.pending_size = self.replay_size
+        self.try_deadline = 0.0
+        if delay > 0:
+            self.client.state.loop.call_later(delay, self._try)
+        else:
+            self._try()
+
+    def _record(self, endpoint: Endpoint, ok: bool) -> None:
+        service = self.target.service
+        if service is not None:
+            service.outlier.record(endpoint, ok, self.client.state.loop.time(), len(service.endpoints))
+
+    def _release_endpoint(self) -> None:
+        endpoint = self.endpoint
+        if endpoint is not None:
+            self.endpoint = None
+            endpoint.active -= 1
+            self.tried = self.tried | {endpoint.id}
+
+    def _release_service(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.target.service.in_flight -= 1  # type: ignore[union-attr]
+
+    def fail(self, code: str, detail: str, status: int | None = None) -> None:
+        """Answer the client with a sidecar-generated error (never after response bytes)."""
+        if self.answered:
+            return
+        conn = self.upstream
+        if conn is not None:
+            self.upstream = None
+            conn.abort()
+        self._release_endpoint()
+        if self.response_started:
+            self._release_service()
+            self.answered = True
+            self.client.abort()
+            return
+        self.pending = None
+        self.response_started = True
+        if self.client.state.draining:
+            self.client_keep_alive = False
+        if code == "upstream-connect-failed" or code == "timeout" or code == "upstream-reset":
+            log.info("%s %s", code, detail)
+        self.client.transport.write(error_response(code, detail, status, close=not self.client_keep_alive))
+        self._answered()

@@ -1,0 +1,453 @@
+"""HTTP/1.1 message framing, sans-IO: bytes in, events out.
+
+`Parser` is fed raw bytes with `feed()` and hands out events with `next_event()`:
+
+* a `Head` (request or response line, headers, the raw head bytes),
+* `Data` events whose bytes are the *raw wire bytes* of the body, chunk framing
+  included: the proxy forwards them unchanged, nothing is decoded or re-encoded,
+* `END` when the message is complete, then `PAUSED` until `start_next_cycle()`, so
+  pipelined bytes wait in the buffer until the previous exchange is done,
+* `NEED_DATA` when more bytes are needed, `CLOSED` after a clean EOF between messages.
+
+Validation is strict in the way h11 is, because a proxy that is lenient where its
+upstream is strict (or the other way round) is how request smuggling happens: header
+names must be tokens, no whitespace before the colon, no obs-fold, no bare LF, a single
+well-formed Content-Length, never both Content-Length and Transfer-Encoding, chunked
+as the final transfer coding, strict chunk-size lines. Every rejection is a
+`ProtocolError` carrying the status and stable code it should become.
+
+`rebuild_head()` serialises a head with headers dropped and added; the caller only uses
+it when something changes, otherwise `Head.raw` is forwarded as it came.
+"""
+
+from __future__ import annotations
+
+import re
+
+from proxy.errors import ProtocolError
+
+__all__ = [
+    "CLOSED",
+    "END",
+    "HOP_BY_HOP",
+    "NEED_DATA",
+    "PAUSED",
+    "Data",
+    "Head",
+    "Parser",
+    "rebuild_head",
+]
+
+
+class _Sentinel:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+NEED_DATA = _Sentinel("NEED_DATA")
+PAUSED = _Sentinel("PAUSED")
+CLOSED = _Sentinel("CLOSED")
+END = _Sentinel("END")
+
+# Headers that describe one connection, not the message (RFC 9110 7.6.1). Transfer-Encoding
+# is hop-by-hop too, but the proxy passes chunked framing through, so it stays.
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"})
+_NEVER_DROPPED = frozenset({b"content-length", b"transfer-encoding", b"host"})
+
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/(1\.[01])")
+_STATUS_LINE = re.compile(rb"HTTP/(1\.[01]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\xff]*))?")
+_HEADER_LINE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*)")
+_CONTENT_LENGTH = re.compile(rb"[0-9]{1,18}")
+_CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?")
+_MAX_CHUNK_LINE = 4096
+
+_FRAMING_HEADERS = frozenset(
+    {b"content-length", b"transfer-encoding", b"connection"} | HOP_BY_HOP
+)
+
+# Parser states.
+_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILER, _UNTIL_CLOSE, _END, _DONE = range(9)
+
+
+class Head:
+    """A request or response head. Header names are lower-cased, values as received."""
+
+    __slots__ = (
+        "method",
+        "target",
+        "version",
+        "status",
+        "reason",
+        "start_line",
+        "headers",
+        "lines",
+        "raw",
+        "content_length",
+        "chunked",
+        "keep_alive",
+        "connection_tokens",
+        "has_hop_by_hop",
+    )
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.target = b""
+        self.version = b"1.1"
+        self.status = 0
+        self.reason = b""
+        self.start_line = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.lines: list[bytes] = []  # the raw header lines, aligned with `headers`
+        self.raw = b""
+        self.content_length: int | None = None
+        self.chunked = False
+        self.keep_alive = True
+        self.connection_tokens: frozenset[bytes] = frozenset()
+        self.has_hop_by_hop = False
+
+    def get(self, name: bytes) -> bytes | None:
+        """The first value of header `name` (lower-case), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    def __repr__(self) -> str:
+        if self.status:
+            return "<Head %d %r %d headers>" % (self.status, self.reason, len(self.headers))
+        return "<Head %r %r %d headers>" % (self.method, self.target, len(self.headers))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Head):
+            return NotImplemented
+        return all(getattr(self, slot) == getattr(other, slot) for slot in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class Data:
+    """Raw body bytes as they were on the wire (chunk framing included)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __repr__(self) -> str:
+        return "<Data %d bytes>" % len(self.data)
+
+
+def _bad(detail: str) -> ProtocolError:
+    return ProtocolError("bad-request", detail)
+
+
+def _parse_head(block: bytes, is_request: bool) -> Head:
+    lines = block.split(b"\r\n")
+    head = Head()
+    start = lines[0]
+    head.start_line = start
+    if is_request:
+        match = _REQUEST_LINE.fullmatch(start)
+        if match is None:
+            raise _bad("malformed request line")
+        head.method, head.target, head.version = match.groups()
+    else:
+        match = _STATUS_LINE.fullmatch(start)
+        if match is None:
+            raise _bad("malformed status line")
+        head.version = match.group(1)
+        head.status = int(match.group(2))
+        head.reason = match.group(3) or b""
+    del lines[0]
+    headers = head.headers
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    connection: list[bytes] = []
+    header_line = _HEADER_LINE.fullmatch
+    for line in lines:
+        match = header_line(line)
+        if match is None:
+            if line[:1] in (b" ", b"\t"):
+                raise _bad("obsolete line folding in headers")
+            raise _bad("malformed header line")
+        name = match.group(1).lower()
+        value = match.group(2).rstrip(b" \t")
+        headers.append((name, value))
+        if name in _FRAMING_HEADERS:
+            if name == b"content-length":
+                lengths.append(value)
+            elif name == b"transfer-encoding":
+                codings.extend(c.strip(b" \t").lower() for c in value.split(b","))
+            else:
+                head.has_hop_by_hop = True
+                if name == b"connection":
+                    connection.extend(c.strip(b" \t").lower() for c in value.split(b","))
+    head.lines = lines
+    if connection:
+        head.connection_tokens = frozenset(connection)
+    if head.version == b"1.1":
+        head.keep_alive = b"close" not in head.connection_tokens
+    else:
+        head.keep_alive = b"keep-alive" in head.connection_tokens and b"close" not in head.connection_tokens
+    _apply_framing(head, lengths, codings, is_request)
+    return head
+
+
+def _apply_framing(head: Head, lengths: list[bytes], codings: list[bytes], is_request: bool) -> None:
+    if codings:
+        if lengths:
+            raise _bad("both content-length and transfer-encoding")
+        if head.version != b"1.1":
+            if is_request:
+                raise _bad("transfer-encoding in an HTTP/1.0 request")
+            head.keep_alive = False
+            return
+        if codings[-1] == b"chunked" and codings.count(b"chunked") == 1:
+            head.chunked = True
+        elif is_request:
+            raise _bad("transfer-encoding must end with chunked")
+        else:
+            head.keep_alive = False  # body runs until the connection closes
+        return
+    if lengths:
+        if len(lengths) > 1:
+            raise _bad("more than one content-length")
+        if _CONTENT_LENGTH.fullmatch(lengths[0]) is None:
+            raise _bad("invalid content-length")
+        head.content_length = int(lengths[0])
+
+
+class Parser:
+    """Framing state machine for one direction of one connection (see module docstring)."""
+
+    __slots__ = (
+        "is_request",
+        "max_header_bytes",
+        "max_body_bytes",
+        "_buf",
+        "_state",
+        "_remaining",
+        "_body_bytes",
+        "_eof",
+        "_no_body",
+    )
+
+    def __init__(self, is_request: bool, max_header_bytes: int = 65536, max_body_bytes: int | None = None) -> None:
+        self.is_request = is_request
+        self.max_header_bytes = max_header_bytes
+        self.max_body_bytes = max_body_bytes
+        self._buf = b""
+        self._state = _HEAD
+        self._remaining = 0
+        self._body_bytes = 0
+        self._eof = False
+        self._no_body = False
+
+    def __repr__(self) -> str:
+        kind = "request" if self.is_request else "response"
+        return "<Parser %s state=%d buffered=%d>" % (kind, self._state, len(self._buf))
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    @property
+    def at_message_start(self) -> bool:
+        """True when no byte of the current message has been consumed yet."""
+        return self._state == _HEAD
+
+    def feed(self, data: bytes) -> None:
+        if self._buf:
+            self._buf += data
+        else:
+            self._buf = data
+
+    def feed_eof(self) -> None:
+        self._eof = True
+
+    def expect_no_body(self) -> None:
+        """The next response answers a HEAD request: it has no body whatever it says."""
+        self._no_body = True
+
+    def start_next_cycle(self) -> None:
+        if self._state != _DONE:
+            raise RuntimeError("start_next_cycle() before the message ended")
+        self._state = _HEAD
+        self._body_bytes = 0
+        self._no_body = False
+
+    def take_buffer(self) -> bytes:
+        """Remove and return the unparsed bytes (used when a connection stops being HTTP)."""
+        buf, self._buf = self._buf, b""
+        return buf
+
+    def next_event(self) -> object:
+        state = self._state
+        if state == _LENGTH:
+            buf = self._buf
+            if not buf:
+                return self._need_data()
+            remaining = self._remaining
+            if len(buf) <= remaining:
+                self._buf = b""
+                data = buf
+            else:
+                data = buf[:remaining]
+                self._buf = buf[remaining:]
+            remaining -= len(data)
+            self._remaining = remaining
+            if not remaining:
+                self._state = _END
+            return Data(data)
+        if state == _HEAD:
+            return self._next_head()
+        if state == _END:
+            self._state = _DONE
+            return END
+        if state == _DONE:
+            return PAUSED
+        if state == _UNTIL_CLOSE:
+            buf = self._buf
+            if buf:
+                self._buf = b""
+                return Data(buf)
+            if self._eof:
+                self._state = _DONE
+                return END
+            return NEED_DATA
+        return self._next_chunked()
+
+    def _need_data(self) -> object:
+        if self._eof:
+            raise _bad("connection closed in the middle of a message")
+        return NEED_DATA
+
+    def _next_head(self) -> object:
+        buf = self._buf
+        if self.is_request and buf[:2] == b"\r\n":
+            buf = self._buf = buf.lstrip(b"\r\n")
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > self.max_header_bytes:
+                raise ProtocolError("header-too-large", "request head over %d bytes" % self.max_header_bytes)
+            if self._eof:
+                if not buf:
+                    return CLOSED
+                raise _bad("connection closed in the middle of a head")
+            return NEED_DATA
+        if end + 4 > self.max_header_bytes:
+            raise ProtocolError("header-too-large", "request head over %d bytes" % self.max_header_bytes)
+        head = _parse_head(buf[:end], self.is_request)
+        head.raw = buf[: end + 4]
+        self._buf = buf[end + 4 :]
+        self._begin_body(head)
+        return head
+
+    def _begin_body(self, head: Head) -> None:
+        if not self.is_request and (self._no_body or head.status < 200 or head.status in (204, 304)):
+            self._state = _END
+            return
+        if head.chunked:
+            self._state = _CHUNK_SIZE
+            return
+        length = head.content_length
+        if length is None:
+            if self.is_request:
+                self._state = _END
+            else:
+                self._state = _UNTIL_CLOSE
+            return
+        if self.max_body_bytes is not None and length > self.max_body_bytes:
+            raise ProtocolError("body-too-large", "request body over %d bytes" % self.max_body_bytes)
+        if length:
+            self._remaining = length
+            self._state = _LENGTH
+        else:
+            self._state = _END
+
+    def _next_chunked(self) -> object:
+        buf = self._buf
+        size = len(buf)
+        pos = 0
+        state = self._state
+        while pos < size:
+            if state == _CHUNK_DATA:
+                take = min(size - pos, self._remaining)
+                pos += take
+                self._remaining -= take
+                if not self._remaining:
+                    state = _CHUNK_CRLF
+            elif state == _CHUNK_SIZE:
+                eol = buf.find(b"\r\n", pos, pos + _MAX_CHUNK_LINE)
+                if eol < 0:
+                    if size - pos >= _MAX_CHUNK_LINE:
+                        raise _bad("chunk size line too long")
+                    break
+                match = _CHUNK_SIZE_LINE.fullmatch(buf, pos, eol)
+                if match is None:
+                    raise _bad("malformed chunk size line")
+                chunk = int(match.group(1), 16)
+                pos = eol + 2
+                if chunk:
+                    self._body_bytes += chunk
+                    if self.max_body_bytes is not None and self._body_bytes > self.max_body_bytes:
+                        raise ProtocolError("body-too-large", "request body over %d bytes" % self.max_body_bytes)
+                    self._remaining = chunk
+                    state = _CHUNK_DATA
+                else:
+                    state = _TRAILER
+                    self._remaining = 0  # counts trailer bytes from here on
+            elif state == _CHUNK_CRLF:
+                if size - pos < 2:
+                    if buf[pos] != 13:
+                        raise _bad("chunk data not followed by CRLF")
+                    break
+                if buf[pos : pos + 2] != b"\r\n":
+                    raise _bad("chunk data not followed by CRLF")
+                pos += 2
+                state = _CHUNK_SIZE
+            else:  # _TRAILER
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    if self._remaining + size - pos > self.max_header_bytes:
+                        raise ProtocolError("header-too-large", "trailers over %d bytes" % self.max_header_bytes)
+                    break
+                if eol == pos:
+                    pos += 2
+                    state = _END
+                    break
+                if _HEADER_LINE.fullmatch(buf, pos, eol) is None:
+                    raise _bad("malformed trailer line")
+                self._remaining += eol + 2 - pos
+                if self._remaining > self.max_header_bytes:
+                    raise ProtocolError("header-too-large", "trailers over %d bytes" % self.max_header_bytes)
+                pos = eol + 2
+        self._state = state
+        if not pos:
+            if state == _END:
+                return self.next_event()
+            return self._need_data()
+        if pos == size:
+            self._buf = b""
+            return Data(buf)
+        self._buf = buf[pos:]
+        return Data(buf[:pos])
+
+
+def rebuild_head(head: Head, add: list[bytes] = (), start_line: bytes | None = None, drop_hop_by_hop: bool = True) -> bytes:  # type: ignore[assignment]
+    """Serialise `head` without its hop-by-hop headers, with raw header lines `add` appended."""
+    lines = [head.start_line if start_line is None else start_line]
+    if drop_hop_by_hop and head.has_hop_by_hop:
+        drop = HOP_BY_HOP | (head.connection_tokens - _NEVER_DROPPED)
+        lines.extend(line for (name, _), line in zip(head.headers, head.lines) if name not in drop)
+    else:
+        lines.extend(head.lines)
+    lines.extend(add)
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines)

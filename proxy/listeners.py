@@ -1,0 +1,128 @@
+"""Listener kinds: where a request that arrived on a listener goes.
+
+Pure decisions, one per kind (docs/protocols.md, part 1):
+
+* inbound: to the local app, headers untouched;
+* outbound: to the one service the listener is for;
+* ingress: the longest matching path prefix picks the service, else 404 route-not-found;
+* forward: absolute-form requests (or the Host header); `cart` and `cart.mesh` are
+  service cart, other hosts only when listed in `egress` (then straight to host:port),
+  otherwise 403 egress-denied.
+
+`resolve()` returns a `Target`; the exchange does the I/O. `open_listeners()` turns the
+inherited, already-bound sockets into servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Callable
+
+from proxy.errors import MeshError
+from proxy.http1 import Head
+from proxy.snapshot import Listener, Service, Snapshot
+
+MESH_DOMAIN = b".mesh"
+
+
+class Target:
+    """Where one request goes: a mesh service, or a fixed address (the app, an egress host)."""
+
+    __slots__ = ("service", "address", "label", "request_target", "rewrite")
+
+    def __init__(self, service: Service | None, address: tuple[str, int] | None, label: str, request_target: bytes | None, rewrite: bool) -> None:
+        self.service = service
+        self.address = address
+        self.label = label  # names the destination in error bodies
+        self.request_target = request_target  # origin-form target when absolute-form must be rewritten
+        self.rewrite = rewrite  # add x-request-id / forwarding headers, drop hop-by-hop
+
+    def __repr__(self) -> str:
+        return "<Target %s>" % self.label
+
+
+def _service(snapshot: Snapshot, name: str) -> Service:
+    service = snapshot.services.get(name)
+    if service is None:
+        raise MeshError("route-not-found", "no service %r in this sidecar's config" % name)
+    return service
+
+
+def _split_absolute(target: bytes) -> tuple[bytes, int, bytes]:
+    """(host, port, origin-form target) of an absolute-form http:// target."""
+    if target[:7].lower() != b"http://":
+        if target[:8].lower() == b"https://":
+            raise MeshError("bad-request", "https:// targets need CONNECT, which this proxy does not support")
+        raise MeshError("bad-request", "forward proxy needs an absolute http:// target")
+    rest = target[7:]
+    slash = rest.find(b"/")
+    query = rest.find(b"?")
+    cut = min(i for i in (slash, query, len(rest)) if i >= 0)
+    authority, path = rest[:cut], rest[cut:]
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    host, port = _split_authority(authority)
+    return host, port, path
+
+
+def _split_authority(authority: bytes) -> tuple[bytes, int]:
+    if b"@" in authority:
+        raise MeshError("bad-request", "userinfo in the target is not allowed")
+    host, sep, port = authority.rpartition(b":")
+    if not sep or b"]" in port:
+        host, port = authority, b"80"
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise MeshError("bad-request", "invalid host in the target")
+    return host.lower(), int(port)
+
+
+def _resolve_forward(snapshot: Snapshot, head: Head) -> Target:
+    if head.method == b"CONNECT":
+        raise MeshError("bad-request", "CONNECT is not supported by the forward proxy")
+    if head.target.startswith(b"/"):
+        authority = head.get(b"host")
+        if not authority:
+            raise MeshError("bad-request", "no absolute target and no host header")
+        host, port = _split_authority(authority)
+        origin = None
+    else:
+        host, port, origin = _split_absolute(head.target)
+    name = host[: -len(MESH_DOMAIN)] if host.endswith(MESH_DOMAIN) else host
+    service = snapshot.services.get(name.decode("ascii", "replace"))
+    if service is not None:
+        return Target(service, None, service.name, origin, True)
+    text = host.decode("ascii", "replace")
+    with_port = "%s:%d" % (text, port)
+    if text in snapshot.egress or with_port in snapshot.egress:
+        return Target(None, (text, port), "egress %s" % with_port, origin, True)
+    raise MeshError("egress-denied", "%s is not a mesh service and not in egress" % with_port)
+
+
+def resolve(listener: Listener, snapshot: Snapshot, head: Head) -> Target:
+    """The destination of `head` arriving on `listener`; raises MeshError when there is none."""
+    kind = listener.kind
+    if kind == "outbound":
+        return Target(_service(snapshot, listener.service), None, listener.service, None, True)  # type: ignore[arg-type]
+    if kind == "inbound":
+        app = listener.app
+        return Target(None, app, "%s (app %s:%d)" % (snapshot.instance, app[0], app[1]), None, False)  # type: ignore[index]
+    if kind == "ingress":
+        path = head.target
+        for route in listener.routes:
+            if route.matches(path):
+                return Target(_service(snapshot, route.service), None, route.service, None, True)
+        raise MeshError("route-not-found", "ingress: no route for path %s" % path.decode("ascii", "replace")[:200])
+    return _resolve_forward(snapshot, head)
+
+
+async def open_listeners(
+    loop: asyncio.AbstractEventLoop, snapshot: Snapshot, factory: Callable[[Listener], Callable[[], asyncio.Protocol]]
+) -> list[asyncio.AbstractServer]:
+    """Start serving on every inherited listening socket of the first snapshot."""
+    servers = []
+    for listener in snapshot.listeners.values():
+        sock = socket.socket(fileno=listener.fd)
+        sock.setblocking(False)
+        servers.append(await loop.create_server(factory(listener), sock=sock, backlog=1024))
+    return servers

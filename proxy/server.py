@@ -1,0 +1,345 @@
+"""The accept side: one `ClientConnection` per client, and the process-wide `ServerState`.
+
+A client connection parses requests with proxy.http1 and hands each one to an
+`Exchange`, one at a time: pipelined requests wait in the parser's buffer until the
+previous response has been written, so responses come back in order. Each connection
+is isolated: a protocol error answers 400/431/413 and closes, an unexpected exception is
+logged with its traceback and only that connection is aborted.
+
+Timeouts are not timer handles per request: each connection carries one `deadline`, and
+`ServerState` sweeps all connections a few times a second (idle keep-alive, slow
+headers, request timeouts). `ServerState` also owns the snapshot, the upstream pool,
+the listeners and graceful drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+
+from proxy.errors import MeshError, ProtocolError, response_for
+from proxy.exchange import Exchange
+from proxy.http1 import END, NEED_DATA, PAUSED, CLOSED, Data, Head, Parser, rebuild_head
+from proxy.listeners import Target, open_listeners, resolve
+from proxy.pool import Pool
+from proxy.snapshot import Listener, Snapshot
+
+log = logging.getLogger("proxy.server")
+
+SWEEP_INTERVAL = 0.1
+PIPELINE_BUFFER_LIMIT = 256 * 1024  # unparsed bytes held while a response is in progress
+
+_PAUSE_PENDING = 1  # request bytes queued while connecting upstream
+_PAUSE_UPSTREAM = 2  # the upstream's write buffer is full
+_PAUSE_PIPELINE = 4  # too many pipelined bytes waiting
+
+_HEADER_TIMEOUT = MeshError("header-timeout", "request head not received in time")
+
+
+class ServerState:
+    """Everything shared by the connections of one sidecar process."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pool = Pool(loop)
+        self.snapshot: Snapshot | None = None
+        self.connections: set[ClientConnection] = set()
+        self.servers: list[asyncio.AbstractServer] = []
+        self.draining = False
+        self.done: asyncio.Future[int] = loop.create_future()
+        self._request_id_prefix = os.urandom(6).hex().encode("ascii")
+        self._request_counter = 0
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        return "<ServerState %d connections%s, %r>" % (len(self.connections), " draining" if self.draining else "", self.pool)
+
+    def next_request_id(self) -> bytes:
+        self._request_counter += 1
+        return b"%s%012x" % (self._request_id_prefix, self._request_counter)
+
+    async def apply(self, snapshot: Snapshot) -> None:
+        """Make `snapshot` current; the first one also opens the listeners."""
+        first = self.snapshot is None
+        self.snapshot = snapshot
+        if first:
+            self.servers = await open_listeners(self.loop, snapshot, self._factory)
+            self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def _factory(self, listener: Listener):
+        def make() -> ClientConnection:
+            return ClientConnection(self, listener)
+
+        return make
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        try:
+            expired = [conn for conn in self.connections if conn.deadline and conn.deadline <= now]
+            for conn in expired:
+                conn.on_deadline(now)
+        except Exception:
+            log.exception("sweeping connection deadlines failed")
+        self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def drain(self) -> None:
+        """SIGTERM: stop accepting, let in-flight requests finish, then exit 0."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining %d connections", len(self.connections))
+        for server in self.servers:
+            server.close()
+        for conn in list(self.connections):
+            if conn.exchange is None:
+                conn.close()
+        timeout = self.snapshot.drain_timeout if self.snapshot is not None else 0.0
+        self.loop.create_task(self._finish_drain(timeout), name="drain")
+
+    async def _finish_drain(self, timeout: float) -> None:
+        deadline = self.loop.time() + timeout
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(self.connections):
+            conn.abort()
+        self.pool.close_all()
+        self.exit(0)
+
+    def exit(self, code: int) -> None:
+        if not self.done.done():
+            self.done.set_result(code)
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection on one listener; see the module docstring."""
+
+    __slots__ = (
+        "state",
+        "listener",
+        "transport",
+        "parser",
+        "client_ip",
+        "forwarded",
+        "exchange",
+        "deadline",
+        "head_started",
+        "paused",
+        "write_paused",
+        "processing",
+        "closed",
+    )
+
+    def __init__(self, state: ServerState, listener: Listener) -> None:
+        self.state = state
+        self.listener = listener
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser: Parser = None  # type: ignore[assignment]
+        self.client_ip = "?"
+        self.forwarded = b""
+        self.exchange: Exchange | None = None
+        self.deadline = 0.0
+        self.head_started = False
+        self.paused = 0
+        self.write_paused = False
+        self.processing = False
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return "<ClientConnection %s from %s, %r>" % (self.listener.name, self.client_ip, self.exchange)
+
+    # -- asyncio protocol callbacks ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        state = self.state
+        http = state.snapshot.http  # type: ignore[union-attr]
+        self.parser = Parser(True, http.max_header_bytes, http.max_body_bytes)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.client_ip = peer[0]
+        ip = self.client_ip.encode("ascii", "replace")
+        quoted = b'"[%s]"' % ip if b":" in ip else ip
+        self.forwarded = b"x-forwarded-for: %s\r\nforwarded: for=%s" % (ip, quoted)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        self.deadline = state.loop.time() + http.idle_timeout
+        state.connections.add(self)
+        if state.draining:
+            self.close()
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed(data)
+        if self.exchange is None and not self.head_started:
+            self.head_started = True
+            self.deadline = self.state.loop.time() + self.state.snapshot.http.header_timeout  # type: ignore[union-attr]
+        self._process()
+
+    def eof_received(self) -> bool:
+        self.parser.feed_eof()
+        self._process()
+        # Keep the write side open while a response is still on its way (half-close).
+        return self.exchange is not None and not self.closed
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.deadline = 0.0
+        self.state.connections.discard(self)
+        exchange = self.exchange
+        if exchange is not None:
+            self.exchange = None
+            exchange.client_lost()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.exchange is not None:
+            self.exchange.client_write_paused()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.exchange is not None:
+            self.exchange.client_write_resumed()
+
+    # -- request processing ---------------------------------------------------------------
+
+    def _process(self) -> None:
+        if self.processing or self.closed:
+            return
+        self.processing = True
+        parser = self.parser
+        try:
+            while True:
+                event = parser.next_event()
+                kind = type(event)
+                if kind is Data:
+                    self.exchange.request_data(event.data)  # type: ignore[union-attr]
+                elif kind is Head:
+                    self._begin(event)  # type: ignore[arg-type]
+                elif event is END:
+                    self.exchange.request_end()  # type: ignore[union-attr]
+                elif event is NEED_DATA:
+                    break
+                elif event is PAUSED:
+                    if parser.buffered > PIPELINE_BUFFER_LIMIT:
+                        self._pause(_PAUSE_PIPELINE)
+                    break
+                elif event is CLOSED:
+                    self.close()
+                    break
+                if self.closed:
+                    break
+            exchange = self.exchange
+            if exchange is not None:
+                exchange.flush()
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+        except Exception:
+            log.exception("connection from %s on %s failed", self.client_ip, self.listener.name)
+            self.abort()
+        finally:
+            self.processing = False
+
+    def _begin(self, head: Head) -> None:
+        state = self.state
+        snapshot: Snapshot = state.snapshot  # type: ignore[assignment]
+        self.head_started = False
+        try:
+            target = resolve(self.listener, snapshot, head)
+        except MeshError as exc:
+            exchange = self.exchange = Exchange(self, Target(None, None, "-", None, False), head, b"")
+            exchange.fail(exc.code, exc.detail, exc.status)
+            return
+        if target.rewrite:
+            add = [self.forwarded]
+            if head.get(b"x-request-id") is None:
+                add.append(b"x-request-id: " + state.next_request_id())
+            start_line = None
+            if target.request_target is not None:
+                start_line = b"%s %s HTTP/%s" % (head.method, target.request_target, head.version)
+            out_head = rebuild_head(head, add, start_line)
+        elif head.has_hop_by_hop:
+            out_head = rebuild_head(head)
+        else:
+            out_head = head.raw
+        exchange = self.exchange = Exchange(self, target, head, out_head)
+        exchange.start(state.loop.time())
+
+    def exchange_finished(self, exchange: Exchange, keep_alive: bool) -> None:
+        """The response is written and the request fully read: next request, or close."""
+        if self.exchange is not exchange:
+            return
+        self.exchange = None
+        state = self.state
+        if not keep_alive or state.draining or self.closed:
+            self.close()
+            return
+        self.parser.start_next_cycle()
+        self.deadline = state.loop.time() + state.snapshot.http.idle_timeout  # type: ignore[union-attr]
+        if self.paused:
+            self._resume(_PAUSE_PENDING | _PAUSE_UPSTREAM | _PAUSE_PIPELINE)
+        self._process()
+
+    def _protocol_error(self, exc: MeshError) -> None:
+        log.debug("protocol error from %s on %s: %s", self.client_ip, self.listener.name, exc)
+        exchange = self.exchange
+        if exchange is not None:
+            self.exchange = None
+            started = exchange.response_started
+            exchange.client_lost()
+            if started:
+                self.abort()
+                return
+        if not self.closed:
+            self.transport.write(response_for(exc, close=True))
+            self.close()
+
+    def on_deadline(self, now: float) -> None:
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.on_deadline(now)
+        elif self.parser.buffered:
+            self._protocol_error(_HEADER_TIMEOUT)
+        else:
+            self.close()
+
+    # -- flow control ----------------------------------------------------------------------
+
+    def _pause(self, reason: int) -> None:
+        if not self.paused and not self.closed:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def _resume(self, reasons: int) -> None:
+        if self.paused & reasons:
+            self.paused &= ~reasons
+            if not self.paused and not self.closed:
+                self.transport.resume_reading()
+
+    def pause_for_pending(self) -> None:
+        self._pause(_PAUSE_PENDING)
+
+    def resume_for_pending(self) -> None:
+        if self.paused:
+            self._resume(_PAUSE_PENDING)
+
+    def pause_for_upstream(self) -> None:
+        self._pause(_PAUSE_UPSTREAM)
+
+    def resume_for_upstream(self) -> None:
+        self._resume(_PAUSE_UPSTREAM)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.deadline = 0.0
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        self.deadline = 0.0
+        self.transport.abort()
