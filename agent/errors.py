@@ -1,0 +1,45 @@
+"""The agent's exception hierarchy.
+
+Every error the agent reports to a user carries a stable `code` (see docs/protocols.md,
+"Error codes"), so that the CLI and scripts can tell errors apart without parsing text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class AgentError(Exception):
+    """Base of every error the agent raises on purpose."""
+
+    code = "internal"
+
+
+class ManifestError(AgentError):
+    """The manifest could not be loaded; `problems` lists every problem found, by line.
+
+    Defined here rather than in `agent.manifest` so that modules which only report
+    manifest errors need not import the loader; `agent.manifest` re-exports it.
+    """
+
+    code = "manifest-invalid"
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(str(problem) for problem in self.problems))
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem in a manifest, printed as `mesh.yaml:14: services.cart.command: required`."""
+
+    file: str
+    line: int | None  # 1-based; None when the problem is with the file as a whole
+    path: str  # dotted path of the key concerned, e.g. services.frontend.upstreams[1]
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else "%s:%d" % (self.file, self.line)
+        if self.path:
+            return "%s: %s: %s" % (where, self.path, self.message)
+        return "%s: %s" % (where, self.message)
