@@ -43,7 +43,7 @@ def main():
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.1,), daemon=True).start()  # 0.1 s: quick SIGTERM
     print("%s listening on http://127.0.0.1:%d" % (INSTANCE, server.server_port), flush=True)
     stop.wait()
     server.shutdown()

@@ -54,6 +54,8 @@ UPSTREAM_TIMEOUT_S = 10.0
 # Idle keep-alive connections are closed after this long so that their threads end.
 IDLE_CONNECTION_TIMEOUT_S = 120.0
 DRAIN_TIMEOUT_S = 5.0
+# How often the accept loop checks for shutdown; bounds how long SIGTERM takes to act.
+SHUTDOWN_POLL_S = 0.1
 
 access_log = logging.getLogger("shopfast.access")
 diagnostics = logging.getLogger("shopfast")
@@ -477,7 +479,7 @@ def serve(app: Callable[[Request], Response], identity: Identity) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    threading.Thread(target=server.serve_forever, name="http-accept", daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(SHUTDOWN_POLL_S,), name="http-accept", daemon=True).start()
     diagnostics.info("%s listening on http://127.0.0.1:%d", identity, server.server_port)
     stop.wait()
     server.shutdown()
