@@ -289,7 +289,7 @@ def down(
             f"the agent (pid {client.info.get('pid')}) did not exit within {timeout:g} s;"
             " killed it with SIGKILL (its sentinel stops the instances it supervised)"
         )
-    count = len(outcome.stopped)
+    count = len([stopped for stopped in outcome.stopped if "@" in stopped])  # not "ingress"
     out.out(f"mesh {mesh} stopped ({count} instance{'s' * (count != 1)})")
 
 

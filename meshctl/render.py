@@ -126,7 +126,8 @@ def plain_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def status_table(rows: Sequence[Sequence[str]], title: str) -> Table:
     table = Table(title=title, title_justify="left", box=None, header_style="bold")
     for column in STATUS_COLUMNS:
-        table.add_column(column, justify="right" if column in ("REPLICA", "PID", "RESTARTS") else "left")
+        justify = "right" if column in ("REPLICA", "PID", "RESTARTS") else "left"
+        table.add_column(column, justify=justify, no_wrap=True)
     state_index = STATUS_COLUMNS.index("STATE")
     for row in rows:
         cells: list[str | Text] = list(row)
