@@ -119,15 +119,15 @@ def propagated_headers(headers: Mapping[str, str]) -> dict[str, str]:
 
 
 def trace_label(headers: Mapping[str, str]) -> str:
-    """A short id for the access log: the W3C or B3 trace id, else the request id."""
-    traceparent = headers.get("traceparent", "")
-    parts = traceparent.split("-")
-    if len(parts) >= 2 and parts[1]:
-        return parts[1][:8]
-    b3_trace_id = headers.get("x-b3-traceid") or headers.get("b3", "").split("-")[0]
-    if b3_trace_id:
-        return b3_trace_id[:8]
-    return headers.get("x-request-id", "")[:8]
+    """What ties a log line to its trace: the W3C or B3 trace id, else the whole request id
+    (a mesh's ids may share a per-proxy prefix, so no shortening there)."""
+    parts = headers.get("traceparent", "").split("-")
+    trace_id = parts[1] if len(parts) >= 2 else ""
+    trace_id = trace_id or headers.get("x-b3-traceid") or headers.get("b3", "").split("-")[0]
+    if trace_id:
+        return "trace=" + trace_id[:8]
+    request_id = headers.get("x-request-id", "")
+    return "rid=" + request_id[:36] if request_id else ""
 
 
 @dataclass(frozen=True)
@@ -401,8 +401,7 @@ class _ShopRequestHandler(BaseHTTPRequestHandler):
                 response = error_response(500, "internal", "unexpected error, see the service's log")
             self._write(response, send_body)
         elapsed_ms = (time.perf_counter() - started) * 1000
-        headers = request.headers if request else {}
-        trace = trace_label(headers)
+        label = trace_label(request.headers if request else {})
         access_log.info(
             "%s %s %s %d %.1fms%s",
             self.server.identity,
@@ -410,7 +409,7 @@ class _ShopRequestHandler(BaseHTTPRequestHandler):
             self.path,
             response.status,
             elapsed_ms,
-            " trace=" + trace if trace else "",
+            " " + label if label else "",
         )
 
     def _read_body(self) -> bytes:

@@ -651,10 +651,11 @@ def test_pacer_spaces_requests_and_stops_at_the_bound(rps, duration, max_request
 @pytest.mark.parametrize(
     ("headers", "label"),
     [
-        ({"traceparent": TRACE["traceparent"]}, "4bf92f35"),
-        ({"x-b3-traceid": "80f198ee56343ba8"}, "80f198ee"),
-        ({"b3": TRACE["b3"]}, "80f198ee"),
-        ({"x-request-id": "abcdef012345"}, "abcdef01"),
+        (TRACE, "trace=4bf92f35"),
+        ({"x-b3-traceid": "80f198ee56343ba8", "x-request-id": "r1"}, "trace=80f198ee"),
+        ({"b3": TRACE["b3"]}, "trace=80f198ee"),
+        ({"x-request-id": "9f2c41d0aa17000000000001"}, "rid=9f2c41d0aa17000000000001"),
+        ({"traceparent": "garbage"}, ""),
         ({}, ""),
     ],
 )
