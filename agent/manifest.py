@@ -2,9 +2,9 @@
 
 Three passes, each reporting every problem it finds with its file and line:
 
-1. YAML: composed node by node (not `safe_load`) so that every dotted path keeps the
-   line it came from, duplicate keys are caught, and only YAML 1.2 booleans count
-   (`policy: no` stays the string "no").
+1. YAML (`agent.yamllines`): composed node by node, not `safe_load`, so that every
+   dotted path keeps the line it came from, duplicate keys are caught, and only YAML 1.2
+   booleans count (`policy: no` stays the string "no").
 2. Structure: the JSON Schema of `agent.schema`, the same one editors use.
 3. Meaning: cross-references and rules a schema cannot express (upstreams that exist,
    dependency cycles, splits summing to 100, regexes that compile, a command for every
@@ -208,10 +208,8 @@ class _Checker:
     def _commands(self, path: tuple, service: dict) -> Iterator:
         if self.clean(path + ("command",)) and "command" in service:
             yield from _command(path + ("command",), service["command"])
-        if "command" in service or _has_unknown_keys(service, "service"):
-            has_command = True  # a typo such as `comand:` is reported once, as a typo
-        else:
-            has_command = False
+        # A typo such as `comand:` is reported once, as a typo, not also as a missing command.
+        has_command = "command" in service or _has_unknown_keys(service, "service")
         versions = service.get("versions")
         if not isinstance(versions, dict):
             if not has_command and "versions" not in service:
@@ -469,7 +467,7 @@ def _retries(raw: dict | None) -> dict | None:
     return {
         "attempts": int(raw.get("attempts", 3)),
         "per_try_timeout": _seconds(raw, "per_try_timeout", None),
-        "retry_on": [int(item) if isinstance(item, int) or item.isdigit() else item for item in retry_on],
+        "retry_on": [item if isinstance(item, str) and not item.isdigit() else int(item) for item in retry_on],
         "backoff": _seconds(raw, "backoff", 0.025),
         "max_backoff": _seconds(raw, "max_backoff", 0.25),
         "non_idempotent": bool(raw.get("non_idempotent", False)),

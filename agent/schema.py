@@ -24,6 +24,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
 from agent.durations import DURATION_HINT, DURATION_PATTERN
+from agent.yamllines import type_name
 
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -39,8 +40,7 @@ BALANCER_KINDS = ("least_request", "round_robin", "random", "consistent_hash")
 
 # What a value failing each pattern should have looked like; `%r` is the bad value.
 _PATTERN_MESSAGES = {
-    NAME_PATTERN: "invalid name %r: use lower-case letters, digits and '-', "
-    "starting and ending with a letter or digit",
+    NAME_PATTERN: "invalid name %r: use lower-case letters, digits and '-', starting and ending with a letter or digit",
     ENV_NAME_PATTERN: "invalid variable name %r: use letters, digits and '_', not starting with a digit",
     HOST_PATTERN: "invalid host name %r",
     HEADER_NAME_PATTERN: "invalid header name %r",
@@ -100,8 +100,7 @@ _DEFS: dict[str, dict] = {
         "minLength": 1,
         "minItems": 1,
         "items": {"type": "string", "description": "One argument."},
-        "description": "The program to run: a string split like a shell would (no "
-        "expansion), or a list of arguments.",
+        "description": "The program to run: a string split like a shell would (no expansion), or a list of arguments.",
     },
     "env": {
         "type": "object",
@@ -151,8 +150,7 @@ _DEFS: dict[str, dict] = {
             "max_backoff": _ref("duration", "Upper bound of the delay between tries [250ms]."),
             "non_idempotent": {
                 "type": "boolean",
-                "description": "Also retry POST and PATCH [false: only GET, HEAD, OPTIONS, "
-                "PUT, DELETE, TRACE].",
+                "description": "Also retry POST and PATCH [false: only GET, HEAD, OPTIONS, PUT, DELETE, TRACE].",
             },
             "budget": _object(
                 {
@@ -184,8 +182,7 @@ _DEFS: dict[str, dict] = {
             "maximum": 100,
             "description": "Percent of requests for this version.",
         },
-        "description": "Weighted split over versions, in percent, summing to 100, "
-        "e.g. {v1: 90, v2: 10}.",
+        "description": "Weighted split over versions, in percent, summing to 100, e.g. {v1: 90, v2: 10}.",
     },
     "string_match": _exactly_one_of(
         {
@@ -283,8 +280,7 @@ _DEFS: dict[str, dict] = {
         "properties": {
             "kind": {
                 "enum": list(BALANCER_KINDS),
-                "description": "least_request (power of two choices), round_robin, random "
-                "or consistent_hash.",
+                "description": "least_request (power of two choices), round_robin, random or consistent_hash.",
             },
             "header": {
                 "type": "string",
@@ -317,8 +313,7 @@ _DEFS: dict[str, dict] = {
             "max_ejection_time": _ref("duration", "Upper bound of one ejection [300s]."),
         },
         "additionalProperties": False,
-        "description": "Eject instances that keep failing, then probe them back [on]. "
-        "false turns it off.",
+        "description": "Eject instances that keep failing, then probe them back [on]. false turns it off.",
     },
     "limits": _object(
         {
@@ -330,8 +325,7 @@ _DEFS: dict[str, dict] = {
             "max_pending": {
                 "type": "integer",
                 "minimum": 0,
-                "description": "Requests waiting for a connection; more are answered 503 "
-                "circuit-open [1024].",
+                "description": "Requests waiting for a connection; more are answered 503 circuit-open [1024].",
             },
         },
         "Circuit breaking limits.",
@@ -385,8 +379,7 @@ _SERVICE = _object(
             "type": "array",
             "uniqueItems": True,
             "items": _ref("name", "A service in this mesh."),
-            "description": "Services this one calls; each gets a local port in <NAME>_URL, "
-            "and starts before this one.",
+            "description": "Services this one calls; each gets a local port in <NAME>_URL, and starts before this one.",
         },
         "health": _ref("health", "Readiness probe [TCP connect to the app's port]."),
         "env": _ref("env", "Environment variables for every version."),
@@ -412,8 +405,7 @@ _SERVICE = _object(
         "routes": {
             "type": "array",
             "items": {"$ref": "#/$defs/route"},
-            "description": "Routing rules for calls to this service; first match wins, "
-            "then the split.",
+            "description": "Routing rules for calls to this service; first match wins, then the split.",
         },
         "timeout": _ref("duration", "Time allowed for a whole call, retries included; then 504 [15s]."),
         "connect_timeout": _ref("duration", "Time allowed to connect to an instance [1s]."),
@@ -594,25 +586,6 @@ _TYPE_PHRASES = {
     "array": "a list",
     "null": "nothing",
 }
-
-
-def type_name(value: Any) -> str:
-    """The user's word for the type of a YAML value."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, dict):
-        return "mapping"
-    if isinstance(value, list):
-        return "list"
-    return type(value).__name__
 
 
 def _join_or(phrases: list[str]) -> str:

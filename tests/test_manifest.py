@@ -678,6 +678,20 @@ def test_traffic_policy_is_normalised_for_the_sidecar(full: Manifest) -> None:
     assert catalog["outlier_detection"] == {**DEFAULT_TRAFFIC["outlier_detection"], "consecutive_errors": 3, "interval": 5.0}
 
 
+def test_integral_floats_count_as_integers() -> None:
+    manifest = parse(
+        """\
+        mesh: shop
+        services:
+          a: {command: x, replicas: 2.0, retries: {retry_on: [503.0]}}
+        ingress: {port: 8080.0, routes: [{path: /, service: a}]}
+        """
+    )
+    assert manifest.services[0].versions[0].replicas == 2
+    assert manifest.services[0].traffic["retries"]["retry_on"] == [503]
+    assert manifest.ingress is not None and manifest.ingress.port == 8080
+
+
 def test_merge_keys_and_anchors() -> None:
     manifest = parse(
         """\
@@ -800,6 +814,31 @@ def test_random_structures_raise_only_manifest_errors(document: dict) -> None:
     except ManifestError as error:
         assert error.problems
         assert all(str(problem).startswith("fuzz.yaml") for problem in error.problems)
+
+
+def _mutate(node: object, data: st.DataObject) -> object:
+    """Replace or delete one randomly chosen value somewhere inside `node`."""
+    if isinstance(node, dict) and node and data.draw(st.booleans()):
+        key = data.draw(st.sampled_from(sorted(node)))
+        if data.draw(st.integers(0, 3)) == 0:
+            return {k: v for k, v in node.items() if k != key}
+        return {**node, key: _mutate(node[key], data)}
+    if isinstance(node, list) and node and data.draw(st.booleans()):
+        index = data.draw(st.integers(0, len(node) - 1))
+        return node[:index] + [_mutate(node[index], data)] + node[index + 1 :]
+    return data.draw(_VALUES)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_mutated_good_manifests_raise_only_manifest_errors(data: st.DataObject) -> None:
+    document = yaml.safe_load(FULL)
+    for _ in range(data.draw(st.integers(1, 3))):
+        document = _mutate(document, data)
+    try:
+        parse_manifest(yaml.safe_dump(document), "fuzz.yaml", base_dir="/tmp")
+    except ManifestError as error:
+        assert error.problems
 
 
 @settings(max_examples=300, deadline=None)
