@@ -71,7 +71,8 @@ class Sidecar:
         child_end.close()
         self._replies = b""
         self.stderr_lines: list[str] = []
-        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._stderr_reader.start()
 
     def _read_stderr(self) -> None:
         for line in self.proc.stderr:  # type: ignore[union-attr]
@@ -139,7 +140,9 @@ class Sidecar:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait(10)
+        self.proc.wait(10)
+        self._stderr_reader.join(10)
+        self.proc.stderr.close()  # type: ignore[union-attr]
         self.channel.close()
         for sock in self._sockets:
             sock.close()
@@ -249,6 +252,7 @@ class Upstream:
         except (OSError, ValueError):
             return
         finally:
+            reader.close()
             conn.close()
 
     @staticmethod
