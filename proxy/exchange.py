@@ -51,7 +51,7 @@ class Exchange:
         "action",
         "endpoint",
         "address",
-        "label",
+        "last_endpoint",
         "upstream",
         "pending",
         "pending_size",
@@ -82,7 +82,7 @@ class Exchange:
         self.action: RouteAction | None = None
         self.endpoint: Endpoint | None = None
         self.address = target.address
-        self.label = target.label
+        self.last_endpoint: Endpoint | None = None
         self.upstream: UpstreamConnection | None = None
         self.pending: list[bytes] | None = [out_head]
         self.pending_size = len(out_head)
@@ -113,6 +113,15 @@ class Exchange:
             " request-done" if self.request_done else "",
             " answered" if self.answered else "",
         )
+
+    @property
+    def label(self) -> str:
+        """Names the destination in error bodies and logs (built only when needed)."""
+        endpoint = self.last_endpoint
+        if endpoint is None:
+            return self.target.label
+        host, port = endpoint.address
+        return "%s@%s (%s:%d)" % (self.target.label, endpoint.version, host, port)
 
     # -- decisions ---------------------------------------------------------------------
 
@@ -170,7 +179,7 @@ class Exchange:
             endpoint.active += 1
             self.endpoint = endpoint
             self.address = endpoint.address
-            self.label = "%s@%s (%s:%d)" % (service.name, endpoint.version, endpoint.address[0], endpoint.address[1])
+            self.last_endpoint = endpoint
             policy = action.retry_policy  # type: ignore[union-attr]
             if policy is not None and policy.per_try_timeout:
                 self.try_deadline = state.loop.time() + policy.per_try_timeout

@@ -99,14 +99,22 @@ def _resolve_forward(snapshot: Snapshot, head: Head) -> Target:
     raise MeshError("egress-denied", "%s is not a mesh service and not in egress" % with_port)
 
 
+def _fixed_target(listener: Listener, snapshot: Snapshot) -> Target:
+    """The one destination of an outbound or inbound listener, built once per snapshot."""
+    if listener.kind == "outbound":
+        return Target(_service(snapshot, listener.service), None, listener.service, None, True)  # type: ignore[arg-type]
+    app = listener.app
+    return Target(None, app, "%s (app %s:%d)" % (snapshot.instance, app[0], app[1]), None, False)  # type: ignore[index]
+
+
 def resolve(listener: Listener, snapshot: Snapshot, head: Head) -> Target:
     """The destination of `head` arriving on `listener`; raises MeshError when there is none."""
     kind = listener.kind
-    if kind == "outbound":
-        return Target(_service(snapshot, listener.service), None, listener.service, None, True)  # type: ignore[arg-type]
-    if kind == "inbound":
-        app = listener.app
-        return Target(None, app, "%s (app %s:%d)" % (snapshot.instance, app[0], app[1]), None, False)  # type: ignore[index]
+    if kind == "outbound" or kind == "inbound":
+        target = snapshot.fixed_targets.get(listener.name)
+        if target is None:
+            target = snapshot.fixed_targets[listener.name] = _fixed_target(listener, snapshot)
+        return target
     if kind == "ingress":
         path = head.target
         for route in listener.routes:

@@ -127,7 +127,22 @@ class HttpLimits:
 
 
 class Snapshot:
-    __slots__ = ("version", "instance", "service", "service_version", "drain_timeout", "listeners", "services", "egress", "http", "raw_listeners")
+    __slots__ = (
+        "version",
+        "instance",
+        "service",
+        "service_version",
+        "drain_timeout",
+        "listeners",
+        "services",
+        "egress",
+        "http",
+        "raw_listeners",
+        "fixed_targets",
+    )
+
+    def __init__(self) -> None:
+        self.fixed_targets: dict = {}  # listener name -> Target, filled by proxy.listeners
 
     def __repr__(self) -> str:
         return "<Snapshot v%s %s: %d listeners, %d services>" % (self.version, self.instance, len(self.listeners), len(self.services))
