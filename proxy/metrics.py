@@ -121,9 +121,10 @@ class RouteTable:
 class Metrics:
     """The registry of one sidecar; `instance` labels every sample."""
 
-    def __init__(self, instance: str, service: str = "", clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, instance: str, service: str = "", version: str = "", clock: Callable[[], float] = time.time) -> None:
         self.instance = instance
         self.service = service
+        self.version = version
         self.started_at = clock()
         self._clock = clock
         self.requests: dict[tuple, list] = {}
@@ -208,6 +209,7 @@ class Metrics:
         return {
             "instance": self.instance,
             "service": self.service,
+            "version": self.version,
             "started_at": self.started_at,
             "time": self._clock(),
             "buckets": list(LATENCY_BUCKETS),

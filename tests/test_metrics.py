@@ -26,7 +26,7 @@ def _one(samples: list, **labels) -> float:
 
 @pytest.fixture
 def loaded() -> Metrics:
-    metrics = Metrics("cart@v1#0", "cart", clock=lambda: 1000.0)
+    metrics = Metrics("cart@v1#0", "cart", "v1", clock=lambda: 1000.0)
     for duration in (0.003, 0.003, 0.02, 0.2):
         metrics.record_request("inbound", "frontend", "cart", "v1", b"GET", 200, duration, False)
     metrics.record_request("inbound", "frontend", "cart", "v1", b"POST", 503, 1.5, False)
