@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export MESHCTL_HOME ?= $(CURDIR)/.state/demo
 
-.PHONY: demo test venv down status clean bench-quick
+.PHONY: demo test venv down status clean bench bench-quick bench-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,3 +38,19 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .state .pytest_cache .hypothesis
+
+# Benchmarks (bench/run.py): the mesh's two-sidecar path against nginx direct and an
+# mTLS HAProxy pair. BENCH_ARGS=--ref HEAD benchmarks the last commit, not the work tree.
+BENCH_TOOLS := wrk haproxy nginx h2load
+BENCH_ARGS ?=
+
+bench-deps: $(STAMP)
+	@missing=; for tool in $(BENCH_TOOLS); do command -v $$tool >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then apt-get update && apt-get install -y wrk haproxy nginx-light nghttp2-client; fi
+	@test -x $(BIN)/py-spy || $(BIN)/pip install --quiet py-spy
+
+bench-quick: bench-deps $(STAMP)
+	$(BIN)/python bench/run.py --quick $(BENCH_ARGS)
+
+bench: bench-deps $(STAMP)
+	$(BIN)/python bench/run.py $(BENCH_ARGS)

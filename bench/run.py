@@ -1,0 +1,314 @@
+"""meshctl's benchmark: the mesh's two-sidecar path against nginx direct and an HAProxy pair.
+
+    python bench/run.py --quick     # ~15 s: small-body throughput on the three paths, printed
+    python bench/run.py             # a few minutes: everything, written to docs/benchmarks.md
+
+Steps: start nginx (direct), an HAProxy pair in front of it, and a one-instance mesh around
+its own nginx; measure idle memory; interleaved wrk runs (CPU per request and peak memory
+alongside); open-loop latency at a constant rate; a py-spy profile of the service's
+sidecar under wrk; then the start-up timings (`meshctl up` of 1, 10 and 50 instances).
+Every process started here is stopped on the way out, and the temp dir is removed
+(kept, for its logs and configs, when BENCH_KEEP_TMP is set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import psutil
+
+import pyspy
+import report
+import targets
+import wrk
+from procs import BenchError, PeakMemory, cpu_seconds, memory
+
+REPO = os.path.dirname(targets.BENCH_DIR)
+PACKAGES = ("proxy", "agent", "meshctl")
+BODIES = {"small": "/", "16k": "/16k"}
+
+
+def throughput(paths: list[targets.Target], body: str, runs: int, seconds: float, warmup: float, connections: int) -> dict[str, Any]:
+    """Interleaved wrk runs; CPU of the proxies and of the app over the measured runs."""
+    path_url = BODIES[body]
+    for target in paths:
+        wrk.run("http://127.0.0.1:%d%s" % (target.port, path_url), warmup, connections)
+    measured: dict[str, list[wrk.WrkResult]] = {target.name: [] for target in paths}
+    cpu: dict[str, list[float]] = {target.name: [0.0, 0.0] for target in paths}
+    for _ in range(runs):
+        for target in paths:
+            before = cpu_seconds(target.proxy_pids), cpu_seconds(target.app_pids)
+            result = wrk.run("http://127.0.0.1:%d%s" % (target.port, path_url), seconds, connections)
+            after = cpu_seconds(target.proxy_pids), cpu_seconds(target.app_pids)
+            cpu[target.name][0] += after[0] - before[0]
+            cpu[target.name][1] += after[1] - before[1]
+            measured[target.name].append(result)
+    table = {}
+    for target in paths:
+        results = measured[target.name]
+        requests = sum(r.requests for r in results)
+        median = sorted(results, key=lambda r: r.rps)[len(results) // 2]
+        table[target.name] = {
+            "rps": statistics.median(r.rps for r in results),
+            "runs": [r.rps for r in results],
+            "requests": requests,
+            "errors": sum(r.errors for r in results),
+            "p50": median.latency_p50,
+            "p99": median.latency_p99,
+            "proxy_cpu_us": cpu[target.name][0] / requests * 1e6 if target.proxy_pids else None,
+            "app_cpu_us": cpu[target.name][1] / requests * 1e6,
+        }
+    return table
+
+
+def latency(target: targets.Target, rate: float, seconds: float, warmup: float, connections: int) -> dict[str, Any]:
+    argv = [sys.executable, os.path.join(targets.BENCH_DIR, "openloop.py"), "--port", str(target.port),
+            "--rate", str(rate), "--seconds", str(seconds), "--warmup", str(warmup), "--connections", str(connections)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + warmup + 60, stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise BenchError("openloop.py failed: %s" % done.stderr[-1000:])
+    return json.loads(done.stdout)
+
+
+def profile(target: targets.Target, service_sidecar: int, seconds: float, connections: int, workdir: str, rate: int = 250) -> dict[str, Any]:
+    out_path = os.path.join(workdir, "pyspy.raw")
+    recorder = pyspy.record(service_sidecar, seconds, out_path, rate)
+    try:
+        result = wrk.run("http://127.0.0.1:%d/" % target.port, seconds + 1, connections)
+        _, stderr = recorder.communicate(timeout=seconds + 30)
+    finally:
+        if recorder.poll() is None:
+            recorder.kill()
+            recorder.wait()
+    if recorder.returncode != 0 or not os.path.exists(out_path):
+        raise BenchError("py-spy failed: %s" % stderr[-1000:])
+    with open(out_path) as raw:
+        prof = pyspy.aggregate(raw.read())
+    return {
+        "rate": rate,
+        "seconds": seconds,
+        "rps": result.rps,
+        "samples": prof.samples,
+        "top": [{"function": f.function, "own": f.own, "total": f.total} for f in prof.functions[:15]],
+    }
+
+
+def _timed(argv: list[str], runs: int, cwd: str) -> float:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run(argv, check=True, cwd=cwd, stdin=subprocess.DEVNULL)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def startup(workdir: str, sizes: list[int], source: str) -> dict[str, Any]:
+    runs = 7
+    result: dict[str, Any] = {
+        "import_runs": runs,
+        "python_bare": _timed([sys.executable, "-c", "pass"], runs, source),
+        "python_import_proxy": _timed([sys.executable, "-c", "import uvloop, proxy.__main__"], runs, source),
+        "up": {},
+    }
+    fleet = None
+    command = [sys.executable, "-m", "http.server", "$PORT", "--bind", "127.0.0.1"]
+    for n in sizes:
+        with targets.mesh(workdir, command, replicas=n, name="bench-up-%d" % n) as m:
+            result["up"][str(n)] = {"seconds": m.up_seconds}
+            if n == max(sizes):
+                sidecars = [inst["sidecar_pid"] for inst in m.status["instances"]] + [m.status["ingress"]["sidecar_pid"]]
+                mems = [memory(pid) for pid in sidecars]
+                fleet = {"instances": n, "sidecars": len(sidecars), "pss_total": sum(x.pss for x in mems), "rss_total": sum(x.rss for x in mems)}
+        print("  meshctl up of %d instance(s): %.2f s" % (n, result["up"][str(n)]["seconds"]), flush=True)
+    return {"startup": result, "fleet": fleet}
+
+
+def _version(argv: list[str], pattern: str = r"[\d]+\.[\d.]+\S*") -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL)
+    except OSError:
+        return "not installed"
+    match = re.search(pattern, done.stdout + done.stderr)
+    return match.group(0) if match else (done.stdout + done.stderr).strip()[:60]
+
+
+def export_ref(ref: str, workdir: str) -> str:
+    """Copy the mesh's packages at `ref` into workdir/src and make every child import them.
+
+    Others may be editing the tree mid-way; `--ref HEAD` benchmarks the last commit instead.
+    PYTHONPATH reaches `meshctl`, the agent and, through the agent's environment, the sidecars.
+    """
+    source = os.path.join(workdir, "src")
+    os.mkdir(source)
+    archive = subprocess.run(["git", "archive", ref, *PACKAGES], cwd=REPO, capture_output=True)
+    if archive.returncode != 0:
+        raise BenchError("git archive %s failed: %s" % (ref, archive.stderr.decode(errors="replace")))
+    subprocess.run(["tar", "-x", "-C", source], input=archive.stdout, check=True)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))
+    return source
+
+
+def code_version(ref: str | None) -> str:
+    if ref:
+        commit = subprocess.run(["git", "rev-parse", "--short", ref], capture_output=True, text=True, cwd=REPO).stdout.strip()
+        return "%s (`--ref %s`: the committed code, exported)" % (commit, ref)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", *PACKAGES], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    return "%s%s" % (commit or "unknown", " + uncommitted changes (working tree)" if dirty else "")
+
+
+def machine_and_versions(ref: str | None) -> tuple[dict[str, Any], dict[str, str]]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    machine = {"nproc": os.cpu_count(), "cpu": cpu, "memory": psutil.virtual_memory().total,
+               "kernel": "%s %s" % (platform.system(), platform.release()),
+               "loadavg": "%.2f %.2f %.2f" % os.getloadavg()}
+    try:
+        import uvloop
+        uvloop_version = uvloop.__version__
+    except ImportError:
+        uvloop_version = "not installed (plain asyncio)"
+    versions = {
+        "meshctl": code_version(ref),
+        "python": platform.python_version(),
+        "uvloop": uvloop_version,
+        "haproxy": _version(["haproxy", "-v"]),
+        "OpenSSL (haproxy)": _version(["haproxy", "-vv"], r"(?<=Running on OpenSSL version : OpenSSL )\S+"),
+        "nginx": _version(["nginx", "-v"]),
+        "wrk": _version(["wrk", "-v"], r"\d+\.\d+\.\d+\S*"),
+        "py-spy": _version([pyspy.py_spy(), "--version"]),
+    }
+    return machine, versions
+
+
+def _tls_summary(notes: dict[str, Any]) -> str:
+    if notes["tls"]:
+        return "TLS (status reports it: %s; inbound answers a ClientHello: %s)" % (notes["status_reports_tls"], notes["inbound_speaks_tls"])
+    return "plaintext HTTP/1.1 (meshctl's sidecar-to-sidecar mTLS is not in this build: status reports no TLS and the inbound port does not answer a TLS ClientHello)"
+
+
+def _print_quick(table: dict[str, Any], labels: dict[str, str], notes: dict[str, Any]) -> None:
+    width = max(len(name) for name in table)
+    for name, entry in table.items():
+        cpu = "" if entry["proxy_cpu_us"] is None else "  proxies %.1f us CPU/req" % entry["proxy_cpu_us"]
+        print("%-*s %9.0f rps  errors %d%s" % (width, name, entry["rps"], entry["errors"], cpu))
+    mesh, haproxy, direct = (table[labels[key]]["rps"] for key in ("mesh", "haproxy", "direct"))
+    print("mesh/direct %.2fx   mesh/haproxy %.2fx" % (mesh / direct, mesh / haproxy))
+    print("between sidecars: %s" % _tls_summary(notes))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small-body throughput only, printed; ~15 s")
+    parser.add_argument("--output", default=os.path.join(REPO, "docs", "benchmarks.md"))
+    parser.add_argument("--seconds", type=float, help="per wrk run [3 quick, 5 full]")
+    parser.add_argument("--runs", type=int, help="wrk runs per path [1 quick, 3 full]")
+    parser.add_argument("--ref", help="benchmark the mesh code of this git ref (e.g. HEAD) instead of the working tree")
+    parser.add_argument("--up-sizes", default="1,10,50", help="instances for the `meshctl up` timings")
+    args = parser.parse_args(argv)
+    seconds = args.seconds or (3.0 if args.quick else 5.0)
+    runs = args.runs or (1 if args.quick else 3)
+    params = {"connections": 32, "runs": runs, "seconds": seconds, "warmup": 1.0,
+              "latency_rate": 1000, "latency_seconds": 10.0, "latency_warmup": 2.0, "latency_connections": 32}
+
+    workdir = tempfile.mkdtemp(prefix="meshctl-bench-")
+    try:
+        return _bench(args, params, workdir)
+    except BenchError as exc:
+        print("bench: %s" % exc, file=sys.stderr)
+        return 1
+    finally:
+        if os.environ.get("BENCH_KEEP_TMP"):
+            print("kept %s" % workdir, file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _bench(args: argparse.Namespace, params: dict[str, Any], workdir: str) -> int:
+    results: dict[str, Any] = {"parameters": params}
+    source = export_ref(args.ref, workdir) if args.ref else REPO
+    print("mesh code: %s" % code_version(args.ref), flush=True)
+    machine, versions = machine_and_versions(args.ref)  # the load average before the bench's own load
+    with contextlib.ExitStack() as stack:
+        direct = stack.enter_context(targets.nginx_app(workdir))
+        haproxy = stack.enter_context(targets.haproxy_pair(workdir, direct.port))
+        mesh_run = stack.enter_context(targets.mesh(workdir, [targets.NGINX_APP]))
+        mesh = targets.mesh_target(mesh_run)
+        paths = [direct, mesh, haproxy]
+        labels = {"direct": direct.name, "mesh": mesh.name, "haproxy": haproxy.name}
+        results["labels"] = labels
+        results["mesh_tls"] = {**mesh.notes, "summary": _tls_summary(mesh.notes)}
+        results["haproxy_tls"] = haproxy.notes["tls"]
+
+        if args.quick:
+            print("wrk -t1 -c%d -d%gs, small body" % (params["connections"], params["seconds"]), flush=True)
+            table = throughput(paths, "small", params["runs"], params["seconds"], params["warmup"], params["connections"])
+            _print_quick(table, labels, mesh.notes)
+            return 0
+
+        sidecar_names = {mesh.proxy_pids[0]: "sidecar (ingress)", mesh.proxy_pids[1]: "sidecar (service inbound)"}
+        haproxy_names = {haproxy.proxy_pids[0]: "haproxy (client side)", haproxy.proxy_pids[1]: "haproxy (server side)"}
+        idle = {pid: memory(pid) for pid in list(sidecar_names) + list(haproxy_names)}
+
+        results["throughput"] = {}
+        with PeakMemory(list(idle)) as peaks:
+            for body in BODIES:
+                print("throughput, %s body ..." % body, flush=True)
+                results["throughput"][body] = throughput(paths, body, params["runs"], params["seconds"], params["warmup"], params["connections"])
+                for name, entry in results["throughput"][body].items():
+                    print("  %-40s %9.0f rps" % (name, entry["rps"]), flush=True)
+
+        def mem_entry(pid: int) -> dict[str, Any]:
+            return {"idle": vars(idle[pid]), "load": vars(peaks.peaks[pid])}
+
+        results["memory"] = {
+            "sidecars": {name: mem_entry(pid) for pid, name in sidecar_names.items()},
+            "haproxy": {name: mem_entry(pid) for pid, name in haproxy_names.items()},
+        }
+
+        print("latency at %d rps ..." % params["latency_rate"], flush=True)
+        results["latency"] = {}
+        for target in paths:
+            results["latency"][target.name] = latency(target, params["latency_rate"], params["latency_seconds"],
+                                                      params["latency_warmup"], params["latency_connections"])
+            print("  %-40s p99 %.2f ms" % (target.name, results["latency"][target.name]["p99"] * 1e3), flush=True)
+
+        print("profile of the service's sidecar ...", flush=True)
+        results["profile"] = profile(mesh, mesh.proxy_pids[1], 10.0, params["connections"], workdir)
+
+    print("start-up ...", flush=True)
+    sizes = [int(n) for n in args.up_sizes.split(",") if n]
+    started = startup(workdir, sizes, source)
+    results["startup"] = started["startup"]
+    results["memory"]["fleet"] = started["fleet"]
+    results["machine"], results["versions"] = machine, versions
+    results["generated"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+    text = report.render(results)
+    with open(args.output, "w") as out:
+        out.write(text)
+    print("wrote %s" % args.output)
+    for verdict in report.judge_targets(results):
+        print("  %-4s %s: %s" % ({True: "PASS", False: "MISS", None: "n/a"}[verdict.passed], verdict.target, verdict.measured))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

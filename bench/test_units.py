@@ -1,0 +1,94 @@
+"""Pure units of the harness: wrk's report, py-spy's collapsed stacks, percentiles, TLS detection.
+
+    .venv/bin/python -m pytest bench/test_units.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import openloop  # noqa: E402
+import pyspy  # noqa: E402
+import targets  # noqa: E402
+import wrk  # noqa: E402
+
+WRK_REPORT = """Running 3s test @ http://127.0.0.1:1234/
+  1 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    12.67ms    3.51ms  36.03ms   88.46%
+  Latency Distribution
+     50%   11.60ms
+     75%   12.66ms
+     90%   15.46ms
+     99%  270.11us
+  4898 requests in 2.01s, 841.84KB read
+  Socket errors: connect 0, read 7, write 1, timeout 2
+  Non-2xx or 3xx responses: 40
+Requests/sec:   2438.19
+"""
+
+
+def test_wrk_report_parsed():
+    result = wrk.parse(WRK_REPORT)
+    assert result.requests == 4898
+    assert result.seconds == pytest.approx(2.01)
+    assert result.rps == pytest.approx(2438.19)
+    assert result.errors == 50
+    assert result.latency_p50 == pytest.approx(0.0116)
+    assert result.latency_p99 == pytest.approx(0.00027011)
+
+
+def test_wrk_garbage_rejected():
+    with pytest.raises(ValueError):
+        wrk.parse("unable to connect to 127.0.0.1:1 Connection refused")
+
+
+@pytest.mark.parametrize(
+    ("samples", "p", "expected"),
+    [
+        ([1.0], 99.9, 1.0),
+        ([1.0, 2.0, 3.0, 4.0], 50.0, 2.0),
+        ([1.0, 2.0, 3.0, 4.0], 75.1, 4.0),
+        (list(range(1, 1001)), 99.9, 999),
+        (list(range(1, 1001)), 99.0, 990),
+    ],
+)
+def test_percentile_nearest_rank(samples, p, expected):
+    assert openloop.percentile(samples, p) == expected
+
+
+def test_profile_own_and_total():
+    raw = (
+        "main (/x/src/proxy/__main__.py:60);data_received (/x/src/proxy/server.py:100) 7\n"
+        "main (/x/src/proxy/__main__.py:60) 3\n"
+        "main (/x/src/proxy/__main__.py:60);data_received (/x/src/proxy/server.py:120);"
+        "write (/usr/lib/python3.11/asyncio/selector_events.py:9) 2\n"
+    )
+    profile = pyspy.aggregate(raw)
+    assert profile.samples == 12
+    rows = {f.function: (f.own, f.total) for f in profile.functions}
+    assert rows == {
+        "data_received (proxy/server.py)": (7, 9),
+        "main (proxy/__main__.py)": (3, 12),
+        "write (asyncio/selector_events.py)": (2, 2),
+    }
+    assert profile.functions[0].function == "data_received (proxy/server.py)"
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        ({"instances": [{"id": "a", "port": 1}]}, False),
+        ({"instances": [{"id": "a", "tls": True}]}, True),
+        ({"mtls": {"enabled": False}}, False),
+        ({"mtls": {"mode": "strict"}}, True),
+        ({"instances": [{"inbound_tls": "off"}]}, False),
+    ],
+)
+def test_status_tls_detection(status, expected):
+    assert targets._reported_tls(status) is expected
