@@ -6,6 +6,11 @@ one runner task that owns its processes (start the sidecar, then the app, probe,
 with backoff), so that no two tasks ever race on one process. Whenever an instance becomes
 ready or stops being ready, one pusher task recompiles every sidecar's snapshot and pushes
 the ones that changed.
+
+Live changes keep callers whole: a replaced or restarted instance is rolled (`roll()`): a
+replacement of the next generation starts beside it, joins the endpoints once ready, then
+the old one leaves the endpoints, every sidecar ACKs that, and only then does it stop.
+Route and replica overrides (`agent.overrides`) are laid over the manifest when compiling.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from agent import process
 from agent.compile import (
@@ -31,8 +36,11 @@ from agent.compile import (
     SidecarIdentity,
     SidecarListeners,
     compile_sidecar,
+    identity_of,
 )
+from agent import overrides as ovr
 from agent.errors import AgentError
+from agent.identity import IdentityManager
 from agent.lifecycle import State, decide_after_exit, describe_exit, transition
 from agent.logs import LogBook
 from agent.model import Manifest, ServiceSpec, VersionSpec
@@ -52,6 +60,28 @@ class ApplyError(AgentError):
 
 class MeshMismatch(AgentError):
     code = "mesh-mismatch"
+
+
+class RolloutError(AgentError):
+    """A replacement never became ready; the instance it was to replace keeps serving."""
+
+    code = "rollout-failed"
+
+
+class NotConverged(AgentError):
+    """A sidecar NACKed a new config or did not ACK it in time."""
+
+    code = "not-converged"
+
+
+ROLLOUT_READY_TIMEOUT_S = 60.0
+CONVERGE_TIMEOUT_S = 15.0
+CONVERGE_POLL_S = 0.02
+
+
+def owner_key(owner: Instance | Ingress) -> str:
+    """Whose leaf: each generation of an instance has its own; the ingress has one."""
+    return getattr(owner, "endpoint_id", INGRESS_ID)
 
 
 def instance_id(service: str, version: str, replica: int) -> str:
@@ -80,13 +110,18 @@ class InstanceSpec:
         return instance_id(self.service, self.version.name, self.replica)
 
 
-def desired_instances(manifest: Manifest) -> dict[str, InstanceSpec]:
+def desired_instances(manifest: Manifest, replicas: dict[str, int] | None = None) -> dict[str, InstanceSpec]:
+    """`replicas` ("service@version" -> count) overrides the manifest's counts."""
     out: dict[str, InstanceSpec] = {}
     for service in manifest.services:
         for version in service.versions:
-            for replica in range(version.replicas):
+            count = (replicas or {}).get(ovr.replica_key(service.name, version.name), version.replicas)
+            # The count belongs to the version, not to an instance: scaling must not
+            # make the instances it keeps look changed.
+            per_instance = replace(version, replicas=1)
+            for replica in range(count):
                 spec = InstanceSpec(
-                    service.name, version, replica, service.upstreams, service.http_proxy,
+                    service.name, per_instance, replica, service.upstreams, service.http_proxy,
                     service.egress, service.restart, service.stop_grace_s,
                 )
                 out[spec.id] = spec
@@ -149,10 +184,15 @@ def free_port() -> int:
 class Instance:
     """One app process plus its sidecar, and the runner task that keeps them going."""
 
-    def __init__(self, sup: Supervisor, spec: InstanceSpec) -> None:
+    def __init__(self, sup: Supervisor, spec: InstanceSpec, generation: int = 0) -> None:
         self.sup = sup
         self.spec = spec
         self.id = spec.id
+        # A replacement runs beside the instance it replaces, so callers tell them apart
+        # by the generation in the endpoint id.
+        self.generation = generation
+        self.endpoint_id = self.id if generation == 0 else f"{self.id}~{generation}"
+        self.in_rotation = True  # False while it drains before a stop
         self.state = State.STOPPED
         self.message: str | None = None
         self.app: asyncio.subprocess.Process | None = None
@@ -238,6 +278,7 @@ class Instance:
             "last_exit": self.last_exit,
             "message": self.message,
             "config_version": self.sidecar.acked_version,
+            "generation": self.generation,
         }
 
     # -- the runner -------------------------------------------------------------------
@@ -360,13 +401,19 @@ class Instance:
             self.restarts += 1
             return "again"
 
-    async def stop(self) -> None:
-        """Stop the app, then its sidecar (so in-flight calls drain), then close the ports."""
+    async def stop(self, drain_inbound: bool = False) -> None:
+        """Stop the app, then its sidecar (so in-flight calls drain), then close the ports.
+
+        `drain_inbound` is for an instance no caller routes to any more: its sidecar goes
+        first, finishing the requests it still has in flight to the app, then the app.
+        """
         self._stop.set()
         if self.state is not State.STOPPED:
             self.set_state(State.STOPPING)
         if self.task is not None:
             await asyncio.gather(self.task, return_exceptions=True)
+        if drain_inbound:
+            await self.sidecar.stop(DRAIN_TIMEOUT_S + 1.0)
         if self.app is not None:
             await process.stop_process(self.app, self.spec.stop_grace_s, self.sup.sentinel)
         await self.sidecar.stop(DRAIN_TIMEOUT_S + 1.0)
@@ -446,6 +493,14 @@ class Supervisor:
         self._push_needed = asyncio.Event()
         self._pusher: asyncio.Task | None = None
         self._apply_lock = asyncio.Lock()
+        self.store = ovr.OverrideStore(home)
+        self.overrides = ovr.MeshOverrides()
+        # Traffic keys pushed as they are, without validation: only for the debug op that
+        # tests the NACK path. Never persisted.
+        self.unchecked_traffic: dict[str, dict] = {}
+        self.surges: dict[str, Instance] = {}  # replacements starting beside an instance
+        self.identities: IdentityManager | None = None  # the CA and every sidecar's leaf
+        self.rolling: set[str] = set()
 
     # -- shared helpers used by instances ---------------------------------------------
 
@@ -489,14 +544,38 @@ class Supervisor:
 
     def endpoints(self) -> list[Endpoint]:
         return [
-            Endpoint(i.id, i.spec.service, i.spec.version.name, i.inbound_port)
-            for i in self.instances.values()
-            if i.state is State.READY
+            Endpoint(i.endpoint_id, i.spec.service, i.spec.version.name, i.inbound_port)
+            for i in [*self.instances.values(), *self.surges.values()]
+            if i.state is State.READY and i.in_rotation
         ]
+
+    def traffic_overrides(self) -> dict[str, dict]:
+        assert self.manifest is not None
+        layered = ovr.traffic_overrides(self.manifest, self.overrides)
+        for service, keys in self.unchecked_traffic.items():
+            layered[service] = {**layered.get(service, {}), **keys}
+        return layered
 
     def snapshot_for(self, owner: Instance | Ingress) -> dict:
         assert self.manifest is not None
-        return compile_sidecar(self.manifest, owner.identity(), owner.listeners(), self.endpoints())
+        try:
+            return compile_sidecar(
+                self.manifest, owner.identity(), owner.listeners(), self.endpoints(), self.traffic_overrides(),
+                leaf=self._leaf(owner),
+            )
+        except KeyError:
+            # An instance about to be replaced may call an upstream the new manifest
+            # dropped: it keeps its last config until its replacement takes over.
+            return owner.sidecar.last_snapshot or {}
+
+    def _leaf(self, owner: Instance | Ingress) -> dict | None:
+        assert self.manifest is not None
+        if self.identities is None:
+            return None
+        who = owner.identity()
+        return self.identities.leaf_for(
+            owner_key(owner), identity_of(self.manifest, who.service), self.manifest.security.leaf_lifetime_s
+        )
 
     async def start_sidecar(self, handle: SidecarHandle, owner: Instance | Ingress) -> None:
         await handle.start(self.next_version(), self.snapshot_for(owner))
@@ -505,15 +584,26 @@ class Supervisor:
 
     async def _push_loop(self) -> None:
         while True:
-            await self._push_needed.wait()
+            # Wake for a change, or when the next certificate falls due for renewal.
+            due = self.identities.next_renewal() if self.identities is not None else None
+            timeout = None if due is None else min(max(due - time.time(), 0.05), 60.0)
+            try:
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow the cancel at shutdown.
+                async with asyncio.timeout(timeout):
+                    await self._push_needed.wait()
+            except TimeoutError:
+                pass
             self._push_needed.clear()
             await self.push_all()
+            if self.identities is not None:
+                live = {owner_key(o) for o in [*self.instances.values(), *self.surges.values()]}
+                self.identities.prune(live | {INGRESS_ID})
 
     async def push_all(self) -> list[str]:
         """Recompile every sidecar's snapshot; push those that changed. Returns failures."""
         if self.manifest is None:
             return []
-        owners: list[Instance | Ingress] = [i for i in self.instances.values() if i.sidecar.running]
+        owners: list[Instance | Ingress] = [i for i in self.sidecar_owners() if i.sidecar.running]
         if self.ingress is not None and self.ingress.sidecar.running:
             owners.append(self.ingress)
         pushes = []
@@ -564,6 +654,8 @@ class Supervisor:
                     "run `meshctl down` first or use another MESHCTL_HOME",
                 )
             self.preflight(manifest)
+            if self.identities is None:
+                self.identities = IdentityManager(self.home, manifest.mesh)
             new_ingress = None
             old_ingress = self.ingress
             want = manifest.ingress
@@ -575,34 +667,224 @@ class Supervisor:
                 self.ingress = old_ingress = None
             if ingress_changed:
                 new_ingress = Ingress(self, want.host, want.port)  # may raise: nothing started yet
+            if self.manifest is None:
+                self.overrides = self.store.load(manifest.mesh)  # survives an agent restart
+            self.overrides, dropped = ovr.reconcile(manifest, self.overrides)
+            if dropped:
+                log.warning("overrides dropped by the new manifest: %s", "; ".join(dropped))
+                self.store.save(manifest.mesh, self.overrides)
             running = {i: inst.spec for i, inst in self.instances.items()}
-            desired = desired_instances(manifest)
+            desired = desired_instances(manifest, self.overrides.replicas)
             plan = plan_apply(running, desired)
             self.manifest = manifest
             if want is None and old_ingress is not None:
                 await old_ingress.stop()
                 self.ingress = None
-            await self._stop_instances([*plan.stop, *plan.replace])
-            for iid in [*plan.start, *plan.replace]:
-                instance = Instance(self, desired[iid])
-                self.instances[iid] = instance
-            # Keep dict order = dependency order, so status lists upstreams first.
-            self.instances = {i: self.instances[i] for i in desired}
-            for iid in [*plan.start, *plan.replace]:
-                self.instances[iid].launch()
+            self._launch_new(plan.start, desired)
             if new_ingress is not None:
                 self.ingress = new_ingress
                 new_ingress.launch()
             if self._pusher is None:
                 self._pusher = asyncio.create_task(self._push_loop(), name="config-pusher")
             self._push_needed.set()
+            await self._retire([self.instances[i] for i in plan.stop])
+            rollout_failed = await self._roll_all(plan.replace, desired)
             return {
                 "mesh": manifest.mesh,
                 "started": list(plan.start),
                 "replaced": list(plan.replace),
+                "changed": list(plan.replace),
                 "stopped": list(plan.stop),
                 "unchanged": list(plan.keep),
+                "instances": list(desired),
+                "dropped_overrides": dropped,
+                "rollout_failed": rollout_failed,
             }
+
+    # -- live changes: rolling, draining, converging ------------------------------------
+
+    def sidecar_owners(self) -> list[Instance]:
+        return [*self.instances.values(), *self.surges.values()]
+
+    def sidecars(self) -> list[tuple[str, SidecarHandle]]:
+        """(the id shown to users, handle) of every sidecar: instances, replacements, ingress."""
+        named = [(i.id, i.sidecar) for i in self.instances.values()]
+        named += [(i.endpoint_id, i.sidecar) for i in self.surges.values()]
+        if self.ingress is not None:
+            named.append((INGRESS_ID, self.ingress.sidecar))
+        return named
+
+    def routing_sidecars(self, service: str | None) -> list[tuple[str, SidecarHandle]]:
+        return [
+            (name, handle) for name, handle in self.sidecars()
+            if handle.running and (service is None or service in (handle.last_snapshot or {}).get("services", {}))
+        ]
+
+    async def converge(self, service: str | None = None, timeout: float = CONVERGE_TIMEOUT_S) -> list[str]:
+        """Push, then wait until every sidecar (that routes to `service`, if given) has ACKed
+        its newest config. Returns the problems: NACKs, and sidecars still stale at the deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        await self.push_all()
+        while True:
+            pending, problems = [], []
+            for name, handle in self.routing_sidecars(service):
+                if handle.acked_version >= handle.pushed_version:
+                    continue
+                if handle.nack is not None:
+                    problems.append(f"{name} rejected config v{handle.pushed_version}: {handle.nack}")
+                else:
+                    pending.append(name)
+            if not pending or loop.time() > deadline:
+                return problems + [f"{name} has not acknowledged config v{h.pushed_version} (STALE)"
+                                   for name, h in self.routing_sidecars(service) if name in pending]
+            # Another push of a newer config is in flight; its ACK is what we wait for.
+            await asyncio.sleep(CONVERGE_POLL_S)
+
+    async def _wait_ready(self, inst: Instance, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while inst.state is not State.READY:
+            if inst.state is State.FAILED:
+                raise RolloutError(f"replacement of {inst.id} failed: {inst.message}")
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise RolloutError(
+                    f"replacement of {inst.id} not ready within {timeout:g}s ({inst.state.value}: {inst.message})"
+                )
+            try:
+                await asyncio.wait_for(self.wait_state_change(), remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    async def roll(self, iid: str, spec: InstanceSpec) -> None:
+        """Replace instance `iid` with one running `spec`, never leaving callers without it."""
+        old = self.instances[iid]
+        new = Instance(self, spec, old.generation + 1)
+        self.surges[iid] = new
+        self.rolling.add(iid)
+        try:
+            new.launch()
+            await self._wait_ready(new, ROLLOUT_READY_TIMEOUT_S)
+            await self.converge()  # callers can reach the replacement before the old one leaves
+        except BaseException:
+            self.surges.pop(iid, None)
+            await new.stop()
+            raise
+        finally:
+            self.rolling.discard(iid)
+        self.surges.pop(iid, None)
+        self.instances[iid] = new  # same key: keeps its place in dependency order
+        await self._retire([old])
+
+    async def _retire(self, instances: list[Instance]) -> None:
+        """Take instances out of every caller's endpoints, wait for the ACKs, then stop them."""
+        if not instances:
+            return
+        for inst in instances:
+            inst.in_rotation = False
+        problems = await self.converge()
+        if problems:
+            log.warning("stopping %s although not every sidecar confirmed: %s",
+                        ", ".join(i.id for i in instances), "; ".join(problems))
+        await asyncio.gather(*(inst.stop(drain_inbound=True) for inst in instances))
+        for inst in instances:
+            if self.instances.get(inst.id) is inst:
+                self.instances.pop(inst.id)
+
+    async def _roll_all(self, ids: Iterable[str], desired: dict[str, InstanceSpec]) -> list[str]:
+        failures = []
+        for iid in ids:  # dependency order: upstreams are replaced before their callers
+            try:
+                await self.roll(iid, desired[iid])
+            except RolloutError as exc:
+                log.warning("%s", exc)
+                failures.append(str(exc))
+        return failures
+
+    def _launch_new(self, ids: Iterable[str], desired: dict[str, InstanceSpec]) -> None:
+        for iid in ids:
+            self.instances[iid] = Instance(self, desired[iid])
+        # Keep dict order = dependency order, so status lists upstreams first.
+        order = [i for i in desired if i in self.instances]
+        self.instances = {i: self.instances[i] for i in [*order, *(i for i in self.instances if i not in desired)]}
+        for iid in ids:
+            self.instances[iid].launch()
+
+    # -- overrides ----------------------------------------------------------------------
+
+    def require_manifest(self) -> Manifest:
+        if self.manifest is None:
+            raise AgentError("no mesh is running; run `meshctl up -f mesh.yaml`")
+        return self.manifest
+
+    async def set_overrides(self, new: ovr.MeshOverrides, service: str, wait: bool = True) -> dict:
+        """Make `new` the live overrides, persist them, push; with `wait`, until ACKed."""
+        manifest = self.require_manifest()
+        self.overrides = new
+        self.store.save(manifest.mesh, new)
+        return await self.push_routes(service, wait)
+
+    async def push_routes(self, service: str, wait: bool) -> dict:
+        if not wait:
+            self._push_needed.set()
+            return {"service": service, "version": None, "sidecars": [], "problems": []}
+        problems = await self.converge(service)
+        routing = self.routing_sidecars(service)
+        version = max((h.pushed_version for _, h in routing), default=self.config_version)
+        return {"service": service, "version": version, "sidecars": [n for n, _ in routing], "problems": problems}
+
+    async def scale(self, service: str, version: str, count: int) -> dict:
+        async with self._apply_lock:
+            manifest = self.require_manifest()
+            new = ovr.with_replicas(self.overrides, manifest, service, version, count)
+            self.overrides = new
+            self.store.save(manifest.mesh, new)
+            desired = desired_instances(manifest, new.replicas)
+            plan = plan_apply({i: inst.spec for i, inst in self.instances.items()}, desired)
+            self._launch_new(plan.start, desired)
+            for iid in plan.start:
+                await self._wait_ready(self.instances[iid], ROLLOUT_READY_TIMEOUT_S)
+            await self.converge()
+            await self._retire([self.instances[i] for i in plan.stop])
+            return {"service": service, "version": version, "replicas": count,
+                    "started": list(plan.start), "stopped": list(plan.stop)}
+
+    async def restart(self, service: str, version: str | None) -> dict:
+        async with self._apply_lock:
+            manifest = self.require_manifest()
+            spec = ovr.service_spec(manifest, service)
+            if version is not None:
+                ovr.check_version(spec, version)
+            ids = [iid for iid, inst in self.instances.items()
+                   if inst.spec.service == service and version in (None, inst.spec.version.name)]
+            for iid in ids:
+                await self.roll(iid, self.instances[iid].spec)
+            return {"restarted": ids}
+
+    def proxy_status(self) -> list[dict]:
+        now = asyncio.get_running_loop().time()
+        rows = []
+        for name, handle in self.sidecars():
+            if handle.nack is not None and handle.acked_version < handle.pushed_version:
+                state = "NACK"
+            elif handle.acked_version >= handle.pushed_version and handle.running:
+                state = "SYNCED"
+            else:
+                state = "STALE"
+            rows.append({
+                "sidecar": name,
+                "pid": handle.pid,
+                "pushed": handle.pushed_version,
+                "acked": handle.acked_version,
+                "state": state,
+                "nack": handle.nack,
+                "since_ack_s": None if handle.last_ack_at is None else round(now - handle.last_ack_at, 3),
+            })
+        return rows
+
+    def sidecar_named(self, name: str) -> SidecarHandle | None:
+        return dict(self.sidecars()).get(name)
 
     async def _stop_instances(self, ids: Iterable[str]) -> None:
         ids = list(ids)
@@ -626,6 +908,8 @@ class Supervisor:
                     await self._stop_instances(ids)
                     stopped.extend(ids)
             await self._stop_instances(list(self.instances))
+            await asyncio.gather(*(inst.stop() for inst in self.surges.values()))
+            self.surges.clear()
             if self._pusher is not None:
                 self._pusher.cancel()
                 await asyncio.gather(self._pusher, return_exceptions=True)
@@ -638,6 +922,7 @@ class Supervisor:
             "config_version": self.config_version,
             "ingress": self.ingress.to_json() if self.ingress else None,
             "instances": [i.to_json() for i in self.instances.values()],
+            "rolling": sorted(self.rolling),
         }
 
     def service_names(self) -> list[str]:

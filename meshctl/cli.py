@@ -21,7 +21,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 import meshctl
-from meshctl import render
+from meshctl import cmd_ops, cmd_route, render
 from meshctl.client import (
     AgentError,
     AgentStartError,
@@ -41,7 +41,7 @@ STATUS_POLL_S = 0.2
 FAILURE_LOG_LINES = 10
 # Enough history that one replica's last lines survive its siblings' chatter.
 FAILURE_LOG_FETCH = 500
-VALIDATION_ERROR_CODES = ("manifest-invalid", "bad-request")
+VALIDATION_ERROR_CODES = ("manifest-invalid", "bad-request", "bad-split", "unknown-version", "bad-scale")
 # Stands for the ingress sidecar among the instances `up` waits for; ids always contain "@".
 INGRESS_ID = "ingress"
 REPO_ROOT = Path(meshctl.__file__).resolve().parent.parent
@@ -142,15 +142,20 @@ def up(
     manifest = load_manifest_or_exit(file)
     home = prepare_home(resolve_home())
     client = ensure_agent(home)
+    client.timeout = max(client.timeout, timeout)  # a changed instance is replaced rolling, in `apply`
     applied = client.request("apply", manifest_path=str(file.resolve()))
-    expected = instance_ids(manifest) + ([INGRESS_ID] if manifest.ingress else [])
+    changes = applied if isinstance(applied, dict) else {}
+    # Live `scale` overrides change the counts; the agent says which instances it runs.
+    ids = changes.get("instances") or instance_ids(manifest)
+    expected = ids + ([INGRESS_ID] if manifest.ingress else [])
     out = render.make_console()
     final = wait_until_ready(client, expected, timeout, out)
     states = instance_states(final, expected)
     if any(state != "ready" for state in states.values()):
         report_not_ready(client, states, final, timeout, file)
-    changes = applied if isinstance(applied, dict) else {}
-    count = len(instance_ids(manifest))
+    for problem in [*(changes.get("dropped_overrides") or []), *(changes.get("rollout_failed") or [])]:
+        render.print_error(render.make_console(stderr=True), problem)
+    count = len(ids)
     out.out(
         f"mesh {manifest.mesh}: {count}/{count} instances ready"
         f" (started {len(changes.get('started') or [])},"
@@ -160,6 +165,8 @@ def up(
     if final.get("ingress"):
         out.out(f"ingress: {render.ingress_url(final['ingress'])}")
     out.out("next: meshctl status · meshctl logs -f · meshctl down")
+    if changes.get("rollout_failed"):
+        raise typer.Exit(EXIT_FAILURE)
 
 
 def instances_by_id(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -407,6 +414,10 @@ def init(
     target.write_text(absolutize_workdir(text, TEMPLATES_DIR), encoding="utf-8")
     print(f"wrote {target} (template {template.value})")
     print("next: meshctl up -f mesh.yaml")
+
+
+cmd_route.register(app)
+cmd_ops.register(app)
 
 
 # --- entry point ---------------------------------------------------------------------------

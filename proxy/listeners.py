@@ -7,7 +7,9 @@ Pure decisions, one per kind (docs/protocols.md, part 1):
 * ingress: the longest matching path prefix picks the service, else 404 route-not-found;
 * forward: absolute-form requests (or the Host header); `cart` and `cart.mesh` are
   service cart, other hosts only when listed in `egress` (then straight to host:port),
-  otherwise 403 egress-denied.
+  otherwise 403 egress-denied. `CONNECT host:port` to an egress host becomes a TCP
+  tunnel (proxy.tunnel); CONNECT to a mesh service is a 400 that says to send plain
+  HTTP instead, since the mesh itself secures traffic between sidecars.
 
 `resolve()` returns a `Target`; the exchange does the I/O. `open_listeners()` turns the
 inherited, already-bound sockets into servers.
@@ -29,9 +31,18 @@ MESH_DOMAIN = b".mesh"
 class Target:
     """Where one request goes: a mesh service, or a fixed address (the app, an egress host)."""
 
-    __slots__ = ("service", "address", "label", "request_target", "rewrite")
+    __slots__ = ("service", "address", "label", "request_target", "rewrite", "tunnel")
 
-    def __init__(self, service: Service | None, address: tuple[str, int] | None, label: str, request_target: bytes | None, rewrite: bool) -> None:
+    def __init__(
+        self,
+        service: Service | None,
+        address: tuple[str, int] | None,
+        label: str,
+        request_target: bytes | None,
+        rewrite: bool,
+        tunnel: bool = False,
+    ) -> None:
+        self.tunnel = tunnel  # a CONNECT tunnel to `address`, not an HTTP exchange
         self.service = service
         self.address = address
         self.label = label  # names the destination in error bodies
@@ -53,7 +64,7 @@ def _split_absolute(target: bytes) -> tuple[bytes, int, bytes]:
     """(host, port, origin-form target) of an absolute-form http:// target."""
     if target[:7].lower() != b"http://":
         if target[:8].lower() == b"https://":
-            raise MeshError("bad-request", "https:// targets need CONNECT, which this proxy does not support")
+            raise MeshError("bad-request", "https:// targets go through a CONNECT tunnel, not an absolute-form request")
         raise MeshError("bad-request", "forward proxy needs an absolute http:// target")
     rest = target[7:]
     slash = rest.find(b"/")
@@ -77,9 +88,31 @@ def _split_authority(authority: bytes) -> tuple[bytes, int]:
     return host.lower(), int(port)
 
 
+def _resolve_connect(snapshot: Snapshot, head: Head) -> Target:
+    authority = head.target
+    host, sep, port = authority.rpartition(b":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or b"@" in host or b"/" in authority:
+        raise MeshError("bad-request", "CONNECT needs an authority-form target host:port")
+    if host.startswith(b"[") and host.endswith(b"]"):
+        host = host[1:-1]
+    host = host.lower()
+    name = host[: -len(MESH_DOMAIN)] if host.endswith(MESH_DOMAIN) else host
+    text = host.decode("ascii", "replace")
+    with_port = "%s:%d" % (text, int(port))
+    if name.decode("ascii", "replace") in snapshot.services:
+        raise MeshError(
+            "bad-request",
+            "CONNECT to mesh service %s: send plain HTTP through this proxy instead (http://%s/...); "
+            "the mesh secures traffic between sidecars itself" % (with_port, name.decode("ascii", "replace") + ".mesh"),
+        )
+    if text in snapshot.egress or with_port in snapshot.egress:
+        return Target(None, (text, int(port)), "egress tunnel %s" % with_port, None, False, tunnel=True)
+    raise MeshError("egress-denied", "CONNECT %s: not in egress" % with_port)
+
+
 def _resolve_forward(snapshot: Snapshot, head: Head) -> Target:
     if head.method == b"CONNECT":
-        raise MeshError("bad-request", "CONNECT is not supported by the forward proxy")
+        return _resolve_connect(snapshot, head)
     if head.target.startswith(b"/"):
         authority = head.get(b"host")
         if not authority:
@@ -110,6 +143,8 @@ def _fixed_target(listener: Listener, snapshot: Snapshot) -> Target:
 def resolve(listener: Listener, snapshot: Snapshot, head: Head) -> Target:
     """The destination of `head` arriving on `listener`; raises MeshError when there is none."""
     kind = listener.kind
+    if head.method == b"CONNECT" and kind != "forward":
+        raise MeshError("bad-request", "CONNECT is only accepted on the forward proxy listener")
     if kind == "outbound" or kind == "inbound":
         target = snapshot.fixed_targets.get(listener.name)
         if target is None:

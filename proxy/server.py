@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import socket
+from typing import Callable
 
 from proxy.errors import MeshError, ProtocolError, response_for
 from proxy.exchange import Exchange
@@ -25,6 +26,7 @@ from proxy.http1 import END, NEED_DATA, PAUSED, CLOSED, Data, Head, Parser, rebu
 from proxy.listeners import Target, open_listeners, resolve
 from proxy.pool import Pool
 from proxy.snapshot import Listener, Snapshot
+from proxy.tunnel import Tunnel
 
 log = logging.getLogger("proxy.server")
 
@@ -36,6 +38,7 @@ _PAUSE_UPSTREAM = 2  # the upstream's write buffer is full
 _PAUSE_PIPELINE = 4  # too many pipelined bytes waiting
 
 _HEADER_TIMEOUT = MeshError("header-timeout", "request head not received in time")
+_UPSTREAM_KEEP_ALIVE = b"connection: keep-alive"
 
 
 class ServerState:
@@ -52,6 +55,9 @@ class ServerState:
         self._request_id_prefix = os.urandom(6).hex().encode("ascii")
         self._request_counter = 0
         self._sweeper: asyncio.TimerHandle | None = None
+        # Called once per finished exchange with (service, version, endpoint id, status,
+        # duration, outcome, retries); see Exchange._completed. None: nothing recorded.
+        self.on_exchange_done: Callable[[str, str | None, str | None, int, float, str, int], None] | None = None
 
     def __repr__(self) -> str:
         return "<ServerState %d connections%s, %r>" % (len(self.connections), " draining" if self.draining else "", self.pool)
@@ -129,6 +135,7 @@ class ClientConnection(asyncio.Protocol):
         "write_paused",
         "processing",
         "closed",
+        "tunnel",
     )
 
     def __init__(self, state: ServerState, listener: Listener) -> None:
@@ -145,6 +152,7 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
         self.processing = False
         self.closed = False
+        self.tunnel: Tunnel | None = None
 
     def __repr__(self) -> str:
         return "<ClientConnection %s from %s, %r>" % (self.listener.name, self.client_ip, self.exchange)
@@ -174,6 +182,9 @@ class ClientConnection(asyncio.Protocol):
             self.close()
 
     def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.client_data(data)
+            return
         self.parser.feed(data)
         if self.exchange is None and not self.head_started:
             self.head_started = True
@@ -181,6 +192,8 @@ class ClientConnection(asyncio.Protocol):
         self._process()
 
     def eof_received(self) -> bool:
+        if self.tunnel is not None:
+            return self.tunnel.client_eof_received()
         self.parser.feed_eof()
         self._process()
         # Keep the write side open while a response is still on its way (half-close).
@@ -194,16 +207,22 @@ class ClientConnection(asyncio.Protocol):
         if exchange is not None:
             self.exchange = None
             exchange.client_lost()
+        if self.tunnel is not None:
+            self.tunnel.client_lost()
 
     def pause_writing(self) -> None:
         self.write_paused = True
         if self.exchange is not None:
             self.exchange.client_write_paused()
+        elif self.tunnel is not None:
+            self.tunnel.client_write_paused()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         if self.exchange is not None:
             self.exchange.client_write_resumed()
+        elif self.tunnel is not None:
+            self.tunnel.client_write_resumed()
 
     # -- request processing ---------------------------------------------------------------
 
@@ -231,7 +250,7 @@ class ClientConnection(asyncio.Protocol):
                 elif event is CLOSED:
                     self.close()
                     break
-                if self.closed:
+                if self.closed or self.tunnel is not None:
                     break
             exchange = self.exchange
             if exchange is not None:
@@ -254,6 +273,9 @@ class ClientConnection(asyncio.Protocol):
             exchange = self.exchange = Exchange(self, Target(None, None, "-", None, False), head, b"")
             exchange.fail(exc.code, exc.detail, exc.status)
             return
+        if target.tunnel:
+            self._start_tunnel(target)
+            return
         if target.rewrite:
             add = [self.forwarded]
             if head.get(b"x-request-id") is None:
@@ -261,13 +283,27 @@ class ClientConnection(asyncio.Protocol):
             start_line = None
             if target.request_target is not None:
                 start_line = b"%s %s HTTP/%s" % (head.method, target.request_target, head.version)
+            if head.version != b"1.1":
+                add.append(_UPSTREAM_KEEP_ALIVE)
             out_head = rebuild_head(head, add, start_line)
+        elif head.version != b"1.1":
+            # Still HTTP/1.0 upstream (body bytes pass through undecoded, so a chunked
+            # answer must not be invited), but asking to keep the pooled connection.
+            out_head = rebuild_head(head, [_UPSTREAM_KEEP_ALIVE])
         elif head.has_hop_by_hop:
             out_head = rebuild_head(head)
         else:
             out_head = head.raw
         exchange = self.exchange = Exchange(self, target, head, out_head)
         exchange.start(state.loop.time())
+
+    def _start_tunnel(self, target: Target) -> None:
+        """CONNECT: from here on this connection is a byte relay, no longer HTTP."""
+        self.deadline = 0.0
+        self.head_started = False
+        tunnel = self.tunnel = Tunnel(self, target.address)  # type: ignore[arg-type]
+        tunnel.start(self.parser.take_buffer(), 1.0)
+
 
     def exchange_finished(self, exchange: Exchange, keep_alive: bool) -> None:
         """The response is written and the request fully read: next request, or close."""

@@ -1,0 +1,201 @@
+"""`meshctl route ...`: show and change a service's routing live, on top of the manifest.
+
+Each change prints the config version it became and returns once every sidecar that
+routes to the service has ACKed it (unless `--no-wait`); a sidecar that NACKs it or stays
+stale is named and the command exits 1. A change the agent refuses (a split that does not
+sum to 100, an unknown version) exits 2 and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any
+
+import typer
+
+from meshctl import render
+from meshctl.client import Client, connect
+from meshctl.paths import existing_home, resolve_home
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+LIVE_TIMEOUT_S = 120.0
+
+app = typer.Typer(help="Show and change traffic routing live (split, header rules, reset, promote).",
+                  no_args_is_help=True)
+
+OutputOption = Annotated[str, typer.Option("-o", "--output", help="table or json.")]
+WaitOption = Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until every sidecar has ACKed.")]
+
+
+def agent_or_exit() -> Client:
+    home = resolve_home()
+    client = connect(home) if existing_home(home) is not None else None
+    if client is None:
+        render.print_error(render.make_console(stderr=True), f"no mesh running (MESHCTL_HOME={home})",
+                           "start one with `meshctl up -f mesh.yaml`")
+        raise typer.Exit(EXIT_FAILURE)
+    client.timeout = LIVE_TIMEOUT_S  # rolling changes wait for instances to become ready
+    return client
+
+
+def format_split(split: dict[str, Any] | None) -> str:
+    return " ".join(f"{version}={weight}" for version, weight in (split or {}).items()) or "-"
+
+
+def format_rule(route: dict[str, Any]) -> str:
+    match = route.get("match") or {}
+    conds = [f"{h['name']}{'=' if h.get('kind') == 'exact' else '~'}{h['value']}" for h in match.get("headers") or []]
+    if match.get("path"):
+        conds.append(f"path {match['path'].get('kind')} {match['path'].get('value')}")
+    if match.get("methods"):
+        conds.append("method " + ",".join(match["methods"]))
+    conds += [f"?{q['name']}={q['value']}" for q in match.get("query") or []]
+    return f"{' & '.join(conds) or 'any'} -> {format_split(route.get('split'))}"
+
+
+def report_change(result: dict[str, Any], what: str, wait: bool) -> None:
+    """Print the outcome of a route change; exit 1 naming any sidecar that did not ACK it."""
+    out = render.make_console()
+    if not wait:
+        out.out(f"{what} (pushing; not waiting for the sidecars' ACKs)")
+        return
+    sidecars = result.get("sidecars") or []
+    problems = result.get("problems") or []
+    if problems:
+        err = render.make_console(stderr=True)
+        render.print_error(err, f"{what}: config v{result.get('version')} not in force everywhere")
+        for problem in problems:
+            err.out(f"  {problem}")
+        err.out("hint: `meshctl proxy-status` shows each sidecar; `meshctl route reset SERVICE` goes back")
+        raise typer.Exit(EXIT_FAILURE)
+    out.out(f"{what} · config v{result.get('version')} ACKed by {len(sidecars)} sidecar"
+            f"{'s' * (len(sidecars) != 1)}" + (f" ({', '.join(sidecars)})" if sidecars else ""))
+
+
+@app.command("show")
+def show(
+    service: Annotated[str | None, typer.Argument(help="Only this service.")] = None,
+    output: OutputOption = "table",
+) -> None:
+    """Each service's live split and rules, and whether they differ from the manifest."""
+    fields = {"service": service} if service else {}
+    result = agent_or_exit().request("route-show", **fields)
+    if output == "json":
+        print(json.dumps(result, indent=2))
+        return
+    rows = []
+    for name, entry in result["services"].items():
+        live = entry["live"]
+        rules = "; ".join(format_rule(r) for r in live["routes"]) or "-"
+        source = "override" if entry["overridden"] else "manifest"
+        promotion = entry.get("promotion")
+        if promotion:
+            source += f", promoting {promotion['canary']} at {promotion['weight']}%"
+        rows.append([name, ",".join(entry["versions"]), format_split(live["split"]), rules, source])
+    out = render.make_console()
+    out.out(f"mesh {result['mesh']} · config v{result['config_version']}")
+    out.out(render.plain_table(("SERVICE", "VERSIONS", "SPLIT", "RULES", "FROM"), rows))
+
+
+@app.command("split")
+def split(
+    service: Annotated[str, typer.Argument(help="The service to route.")],
+    weights: Annotated[list[str], typer.Argument(help="VERSION=WEIGHT ..., summing to 100.")],
+    wait: WaitOption = True,
+) -> None:
+    """Send each version its share of SERVICE's requests, e.g. `route split cart v1=90 v2=10`."""
+    from agent.overrides import OverrideError, parse_weights
+
+    try:
+        parsed = parse_weights(weights)
+    except OverrideError as exc:
+        render.print_error(render.make_console(stderr=True), f"{exc.code}: {exc}",
+                           "weights are whole numbers summing to 100, e.g. v1=90 v2=10")
+        raise typer.Exit(EXIT_USAGE) from None
+    result = agent_or_exit().request("route-split", service=service, split=parsed, wait=wait)
+    report_change(result, f"{service}: split {format_split(parsed)}", wait)
+
+
+HEADER_ARG = re.compile(r"^([^=:\s]+)[=:](.*)$")
+
+
+@app.command("set")
+def set_rule(
+    service: Annotated[str, typer.Argument(help="The service to route.")],
+    header: Annotated[str, typer.Option("--header", help="NAME=VALUE: match requests with this header.")],
+    to: Annotated[str, typer.Option("--to", help="The version that gets them.")],
+    wait: WaitOption = True,
+) -> None:
+    """Send requests carrying a header to one version, before the manifest's rules."""
+    match = HEADER_ARG.match(header)
+    if match is None:
+        render.print_error(render.make_console(stderr=True), f"--header {header!r}: expected NAME=VALUE",
+                           "e.g. --header x-canary=true")
+        raise typer.Exit(EXIT_USAGE)
+    name, value = match.groups()
+    result = agent_or_exit().request("route-set", service=service, header=name, value=value, version=to, wait=wait)
+    report_change(result, f"{service}: {name.lower()}={value} -> {to}", wait)
+
+
+@app.command("reset")
+def reset(
+    service: Annotated[str, typer.Argument(help="The service to route as the manifest says.")],
+    wait: WaitOption = True,
+) -> None:
+    """Drop SERVICE's live route overrides (and cancel its promotion): back to the manifest."""
+    result = agent_or_exit().request("route-reset", service=service, wait=wait)
+    what = f"{service}: routing as in the manifest"
+    if result.get("cancelled_promotion"):
+        what += " (promotion cancelled)"
+    report_change(result, what, wait)
+
+
+DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
+
+
+def seconds(text: str) -> float:
+    match = DURATION.match(text.strip())
+    if match is None:
+        raise typer.BadParameter(f"{text!r}: expected a duration like 30s, 500ms, 2m")
+    value, unit = float(match[1]), match[2] or "s"
+    return value / 1000 if unit == "ms" else value * 60 if unit == "m" else value
+
+
+def fraction(text: str) -> float:
+    text = text.strip()
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: expected a rate like 1% or 0.01") from None
+
+
+@app.command("promote")
+def promote(
+    service: Annotated[str, typer.Argument(help="The service.")],
+    version: Annotated[str, typer.Argument(help="The version to move traffic to.")],
+    step: Annotated[int, typer.Option(min=1, max=100, help="Percentage points per step.")] = 10,
+    interval: Annotated[str, typer.Option(help="Time between steps, e.g. 30s.")] = "30s",
+    max_error_rate: Annotated[str, typer.Option(help="Roll back above this error rate, e.g. 1%.")] = "1%",
+    max_p99: Annotated[str | None, typer.Option(help="Roll back above this p99 latency, e.g. 300ms.")] = None,
+) -> None:
+    """Move SERVICE's split to VERSION step by step while its error rate and p99 stay healthy.
+
+    Runs in the agent; `meshctl route show` follows it, `meshctl route reset` cancels it.
+    Needs the mesh's per-version metrics: without them it is refused (stats-unavailable).
+    """
+    fields: dict[str, Any] = {
+        "service": service, "version": version, "step": step, "interval": seconds(interval),
+        "max_error_rate": fraction(max_error_rate),
+        "max_p99_ms": None if max_p99 is None else seconds(max_p99) * 1000,
+    }
+    result = agent_or_exit().request("promote", **fields)
+    render.make_console().out(
+        f"{service}: promoting {version} from {result['weight']}% in steps of {step}% every {interval}"
+        f" · follow with `meshctl route show {service}`"
+    )
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="route")
