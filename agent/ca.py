@@ -158,11 +158,13 @@ class CertificateAuthority:
         self.chain = chain_path.read_bytes() if chain_path.exists() else b""
         previous = self.directory / "previous.crt"
         self.previous = x509.load_pem_x509_certificate(previous.read_bytes()) if previous.exists() else None
+        staged = self.directory / "next.crt"
+        self.next = x509.load_pem_x509_certificate(staged.read_bytes()) if staged.exists() else None
 
     @property
     def bundle_pem(self) -> str:
-        """The trust anchors: the current CA, plus the old root during a rotation overlap."""
-        certs = [self.cert] + ([self.previous] if self.previous is not None else [])
+        """The trust anchors: the current CA, plus the staged or the old one during a rotation."""
+        certs = [self.cert] + [c for c in (self.next, self.previous) if c is not None]
         return "".join(_cert_pem(c).decode() for c in certs)
 
     def root_info(self) -> dict:
@@ -172,12 +174,13 @@ class CertificateAuthority:
             "fingerprint": fingerprint(self.cert),
             "imported": bool(self.chain) or self.cert.issuer != self.cert.subject,
         }
-        if self.previous is not None:
-            info["previous"] = {
-                "subject": self.previous.subject.rfc4514_string(),
-                "not_after": self.previous.not_valid_after_utc.timestamp(),
-                "fingerprint": fingerprint(self.previous),
-            }
+        for label, other in (("next", self.next), ("previous", self.previous)):
+            if other is not None:
+                info[label] = {
+                    "subject": other.subject.rfc4514_string(),
+                    "not_after": other.not_valid_after_utc.timestamp(),
+                    "fingerprint": fingerprint(other),
+                }
         return info
 
     # -- issuing --------------------------------------------------------------------------
@@ -229,20 +232,25 @@ class CertificateAuthority:
         )
 
     # -- rotation and import ----------------------------------------------------------------
+    #
+    # Three phases, each pushed to every sidecar and ACKed before the next, so that no peer
+    # ever meets a certificate it does not trust yet:
+    #   stage:  the new CA is trusted (bundle = current + next) but does not sign yet;
+    #   commit: the new CA signs; every leaf is reissued (bundle = new + previous);
+    #   finish: the old CA is no longer trusted.
 
-    def begin_rotation(self) -> None:
-        """A new root signs from now on; the old one stays trusted until `end_rotation`."""
-        _write_private(self.directory / "previous.crt", _cert_pem(self.cert))
+    def stage(self, key, cert: x509.Certificate, chain: bytes = b"") -> None:
+        _write_private(self.directory / "next.key", _key_pem(key))
+        _write_private(self.directory / "next.crt", _cert_pem(cert))
+        _write_private(self.directory / "next-chain.pem", chain)
+        self._load()
+
+    def stage_new_root(self) -> None:
         key, cert = new_root(self.mesh)
-        self._save(key, cert, chain=b"")
-        self._load()
+        self.stage(key, cert)
 
-    def end_rotation(self) -> None:
-        (self.directory / "previous.crt").unlink(missing_ok=True)
-        self._load()
-
-    def import_ca(self, cert_pem: bytes, key_pem: bytes) -> None:
-        """Bring your own root or intermediate; the current CA stays trusted for the overlap."""
+    def stage_import(self, cert_pem: bytes, key_pem: bytes) -> None:
+        """Bring your own root or intermediate (PEM, unencrypted key)."""
         try:
             certs = x509.load_pem_x509_certificates(cert_pem)
         except ValueError as exc:
@@ -253,7 +261,19 @@ class CertificateAuthority:
             raise CAError(f"cannot read the CA key (it must be PEM and unencrypted): {exc}") from None
         ca_cert, intermediates = certs[0], certs[1:]
         validate_ca(ca_cert, key)
-        _write_private(self.directory / "previous.crt", _cert_pem(self.cert))
+        # An intermediate travels with every leaf so that outside verifiers can build the chain.
         chain = b"".join(_cert_pem(c) for c in [ca_cert, *intermediates]) if ca_cert.issuer != ca_cert.subject else b""
-        self._save(key, ca_cert, chain=chain)
+        self.stage(key, ca_cert, chain)
+
+    def commit(self) -> None:
+        if self.next is None:
+            raise CAError("no CA rotation is staged")
+        _write_private(self.directory / "previous.crt", _cert_pem(self.cert))
+        for name in ("key", "crt"):
+            os.replace(self.directory / f"next.{name}", self.directory / f"ca.{name}")
+        os.replace(self.directory / "next-chain.pem", self.directory / "chain.pem")
+        self._load()
+
+    def finish(self) -> None:
+        (self.directory / "previous.crt").unlink(missing_ok=True)
         self._load()

@@ -85,12 +85,42 @@ def service_config(
     return traffic
 
 
+def mtls_mode(manifest: Manifest, service: ServiceSpec) -> str:
+    return service.mtls or manifest.security.mtls
+
+
+def identity_of(manifest: Manifest, service: str | None) -> str:
+    """The SPIFFE ID of a service's sidecars; the ingress has its own."""
+    domain = manifest.security.trust_domain
+    return f"spiffe://{domain}/ingress" if service is None else f"spiffe://{domain}/service/{service}"
+
+
+def security_config(manifest: Manifest, who: SidecarIdentity, leaf: dict[str, Any] | None) -> dict[str, Any]:
+    """The `tls`, `trust_domain` and `authz` parts of one sidecar's snapshot."""
+    out: dict[str, Any] = {"trust_domain": manifest.security.trust_domain, "tls": None, "authz": None}
+    own = manifest.service(who.service) if who.service is not None else None
+    if leaf is not None:
+        out["tls"] = {
+            "mode": mtls_mode(manifest, own) if own is not None else "strict",
+            "identity": leaf["identity"],
+            "cert_pem": leaf["chain_pem"],
+            "key_pem": leaf["key_pem"],
+            "bundle_pem": leaf["bundle_pem"],
+            "not_after": leaf["not_after"],
+        }
+    if own is not None and (own.authorization is not None or manifest.security.default_policy == "deny"):
+        rules = own.authorization or {"allow": None, "deny": []}
+        out["authz"] = {"default": manifest.security.default_policy, "allow": rules["allow"], "deny": rules["deny"]}
+    return out
+
+
 def compile_sidecar(
     manifest: Manifest,
     who: SidecarIdentity,
     listeners: SidecarListeners,
     endpoints: Iterable[Endpoint],
     overrides: dict[str, dict[str, Any]] | None = None,
+    leaf: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     endpoints = list(endpoints)
     overrides = overrides or {}
@@ -118,6 +148,8 @@ def compile_sidecar(
     for name in dict.fromkeys(targets):
         spec = manifest.service(name)
         services[name] = service_config(spec, endpoints, overrides.get(name))
+        tls_on = leaf is not None and mtls_mode(manifest, spec) != "off"
+        services[name]["tls"] = {"identity": identity_of(manifest, name)} if tls_on else None
     egress: list[str] = []
     if who.service is not None:
         egress = list(manifest.service(who.service).egress)
@@ -130,4 +162,5 @@ def compile_sidecar(
         "services": services,
         "egress": egress,
         "http": dict(DEFAULT_HTTP),
+        **security_config(manifest, who, leaf),
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fcntl
+import io
 import logging
 import os
 import signal
@@ -53,6 +54,14 @@ def take_lock(home: Path) -> int:
     return fd
 
 
+def dump_tasks() -> None:
+    """`kill -USR1 <agent pid>` writes every task's stack to agent.log: for a stuck agent."""
+    for task in asyncio.all_tasks():
+        buffer = io.StringIO()
+        task.print_stack(file=buffer)
+        log.warning("task %s:\n%s", task.get_name(), buffer.getvalue())
+
+
 async def serve(home: Path) -> None:
     loop = asyncio.get_running_loop()
     sentinel = Sentinel()
@@ -77,6 +86,7 @@ async def serve(home: Path) -> None:
     await control.start(str(sock_path))
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, lambda: loop.create_task(shutdown()))
+    loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     log.info("agent %d serving %s", os.getpid(), sock_path)
     try:
         await finished.wait()

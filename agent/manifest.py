@@ -68,10 +68,12 @@ from agent.model import (
     IngressRoute,
     Manifest,
     RestartPolicy,
+    Security,
     ServiceSpec,
     VersionSpec,
 )
 from agent.schema import manifest_json_schema, structural_problems
+from agent.schema_security import normal_authorization, source_problems
 from agent.yamllines import YamlReader
 
 __all__ = ["ManifestError", "Problem", "load_manifest", "parse_manifest"]
@@ -156,6 +158,9 @@ class _Checker:
             elif upstream not in self.services:
                 yield path + ("upstreams", index), _unknown("service", upstream, self.services), None
         yield from self._commands(path, service)
+        if self.clean(path + ("authorization",)):
+            for problem_path, message in source_problems(path, service.get("authorization"), self.services):
+                yield problem_path, message, None
         yield from self._positive_durations(path, service, _SERVICE_TIMEOUTS)
         for version_name, version in _dict(service.get("versions")).items():
             yield from self._positive_durations(path + ("versions", version_name), version or {}, _HEALTH_TIMES)
@@ -337,7 +342,16 @@ def _build(document: dict, base_dir: str, source: str) -> Manifest:
         raw = document["ingress"]
         routes = tuple(IngressRoute(route["path"], route["service"]) for route in raw["routes"])
         ingress = Ingress(port=int(raw["port"]), host=raw.get("host", "127.0.0.1"), routes=routes)
-    return Manifest(mesh=document["mesh"], services=_dependency_order(services), ingress=ingress, source=source)
+    certificates = document.get("certificates") or {}
+    security = Security(
+        mtls=document.get("mtls", "strict"),
+        trust_domain=document.get("trust_domain") or f"{document['mesh']}.local",
+        leaf_lifetime_s=_seconds(certificates, "leaf_lifetime", Security.leaf_lifetime_s),
+        default_policy=document.get("default_policy", "allow"),
+    )
+    return Manifest(
+        mesh=document["mesh"], services=_dependency_order(services), ingress=ingress, source=source, security=security
+    )
 
 
 def _resolve(base: str, directory: str | None) -> str:
@@ -367,6 +381,8 @@ def _service(name: str, raw: dict, mesh_workdir: str) -> ServiceSpec:
         traffic=_traffic(raw, [version.name for version in versions]),
         http_proxy=bool(raw.get("http_proxy", False)),
         egress=tuple(host.lower() for host in raw.get("egress", ())),
+        mtls=raw.get("mtls"),
+        authorization=normal_authorization(raw.get("authorization")),
     )
 
 

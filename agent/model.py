@@ -62,6 +62,9 @@ class ServiceSpec:
     # Forward-proxy mode for this service's own outbound calls.
     http_proxy: bool = False
     egress: tuple[str, ...] = ()  # hosts outside the mesh this service may reach
+    mtls: str | None = None  # None: the mesh's mode
+    # {"allow": [rule, ...] or None, "deny": [rule, ...]}, rules as proxy/authz.py reads them
+    authorization: Any = None
 
     def version(self, name: str) -> VersionSpec:
         for version in self.versions:
@@ -84,11 +87,22 @@ class Ingress:
 
 
 @dataclass(frozen=True)
+class Security:
+    """Mesh-wide identity and policy settings (docs in agent/schema_security.py)."""
+
+    mtls: str = "strict"  # strict | permissive | off; a service may override it
+    trust_domain: str = ""  # filled in by the loader: "<mesh>.local" unless given
+    leaf_lifetime_s: float = 24 * 3600.0
+    default_policy: str = "allow"  # what a service without allow rules admits
+
+
+@dataclass(frozen=True)
 class Manifest:
     mesh: str
     services: tuple[ServiceSpec, ...]  # in dependency order: upstreams before dependants
     ingress: Ingress | None = None
     source: str = ""  # absolute path of the file it came from
+    security: Security = field(default_factory=Security)
 
     def service(self, name: str) -> ServiceSpec:
         for service in self.services:

@@ -24,6 +24,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
 from agent.durations import DURATION_HINT, DURATION_PATTERN
+from agent.schema_security import MANIFEST_PROPERTIES, SERVICE_PROPERTIES
 from agent.yamllines import type_name
 
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -474,6 +475,11 @@ _MANIFEST = {
     ),
     "$defs": {**_DEFS, "service": _SERVICE, "ingress": _INGRESS},
 }
+
+
+# Identity, mTLS and authorization keys live in their own module (agent/schema_security.py).
+_SERVICE["properties"].update(SERVICE_PROPERTIES)
+_MANIFEST["properties"].update(MANIFEST_PROPERTIES)
 
 
 def manifest_json_schema() -> dict:

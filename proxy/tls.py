@@ -76,6 +76,14 @@ def peer_identity(ssl_object: Any) -> str | None:
     return None
 
 
+def in_trust_domain(identity: str | None, own_identity: str) -> bool:
+    """Whether `identity` belongs to the trust domain of `own_identity` (spiffe://DOMAIN/...)."""
+    if identity is None:
+        return False
+    prefix = own_identity[: own_identity.find("/", len("spiffe://")) + 1]
+    return len(prefix) > len("spiffe://") and identity.startswith(prefix)
+
+
 class TLSConfig:
     """The compiled `tls` part of a snapshot: this sidecar's identity and its contexts."""
 

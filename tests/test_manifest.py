@@ -14,7 +14,7 @@ from jsonschema import Draft202012Validator
 from agent.durations import DurationError, format_duration, parse_duration
 from agent.errors import AgentError, ManifestError, Problem
 from agent.manifest import load_manifest, parse_manifest
-from agent.model import Health, Ingress, IngressRoute, Manifest, RestartPolicy, ServiceSpec, VersionSpec
+from agent.model import Health, Ingress, IngressRoute, Manifest, RestartPolicy, Security, ServiceSpec, VersionSpec
 from agent.schema import manifest_json_schema
 from agent.yamllines import YamlReader
 
@@ -479,6 +479,7 @@ def test_minimal_manifest_gets_every_default() -> None:
         ),
         ingress=None,
         source=str(Path("mesh.yaml").resolve()),
+        security=Security(trust_domain="hello.local"),
     )
     assert manifest.services[0].restart == RestartPolicy()
     assert manifest.services[0].stop_grace_s == 10.0
