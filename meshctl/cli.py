@@ -21,7 +21,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 import meshctl
-from meshctl import cmd_ops, cmd_route, render
+from meshctl import cmd_ops, cmd_route, cmd_security, render
 from meshctl.client import (
     AgentError,
     AgentStartError,
@@ -418,6 +418,7 @@ def init(
 
 cmd_route.register(app)
 cmd_ops.register(app)
+cmd_security.register(app)
 
 
 # --- entry point ---------------------------------------------------------------------------
