@@ -121,6 +121,7 @@ def compile_sidecar(
     endpoints: Iterable[Endpoint],
     overrides: dict[str, dict[str, Any]] | None = None,
     leaf: dict[str, Any] | None = None,
+    ingress_tls: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     endpoints = list(endpoints)
     overrides = overrides or {}
@@ -163,4 +164,5 @@ def compile_sidecar(
         "egress": egress,
         "http": dict(DEFAULT_HTTP),
         **security_config(manifest, who, leaf),
+        "ingress_tls": ingress_tls,
     }

@@ -341,7 +341,12 @@ def _build(document: dict, base_dir: str, source: str) -> Manifest:
     if "ingress" in document:
         raw = document["ingress"]
         routes = tuple(IngressRoute(route["path"], route["service"]) for route in raw["routes"])
-        ingress = Ingress(port=int(raw["port"]), host=raw.get("host", "127.0.0.1"), routes=routes)
+        tls = raw.get("tls") or {}
+        ingress = Ingress(
+            port=int(raw["port"]), host=raw.get("host", "127.0.0.1"), routes=routes,
+            tls_cert=_resolve(base_dir, tls["cert"]) if tls else None,
+            tls_key=_resolve(base_dir, tls["key"]) if tls else None,
+        )
     certificates = document.get("certificates") or {}
     security = Security(
         mtls=document.get("mtls", "strict"),

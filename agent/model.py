@@ -84,6 +84,8 @@ class Ingress:
     port: int
     host: str = "127.0.0.1"
     routes: tuple[IngressRoute, ...] = ()
+    tls_cert: str | None = None  # absolute paths of the user's certificate (chain) and key
+    tls_key: str | None = None
 
 
 @dataclass(frozen=True)

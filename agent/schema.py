@@ -427,6 +427,14 @@ _INGRESS = _object(
             "description": "Port the mesh listens on for outside traffic.",
         },
         "host": {"type": "string", "minLength": 1, "description": "Address to listen on [127.0.0.1]."},
+        "tls": _object(
+            {
+                "cert": {"type": "string", "minLength": 1, "description": "PEM certificate chain, relative to the manifest."},
+                "key": {"type": "string", "minLength": 1, "description": "PEM private key (unencrypted), relative to the manifest."},
+            },
+            "Serve HTTPS to outside clients with your certificate [plain HTTP].",
+            required=("cert", "key"),
+        ),
         "routes": {
             "type": "array",
             "minItems": 1,

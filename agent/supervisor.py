@@ -23,6 +23,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Iterable
@@ -160,6 +161,16 @@ def resolve_command(argv: tuple[str, ...], cwd: str, path: str) -> str | None:
         full = exe if os.path.isabs(exe) else os.path.join(cwd, exe)
         return full if os.access(full, os.X_OK) else None
     return shutil.which(exe, path=path)
+
+
+def load_user_tls(cert_path: str, key_path: str | None) -> dict[str, str]:
+    """The user's ingress certificate, checked by loading it the way the sidecar will."""
+    with open(cert_path) as fh:
+        cert_pem = fh.read()
+    with open(key_path or "") as fh:
+        key_pem = fh.read()
+    ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert_path, key_path)
+    return {"cert_pem": cert_pem, "key_pem": key_pem}
 
 
 def listening_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
@@ -441,6 +452,7 @@ class Ingress:
         self.sidecar = SidecarHandle(
             "ingress.sidecar", None, (self.sock.fileno(),), sup.logbook, sup.sentinel, sup.base_env(), sup.home
         )
+        self.user_tls: dict[str, str] | None = None  # the user's certificate for outside clients
         self.ready = False
         self.task: asyncio.Task | None = None
 
@@ -561,7 +573,7 @@ class Supervisor:
         try:
             return compile_sidecar(
                 self.manifest, owner.identity(), owner.listeners(), self.endpoints(), self.traffic_overrides(),
-                leaf=self._leaf(owner),
+                leaf=self._leaf(owner), ingress_tls=getattr(owner, "user_tls", None),
             )
         except KeyError:
             # An instance about to be replaced may call an upstream the new manifest
@@ -643,6 +655,11 @@ class Supervisor:
                         f"(looked in {'the working directory' if '/' in version.command[0] else 'PATH'}); "
                         "install it or fix the command"
                     )
+        if manifest.ingress is not None and manifest.ingress.tls_cert is not None:
+            try:
+                load_user_tls(manifest.ingress.tls_cert, manifest.ingress.tls_key)
+            except (OSError, ssl.SSLError) as exc:
+                problems.append(f"ingress.tls: {exc}; give a readable PEM certificate chain and unencrypted key")
         if problems:
             raise ApplyError("; ".join(problems))
 
@@ -660,13 +677,19 @@ class Supervisor:
             old_ingress = self.ingress
             want = manifest.ingress
             ingress_changed = want is not None and (
-                old_ingress is None or (old_ingress.host, old_ingress.port) != (want.host, want.port)
+                old_ingress is None
+                or (old_ingress.host, old_ingress.port) != (want.host, want.port)
+                or self.manifest is None
+                or self.manifest.ingress is None
+                or (self.manifest.ingress.tls_cert, self.manifest.ingress.tls_key) != (want.tls_cert, want.tls_key)
             )
             if ingress_changed and old_ingress is not None:
                 await old_ingress.stop()
                 self.ingress = old_ingress = None
             if ingress_changed:
                 new_ingress = Ingress(self, want.host, want.port)  # may raise: nothing started yet
+                if want.tls_cert is not None:
+                    new_ingress.user_tls = load_user_tls(want.tls_cert, want.tls_key)
             if self.manifest is None:
                 self.overrides = self.store.load(manifest.mesh)  # survives an agent restart
             self.overrides, dropped = ovr.reconcile(manifest, self.overrides)

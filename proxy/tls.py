@@ -232,6 +232,30 @@ class InboundAcceptor:
             conn.close()
 
 
+class IngressTLS:
+    """HTTPS for outside clients on the ingress, with the user's certificate; no client certs."""
+
+    __slots__ = ("mode", "server_context", "_source")
+
+    def __init__(self, raw: dict[str, Any], previous: IngressTLS | None) -> None:
+        self.mode = "strict"
+        source = (raw.get("cert_pem"), raw.get("key_pem"))
+        self._source = source
+        if previous is not None and previous._source == source:
+            self.server_context = previous.server_context
+            return
+        if not all(isinstance(part, str) and part for part in source):
+            raise TLSConfigError("ingress_tls: cert_pem and key_pem are required")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # outside clients: browsers, curl
+        try:
+            _load_chain(ctx, source[0], source[1])  # type: ignore[arg-type]
+        except (ssl.SSLError, OSError) as exc:
+            raise TLSConfigError(f"ingress_tls: cannot load the certificate: {exc}") from None
+        ctx.set_alpn_protocols(["http/1.1"])
+        self.server_context = ctx
+
+
 def compile_security(raw: dict[str, Any], snapshot: Any, previous: Any) -> None:
     """Fill the snapshot's `tls` and `authz` and each upstream service's `tls` from raw config.
 
@@ -245,6 +269,12 @@ def compile_security(raw: dict[str, Any], snapshot: Any, previous: Any) -> None:
         if not isinstance(tls_raw, dict):
             raise TLSConfigError("tls: expected a mapping")
         snapshot.tls = TLSConfig(tls_raw, getattr(previous, "tls", None) if previous is not None else None)
+    ingress_raw = raw.get("ingress_tls")
+    snapshot.ingress_tls = None
+    if ingress_raw is not None:
+        if not isinstance(ingress_raw, dict):
+            raise TLSConfigError("ingress_tls: expected a mapping")
+        snapshot.ingress_tls = IngressTLS(ingress_raw, getattr(previous, "ingress_tls", None))
     authz_raw = raw.get("authz")
     snapshot.authz = None
     if authz_raw is not None:

@@ -155,3 +155,75 @@ def test_rotations_from_the_cli_under_load_lose_nothing(mesh):
     after = {c["owner"]: c["serial"] for c in after_doc["certificates"]}
     assert set(after) == set(before) and all(after[o] != before[o] for o in before)
     assert after_doc["root"]["fingerprint"] != root_before and "previous" not in after_doc["root"]
+
+
+def self_signed(directory) -> tuple[str, str]:
+    """A certificate for 127.0.0.1, as a user would bring for the ingress."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "shop.example")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "shop.crt", directory / "shop.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_ingress_serves_https_with_the_users_certificate(mesh):
+    import ssl
+
+    port = free_port()
+    cert, key = self_signed(mesh.tmp)
+    mesh.write_manifest(
+        """
+        mesh: https
+        services:
+          web:
+            command: {PY} {APPS}/echo.py
+            health: {http: /healthz}
+        ingress:
+          port: PORT
+          tls: {cert: CERT, key: KEY}
+          routes: [{path: /, service: web}]
+        """.replace("PORT", str(port)).replace("CERT", cert).replace("KEY", key)
+    )
+    mesh.up()
+    ctx = ssl.create_default_context(cafile=cert)
+    with urllib.request.urlopen(f"https://127.0.0.1:{port}/whoami", context=ctx, timeout=10) as resp:
+        assert resp.status == 200 and json.loads(resp.read())["service"] == "web"
+    assert plain_get(port) is None  # plain HTTP on the HTTPS port gets no HTTP answer
+
+
+def test_ingress_tls_with_an_unreadable_key_is_refused_before_anything_starts(mesh):
+    port = free_port()
+    cert, _ = self_signed(mesh.tmp)
+    mesh.write_manifest(
+        f"""
+        mesh: https
+        services:
+          web:
+            command: {{PY}} {{APPS}}/echo.py
+        ingress:
+          port: {port}
+          tls: {{cert: {cert}, key: {mesh.tmp}/missing.key}}
+          routes: [{{path: /, service: web}}]
+        """
+    )
+    result = mesh.up(check=False)
+    assert result.returncode == 1 and "ingress.tls:" in result.stderr
+    assert mesh.status()["instances"] == []
