@@ -218,7 +218,12 @@ services:
 
 
 def test_status_table_is_plain_when_piped(home: Path, fake_agent) -> None:
-    fake_agent({"status": lambda req, agent, conn: [ok(STATUS)]})
+    def fresh_status(req, agent, conn):
+        # Uptime is computed against the clock when the agent answers, not when this module loaded.
+        instances = [dict(i, started_at=time.time() - 125 if i["started_at"] else None) for i in INSTANCES]
+        return [ok(dict(STATUS, instances=instances))]
+
+    fake_agent({"status": fresh_status})
     result = run_cli(home, "status")
     assert result.returncode == 0, result.stderr
     assert "\x1b[" not in result.stdout
