@@ -43,6 +43,7 @@ class SidecarListeners:
     outbound_fds: tuple[tuple[str, int], ...] = ()  # (upstream service, fd)
     forward_fd: int | None = None
     ingress_fd: int | None = None
+    admin_fd: int | None = None
 
 
 @dataclass(frozen=True)
@@ -165,4 +166,7 @@ def compile_sidecar(
         "http": dict(DEFAULT_HTTP),
         **security_config(manifest, who, leaf),
         "ingress_tls": ingress_tls,
+        "admin": {"fd": listeners.admin_fd} if listeners.admin_fd is not None else None,
+        "access_log": manifest.observability.access_log,
+        "tracing": {"sampling": manifest.observability.sampling},
     }

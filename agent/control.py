@@ -20,10 +20,12 @@ from typing import Any
 
 from agent import overrides as ovr
 from agent import promote
+from agent.control_obs import observability_ops
 from agent.control_security import security_ops
 from agent.errors import AgentError
 from agent.logs import LogLine
 from agent.manifest import load_manifest
+from agent.observability import Observability
 from agent.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,9 @@ class ControlServer:
             "debug-traffic": self._debug_traffic,
         }
         self._ops.update(security_ops(supervisor))
+        self.observability = Observability(supervisor.sidecars)
+        supervisor.on_sidecar_message = self.observability.on_message
+        self._ops.update(observability_ops(supervisor, self.observability))
         self.stats: promote.StatsSource = promote.NoStats()
         self.promotions: dict[str, promote.Promotion] = {}
 
@@ -104,8 +109,10 @@ class ControlServer:
         finally:
             os.umask(old_umask)
         os.chmod(path, 0o600)
+        await self.observability.start()
 
     async def close(self) -> None:
+        await self.observability.close()
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()

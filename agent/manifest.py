@@ -67,12 +67,14 @@ from agent.model import (
     Ingress,
     IngressRoute,
     Manifest,
+    Observability,
     RestartPolicy,
     Security,
     ServiceSpec,
     VersionSpec,
 )
 from agent.schema import manifest_json_schema, structural_problems
+from agent.schema_observability import observability_settings
 from agent.schema_security import normal_authorization, source_problems
 from agent.yamllines import YamlReader
 
@@ -354,8 +356,10 @@ def _build(document: dict, base_dir: str, source: str) -> Manifest:
         leaf_lifetime_s=_seconds(certificates, "leaf_lifetime", Security.leaf_lifetime_s),
         default_policy=document.get("default_policy", "allow"),
     )
+    access_log, sampling = observability_settings(document)
     return Manifest(
-        mesh=document["mesh"], services=_dependency_order(services), ingress=ingress, source=source, security=security
+        mesh=document["mesh"], services=_dependency_order(services), ingress=ingress, source=source, security=security,
+        observability=Observability(access_log=access_log, sampling=sampling),
     )
 
 

@@ -99,12 +99,21 @@ class Security:
 
 
 @dataclass(frozen=True)
+class Observability:
+    """Access logs and trace sampling (docs in agent/schema_observability.py)."""
+
+    access_log: str = "off"  # off | on | errors
+    sampling: float = 0.01
+
+
+@dataclass(frozen=True)
 class Manifest:
     mesh: str
     services: tuple[ServiceSpec, ...]  # in dependency order: upstreams before dependants
     ingress: Ingress | None = None
     source: str = ""  # absolute path of the file it came from
     security: Security = field(default_factory=Security)
+    observability: Observability = field(default_factory=Observability)
 
     def service(self, name: str) -> ServiceSpec:
         for service in self.services:

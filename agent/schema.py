@@ -24,6 +24,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
 from agent.durations import DURATION_HINT, DURATION_PATTERN
+from agent.schema_observability import MANIFEST_PROPERTIES as OBSERVABILITY_PROPERTIES
 from agent.schema_security import MANIFEST_PROPERTIES, SERVICE_PROPERTIES
 from agent.yamllines import type_name
 
@@ -488,6 +489,7 @@ _MANIFEST = {
 # Identity, mTLS and authorization keys live in their own module (agent/schema_security.py).
 _SERVICE["properties"].update(SERVICE_PROPERTIES)
 _MANIFEST["properties"].update(MANIFEST_PROPERTIES)
+_MANIFEST["properties"].update(OBSERVABILITY_PROPERTIES)  # agent/schema_observability.py
 
 
 def manifest_json_schema() -> dict:

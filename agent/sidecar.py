@@ -12,6 +12,7 @@ import json
 import logging
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from agent import process
@@ -55,6 +56,8 @@ class SidecarHandle:
         self.last_ack_at: float | None = None
         self.nack: str | None = None
         self._push_lock = asyncio.Lock()
+        # Observability messages (stats, spans, access, tap-event) go here; see agent.observability.
+        self.on_message: Callable[[dict], None] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -112,6 +115,11 @@ class SidecarHandle:
         finally:
             self._waiters.pop(version, None)
 
+    def send(self, message: dict[str, Any]) -> None:
+        """Write one channel message without waiting (read-out requests, taps)."""
+        if self._writer is not None and self.running and self.acked_version:
+            self._writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+
     async def _read_channel(self, reader: asyncio.StreamReader) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -123,7 +131,12 @@ class SidecarHandle:
                 break
             try:
                 msg = json.loads(line)
-                kind, version = msg["type"], int(msg["version"])
+                kind = msg["type"]
+                if kind not in ("ack", "nack"):
+                    if self.on_message is not None:
+                        self.on_message(msg)
+                    continue
+                version = int(msg["version"])
             except (ValueError, KeyError, TypeError):
                 log.warning("%s sent a malformed channel message: %r", self.name, line[:200])
                 continue

@@ -26,7 +26,7 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from agent import process
@@ -211,6 +211,7 @@ class Instance:
         self.inbound = listening_socket()
         self.outbound = {u: listening_socket() for u in spec.upstreams}
         self.forward = listening_socket() if spec.http_proxy else None
+        self.admin = listening_socket()
         self.restarts = 0
         self.quick_crashes = 0
         self.started_at: float | None = None
@@ -221,9 +222,10 @@ class Instance:
         self.sidecar = SidecarHandle(
             f"{self.id}.sidecar", None, self._fds(), sup.logbook, sup.sentinel, sup.base_env(), sup.home
         )
+        self.sidecar.on_message = sup.sidecar_message
 
     def _fds(self) -> tuple[int, ...]:
-        fds = [self.inbound.fileno(), *(s.fileno() for s in self.outbound.values())]
+        fds = [self.inbound.fileno(), self.admin.fileno(), *(s.fileno() for s in self.outbound.values())]
         if self.forward is not None:
             fds.append(self.forward.fileno())
         return tuple(fds)
@@ -238,6 +240,7 @@ class Instance:
             app_port=self.app_port,
             outbound_fds=tuple((u, s.fileno()) for u, s in self.outbound.items()),
             forward_fd=self.forward.fileno() if self.forward is not None else None,
+            admin_fd=self.admin.fileno(),
         )
 
     def identity(self) -> SidecarIdentity:
@@ -284,6 +287,7 @@ class Instance:
             "port": self.app_port,
             "inbound_port": self.inbound_port,
             "outbound_ports": {u: s.getsockname()[1] for u, s in self.outbound.items()},
+            "admin_port": self.admin.getsockname()[1],
             "restarts": self.restarts,
             "started_at": self.started_at,
             "last_exit": self.last_exit,
@@ -428,7 +432,7 @@ class Instance:
         if self.app is not None:
             await process.stop_process(self.app, self.spec.stop_grace_s, self.sup.sentinel)
         await self.sidecar.stop(DRAIN_TIMEOUT_S + 1.0)
-        for sock in (self.inbound, *self.outbound.values(), *([self.forward] if self.forward else [])):
+        for sock in (self.inbound, self.admin, *self.outbound.values(), *([self.forward] if self.forward else [])):
             sock.close()
         self.set_state(State.STOPPED)
 
@@ -449,15 +453,17 @@ class Ingress:
             raise ApplyError(f"ingress: cannot listen on {host}:{port}: {exc.strerror}") from None
         self.host = host
         self.port = self.sock.getsockname()[1]
+        self.admin = listening_socket()
         self.sidecar = SidecarHandle(
-            "ingress.sidecar", None, (self.sock.fileno(),), sup.logbook, sup.sentinel, sup.base_env(), sup.home
+            "ingress.sidecar", None, (self.sock.fileno(), self.admin.fileno()), sup.logbook, sup.sentinel, sup.base_env(), sup.home
         )
+        self.sidecar.on_message = sup.sidecar_message
         self.user_tls: dict[str, str] | None = None  # the user's certificate for outside clients
         self.ready = False
         self.task: asyncio.Task | None = None
 
     def listeners(self) -> SidecarListeners:
-        return SidecarListeners(ingress_fd=self.sock.fileno())
+        return SidecarListeners(ingress_fd=self.sock.fileno(), admin_fd=self.admin.fileno())
 
     def identity(self) -> SidecarIdentity:
         return SidecarIdentity(INGRESS_ID, None, None)
@@ -486,10 +492,12 @@ class Ingress:
             await asyncio.gather(self.task, return_exceptions=True)
         await self.sidecar.stop(DRAIN_TIMEOUT_S + 1.0)
         self.sock.close()
+        self.admin.close()
         self.ready = False
 
     def to_json(self) -> dict:
-        return {"host": self.host, "port": self.port, "ready": self.ready, "sidecar_pid": self.sidecar.pid}
+        return {"host": self.host, "port": self.port, "ready": self.ready, "sidecar_pid": self.sidecar.pid,
+                "admin_port": self.admin.getsockname()[1]}
 
 
 class Supervisor:
@@ -513,6 +521,12 @@ class Supervisor:
         self.surges: dict[str, Instance] = {}  # replacements starting beside an instance
         self.identities: IdentityManager | None = None  # the CA and every sidecar's leaf
         self.rolling: set[str] = set()
+        # Where sidecars' observability messages go (agent.observability sets it).
+        self.on_sidecar_message: Callable[[dict], None] | None = None
+
+    def sidecar_message(self, message: dict) -> None:
+        if self.on_sidecar_message is not None:
+            self.on_sidecar_message(message)
 
     # -- shared helpers used by instances ---------------------------------------------
 

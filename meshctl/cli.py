@@ -21,7 +21,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 import meshctl
-from meshctl import cmd_ops, cmd_route, cmd_security, render
+from meshctl import cmd_obs, cmd_ops, cmd_route, cmd_security, render
 from meshctl.client import (
     AgentError,
     AgentStartError,
@@ -322,8 +322,12 @@ def logs(
     service: Annotated[str | None, typer.Argument(help="Only this service's instances.")] = None,
     follow: Annotated[bool, typer.Option("-f", "--follow", help="Keep printing new lines.")] = False,
     tail: Annotated[int, typer.Option(min=0, help="Lines of history per request.")] = 100,
+    access: Annotated[bool, typer.Option("--access", help="The sidecars' JSON access lines instead (manifest observability.access_log).")] = False,
 ) -> None:
     """Print the instances' logs, each line prefixed by its instance (service@version#replica)."""
+    if access:
+        cmd_obs.access_logs(service, follow, tail)
+        return
     home, client = running_agent()
     if client is None:
         no_mesh(home)
@@ -419,6 +423,7 @@ def init(
 cmd_route.register(app)
 cmd_ops.register(app)
 cmd_security.register(app)
+cmd_obs.register(app)
 
 
 # --- entry point ---------------------------------------------------------------------------

@@ -23,8 +23,10 @@ import logging
 import random
 from typing import TYPE_CHECKING
 
-from proxy.errors import ProtocolError, error_response
+from proxy.errors import STATUS_BY_CODE, ProtocolError, error_response
 from proxy.http1 import END, NEED_DATA, Data, Head, rebuild_head
+from proxy.limits import ADMITTED, QUEUED
+from proxy.mirror import send_mirror
 from proxy.retry import MAX_REPLAY_BODY_BYTES
 
 if TYPE_CHECKING:
@@ -39,6 +41,7 @@ log = logging.getLogger("proxy.exchange")
 MAX_PENDING_BYTES = 256 * 1024  # queued while connecting; above it the client is paused
 MAX_REPLAY_BYTES = MAX_REPLAY_BODY_BYTES + 16 * 1024  # body limit plus room for the head
 _CONNECTION_CLOSE = b"connection: close"
+_CONNECTION_KEEP_ALIVE = b"connection: keep-alive"
 _CONNECT_FAILURE_CODE = {"connect-failure": "upstream-connect-failed", "refused": "upstream-connect-failed", "reset": "upstream-reset", "timeout": "timeout"}
 
 
@@ -72,6 +75,9 @@ class Exchange:
         "counted",
         "reused",
         "upstream_keep_alive",
+        "started",
+        "status",
+        "mirror_version",
     )
 
     def __init__(self, client: ClientConnection, target: Target, head: Head, out_head: bytes) -> None:
@@ -103,6 +109,9 @@ class Exchange:
         self.counted = False
         self.reused = False
         self.upstream_keep_alive = False
+        self.started = 0.0
+        self.status = 0
+        self.mirror_version: str | None = None
 
     def __repr__(self) -> str:
         return "<Exchange %s %s -> %s try %d%s%s>" % (
@@ -127,29 +136,23 @@ class Exchange:
 
     def start(self, now: float) -> None:
         """Route, apply faults and limits, then make the first try."""
+        self.started = now
         service = self.target.service
         if service is None:
             self.deadline = 0.0
             self._try()
             return
-        if service.in_flight >= service.max_in_flight:
-            self.fail("circuit-open", "%s: %d requests in flight, limit reached" % (service.name, service.in_flight))
-            return
-        method = self.method.decode("latin-1")
         headers = None
         if service.needs_headers:
             headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in self.head.headers}
         router = service.router
         if router.needs_request_details:
             path, _, query = self.head.target.decode("latin-1").partition("?")
-            action = router.route(method, path, query, headers)
+            action = router.route(self.method.decode("latin-1"), path, query, headers)
         else:
-            action = router.route(method, "")
+            action = router.route("", "")
         self.action = action
         self.deadline = now + action.timeout
-        service.in_flight += 1
-        self.counted = True
-        service.budget.record_request(now)
         if service.balancer.needs_headers:
             self.hash_key = service.balancer.hash_key_for(headers, self.client.client_ip)
         fault = action.fault
@@ -158,12 +161,50 @@ class Exchange:
             if abort is not None and random.random() * 100 < abort["percent"]:
                 self.fail("fault-abort", "%s: injected fault" % service.name, abort["status"])
                 return
+        admission = service.limits.admit(self)
+        if admission is not ADMITTED:
+            if admission is QUEUED:
+                self.counted = True
+                self.client.deadline = self.deadline
+                return
+            limits = service.limits
+            self.fail(
+                "circuit-open",
+                "%s: %d connections in use and %d requests waiting, limits reached" % (service.name, limits.connections.in_use, limits.queued),
+            )
+            return
+        self.counted = True
+        self._admitted()
+
+    def _admitted(self) -> None:
+        """Holding a connection slot of the service: mirror decision, delay fault, first try."""
+        if self.answered:
+            return
+        action = self.action
+        service = self.target.service
+        service.budget.record_request(self.client.state.loop.time())  # type: ignore[union-attr]
+        mirror = action.mirror  # type: ignore[union-attr]
+        if mirror is not None and random.random() * 100 < mirror["percent"]:
+            self.mirror_version = mirror["version"]
+            if self.request_done:
+                self._send_mirror()
+        fault = action.fault  # type: ignore[union-attr]
+        if fault is not None:
             delay = fault["delay"]
             if delay is not None and random.random() * 100 < delay["percent"]:
                 self.client.deadline = self.deadline
                 self.client.state.loop.call_later(delay["fixed"], self._try)
                 return
         self._try()
+
+    def _send_mirror(self) -> None:
+        version, self.mirror_version = self.mirror_version, None
+        replay = self.replay
+        if replay is None or self.replay_size - len(replay[0]) > MAX_REPLAY_BODY_BYTES:
+            return
+        service = self.target.service
+        state = self.client.state
+        send_mirror(state.pool, service, version, replay, self.action.timeout, service.connect_timeout, state.loop.time())  # type: ignore[arg-type, union-attr]
 
     def _try(self) -> None:
         if self.answered:
@@ -201,6 +242,7 @@ class Exchange:
     async def _connect(self, address: tuple[str, int], timeout: float) -> None:
         pool = self.client.state.pool
         try:
+            service = self.target.service
             conn = await pool.connect(address, timeout)
         except TimeoutError:
             self.connect_task = None
@@ -265,11 +307,15 @@ class Exchange:
 
     def request_end(self) -> None:
         self.request_done = True
+        if self.mirror_version is not None:
+            self._send_mirror()
         if self.answered:
             self.client.exchange_finished(self, self.client_keep_alive)
 
     def client_lost(self) -> None:
         """The client went away: nothing left to answer."""
+        if not self.answered:
+            self._completed("client-lost")
         self.answered = True
         conn = self.upstream
         if conn is not None:
@@ -370,6 +416,7 @@ class Exchange:
                 self.discarding = True
                 return True
         self.response_started = True
+        self.status = status
         self.client.deadline = self.deadline
         self.upstream_keep_alive = head.keep_alive
         keep = self.client_keep_alive
@@ -378,7 +425,12 @@ class Exchange:
         if self.client.state.draining:
             keep = False
         self.client_keep_alive = keep
-        if head.has_hop_by_hop or not keep:
+        if self.head.version != b"1.1":
+            if head.chunked:
+                keep = self.client_keep_alive = False  # a 1.0 client cannot find the end of a chunked body
+            # HTTP/1.0 clients keep a connection only when the response says so (RFC 9112 9.3).
+            out.append(rebuild_head(head, [_CONNECTION_KEEP_ALIVE] if keep else [_CONNECTION_CLOSE]))
+        elif head.has_hop_by_hop or not keep:
             out.append(rebuild_head(head, [] if keep else [_CONNECTION_CLOSE]))
         else:
             out.append(head.raw)
@@ -395,13 +447,42 @@ class Exchange:
             self.discarding = False
             self._retry(self.action.retry_policy.backoff(self.attempt), count_attempt=True)  # type: ignore[union-attr]
             return
-        self._answered()
+        self._answered("ok")
 
-    def _answered(self) -> None:
+    def _answered(self, outcome: str) -> None:
         self.answered = True
         self._release_service()
+        self._completed(outcome)
         if self.request_done:
             self.client.exchange_finished(self, self.client_keep_alive)
+
+    def _abort_client(self, outcome: str) -> None:
+        """Response bytes already went out: the only way to signal a failure is to abort."""
+        self._release_endpoint()
+        self._release_service()
+        self.answered = True
+        self._completed(outcome)
+        self.client.abort()
+
+    def _completed(self, outcome: str) -> None:
+        """Called exactly once per exchange when it ends; the hook for metrics recording.
+
+        `outcome` is "ok", a sidecar error code (x-mesh-error), or "client-lost".
+        """
+        hook = self.client.state.on_exchange_done
+        if hook is None:
+            return
+        action = self.action
+        endpoint = self.last_endpoint
+        hook(
+            self.target.label,
+            action.version if action is not None else None,
+            endpoint.id if endpoint is not None else None,
+            self.status,
+            self.client.state.loop.time() - self.started,
+            outcome,
+            self.attempt - 1,
+        )
 
     def upstream_eof(self) -> None:
         conn = self.upstream
@@ -416,10 +497,7 @@ class Exchange:
         self.upstream = None
         if self.response_started:
             log.info("%s: upstream closed mid-response (%s), aborting the client", self.label, exc or "eof")
-            self._release_endpoint()
-            self._release_service()
-            self.answered = True
-            self.client.abort()
+            self._abort_client("upstream-reset")
             return
         stale = self.reused and conn.parser.at_message_start and conn.parser.buffered == 0
         self._try_failed("reset", "connection closed before a response", exc, stale_connection=stale)
@@ -436,9 +514,7 @@ class Exchange:
         self._release_endpoint()
         if self.response_started:
             log.info("%s: invalid response after the head (%s), aborting the client", self.label, detail)
-            self._release_service()
-            self.answered = True
-            self.client.abort()
+            self._abort_client("upstream-reset")
             return
         self.fail("upstream-reset", "%s: invalid response: %s" % (self.label, detail))
 
@@ -455,10 +531,7 @@ class Exchange:
             self.upstream = None
             conn.abort()
         if self.response_started:
-            self._release_endpoint()
-            self._release_service()
-            self.answered = True
-            self.client.abort()
+            self._abort_client(_CONNECT_FAILURE_CODE[outcome])
             return
         endpoint = self.endpoint
         if endpoint is not None and not stale_connection:
@@ -508,9 +581,13 @@ class Exchange:
             self.tried = self.tried | {endpoint.id}
 
     def _release_service(self) -> None:
+        """Leave the service's limits; a queued exchange that gets the slot is woken."""
         if self.counted:
             self.counted = False
-            self.target.service.in_flight -= 1  # type: ignore[union-attr]
+            woken = self.target.service.limits.leave(self)  # type: ignore[union-attr]
+            if woken is not None:
+                # Not synchronously: this exchange may be in the middle of writing its own response.
+                self.client.state.loop.call_soon(woken._admitted)
 
     def fail(self, code: str, detail: str, status: int | None = None) -> None:
         """Answer the client with a sidecar-generated error (never after response bytes)."""
@@ -520,17 +597,16 @@ class Exchange:
         if conn is not None:
             self.upstream = None
             conn.abort()
-        self._release_endpoint()
         if self.response_started:
-            self._release_service()
-            self.answered = True
-            self.client.abort()
+            self._abort_client(code)
             return
+        self._release_endpoint()
         self.pending = None
         self.response_started = True
-        if self.client.state.draining:
+        self.status = status if status is not None else STATUS_BY_CODE.get(code, 500)
+        if self.client.state.draining or self.head.version != b"1.1":
             self.client_keep_alive = False
         if code == "upstream-connect-failed" or code == "timeout" or code == "upstream-reset":
             log.info("%s %s", code, detail)
         self.client.transport.write(error_response(code, detail, status, close=not self.client_keep_alive))
-        self._answered()
+        self._answered(code)

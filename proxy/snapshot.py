@@ -4,7 +4,8 @@
 part 1) and returns a `Snapshot`, or raises `SnapshotError` whose message becomes the
 NACK. Requests hold on to the snapshot they started with, so applying a new one is a
 single assignment. Endpoint objects (with their in-flight counts and ejection state) and
-retry budgets carry over from the previous snapshot by endpoint id and service name.
+retry budgets, circuit-breaking counts and queues carry over from the previous snapshot
+by endpoint id and service name.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.balance import Balancer, BalancerConfigError, Endpoint, make_balancer
+from proxy.limits import CircuitLimits, LimitsConfigError
 from proxy.outlier import OutlierConfigError, OutlierDetector
 from proxy.retry import RetryBudget, RetryPolicy
 from proxy.routing import Router, RouterError
 
 LISTENER_KINDS = ("inbound", "outbound", "ingress", "forward")
 DEFAULT_CONNECT_TIMEOUT = 1.0
-DEFAULT_LIMIT = 1024
 
 
 class SnapshotError(ValueError):
@@ -80,8 +81,8 @@ class Service:
         "balancer",
         "endpoints",
         "connect_timeout",
-        "max_in_flight",
-        "in_flight",
+        "limits",
+        "mirrors_in_flight",
         "budget",
         "outlier",
         "needs_headers",
@@ -95,7 +96,7 @@ class Service:
         balancer: Balancer,
         endpoints: list[Endpoint],
         connect_timeout: float,
-        max_in_flight: int,
+        limits: CircuitLimits,
         budget: RetryBudget,
         outlier: OutlierDetector,
     ) -> None:
@@ -104,15 +105,15 @@ class Service:
         self.balancer = balancer
         self.endpoints = endpoints
         self.connect_timeout = connect_timeout
-        self.max_in_flight = max_in_flight
-        self.in_flight = 0
+        self.limits = limits
+        self.mirrors_in_flight = 0
         self.budget = budget
         self.outlier = outlier
         self.raw: dict[str, Any] = {}
         self.needs_headers = router.needs_request_details or balancer.needs_headers
 
     def __repr__(self) -> str:
-        return "<Service %s %d endpoints, %d in flight>" % (self.name, len(self.endpoints), self.in_flight)
+        return "<Service %s %d endpoints, %r>" % (self.name, len(self.endpoints), self.limits)
 
 
 class HttpLimits:
@@ -174,15 +175,17 @@ def _compile_service(name: str, cfg: Any, previous: Service | None, known: dict[
             endpoints.append(old if old is not None and old.address == fresh.address and old.version == fresh.version else fresh)
         balancer = make_balancer(cfg.get("load_balancer"), endpoints)
         outlier = OutlierDetector(cfg.get("outlier_detection"))
+        limits = CircuitLimits.from_config(cfg.get("limits"))
     except (RouterError, BalancerConfigError, OutlierConfigError) as exc:
         raise SnapshotError(str(exc)) from None
+    except LimitsConfigError as exc:
+        raise SnapshotError("%s.%s" % (where, exc)) from None
     except (KeyError, TypeError, ValueError) as exc:
         raise SnapshotError("%s.endpoints: %s" % (where, exc)) from None
     connect_timeout = cfg.get("connect_timeout") or DEFAULT_CONNECT_TIMEOUT
-    limits = cfg.get("limits") or {}
-    max_in_flight = int(limits.get("max_connections", DEFAULT_LIMIT)) + int(limits.get("max_pending", DEFAULT_LIMIT))
     policy = RetryPolicy.from_config(cfg.get("retries")) if cfg.get("retries") else None
     if previous is not None:
+        limits = previous.limits.reconfigure(limits)
         budget = previous.budget
     elif policy is not None:
         budget = policy.make_budget()
@@ -191,7 +194,7 @@ def _compile_service(name: str, cfg: Any, previous: Service | None, known: dict[
     if previous is not None and previous.raw.get("outlier_detection") == cfg.get("outlier_detection"):
         outlier = previous.outlier  # same settings: keep the failure counts and ejections
     outlier.apply(endpoints)
-    service = Service(name, router, balancer, endpoints, float(connect_timeout), max_in_flight, budget, outlier)
+    service = Service(name, router, balancer, endpoints, float(connect_timeout), limits, budget, outlier)
     service.raw = cfg
     return service
 

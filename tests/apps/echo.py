@@ -5,6 +5,10 @@ GET /whoami           JSON: service, version, replica, pid
 GET /call/<upstream>/<path>   calls <UPSTREAM>_URL/<path> and returns its body and status
 GET /crash            exits with EXIT_CODE (default 1) right away
 GET /spawn            starts a grandchild `sleep` in the same process group; returns its pid
+GET /status/<code>    answers with that status code
+GET /sleep?ms=N       answers 200 after N milliseconds (known latency for metrics tests)
+
+/call/ forwards the trace headers (traceparent, tracestate, b3, x-b3-*) it received.
 
 READY_DELAY (seconds) delays listening; EXIT_AT_START=N exits at once with code N;
 REQUIRE_UPSTREAMS=1 checks every *_URL answers /healthz at start and exits 7 otherwise,
@@ -13,6 +17,7 @@ which makes a start before the upstreams were ready visible as a restart.
 
 import json
 import os
+import urllib.parse
 import subprocess
 import sys
 import time
@@ -21,6 +26,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 children = []
+TRACE_HEADERS = ("traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags")
 
 
 def upstream_urls():
@@ -57,13 +63,20 @@ class Handler(BaseHTTPRequestHandler):
             child = subprocess.Popen(["sleep", "600"])
             children.append(child)
             return self.reply(200, {"pid": child.pid})
+        if self.path.startswith("/status/"):
+            return self.reply(int(self.path.split("/")[2]), {"status": int(self.path.split("/")[2])})
+        if self.path.startswith("/sleep"):
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+            time.sleep(int(query.get("ms", ["0"])[0]) / 1000)  # the latency under test
+            return self.reply(200, {"slept_ms": int(query.get("ms", ["0"])[0])})
         if self.path.startswith("/call/"):
             _, _, upstream, rest = self.path.split("/", 3)
             url = upstream_urls().get(upstream)
             if url is None:
                 return self.reply(500, {"error": f"no {upstream.upper()}_URL"})
+            forwarded = {name: self.headers[name] for name in TRACE_HEADERS if self.headers.get(name)}
             try:
-                with urllib.request.urlopen(f"{url}/{rest}", timeout=10) as resp:
+                with urllib.request.urlopen(urllib.request.Request(f"{url}/{rest}", headers=forwarded), timeout=10) as resp:
                     return self.reply(resp.status, resp.read(), resp.headers.get("Content-Type", "text/plain"))
             except urllib.error.HTTPError as exc:
                 return self.reply(exc.code, exc.read(), "text/plain")
