@@ -1,13 +1,21 @@
 """Circuit-breaking limits: bounded counters for connections and pending requests.
 
 Istio's ``connectionPool`` in miniature. Per upstream service, from this sidecar:
-``max_connections`` open upstream connections and ``max_pending`` requests waiting for
-one (defaults 1024 each). When ``try_acquire()`` says no, the engine answers 503 with
-``x-mesh-error: circuit-open`` instead of queueing without bound.
+``max_connections`` upstream connections in use and ``max_pending`` requests waiting for
+one (defaults 1024 each). Sans-IO: the engine asks ``admit(waiter)`` per request and
+gets ADMITTED (a connection slot is its own), QUEUED (it waits, first in first out) or
+REJECTED (both full: the engine answers 503 ``x-mesh-error: circuit-open``). Every
+admitted or queued waiter calls ``leave(waiter)`` exactly once; when that frees a slot,
+``leave`` returns the queued waiter that now owns it, for the engine to wake.
+
+One `CircuitLimits` lives per service name for the life of the process: a new config
+snapshot calls ``reconfigure()``, so the counts and the queue carry over. A lowered
+maximum admits nobody new until enough requests have left.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 DEFAULT_MAX_CONNECTIONS = 1024
@@ -45,14 +53,64 @@ class Limit:
         return "Limit(%s: %d/%d)" % (self.name, self.in_use, self.maximum)
 
 
-class CircuitLimits:
-    """The two limits of one upstream service: ``connections`` and ``pending``."""
+ADMITTED = "admitted"
+QUEUED = "queued"
+REJECTED = "rejected"
 
-    __slots__ = ("connections", "pending")
+
+class CircuitLimits:
+    """The two limits of one upstream service: ``connections`` and ``pending`` (a FIFO queue)."""
+
+    __slots__ = ("connections", "pending", "_queue", "_holders")
 
     def __init__(self, max_connections: int = DEFAULT_MAX_CONNECTIONS, max_pending: int = DEFAULT_MAX_PENDING) -> None:
         self.connections = Limit("max_connections", max_connections)
         self.pending = Limit("max_pending", max_pending)
+        self._queue: deque[Any] = deque()
+        self._holders: set[int] = set()  # id() of the waiters that own a connection slot
+
+    def reconfigure(self, other: CircuitLimits) -> CircuitLimits:
+        """Take the maxima of `other` (a freshly compiled block), keep counts and queue."""
+        self.connections.maximum = other.connections.maximum
+        self.pending.maximum = other.pending.maximum
+        return self
+
+    def admit(self, waiter: Any) -> str:
+        """ADMITTED, QUEUED or REJECTED; queued waiters are woken in order by `leave()`."""
+        if not self._queue and self.connections.try_acquire():
+            self._holders.add(id(waiter))
+            return ADMITTED
+        if self.pending.try_acquire():
+            self._queue.append(waiter)
+            return QUEUED
+        return REJECTED
+
+    def leave(self, waiter: Any) -> Any | None:
+        """`waiter` is done (or gave up); returns the queued waiter that got its slot, if any."""
+        key = id(waiter)
+        if key in self._holders:
+            self._holders.discard(key)
+            self.connections.release()
+        else:
+            try:
+                self._queue.remove(waiter)
+            except ValueError:
+                return None
+            self.pending.release()
+        return self._grant_next()
+
+    def _grant_next(self) -> Any | None:
+        if self._queue and self.connections.in_use < self.connections.maximum:
+            waiter = self._queue.popleft()
+            self.pending.release()
+            self.connections.in_use += 1
+            self._holders.add(id(waiter))
+            return waiter
+        return None
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any] | None) -> CircuitLimits:

@@ -181,6 +181,8 @@ class Upstream:
     * anything else: echoes a JSON summary of the request.
 
     `connections` counts accepted connections; `requests` keeps (method, path, headers, body).
+    Set `fail_status` to answer every request with that status (and an empty body), or
+    `hang` to hold every request until `release` is set.
     """
 
     def __init__(self, name: str = "up") -> None:
@@ -195,6 +197,8 @@ class Upstream:
         self.requests: list[tuple[str, str, dict, bytes]] = []
         self.release = threading.Event()
         self.slow_started = threading.Event()
+        self.fail_status: int | None = None
+        self.hang = False
         self._stopped = False
         self._threads: list[threading.Thread] = []
         self._conns: list[socket.socket] = []
@@ -284,6 +288,11 @@ class Upstream:
         return str(length).encode()
 
     def _respond(self, conn: socket.socket, method: str, path: str, headers: dict, raw_headers: list, body: bytes) -> bool:
+        if self.hang:
+            self.release.wait(30)
+        if self.fail_status is not None:
+            conn.sendall(b"HTTP/1.1 %d X\r\ncontent-length: 0\r\n\r\n" % self.fail_status)
+            return True
         if path.startswith("/slow"):
             self.slow_started.set()
             self.release.wait(30)
