@@ -13,6 +13,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "body-too-large": 413,
     "route-not-found": 404,
     "egress-denied": 403,
+    "forbidden": 403,
     "upstream-connect-failed": 502,
     "upstream-reset": 502,
     "no-healthy-endpoints": 503,

@@ -243,7 +243,7 @@ class Exchange:
         pool = self.client.state.pool
         try:
             service = self.target.service
-            conn = await pool.connect(address, timeout)
+            conn = await pool.connect(address, timeout, service.tls if service is not None else None)
         except TimeoutError:
             self.connect_task = None
             self._try_failed("connect-failure", "connect timed out after %gs" % timeout, None)

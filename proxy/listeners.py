@@ -21,6 +21,7 @@ import asyncio
 import socket
 from typing import Callable
 
+from proxy.tls import InboundAcceptor, IngressTLS, TLSConfig
 from proxy.errors import MeshError
 from proxy.http1 import Head
 from proxy.snapshot import Listener, Service, Snapshot
@@ -160,12 +161,25 @@ def resolve(listener: Listener, snapshot: Snapshot, head: Head) -> Target:
 
 
 async def open_listeners(
-    loop: asyncio.AbstractEventLoop, snapshot: Snapshot, factory: Callable[[Listener], Callable[[], asyncio.Protocol]]
-) -> list[asyncio.AbstractServer]:
-    """Start serving on every inherited listening socket of the first snapshot."""
-    servers = []
+    loop: asyncio.AbstractEventLoop,
+    snapshot: Snapshot,
+    factory: Callable[[Listener], Callable[[], asyncio.Protocol]],
+    current_tls: Callable[[], TLSConfig | None] = lambda: None,
+    current_ingress_tls: Callable[[], IngressTLS | None] = lambda: None,
+) -> list[asyncio.AbstractServer | InboundAcceptor]:
+    """Start serving on every inherited listening socket of the first snapshot.
+
+    The inbound listener gets the InboundAcceptor, which applies the TLS mode and the
+    certificate current at each accept (see proxy.tls); the others are plain servers.
+    """
+    servers: list[asyncio.AbstractServer | InboundAcceptor] = []
     for listener in snapshot.listeners.values():
         sock = socket.socket(fileno=listener.fd)
         sock.setblocking(False)
-        servers.append(await loop.create_server(factory(listener), sock=sock, backlog=1024))
+        if listener.kind == "inbound":
+            servers.append(InboundAcceptor(loop, sock, factory(listener), current_tls))
+        elif listener.kind == "ingress" and snapshot.ingress_tls is not None:
+            servers.append(InboundAcceptor(loop, sock, factory(listener), current_ingress_tls))
+        else:
+            servers.append(await loop.create_server(factory(listener), sock=sock, backlog=1024))
     return servers

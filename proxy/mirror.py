@@ -98,7 +98,7 @@ class Mirror:
 
     async def _connect(self, timeout: float) -> None:
         try:
-            conn = await self.pool.connect(self.address, timeout)
+            conn = await self.pool.connect(self.address, timeout, self.service.tls)
         except (OSError, TimeoutError) as exc:
             self._finish("connect failed: %s" % (exc,))
             return

@@ -16,6 +16,7 @@ import logging
 import socket
 
 from proxy.http1 import Parser
+from proxy.tls import ClientTLS
 
 log = logging.getLogger("proxy.pool")
 
@@ -157,10 +158,21 @@ class Pool:
         if idle and conn in idle:
             idle.remove(conn)
 
-    async def connect(self, address: tuple[str, int], timeout: float) -> UpstreamConnection:
-        """A new connection; raises OSError or asyncio.TimeoutError."""
+    async def connect(self, address: tuple[str, int], timeout: float, tls: ClientTLS | None = None) -> UpstreamConnection:
+        """A new connection, with mTLS when `tls` is given; raises OSError or asyncio.TimeoutError.
+
+        The handshake counts against the connect timeout, and a peer that presents another
+        identity than the service's is refused like a failed connect (PeerIdentityError).
+        """
         async with asyncio.timeout(timeout):
-            _, conn = await self.loop.create_connection(lambda: UpstreamConnection(self, address), address[0], address[1])
+            if tls is None:
+                _, conn = await self.loop.create_connection(lambda: UpstreamConnection(self, address), address[0], address[1])
+            else:
+                transport, conn = await self.loop.create_connection(
+                    lambda: UpstreamConnection(self, address), address[0], address[1],
+                    ssl=tls.context, server_hostname=tls.server_name,
+                )
+                tls.verify(transport)
         return conn
 
     def close_all(self) -> None:

@@ -23,7 +23,9 @@ from typing import Callable
 from proxy.errors import MeshError, ProtocolError, response_for
 from proxy.exchange import Exchange
 from proxy.http1 import END, NEED_DATA, PAUSED, CLOSED, Data, Head, Parser, rebuild_head
+from proxy.authz import Policy
 from proxy.listeners import Target, open_listeners, resolve
+from proxy.tls import TLSConfig, in_trust_domain, peer_identity
 from proxy.pool import Pool
 from proxy.snapshot import Listener, Snapshot
 from proxy.tunnel import Tunnel
@@ -71,8 +73,13 @@ class ServerState:
         first = self.snapshot is None
         self.snapshot = snapshot
         if first:
-            self.servers = await open_listeners(self.loop, snapshot, self._factory)
+            self.servers = await open_listeners(
+                self.loop, snapshot, self._factory, self._current_tls, lambda: self.snapshot.ingress_tls  # type: ignore[union-attr]
+            )
             self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def _current_tls(self) -> TLSConfig | None:
+        return self.snapshot.tls if self.snapshot is not None else None
 
     def _factory(self, listener: Listener):
         def make() -> ClientConnection:
@@ -135,6 +142,7 @@ class ClientConnection(asyncio.Protocol):
         "write_paused",
         "processing",
         "closed",
+        "peer_identity",
         "tunnel",
     )
 
@@ -153,6 +161,7 @@ class ClientConnection(asyncio.Protocol):
         self.processing = False
         self.closed = False
         self.tunnel: Tunnel | None = None
+        self.peer_identity: str | None = None  # the caller's SPIFFE ID, on mTLS inbound connections
 
     def __repr__(self) -> str:
         return "<ClientConnection %s from %s, %r>" % (self.listener.name, self.client_ip, self.exchange)
@@ -164,6 +173,16 @@ class ClientConnection(asyncio.Protocol):
         state = self.state
         http = state.snapshot.http  # type: ignore[union-attr]
         self.parser = Parser(True, http.max_header_bytes, http.max_body_bytes)
+        if self.listener.kind == "inbound":
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                self.peer_identity = peer_identity(ssl_object)
+                tls = state.snapshot.tls  # type: ignore[union-attr]
+                if tls is None or not in_trust_domain(self.peer_identity, tls.identity):
+                    # A certificate our CA signed but with no identity of this mesh: refuse.
+                    log.info("refused inbound peer with identity %s", self.peer_identity)
+                    transport.abort()
+                    return
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = peer[0]
@@ -268,6 +287,8 @@ class ClientConnection(asyncio.Protocol):
         snapshot: Snapshot = state.snapshot  # type: ignore[assignment]
         self.head_started = False
         try:
+            if snapshot.authz is not None and self.listener.kind == "inbound":
+                self._authorize(snapshot.authz, head)
             target = resolve(self.listener, snapshot, head)
         except MeshError as exc:
             exchange = self.exchange = Exchange(self, Target(None, None, "-", None, False), head, b"")
@@ -297,13 +318,26 @@ class ClientConnection(asyncio.Protocol):
         exchange = self.exchange = Exchange(self, target, head, out_head)
         exchange.start(state.loop.time())
 
+    def _authorize(self, policy: Policy, head: Head) -> None:
+        headers = None
+        if policy.needs_headers:
+            headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in head.headers}
+        path = head.target.decode("latin-1")
+        decision = policy.check(self.peer_identity, head.method.decode("latin-1"), path, headers)
+        if not decision.allowed:
+            raise MeshError(
+                "forbidden", "%s may not call %s %s (decided by %s)" % (
+                    self.peer_identity or "an unauthenticated caller", head.method.decode("latin-1"),
+                    path.split("?", 1)[0][:200], decision.rule,
+                )
+            )
+
     def _start_tunnel(self, target: Target) -> None:
         """CONNECT: from here on this connection is a byte relay, no longer HTTP."""
         self.deadline = 0.0
         self.head_started = False
         tunnel = self.tunnel = Tunnel(self, target.address)  # type: ignore[arg-type]
         tunnel.start(self.parser.take_buffer(), 1.0)
-
 
     def exchange_finished(self, exchange: Exchange, keep_alive: bool) -> None:
         """The response is written and the request fully read: next request, or close."""

@@ -17,6 +17,8 @@ from proxy.limits import CircuitLimits, LimitsConfigError
 from proxy.outlier import OutlierConfigError, OutlierDetector
 from proxy.retry import RetryBudget, RetryPolicy
 from proxy.routing import Router, RouterError
+from proxy.authz import PolicyError
+from proxy.tls import TLSConfigError, compile_security
 
 LISTENER_KINDS = ("inbound", "outbound", "ingress", "forward")
 DEFAULT_CONNECT_TIMEOUT = 1.0
@@ -87,6 +89,7 @@ class Service:
         "outlier",
         "needs_headers",
         "raw",
+        "tls",
     )
 
     def __init__(
@@ -110,6 +113,7 @@ class Service:
         self.budget = budget
         self.outlier = outlier
         self.raw: dict[str, Any] = {}
+        self.tls = None  # a proxy.tls.ClientTLS when calls to this service use mTLS
         self.needs_headers = router.needs_request_details or balancer.needs_headers
 
     def __repr__(self) -> str:
@@ -140,6 +144,9 @@ class Snapshot:
         "http",
         "raw_listeners",
         "fixed_targets",
+        "tls",
+        "authz",
+        "ingress_tls",
     )
 
     def __init__(self) -> None:
@@ -247,4 +254,8 @@ def compile_snapshot(message: dict[str, Any], previous: Snapshot | None) -> Snap
         snapshot.http = HttpLimits(http)
     except (TypeError, ValueError) as exc:
         raise SnapshotError("http: %s" % exc) from None
+    try:
+        compile_security(raw, snapshot, previous)
+    except (TLSConfigError, PolicyError) as exc:
+        raise SnapshotError(str(exc)) from None
     return snapshot
