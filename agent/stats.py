@@ -76,18 +76,24 @@ class SnapshotRing:
         self._snapshots.append(snapshot)
 
     def window(self, seconds: float) -> tuple[dict | None, dict | None]:
-        """(oldest snapshot at most `seconds` older than the newest, newest); (None, newest) with one."""
+        """(oldest snapshot at most `seconds` older than the newest, newest).
+
+        None as the older one means "count from zero": the window reaches back to the
+        sidecar's start and every snapshot since is still here, so the requests it served
+        before the agent's first poll are counted too.
+        """
         if not self._snapshots:
             return None, None
         newest = self._snapshots[-1]
-        oldest = None
+        first = self._snapshots[0]
+        complete = len(self._snapshots) < (self._snapshots.maxlen or 0) and not _restarted(first, newest)
+        if complete and newest["time"] - float(newest.get("started_at") or 0.0) <= seconds:
+            return None, newest
         for snapshot in self._snapshots:
-            if snapshot is newest:
-                break
-            if newest["time"] - snapshot["time"] <= seconds:
-                oldest = snapshot
-                break
-        return oldest, newest
+            if snapshot is not newest and newest["time"] - snapshot["time"] <= seconds:
+                return snapshot, newest
+        # No poll inside a window this short: the one before the newest is the baseline.
+        return (self._snapshots[-2] if len(self._snapshots) > 1 else None), newest
 
 
 def quantile(q: float, bounds: Sequence[float], buckets: Sequence[int]) -> float | None:

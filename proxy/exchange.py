@@ -472,17 +472,7 @@ class Exchange:
         hook = self.client.state.on_exchange_done
         if hook is None:
             return
-        action = self.action
-        endpoint = self.last_endpoint
-        hook(
-            self.target.label,
-            action.version if action is not None else None,
-            endpoint.id if endpoint is not None else None,
-            self.status,
-            self.client.state.loop.time() - self.started,
-            outcome,
-            self.attempt - 1,
-        )
+        hook(self, outcome)
 
     def upstream_eof(self) -> None:
         conn = self.upstream

@@ -192,7 +192,7 @@ class Observer:
         elif outcome == "forbidden":
             metrics.count_authz_denied(source, destination)
         if self.hops:
-            hop = self.hops.pop(id(exchange), None)
+            hop = self.hops.pop(id(exchange.head), None)
             if hop is not None:
                 self.spans.add(Span(
                     hop.trace_id, hop.span_id, hop.parent_id, destination if inbound else source, metrics.instance,

@@ -25,6 +25,7 @@ from proxy.exchange import Exchange
 from proxy.http1 import END, NEED_DATA, PAUSED, CLOSED, Data, Head, Parser, rebuild_head
 from proxy.authz import Policy
 from proxy.listeners import Target, open_listeners, resolve
+from proxy.observe import Observer, rebuild_traced_head
 from proxy.tls import TLSConfig, in_trust_domain, peer_identity
 from proxy.pool import Pool
 from proxy.snapshot import Listener, Snapshot
@@ -57,9 +58,10 @@ class ServerState:
         self._request_id_prefix = os.urandom(6).hex().encode("ascii")
         self._request_counter = 0
         self._sweeper: asyncio.TimerHandle | None = None
-        # Called once per finished exchange with (service, version, endpoint id, status,
-        # duration, outcome, retries); see Exchange._completed. None: nothing recorded.
-        self.on_exchange_done: Callable[[str, str | None, str | None, int, float, str, int], None] | None = None
+        # Metrics, traces, taps and access lines (proxy.observe), set by the control channel
+        # with the first snapshot; on_exchange_done is its per-exchange hook (Exchange._completed).
+        self.observer: Observer | None = None
+        self.on_exchange_done: Callable[[Exchange, str], None] | None = None
 
     def __repr__(self) -> str:
         return "<ServerState %d connections%s, %r>" % (len(self.connections), " draining" if self.draining else "", self.pool)
@@ -297,22 +299,24 @@ class ClientConnection(asyncio.Protocol):
         if target.tunnel:
             self._start_tunnel(target)
             return
+        add: list[bytes] = []
+        start_line = None
         if target.rewrite:
-            add = [self.forwarded]
+            add.append(self.forwarded)
             if head.get(b"x-request-id") is None:
                 add.append(b"x-request-id: " + state.next_request_id())
-            start_line = None
             if target.request_target is not None:
                 start_line = b"%s %s HTTP/%s" % (head.method, target.request_target, head.version)
-            if head.version != b"1.1":
-                add.append(_UPSTREAM_KEEP_ALIVE)
-            out_head = rebuild_head(head, add, start_line)
-        elif head.version != b"1.1":
+        if head.version != b"1.1":
             # Still HTTP/1.0 upstream (body bytes pass through undecoded, so a chunked
             # answer must not be invited), but asking to keep the pooled connection.
-            out_head = rebuild_head(head, [_UPSTREAM_KEEP_ALIVE])
-        elif head.has_hop_by_hop:
-            out_head = rebuild_head(head)
+            add.append(_UPSTREAM_KEEP_ALIVE)
+        observer = state.observer
+        trace_lines = observer.trace(id(head), head, self.listener.kind) if observer is not None else None
+        if trace_lines:
+            out_head = rebuild_traced_head(head, add + trace_lines, start_line)
+        elif add or start_line is not None or head.has_hop_by_hop:
+            out_head = rebuild_head(head, add, start_line)
         else:
             out_head = head.raw
         exchange = self.exchange = Exchange(self, target, head, out_head)

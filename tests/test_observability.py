@@ -119,17 +119,11 @@ def test_edges_from_outbound_rows():
 
 # -- a real mesh -----------------------------------------------------------------------------
 
-# The sidecar records through Exchange._completed, which must hand the exchange itself to
-# ServerState.on_exchange_done (proxy/observe.py); that one-line edit in proxy/exchange.py
-# waits for the concurrent sidecar work there to be committed.
-needs_exchange_hook = pytest.mark.skip(reason="proxy/exchange.py hook not yet passing the exchange (see comment)")
-
 
 def _json(mesh, *args):
     return json.loads(mesh.cli(*args, "-o", "json", check=True).stdout)
 
 
-@needs_exchange_hook
 def test_known_load_gives_exact_numbers(mesh):
     port = free_port()
     mesh.write_manifest(MESH.format(port=port, PY="{PY}", APPS="{APPS}"))
@@ -141,9 +135,10 @@ def test_known_load_gives_exact_numbers(mesh):
 
     def back_stats():
         rows = [r for r in _json(mesh, "stat", "--window", "2m") if r["service"] == "back"]
-        return rows if rows and rows[0]["requests"] == 200 else None
+        return rows if rows and rows[0]["requests"] >= 200 else None
 
     [back] = wait_for(back_stats, timeout=20, what="200 requests at back")
+    assert back["requests"] == 200, back
     assert back["success_rate"] == 0.9
     assert 25 <= back["p50_ms"] <= 50  # the 30 ms sleeps land in the 25..50 ms bucket
 
@@ -183,7 +178,6 @@ def test_known_load_gives_exact_numbers(mesh):
     assert access and all(event["status"] >= 500 for event in access)
 
 
-@needs_exchange_hook
 def test_tap_sees_a_request(mesh):
     port = free_port()
     mesh.write_manifest(MESH.format(port=port, PY="{PY}", APPS="{APPS}"))
@@ -199,4 +193,4 @@ def test_tap_sees_a_request(mesh):
         assert "/whoami" in line and "200" in line and "tls=yes" in line
     finally:
         tap.kill()
-        tap.wait()
+        tap.communicate()  # reaps it and closes both pipes

@@ -144,6 +144,21 @@ def test_ring_window_picks_the_oldest_snapshot_inside_it() -> None:
     assert ring.window(10) == (None, {"time": 1.0})
 
 
+def test_requests_before_the_first_poll_count_while_the_window_reaches_the_start() -> None:
+    clock = Clock(1000.0)
+    cart = _sidecar("cart@v1#0", "cart", "v1", clock)
+    _load(cart, 3, 200, 0.004)  # served before the agent's first poll
+    ring = SnapshotRing(capacity=10)
+    ring.add(cart.snapshot())
+    clock.now = 1001.0
+    _load(cart, 7, 200, 0.004)
+    ring.add(cart.snapshot())
+    (row,) = service_stats([ring.window(120)])
+    assert row.requests == 10  # the window covers the sidecar's whole life
+    (row,) = service_stats([ring.window(0.5)])
+    assert row.requests == 7  # a short window starts at the first poll inside it
+
+
 def test_busiest_routes() -> None:
     clock = Clock(0.0)
     cart = _sidecar("cart@v1#0", "cart", "v1", clock)
