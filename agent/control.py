@@ -99,7 +99,7 @@ class ControlServer:
         self.observability = Observability(supervisor.sidecars)
         supervisor.on_sidecar_message = self.observability.on_message
         self._ops.update(observability_ops(supervisor, self.observability))
-        self.stats: promote.StatsSource = promote.NoStats()
+        self.stats: promote.StatsSource = self.observability  # live per-version numbers
         self.promotions: dict[str, promote.Promotion] = {}
 
     async def start(self, path: str) -> None:
@@ -297,11 +297,6 @@ class ControlServer:
         service, canary = _string(request, "service"), _string(request, "version")
         spec = ovr.service_spec(manifest, service)
         ovr.check_version(spec, canary)
-        if not getattr(self.stats, "available", True):
-            raise promote.StatsUnavailable(
-                "promote needs live per-version stats (success rate, p99) from the mesh's metrics, "
-                "which this agent does not have yet; move the split by hand with `meshctl route split`"
-            )
         limits = promote.Thresholds(
             step=int(request.get("step", 10)),
             interval_s=float(request.get("interval", 30.0)),

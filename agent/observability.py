@@ -159,6 +159,15 @@ class Observability:
             result["routes"] = [vars(route) for route in route_stats(windows)]
         return result
 
+    # The canary promotion loop reads live numbers through this (agent.promote.StatsSource).
+    def version_stats(self, service: str, version: str, window_s: float) -> tuple[int, int, float] | None:
+        """(requests, errors, p99 ms) that `service@version` served over the window, or None."""
+        for row in service_stats(self.windows(window_s), "inbound"):
+            if row.service == service and row.version == version:
+                errors = row.requests - round(row.success_rate * row.requests)
+                return row.requests, errors, row.p99_ms or 0.0
+        return None
+
     def exposition(self) -> str:
         newest = [ring.window(0)[1] for ring in self.rings.values()]
         return merge_expositions(metrics_from_snapshot(snapshot).exposition() for snapshot in newest if snapshot is not None)

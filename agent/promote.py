@@ -4,8 +4,8 @@
 over the last interval and the thresholds, it says hold, step (to which weight), done or
 roll back (with a reason). `Promotion` is the thin driver: one named task per promotion
 that sleeps an interval, asks a `StatsSource`, decides, and applies the split through a
-callback. Stats come from metrics, which a `StatsSource` adapts; without one, a promotion
-is refused with `stats-unavailable` rather than run blind.
+callback. Stats come from the sidecars' metrics (agent.observability.Observability is the
+`StatsSource`), over the last interval only, so a step is judged on its own traffic.
 """
 
 from __future__ import annotations
@@ -17,27 +17,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from agent.errors import AgentError
-
 log = logging.getLogger(__name__)
-
-
-class StatsUnavailable(AgentError):
-    code = "stats-unavailable"
 
 
 class StatsSource(Protocol):
     def version_stats(self, service: str, version: str, window_s: float) -> tuple[int, int, float] | None:
         """(requests, errors, p99 in ms) of `service@version` over the last `window_s`, or None."""
-
-
-class NoStats:
-    """The source until the agent has metrics: it knows nothing, and says so."""
-
-    available = False
-
-    def version_stats(self, service: str, version: str, window_s: float) -> tuple[int, int, float] | None:
-        return None
 
 
 @dataclass(frozen=True)
@@ -64,6 +49,10 @@ class Decision:
 
 def decide(weight: int, stats: tuple[int, int, float] | None, limits: Thresholds) -> Decision:
     """The next move of a promotion whose canary now has `weight` percent of traffic."""
+    if weight <= 0:
+        # At 0 % there is nothing to judge yet: the first step is what brings the canary traffic.
+        nxt = min(100, limits.step)
+        return Decision(Action.STEP, nxt, f"starting: 0% -> {nxt}%")
     if stats is None or stats[0] == 0:
         return Decision(Action.HOLD, weight, "no traffic to the canary in the last interval; holding")
     requests, errors, p99_ms = stats

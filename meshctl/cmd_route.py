@@ -183,7 +183,7 @@ def promote(
     """Move SERVICE's split to VERSION step by step while its error rate and p99 stay healthy.
 
     Runs in the agent; `meshctl route show` follows it, `meshctl route reset` cancels it.
-    Needs the mesh's per-version metrics: without them it is refused (stats-unavailable).
+    Each step is judged on the canary's requests in the last interval (the sidecars' metrics).
     """
     fields: dict[str, Any] = {
         "service": service, "version": version, "step": step, "interval": seconds(interval),

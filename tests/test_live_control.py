@@ -246,7 +246,28 @@ def test_up_with_a_changed_manifest_replaces_rolling_with_no_failures(live):
     assert all(i["state"] == "ready" for i in live.status()["instances"])
 
 
-def test_promote_without_metrics_says_so(live):
-    result = live.cli("route", "promote", "api", "v2", "--step", "10", "--interval", "30s", "--max-error-rate", "1%")
-    assert result.returncode == 1
-    assert "stats-unavailable" in result.stderr and "metrics" in result.stderr
+def test_promote_steps_then_rolls_back_when_the_canary_starts_failing(mesh):
+    port = free_port()
+    # v2 answers its first 40 calls, then fails every one: a canary going bad part-way.
+    mesh.write_manifest(canary(port).replace("v2: {command: {PY} {APPS}/echo.py}",
+                                             "v2: {command: {PY} {APPS}/echo.py, env: {FAIL_AFTER: '40'}}"))
+    mesh.up()
+    with Load(port):
+        result = mesh.cli("route", "promote", "api", "v2", "--step", "20", "--interval", "1s", "--max-error-rate", "5%")
+        assert result.returncode == 0, result.stderr
+
+        def promotion():
+            return json.loads(mesh.cli("route", "show", "api", "-o", "json", check=True).stdout)["services"]["api"]
+
+        seen_weights = set()
+
+        def rolled_back():
+            entry = promotion()
+            seen_weights.add(entry["live"]["split"].get("v2", 0))
+            last = (entry.get("promotion") or {}).get("last") or {}
+            return last.get("action") == "rollback" and entry
+
+        entry = wait_for(rolled_back, timeout=60, interval=0.2, what="the promotion to roll back")
+    assert max(seen_weights) >= 20  # it did step forward first
+    assert entry["live"]["split"] == {"v1": 100, "v2": 0}
+    assert "error rate" in entry["promotion"]["last"]["reason"]

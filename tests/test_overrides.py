@@ -185,6 +185,7 @@ LIMITS = Thresholds(step=10, interval_s=30, max_error_rate=0.01, max_p99_ms=300)
 @pytest.mark.parametrize(
     "weight, stats, action, new_weight, reason",
     [
+        (0, None, Action.STEP, 10, "starting: 0% -> 10%"),  # nothing to judge at 0 %
         (10, None, Action.HOLD, 10, "no traffic"),
         (10, (0, 0, 0.0), Action.HOLD, 10, "no traffic"),
         (10, (1000, 5, 120.0), Action.STEP, 20, "10% -> 20%"),

@@ -11,6 +11,7 @@ GET /sleep?ms=N       answers 200 after N milliseconds (known latency for metric
 /call/ forwards the trace headers (traceparent, tracestate, b3, x-b3-*) it received.
 
 READY_DELAY (seconds) delays listening; EXIT_AT_START=N exits at once with code N;
+FAIL_AFTER=N makes /whoami answer 500 after N successful answers (a canary going bad).
 REQUIRE_UPSTREAMS=1 checks every *_URL answers /healthz at start and exits 7 otherwise,
 which makes a start before the upstreams were ready visible as a restart.
 """
@@ -26,6 +27,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 children = []
+served = [0]  # /whoami requests so far, for FAIL_AFTER
 TRACE_HEADERS = ("traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags")
 
 
@@ -51,6 +53,10 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/healthz":
             return self.reply(200, b"ok", "text/plain")
         if self.path == "/whoami":
+            served[0] += 1
+            fail_after = os.environ.get("FAIL_AFTER")
+            if fail_after is not None and served[0] > int(fail_after):
+                return self.reply(500, {"error": "failing as told (FAIL_AFTER)"})
             return self.reply(200, {
                 "service": os.environ.get("MESH_SERVICE"), "version": os.environ.get("MESH_VERSION"),
                 "replica": os.environ.get("MESH_REPLICA"), "pid": os.getpid(),
