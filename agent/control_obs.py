@@ -92,6 +92,14 @@ def observability_ops(sup: Supervisor, obs: Observability) -> dict[str, Handler]
             usage[key] = (before[0] + cpu, before[1] + rss)
         return usage
 
+    latest_usage: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def sample_usage() -> None:
+        latest_usage.clear()
+        latest_usage.update(process_usage())
+
+    obs.sample_usage = sample_usage
+
     async def metrics(request: dict, writer: asyncio.StreamWriter) -> dict:
         result: dict[str, Any] = {"url": obs.url, "port": obs.port}
         if request.get("raw"):
@@ -105,7 +113,7 @@ def observability_ops(sup: Supervisor, obs: Observability) -> dict[str, Handler]
         result = obs.stat(_window(request), direction, bool(request.get("routes")))
         if request.get("usage"):
             rows = [ServiceStats(**row) for row in result["services"]]
-            add_process_usage(rows, process_usage())
+            add_process_usage(rows, dict(latest_usage))
             result["services"] = [row.to_json() for row in rows]
         return result
 

@@ -90,6 +90,8 @@ class Observability:
         self.server: asyncio.AbstractServer | None = None
         self.port: int | None = None
         self._poller: asyncio.Task | None = None
+        # Called once per poll: CPU % needs two readings a known interval apart.
+        self.sample_usage: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return "<Observability %d sidecars, %r, %d taps>" % (len(self.rings), self.traces, len(self.taps))
@@ -116,6 +118,8 @@ class Observability:
         while True:
             for _name, handle in self._sidecars():
                 handle.send({"type": "stats?"})
+            if self.sample_usage is not None:
+                self.sample_usage()
             now = time.monotonic()
             for instance in [i for i, seen in self.last_seen.items() if now - seen > STALE_AFTER_S]:
                 self.rings.pop(instance, None)
