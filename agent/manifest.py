@@ -74,6 +74,7 @@ from agent.model import (
     VersionSpec,
 )
 from agent.schema import manifest_json_schema, structural_problems
+from agent.schema_export import version_image
 from agent.schema_observability import observability_settings
 from agent.schema_security import normal_authorization, source_problems
 from agent.yamllines import YamlReader
@@ -410,6 +411,7 @@ def _version(name: str, raw: dict, service: dict, service_workdir: str) -> Versi
             period_s=_seconds(health, "period", defaults.period_s),
             timeout_s=_seconds(health, "timeout", defaults.timeout_s),
         ),
+        image=version_image(raw, service),
         workdir=_resolve(service_workdir, raw.get("workdir")),
     )
 

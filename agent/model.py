@@ -46,6 +46,7 @@ class VersionSpec:
     replicas: int = 1
     health: Health = field(default_factory=Health)
     workdir: str = "."  # absolute after loading
+    image: str | None = None  # container image, for `meshctl export` (agent/schema_export.py)
 
 
 @dataclass(frozen=True)

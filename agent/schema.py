@@ -25,6 +25,8 @@ from jsonschema.exceptions import ValidationError
 
 from agent.durations import DURATION_HINT, DURATION_PATTERN
 from agent.schema_observability import MANIFEST_PROPERTIES as OBSERVABILITY_PROPERTIES
+from agent.schema_export import SERVICE_PROPERTIES as EXPORT_SERVICE_PROPERTIES
+from agent.schema_export import VERSION_PROPERTIES as EXPORT_VERSION_PROPERTIES
 from agent.schema_security import MANIFEST_PROPERTIES, SERVICE_PROPERTIES
 from agent.yamllines import type_name
 
@@ -488,6 +490,8 @@ _MANIFEST = {
 
 # Identity, mTLS and authorization keys live in their own module (agent/schema_security.py).
 _SERVICE["properties"].update(SERVICE_PROPERTIES)
+_SERVICE["properties"].update(EXPORT_SERVICE_PROPERTIES)  # agent/schema_export.py
+_DEFS["version"]["properties"].update(EXPORT_VERSION_PROPERTIES)
 _MANIFEST["properties"].update(MANIFEST_PROPERTIES)
 _MANIFEST["properties"].update(OBSERVABILITY_PROPERTIES)  # agent/schema_observability.py
 
