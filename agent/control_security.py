@@ -13,9 +13,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from agent.ca import CAError
-from agent.compile import SidecarIdentity, identity_of, mtls_mode, security_config
+from agent.compile import INGRESS_ID, SidecarIdentity, identity_of, mtls_mode, security_config
 from agent.errors import AgentError
-from agent.supervisor import INGRESS_ID, Supervisor, owner_key
+from agent.instance import owner_key
+from agent.supervisor import Supervisor
 from proxy.authz import Policy
 
 Handler = Callable[[dict, asyncio.StreamWriter], Awaitable[Any]]

@@ -43,3 +43,25 @@ class Problem:
         if self.path:
             return "%s: %s: %s" % (where, self.path, self.message)
         return "%s: %s" % (where, self.message)
+
+
+class ApplyError(AgentError):
+    """The manifest is valid but cannot run here: a missing binary, a port in use."""
+
+    code = "apply-failed"
+
+
+class MeshMismatch(AgentError):
+    code = "mesh-mismatch"
+
+
+class RolloutError(AgentError):
+    """A replacement never became ready; the instance it was to replace keeps serving."""
+
+    code = "rollout-failed"
+
+
+class NotConverged(AgentError):
+    """A sidecar NACKed a new config or did not ACK it in time."""
+
+    code = "not-converged"
