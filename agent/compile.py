@@ -129,12 +129,15 @@ def compile_sidecar(
     listener_list: list[dict[str, Any]] = []
     targets: list[str] = []
     if listeners.inbound_fd is not None:
+        # The app's own protocol: what the inbound sidecar speaks to it (docs/protocols-l7.md).
+        own_protocol = manifest.service(who.service).protocol if who.service is not None else "http"
         listener_list.append(
             {"name": "inbound", "kind": "inbound", "fd": listeners.inbound_fd,
-             "app": ["127.0.0.1", listeners.app_port]}
+             "app": ["127.0.0.1", listeners.app_port], "protocol": own_protocol}
         )
     for upstream, fd in listeners.outbound_fds:
-        listener_list.append({"name": f"outbound:{upstream}", "kind": "outbound", "fd": fd, "service": upstream})
+        listener_list.append({"name": f"outbound:{upstream}", "kind": "outbound", "fd": fd, "service": upstream,
+                              "protocol": manifest.service(upstream).protocol})
         targets.append(upstream)
     if listeners.forward_fd is not None:
         listener_list.append({"name": "proxy", "kind": "forward", "fd": listeners.forward_fd})
@@ -150,6 +153,7 @@ def compile_sidecar(
     for name in dict.fromkeys(targets):
         spec = manifest.service(name)
         services[name] = service_config(spec, endpoints, overrides.get(name))
+        services[name]["protocol"] = spec.protocol
         tls_on = leaf is not None and mtls_mode(manifest, spec) != "off"
         services[name]["tls"] = {"identity": identity_of(manifest, name)} if tls_on else None
     egress: list[str] = []

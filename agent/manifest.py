@@ -76,6 +76,7 @@ from agent.model import (
 from agent.schema import manifest_json_schema, structural_problems
 from agent.schema_export import version_image
 from agent.schema_observability import observability_settings
+from agent.schema_protocols import protocol_of, protocol_problems
 from agent.schema_security import normal_authorization, source_problems
 from agent.yamllines import YamlReader
 
@@ -163,6 +164,9 @@ class _Checker:
         yield from self._commands(path, service)
         if self.clean(path + ("authorization",)):
             for problem_path, message in source_problems(path, service.get("authorization"), self.services):
+                yield problem_path, message, None
+        if self.clean(path + ("protocol",)):
+            for problem_path, message in protocol_problems(path, service):
                 yield problem_path, message, None
         yield from self._positive_durations(path, service, _SERVICE_TIMEOUTS)
         for version_name, version in _dict(service.get("versions")).items():
@@ -393,6 +397,7 @@ def _service(name: str, raw: dict, mesh_workdir: str) -> ServiceSpec:
         egress=tuple(host.lower() for host in raw.get("egress", ())),
         mtls=raw.get("mtls"),
         authorization=normal_authorization(raw.get("authorization")),
+        protocol=protocol_of(raw),
     )
 
 

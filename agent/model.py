@@ -66,6 +66,7 @@ class ServiceSpec:
     mtls: str | None = None  # None: the mesh's mode
     # {"allow": [rule, ...] or None, "deny": [rule, ...]}, rules as proxy/authz.py reads them
     authorization: Any = None
+    protocol: str = "http"  # http | grpc | tcp (agent/schema_protocols.py)
 
     def version(self, name: str) -> VersionSpec:
         for version in self.versions:

@@ -25,6 +25,7 @@ from jsonschema.exceptions import ValidationError
 
 from agent.durations import DURATION_HINT, DURATION_PATTERN
 from agent.schema_observability import MANIFEST_PROPERTIES as OBSERVABILITY_PROPERTIES
+from agent.schema_protocols import SERVICE_PROPERTIES as PROTOCOL_PROPERTIES
 from agent.schema_export import SERVICE_PROPERTIES as EXPORT_SERVICE_PROPERTIES
 from agent.schema_export import VERSION_PROPERTIES as EXPORT_VERSION_PROPERTIES
 from agent.schema_security import MANIFEST_PROPERTIES, SERVICE_PROPERTIES
@@ -492,6 +493,7 @@ _MANIFEST = {
 _SERVICE["properties"].update(SERVICE_PROPERTIES)
 _SERVICE["properties"].update(EXPORT_SERVICE_PROPERTIES)  # agent/schema_export.py
 _DEFS["version"]["properties"].update(EXPORT_VERSION_PROPERTIES)
+_SERVICE["properties"].update(PROTOCOL_PROPERTIES)  # agent/schema_protocols.py
 _MANIFEST["properties"].update(MANIFEST_PROPERTIES)
 _MANIFEST["properties"].update(OBSERVABILITY_PROPERTIES)  # agent/schema_observability.py
 

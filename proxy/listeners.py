@@ -21,6 +21,7 @@ import asyncio
 import socket
 from typing import Callable
 
+from proxy.detect import DETECT_TIMEOUT_S
 from proxy.tls import InboundAcceptor, IngressTLS, TLSConfig
 from proxy.errors import MeshError
 from proxy.http1 import Head
@@ -171,13 +172,15 @@ async def open_listeners(
 
     The inbound listener gets the InboundAcceptor, which applies the TLS mode and the
     certificate current at each accept (see proxy.tls); the others are plain servers.
+    `factory(listener)` already knows the listener's protocol (proxy.dispatch).
     """
     servers: list[asyncio.AbstractServer | InboundAcceptor] = []
     for listener in snapshot.listeners.values():
         sock = socket.socket(fileno=listener.fd)
         sock.setblocking(False)
         if listener.kind == "inbound":
-            servers.append(InboundAcceptor(loop, sock, factory(listener), current_tls))
+            silent = DETECT_TIMEOUT_S if listener.protocol == "tcp" else None  # server-first apps speak first
+            servers.append(InboundAcceptor(loop, sock, factory(listener), current_tls, silent))
         elif listener.kind == "ingress" and snapshot.ingress_tls is not None:
             servers.append(InboundAcceptor(loop, sock, factory(listener), current_ingress_tls))
         else:

@@ -23,9 +23,11 @@ from typing import Callable
 from proxy.errors import MeshError, ProtocolError, response_for
 from proxy.exchange import Exchange
 from proxy.http1 import END, NEED_DATA, PAUSED, CLOSED, Data, Head, Parser, rebuild_head
+from proxy import detect
 from proxy.authz import Policy
+from proxy.dispatch import authorize_connection, hand_over, inbound_h2, inbound_relay, outbound_h2, outbound_relay
 from proxy.listeners import Target, open_listeners, resolve
-from proxy.observe import Observer, rebuild_traced_head
+from proxy.observe import Observer, rebuild_traced_head, service_of_identity
 from proxy.tls import TLSConfig, in_trust_domain, peer_identity
 from proxy.pool import Pool
 from proxy.snapshot import Listener, Snapshot
@@ -84,6 +86,11 @@ class ServerState:
         return self.snapshot.tls if self.snapshot is not None else None
 
     def _factory(self, listener: Listener):
+        if listener.kind == "outbound" and listener.protocol == "tcp":
+            return lambda: outbound_relay(self, listener, "127.0.0.1").downstream
+        if listener.kind == "outbound" and listener.protocol == "grpc":
+            return lambda: outbound_h2(self, listener)
+
         def make() -> ClientConnection:
             return ClientConnection(self, listener)
 
@@ -146,6 +153,7 @@ class ClientConnection(asyncio.Protocol):
         "closed",
         "peer_identity",
         "tunnel",
+        "prefix",
     )
 
     def __init__(self, state: ServerState, listener: Listener) -> None:
@@ -164,6 +172,7 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         self.tunnel: Tunnel | None = None
         self.peer_identity: str | None = None  # the caller's SPIFFE ID, on mTLS inbound connections
+        self.prefix: bytes | None = None  # first bytes while the protocol is being detected (proxy.detect)
 
     def __repr__(self) -> str:
         return "<ClientConnection %s from %s, %r>" % (self.listener.name, self.client_ip, self.exchange)
@@ -175,7 +184,8 @@ class ClientConnection(asyncio.Protocol):
         state = self.state
         http = state.snapshot.http  # type: ignore[union-attr]
         self.parser = Parser(True, http.max_header_bytes, http.max_body_bytes)
-        if self.listener.kind == "inbound":
+        listener = self.listener
+        if listener.kind == "inbound":
             ssl_object = transport.get_extra_info("ssl_object")
             if ssl_object is not None:
                 self.peer_identity = peer_identity(ssl_object)
@@ -185,6 +195,16 @@ class ClientConnection(asyncio.Protocol):
                     log.info("refused inbound peer with identity %s", self.peer_identity)
                     transport.abort()
                     return
+            if listener.protocol == "tcp":
+                self._relay_to_app(transport)  # type: ignore[arg-type]
+                return
+            if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+                hand_over(transport, inbound_h2(state, listener, self.peer_identity))  # type: ignore[arg-type]
+                return
+            if ssl_object is None:
+                self.prefix = b""  # plaintext (permissive or off): an h2c preface is HTTP/2
+        elif listener.kind == "outbound":
+            self.prefix = b""
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = peer[0]
@@ -197,12 +217,56 @@ class ClientConnection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        self.deadline = state.loop.time() + http.idle_timeout
+        self.deadline = state.loop.time() + (detect.DETECT_TIMEOUT_S if listener.kind == "outbound" else http.idle_timeout)
         state.connections.add(self)
         if state.draining:
             self.close()
 
+    def _relay_to_app(self, transport: asyncio.Transport) -> None:
+        """A tcp app: authorize the caller's identity once, then relay bytes."""
+        state = self.state
+        refused_by = authorize_connection(state.snapshot.authz, self.peer_identity)  # type: ignore[union-attr]
+        if refused_by is not None:
+            log.info("refused tcp connection from %s (decided by %s)", self.peer_identity or "an unauthenticated caller", refused_by)
+            observer = state.observer
+            if observer is not None:
+                observer.metrics.count_authz_denied(service_of_identity(self.peer_identity), state.snapshot.service)  # type: ignore[union-attr]
+            transport.abort()
+            return
+        inbound_relay(state, self.listener, self.peer_identity).adopt_downstream(transport)
+
+    def _detect(self, data: bytes) -> bytes | None:
+        """Buffer the first bytes until proxy.detect decides; the HTTP/1 bytes to parse, or None."""
+        prefix = self.prefix + data  # type: ignore[operator]
+        kind = detect.classify(prefix)
+        if kind is detect.Kind.NEED_MORE:
+            self.prefix = prefix
+            return None
+        return self._decided(kind, prefix)
+
+    def _decided(self, kind: detect.Kind, prefix: bytes) -> bytes | None:
+        self.prefix = None
+        state = self.state
+        inbound = self.listener.kind == "inbound"
+        if kind is detect.Kind.HTTP1 or (inbound and kind is not detect.Kind.HTTP2):
+            self.deadline = state.loop.time() + state.snapshot.http.idle_timeout  # type: ignore[union-attr]
+            return prefix
+        # From here on the connection is not HTTP/1: it leaves this server's bookkeeping.
+        self.closed = True
+        self.deadline = 0.0
+        state.connections.discard(self)
+        if kind is detect.Kind.HTTP2:
+            proxy = inbound_h2(state, self.listener, None) if inbound else outbound_h2(state, self.listener)
+            hand_over(self.transport, proxy, prefix)
+        else:
+            outbound_relay(state, self.listener, self.client_ip).adopt_downstream(self.transport, prefix)
+        return None
+
     def data_received(self, data: bytes) -> None:
+        if self.prefix is not None:
+            data = self._detect(data)  # type: ignore[assignment]
+            if data is None:
+                return
         if self.tunnel is not None:
             self.tunnel.client_data(data)
             return
@@ -373,6 +437,10 @@ class ClientConnection(asyncio.Protocol):
             self.close()
 
     def on_deadline(self, now: float) -> None:
+        if self.prefix is not None and self.listener.kind == "outbound":
+            # Silent for DETECT_TIMEOUT_S: perhaps a server-speaks-first protocol; relay it.
+            self._decided(detect.on_timeout(self.prefix), self.prefix)
+            return
         exchange = self.exchange
         if exchange is not None:
             exchange.on_deadline(now)

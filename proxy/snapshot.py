@@ -21,6 +21,7 @@ from proxy.authz import PolicyError
 from proxy.tls import TLSConfigError, compile_security
 
 LISTENER_KINDS = ("inbound", "outbound", "ingress", "forward")
+PROTOCOLS = ("http", "grpc", "tcp")
 DEFAULT_CONNECT_TIMEOUT = 1.0
 
 
@@ -45,7 +46,7 @@ class IngressRoute:
 class Listener:
     """One listener entry; fixed for the life of the process."""
 
-    __slots__ = ("name", "kind", "fd", "app", "service", "routes", "raw")
+    __slots__ = ("name", "kind", "fd", "app", "service", "routes", "raw", "protocol")
 
     def __init__(self, raw: dict[str, Any], where: str) -> None:
         self.raw = raw
@@ -54,6 +55,8 @@ class Listener:
         if self.kind not in LISTENER_KINDS:
             raise SnapshotError("%s.kind: unknown kind %r" % (where, self.kind))
         self.fd = _require(raw, "fd", int, where)
+        # inbound: what the app speaks; outbound: what the service speaks (docs/protocols-l7.md)
+        self.protocol = _protocol(raw, where)
         self.app: tuple[str, int] | None = None
         self.service: str | None = None
         self.routes: tuple[IngressRoute, ...] = ()
@@ -90,6 +93,7 @@ class Service:
         "needs_headers",
         "raw",
         "tls",
+        "protocol",
     )
 
     def __init__(
@@ -114,6 +118,7 @@ class Service:
         self.outlier = outlier
         self.raw: dict[str, Any] = {}
         self.tls = None  # a proxy.tls.ClientTLS when calls to this service use mTLS
+        self.protocol = "http"  # http | grpc | tcp
         self.needs_headers = router.needs_request_details or balancer.needs_headers
 
     def __repr__(self) -> str:
@@ -163,6 +168,13 @@ def _require(raw: dict[str, Any], key: str, kind: type, where: str) -> Any:
     return value
 
 
+def _protocol(raw: dict[str, Any], where: str) -> str:
+    protocol = raw.get("protocol", "http")
+    if protocol not in PROTOCOLS:
+        raise SnapshotError("%s.protocol: expected one of %s, got %r" % (where, ", ".join(PROTOCOLS), protocol))
+    return protocol
+
+
 def _address(value: Any, where: str) -> tuple[str, int]:
     if not isinstance(value, (list, tuple)) or len(value) != 2 or not isinstance(value[0], str) or not isinstance(value[1], int):
         raise SnapshotError("%s: expected [host, port], got %r" % (where, value))
@@ -203,6 +215,7 @@ def _compile_service(name: str, cfg: Any, previous: Service | None, known: dict[
     outlier.apply(endpoints)
     service = Service(name, router, balancer, endpoints, float(connect_timeout), limits, budget, outlier)
     service.raw = cfg
+    service.protocol = _protocol(cfg, where)
     return service
 
 

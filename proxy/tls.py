@@ -49,7 +49,7 @@ def _load_chain(ctx: ssl.SSLContext, chain_pem: str, key_pem: str) -> None:
         os.close(fd)
 
 
-def _base_context(purpose: int, chain_pem: str, key_pem: str, bundle_pem: str) -> ssl.SSLContext:
+def _base_context(purpose: int, chain_pem: str, key_pem: str, bundle_pem: str, alpn: list[str] = ALPN) -> ssl.SSLContext:
     ctx = ssl.SSLContext(purpose)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     if purpose == ssl.PROTOCOL_TLS_CLIENT:
@@ -59,7 +59,7 @@ def _base_context(purpose: int, chain_pem: str, key_pem: str, bundle_pem: str) -
     ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     ctx.load_verify_locations(cadata=bundle_pem)
     _load_chain(ctx, chain_pem, key_pem)
-    ctx.set_alpn_protocols(ALPN)
+    ctx.set_alpn_protocols(alpn)
     return ctx
 
 
@@ -87,7 +87,7 @@ def in_trust_domain(identity: str | None, own_identity: str) -> bool:
 class TLSConfig:
     """The compiled `tls` part of a snapshot: this sidecar's identity and its contexts."""
 
-    __slots__ = ("mode", "identity", "not_after", "server_context", "client_context", "_source")
+    __slots__ = ("mode", "identity", "not_after", "server_context", "client_context", "h2_client_context", "_source")
 
     def __init__(self, raw: dict[str, Any], previous: TLSConfig | None) -> None:
         mode = raw.get("mode", "strict")
@@ -102,6 +102,7 @@ class TLSConfig:
             # Endpoint changes push a snapshot too; rebuilding contexts each time would cost ms.
             self.server_context = previous.server_context
             self.client_context = previous.client_context
+            self.h2_client_context = previous.h2_client_context
             return
         if not all(isinstance(part, str) and part for part in source):
             raise TLSConfigError("tls: cert_pem, key_pem and bundle_pem are required")
@@ -109,6 +110,8 @@ class TLSConfig:
         try:
             self.server_context = _base_context(ssl.PROTOCOL_TLS_SERVER, chain, key, bundle)
             self.client_context = _base_context(ssl.PROTOCOL_TLS_CLIENT, chain, key, bundle)
+            # The server prefers http/1.1 (ALPN's first entry); offering only h2 asks for HTTP/2.
+            self.h2_client_context = _base_context(ssl.PROTOCOL_TLS_CLIENT, chain, key, bundle, ["h2"])
         except (ssl.SSLError, ValueError, OSError) as exc:
             raise TLSConfigError(f"tls: cannot load the certificate: {exc}") from None
 
@@ -119,10 +122,11 @@ class TLSConfig:
 class ClientTLS:
     """How to reach one upstream service: our context and the identity it must present."""
 
-    __slots__ = ("context", "expected_identity", "server_name")
+    __slots__ = ("context", "h2_context", "expected_identity", "server_name")
 
-    def __init__(self, context: ssl.SSLContext, expected_identity: str, server_name: str) -> None:
+    def __init__(self, context: ssl.SSLContext, expected_identity: str, server_name: str, h2_context: ssl.SSLContext | None = None) -> None:
         self.context = context
+        self.h2_context = h2_context or context  # offers only ALPN h2: for HTTP/2 and gRPC streams
         self.expected_identity = expected_identity
         self.server_name = server_name
 
@@ -149,8 +153,12 @@ class InboundAcceptor:
         sock: socket.socket,
         factory: Callable[[], asyncio.Protocol],
         current_tls: Callable[[], TLSConfig | None],
+        silent_timeout: float | None = None,
     ) -> None:
         self.loop = loop
+        # Set for opaque (tcp) listeners in permissive mode: a client that sends nothing may be
+        # waiting for a server-first banner, so after this long it is served as plaintext.
+        self.silent_timeout = silent_timeout
         self.sock = sock
         self.factory = factory
         self.current_tls = current_tls
@@ -185,7 +193,10 @@ class InboundAcceptor:
 
     def _detect(self, conn: socket.socket) -> None:
         self._pending.add(conn)
-        timer = self.loop.call_later(DETECT_TIMEOUT_S, self._drop, conn)
+        if self.silent_timeout is not None:
+            timer = self.loop.call_later(self.silent_timeout, self._silent, conn)
+        else:
+            timer = self.loop.call_later(DETECT_TIMEOUT_S, self._drop, conn)
 
         def readable() -> None:
             try:
@@ -205,6 +216,12 @@ class InboundAcceptor:
             self._serve(conn, tls.server_context if is_tls else None)  # type: ignore[union-attr]
 
         self.loop.add_reader(conn.fileno(), readable)
+
+    def _silent(self, conn: socket.socket) -> None:
+        if conn in self._pending:
+            self._pending.discard(conn)
+            self.loop.remove_reader(conn.fileno())
+            self._serve(conn, None)
 
     def _drop(self, conn: socket.socket) -> None:
         if conn in self._pending:
@@ -288,4 +305,4 @@ def compile_security(raw: dict[str, Any], snapshot: Any, previous: Any) -> None:
             if snapshot.tls is None or snapshot.tls.client_context is None:
                 raise TLSConfigError("services.%s.tls: needs this sidecar's own tls certificate" % name)
             identity = str(upstream_tls.get("identity", ""))
-            service.tls = ClientTLS(snapshot.tls.client_context, identity, "%s.mesh" % name)
+            service.tls = ClientTLS(snapshot.tls.client_context, identity, "%s.mesh" % name, snapshot.tls.h2_client_context)
