@@ -7,12 +7,11 @@ import os
 import stat
 import subprocess
 import sys
-import threading
-import urllib.error
 import urllib.request
 
 from tests.meshharness import free_port, http_get, wait_for
 from tests.tlspeers import plain_get
+from tests.traffic import ContinuousLoad
 
 SECURE = """
 mesh: secure
@@ -109,38 +108,12 @@ def test_policies_are_enforced_and_policy_check_agrees(mesh):
     assert ingress.returncode == 1 and "allow rules (none matched)" in ingress.stdout
 
 
-class IngressLoad:
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.sent = self.failed = 0
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                with urllib.request.urlopen(self.url, timeout=10) as resp:
-                    resp.read()
-                    ok = resp.status == 200
-            except (urllib.error.URLError, OSError) as exc:
-                ok = False
-                self.errors.append(repr(exc))
-            self.sent += 1
-            self.failed += 0 if ok else 1
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.thread.join(30)
-
-
 def test_rotations_from_the_cli_under_load_lose_nothing(mesh):
     port = free_port()
     secure_mesh(mesh, port)
     before = {c["owner"]: c["serial"] for c in json.loads(mesh.cli("certs", "-o", "json", check=True).stdout)["certificates"]}
     root_before = json.loads(mesh.cli("certs", "-o", "json", check=True).stdout)["root"]["fingerprint"]
-    load = IngressLoad(f"http://127.0.0.1:{port}/call/back/whoami")
+    load = ContinuousLoad(port, "/call/back/whoami", reconnect_every=1)
     try:
         assert mesh.cli("certs", "rotate", "back").returncode == 0
         assert mesh.cli("certs", "rotate").returncode == 0

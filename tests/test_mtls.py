@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.client
 import subprocess
-import threading
 
 import pytest
 
@@ -25,6 +24,7 @@ from tests.tlspeers import (
     tls_block,
     tls_get,
 )
+from tests.traffic import ContinuousLoad
 
 
 @pytest.fixture
@@ -216,49 +216,10 @@ def test_policy_table(cleanup, app, ca, authz, caller, method, path, expected):
 # -- rotation under continuous load -----------------------------------------------------
 
 
-class Load:
-    """Requests in a loop on keep-alive and fresh connections until stopped; counts failures."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.sent = self.failed = 0
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        conn = None
-        while not self._stop.is_set():
-            if conn is None or self.sent % 20 == 0:  # fresh connections force fresh handshakes
-                if conn is not None:
-                    conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-            try:
-                conn.request("GET", "/load")
-                resp = conn.getresponse()
-                resp.read()
-                ok = resp.status == 200
-                if not ok:
-                    self.errors.append(f"status {resp.status} {resp.getheader('x-mesh-error')}")
-            except (OSError, http.client.HTTPException) as exc:
-                ok = False
-                self.errors.append(repr(exc))
-                conn = None
-            self.sent += 1
-            self.failed += 0 if ok else 1
-        if conn is not None:
-            conn.close()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.thread.join(30)
-
-
 def test_leaf_and_ca_rotation_under_load_lose_nothing(cleanup, app, ca):
     inner = inbound(cleanup, app, ca)
     outer = outbound(cleanup, ca, inner.endpoint())
-    load = Load(outer.ports["out"])
+    load = ContinuousLoad(outer.ports["out"], "/load")
 
     def push_to_both(make_block) -> None:
         for sidecar, name in ((inner, "svc"), (outer, "front")):
