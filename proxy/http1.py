@@ -62,7 +62,10 @@ _NEVER_DROPPED = frozenset({b"content-length", b"transfer-encoding", b"host"})
 _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/(1\.[01])")
 _STATUS_LINE = re.compile(rb"HTTP/(1\.[01]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\xff]*))?")
-_HEADER_LINE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*)")
+_FIELD_VALUE = rb"[^\x00-\x08\x0a-\x1f\x7f]*"
+_HEADER_LINE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(" + _FIELD_VALUE + rb")")
+_HEADER_FIELD = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(" + _FIELD_VALUE + rb")(?:\r\n|$)")
+_HEADER_BLOCK = re.compile(_TOKEN + rb":" + _FIELD_VALUE + rb"(?:\r\n" + _TOKEN + rb":" + _FIELD_VALUE + rb")*")
 _CONTENT_LENGTH = re.compile(rb"[0-9]{1,18}")
 _CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?")
 _MAX_CHUNK_LINE = 4096
@@ -148,9 +151,8 @@ def _bad(detail: str) -> ProtocolError:
 
 
 def _parse_head(block: bytes, is_request: bool) -> Head:
-    lines = block.split(b"\r\n")
+    start, _, fields = block.partition(b"\r\n")
     head = Head()
-    start = lines[0]
     head.start_line = start
     if is_request:
         match = _REQUEST_LINE.fullmatch(start)
@@ -164,21 +166,21 @@ def _parse_head(block: bytes, is_request: bool) -> Head:
         head.version = match.group(1)
         head.status = int(match.group(2))
         head.reason = match.group(3) or b""
-    del lines[0]
-    headers = head.headers
+    if not fields:
+        if head.version != b"1.1":
+            head.keep_alive = False
+        _apply_framing(head, [], [], is_request)
+        return head
+    # One C-level pass validates every line and one more splits them; the per-line loop
+    # below only runs to name the error when the block is malformed.
+    if _HEADER_BLOCK.fullmatch(fields) is None:
+        _reject_header_lines(fields)
+    headers = head.headers = [(name.lower(), value.rstrip(b" \t")) for name, value in _HEADER_FIELD.findall(fields)]
+    head.lines = fields.split(b"\r\n")
     lengths: list[bytes] = []
     codings: list[bytes] = []
     connection: list[bytes] = []
-    header_line = _HEADER_LINE.fullmatch
-    for line in lines:
-        match = header_line(line)
-        if match is None:
-            if line[:1] in (b" ", b"\t"):
-                raise _bad("obsolete line folding in headers")
-            raise _bad("malformed header line")
-        name = match.group(1).lower()
-        value = match.group(2).rstrip(b" \t")
-        headers.append((name, value))
+    for name, value in headers:
         if name in _FRAMING_HEADERS:
             if name == b"content-length":
                 lengths.append(value)
@@ -188,7 +190,6 @@ def _parse_head(block: bytes, is_request: bool) -> Head:
                 head.has_hop_by_hop = True
                 if name == b"connection":
                     connection.extend(c.strip(b" \t").lower() for c in value.split(b","))
-    head.lines = lines
     if connection:
         head.connection_tokens = frozenset(connection)
     if head.version == b"1.1":
@@ -197,6 +198,16 @@ def _parse_head(block: bytes, is_request: bool) -> Head:
         head.keep_alive = b"keep-alive" in head.connection_tokens and b"close" not in head.connection_tokens
     _apply_framing(head, lengths, codings, is_request)
     return head
+
+
+def _reject_header_lines(fields: bytes) -> None:
+    """Raise the error for the first header line that is not a valid field line."""
+    for line in fields.split(b"\r\n"):
+        if _HEADER_LINE.fullmatch(line) is None:
+            if line[:1] in (b" ", b"\t"):
+                raise _bad("obsolete line folding in headers")
+            raise _bad("malformed header line")
+    raise _bad("malformed header line")
 
 
 def _apply_framing(head: Head, lengths: list[bytes], codings: list[bytes], is_request: bool) -> None:

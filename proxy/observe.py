@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,9 @@ ACCESS_LOG_MODES = ("off", "on", "errors")
 _NOT_MESH_ERRORS = ("ok", "client-lost")
 _DROP_ON_TRACE = frozenset(TRACE_HEADERS) | HOP_BY_HOP
 _NEVER_DROPPED = frozenset({b"content-length", b"transfer-encoding", b"host"})
+_TRACE_HEADER_SET = frozenset(TRACE_HEADERS)
+_random_bits = random.getrandbits
+_SOURCE_CACHE_LIMIT = 1024
 
 Send = Callable[[dict], None]
 
@@ -99,6 +103,11 @@ class Observer:
         self.hops: dict[int, Hop] = {}  # id(exchange) -> its span, only while tracing
         self.identity: str | None = None
         self.service_identities: dict[str, str | None] = {}
+        self.metrics_on = True
+        self._own_service = snapshot.service
+        self._own_version = snapshot.service_version
+        self._outbound_source = snapshot.service if snapshot.service != "None" else "ingress"
+        self._sources: dict[str | None, str] = {}  # peer identity -> its service name
         self._flusher: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
@@ -117,8 +126,19 @@ class Observer:
         self.service_identities = {
             name: (cfg.get("tls") or {}).get("identity") for name, cfg in (raw.get("services") or {}).items() if isinstance(cfg, dict)
         }
+        self.metrics_on = raw.get("metrics", True) is not False
+        self._own_service = snapshot.service
+        self._own_version = snapshot.service_version
+        self._outbound_source = snapshot.service if snapshot.service != "None" else "ingress"
         if self.sampler is not None and self._flusher is None:
             self._flusher = self.state.loop.call_later(SPAN_FLUSH_INTERVAL, self._flush_spans)
+        self._hook()
+
+    def _hook(self) -> None:
+        """Unhook exchange_done when nothing would record (metrics off, no spans, taps or access lines)."""
+        sampler = self.sampler
+        wanted = self.metrics_on or self.taps or self.access_log != "off" or (sampler is not None and sampler.rate > 0.0)
+        self.state.on_exchange_done = self.exchange_done if wanted else None
 
     # -- channel requests ------------------------------------------------------------------
 
@@ -129,8 +149,10 @@ class Observer:
             self.send({"type": "stats", "data": self.metrics.snapshot()})
         elif kind == "tap":
             self.taps[int(message.get("id", 0))] = TapFilter(message.get("filter") or {})
+            self._hook()
         elif kind == "untap":
             self.taps.pop(int(message.get("id", 0)), None)
+            self._hook()
         else:
             return False
         return True
@@ -148,49 +170,79 @@ class Observer:
     def trace(self, exchange_key: int, head: Head, listener_kind: str) -> list[bytes] | None:
         """The next hop's trace header lines, or None to pass the headers through untouched.
 
-        Only the ingress starts traces; other listeners continue the ones that arrive.
+        Only the ingress starts traces; other listeners continue the ones that arrive. A
+        trace the caller decided not to sample passes through untouched: no hop records a
+        span of it, so a new span id would link nothing, and the head need not be rebuilt.
         """
         sampler = self.sampler
         if sampler is None:
             return None
-        incoming = extract(head.get)
-        if incoming is None and listener_kind != "ingress":
-            return None
-        hop = next_hop(incoming, sampler)
+        found: dict[bytes, bytes] | None = None
+        for name, value in head.headers:
+            if name in _TRACE_HEADER_SET:
+                if found is None:
+                    found = {}
+                found.setdefault(name, value)
+        if found is None:
+            if listener_kind != "ingress":
+                return None
+            incoming = None
+            trace_id = "%032x" % (_random_bits(128) or 1)
+        else:
+            incoming = extract(found.get)
+            if incoming is None:
+                if listener_kind != "ingress":
+                    return None
+                trace_id = "%032x" % (_random_bits(128) or 1)
+            elif incoming.sampled is False:
+                return None
+            else:
+                trace_id = None
+        # Span and trace ids need to be unique, not secret: the PRNG spares a getrandom call.
+        hop = next_hop(incoming, sampler, "%016x" % (_random_bits(64) or 1), trace_id)
         if hop.sampled:
             self.hops[exchange_key] = hop
         return [name + b": " + value for name, value in hop.headers()]
 
     def exchange_done(self, exchange: Exchange, outcome: str) -> None:
         client = exchange.client
-        snapshot = self.state.snapshot
         inbound = client.listener.kind == "inbound"
         mesh_error = outcome not in _NOT_MESH_ERRORS
         status = exchange.status if exchange.response_started or mesh_error else 0
         duration = self.state.loop.time() - exchange.started
         if inbound:
-            source = service_of_identity(client.peer_identity)
-            destination = snapshot.service  # type: ignore[union-attr]
-            version = snapshot.service_version  # type: ignore[union-attr]
+            identity = client.peer_identity
+            source = self._sources.get(identity)
+            if source is None:
+                if len(self._sources) >= _SOURCE_CACHE_LIMIT:
+                    self._sources.clear()
+                source = self._sources[identity] = service_of_identity(identity)
+            destination = self._own_service
+            version = self._own_version
         else:
-            source = snapshot.service if snapshot.service != "None" else "ingress"  # type: ignore[union-attr]
+            source = self._outbound_source
             service = exchange.target.service
             destination = service.name if service is not None else exchange.target.label
             endpoint = exchange.last_endpoint
-            action = exchange.action
-            version = endpoint.version if endpoint is not None else (action.version if action is not None else "")
+            if endpoint is not None:
+                version = endpoint.version
+            else:
+                action = exchange.action
+                version = action.version if action is not None else ""
         metrics = self.metrics
-        metrics.record_request(
-            OUTBOUND if not inbound else INBOUND, source, destination, version, exchange.method, status, duration,
-            mesh_error, exchange.head.target if inbound else None,
-        )
-        if exchange.attempt > 1:
-            for _ in range(exchange.attempt - 1):
-                metrics.count_retry(destination, version)
-        if outcome == "timeout":
-            metrics.count_timeout(destination, version)
-        elif outcome == "forbidden":
-            metrics.count_authz_denied(source, destination)
+        if self.metrics_on:
+            metrics.record_request(
+                OUTBOUND if not inbound else INBOUND, source, destination, version, exchange.method, status, duration,
+                mesh_error, exchange.head.target if inbound else None,
+            )
+            if exchange.attempt > 1:
+                for _ in range(exchange.attempt - 1):
+                    metrics.count_retry(destination, version)
+            if mesh_error:
+                if outcome == "timeout":
+                    metrics.count_timeout(destination, version)
+                elif outcome == "forbidden":
+                    metrics.count_authz_denied(source, destination)
         if self.hops:
             hop = self.hops.pop(id(exchange.head), None)
             if hop is not None:
