@@ -1,0 +1,175 @@
+"""Gateway API objects: HTTPRoutes for calls between services, and the ingress.
+
+Mesh routes follow GAMMA: an HTTPRoute whose parent is the Service `cart`; each meshctl
+route becomes one rule, the service's split the last rule (PathPrefix /). Weights go to
+per-version Services (`cart-v1`), as backendRefs must name Services. Linkerd reads
+retries and timeouts from annotations on the HTTPRoute (`retry.linkerd.io/*`,
+`timeout.linkerd.io/request`), which apply to the whole object: a route whose retries
+differ from the service's gets an HTTPRoute of its own (`cart-r1`).
+
+Two semantic differences are reported rather than hidden: Gateway API ranks rules by
+specificity, not by order (meshctl: first match wins), and PathPrefix matches whole path
+segments (meshctl: a string prefix).
+"""
+
+from __future__ import annotations
+
+import re
+
+from agent.model import Manifest, ServiceSpec
+from meshctl.export import linkerd
+from meshctl.export.context import (
+    SERVICE_PORT,
+    ExportInput,
+    Notes,
+    duration,
+    ingress_name,
+    metadata,
+    routing,
+    version_service_name,
+)
+
+API_VERSION = "gateway.networking.k8s.io/v1"
+DEFAULT_MATCH = {"path": {"type": "PathPrefix", "value": "/"}}
+
+
+def mesh_routes(manifest: Manifest, given: ExportInput, notes: Notes) -> list[dict]:
+    return [route for service in manifest.services for route in service_routes(service, given, notes)]
+
+
+def service_routes(service: ServiceSpec, given: ExportInput, notes: Notes) -> list[dict]:
+    """The HTTPRoutes for calls to `service` (the first one holds the split)."""
+    split, routes = routing(service, given)
+    traffic = service.traffic or {}
+    service_retries = traffic.get("retries")
+    main_rules: list[dict] = []
+    separate: list[tuple[int, dict, dict]] = []
+    for index, route in enumerate(routes):
+        where = "%s.routes[%d]" % (service.name, index)
+        rule = http_rule(service.name, route["match"], route["split"], where, notes)
+        if route.get("timeout") is not None:
+            rule["timeouts"] = {"request": duration(route["timeout"])}
+        for feature in ("fault", "mirror"):
+            if route.get(feature):
+                notes.add(where, feature, "Linkerd has no %s" % ("fault injection" if feature == "fault" else "mirroring"))
+        own_retries = route.get("retries")
+        if own_retries is not None and own_retries != service_retries:
+            separate.append((index, rule, linkerd.retry_annotations(own_retries, where, notes)))
+        else:
+            main_rules.append(rule)
+    if sum(1 for route in routes if route["match"] != _ANY) > 1:
+        notes.add(service.name, "routes order", "Gateway API ranks matches by specificity, not by order")
+    main_rules.append({"matches": [dict(DEFAULT_MATCH)], "backendRefs": backend_refs(service.name, split)})
+    annotations = {
+        **linkerd.retry_annotations(service_retries, service.name, notes),
+        **linkerd.timeout_annotations(traffic.get("timeout")),
+    }
+    out = [http_route(service.name, service.name, main_rules, annotations, given)]
+    for index, rule, retry in separate:
+        own = {**retry, **linkerd.timeout_annotations(traffic.get("timeout"))}
+        out.append(http_route("%s-r%d" % (service.name, index), service.name, [rule], own, given))
+    return out
+
+
+_ANY = {"path": None, "methods": None, "headers": [], "query": []}
+
+
+def http_route(name: str, parent_service: str, rules: list[dict], annotations: dict, given: ExportInput) -> dict:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "HTTPRoute",
+        "metadata": metadata(name, given, labels={"app": parent_service}, annotations=annotations),
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": parent_service, "port": SERVICE_PORT}],
+            "rules": rules,
+        },
+    }
+
+
+def backend_refs(service: str, split: dict[str, int]) -> list[dict]:
+    return [
+        {"name": version_service_name(service, version), "port": SERVICE_PORT, "weight": int(weight)}
+        for version, weight in split.items()
+    ]
+
+
+def http_rule(service: str, match: dict, split: dict[str, int], where: str, notes: Notes) -> dict:
+    return {"matches": http_matches(match, where, notes), "backendRefs": backend_refs(service, split)}
+
+
+def http_matches(match: dict, where: str, notes: Notes) -> list[dict]:
+    """One HTTPRouteMatch per method (matches are ORed), each with the same conditions."""
+    base: dict = {}
+    path = match.get("path")
+    if path is not None:
+        base["path"] = path_match(path, where, notes)
+    headers = [header_match(header) for header in match.get("headers") or []]
+    if headers:
+        base["headers"] = headers
+    query = [{"type": "Exact", "name": item["name"], "value": item["value"]} for item in match.get("query") or []]
+    if query:
+        base["queryParams"] = query
+    methods = match.get("methods") or [None]
+    matches = [dict(base, method=method) if method else dict(base) for method in methods]
+    return [found if found else dict(DEFAULT_MATCH) for found in matches]
+
+
+def path_match(path: dict, where: str, notes: Notes) -> dict:
+    if path["kind"] == "exact":
+        return {"type": "Exact", "value": path["value"]}
+    if path["kind"] == "regex":
+        return {"type": "RegularExpression", "value": path["value"]}
+    if not path["value"].endswith("/"):
+        notes.add(where, "match.path.prefix", "PathPrefix %s matches whole segments only" % path["value"])
+    return {"type": "PathPrefix", "value": path["value"]}
+
+
+def header_match(header: dict) -> dict:
+    if header["kind"] == "exact":
+        return {"type": "Exact", "name": header["name"], "value": header["value"]}
+    if header["kind"] == "regex":
+        return {"type": "RegularExpression", "name": header["name"], "value": header["value"]}
+    return {"type": "RegularExpression", "name": header["name"], "value": "^" + re.escape(header["value"]) + ".*"}
+
+
+# -------------------------------------------------------------------------- the ingress
+
+
+def ingress_objects(manifest: Manifest, given: ExportInput, notes: Notes) -> list[dict]:
+    ingress = manifest.ingress
+    assert ingress is not None
+    name = ingress_name(manifest)
+    listener: dict = {"name": "http", "protocol": "HTTP", "port": ingress.port}
+    if ingress.tls_cert:
+        listener = {
+            "name": "https", "protocol": "HTTPS", "port": ingress.port,
+            "tls": {"mode": "Terminate", "certificateRefs": [{"kind": "Secret", "name": name + "-tls"}]},
+        }
+        notes.add("ingress", "tls", "create Secret %s-tls from %s and its key (kubectl create secret tls)"
+                  % (name, ingress.tls_cert))
+    if ingress.host not in ("127.0.0.1", "localhost"):
+        notes.add("ingress", "host", "the Gateway's addresses are the implementation's")
+    gateway = {
+        "apiVersion": API_VERSION,
+        "kind": "Gateway",
+        "metadata": metadata(name, given),
+        "spec": {"gatewayClassName": given.gateway_class_name, "listeners": [listener]},
+    }
+    rules = []
+    for route in ingress.routes:
+        if not route.path.endswith("/"):
+            notes.add("ingress", "routes[%s]" % route.path, "PathPrefix matches whole segments only")
+        rules.append({
+            "matches": [{"path": {"type": "PathPrefix", "value": route.path}}],
+            "backendRefs": [{"name": route.service, "port": SERVICE_PORT}],
+        })
+        if given.mesh == "istio" and len(manifest.service(route.service).versions) > 1:
+            notes.add("ingress", "routes[%s]" % route.path,
+                      "the Istio gateway sends to Service %s without its VirtualService split" % route.service)
+    route_object = {
+        "apiVersion": API_VERSION,
+        "kind": "HTTPRoute",
+        "metadata": metadata(name, given),
+        "spec": {"parentRefs": [{"name": name}], "rules": rules},
+    }
+    return [gateway, route_object]
