@@ -154,6 +154,8 @@ class ClientConnection(asyncio.Protocol):
         "peer_identity",
         "tunnel",
         "prefix",
+        "bytes_in",
+        "bytes_out",
     )
 
     def __init__(self, state: ServerState, listener: Listener) -> None:
@@ -173,6 +175,8 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel: Tunnel | None = None
         self.peer_identity: str | None = None  # the caller's SPIFFE ID, on mTLS inbound connections
         self.prefix: bytes | None = None  # first bytes while the protocol is being detected (proxy.detect)
+        self.bytes_in = 0
+        self.bytes_out = 0  # added by the writers (proxy.exchange)
 
     def __repr__(self) -> str:
         return "<ClientConnection %s from %s, %r>" % (self.listener.name, self.client_ip, self.exchange)
@@ -201,8 +205,9 @@ class ClientConnection(asyncio.Protocol):
             if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
                 hand_over(transport, inbound_h2(state, listener, self.peer_identity))  # type: ignore[arg-type]
                 return
-            if ssl_object is None:
-                self.prefix = b""  # plaintext (permissive or off): an h2c preface is HTTP/2
+            # An h2c preface (plaintext) is HTTP/2; bytes that are not HTTP, or silence (a
+            # server-first protocol relayed opaque by the caller's sidecar), go to the app as TCP.
+            self.prefix = b""
         elif listener.kind == "outbound":
             self.prefix = b""
         peer = transport.get_extra_info("peername")
@@ -217,12 +222,12 @@ class ClientConnection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        self.deadline = state.loop.time() + (detect.DETECT_TIMEOUT_S if listener.kind == "outbound" else http.idle_timeout)
+        self.deadline = state.loop.time() + (detect.DETECT_TIMEOUT_S if self.prefix is not None else http.idle_timeout)
         state.connections.add(self)
         if state.draining:
             self.close()
 
-    def _relay_to_app(self, transport: asyncio.Transport) -> None:
+    def _relay_to_app(self, transport: asyncio.Transport, pending: bytes = b"") -> None:
         """A tcp app: authorize the caller's identity once, then relay bytes."""
         state = self.state
         refused_by = authorize_connection(state.snapshot.authz, self.peer_identity)  # type: ignore[union-attr]
@@ -233,7 +238,7 @@ class ClientConnection(asyncio.Protocol):
                 observer.metrics.count_authz_denied(service_of_identity(self.peer_identity), state.snapshot.service)  # type: ignore[union-attr]
             transport.abort()
             return
-        inbound_relay(state, self.listener, self.peer_identity).adopt_downstream(transport)
+        inbound_relay(state, self.listener, self.peer_identity).adopt_downstream(transport, pending)
 
     def _detect(self, data: bytes) -> bytes | None:
         """Buffer the first bytes until proxy.detect decides; the HTTP/1 bytes to parse, or None."""
@@ -248,7 +253,7 @@ class ClientConnection(asyncio.Protocol):
         self.prefix = None
         state = self.state
         inbound = self.listener.kind == "inbound"
-        if kind is detect.Kind.HTTP1 or (inbound and kind is not detect.Kind.HTTP2):
+        if kind is detect.Kind.HTTP1 or kind is detect.Kind.TLS:  # TLS on a plain listener: parsed, and rejected, as HTTP
             self.deadline = state.loop.time() + state.snapshot.http.idle_timeout  # type: ignore[union-attr]
             return prefix
         # From here on the connection is not HTTP/1: it leaves this server's bookkeeping.
@@ -256,13 +261,16 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = 0.0
         state.connections.discard(self)
         if kind is detect.Kind.HTTP2:
-            proxy = inbound_h2(state, self.listener, None) if inbound else outbound_h2(state, self.listener)
+            proxy = inbound_h2(state, self.listener, self.peer_identity) if inbound else outbound_h2(state, self.listener)
             hand_over(self.transport, proxy, prefix)
+        elif inbound:
+            self._relay_to_app(self.transport, prefix)
         else:
             outbound_relay(state, self.listener, self.client_ip).adopt_downstream(self.transport, prefix)
         return None
 
     def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
         if self.prefix is not None:
             data = self._detect(data)  # type: ignore[assignment]
             if data is None:
@@ -288,6 +296,11 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
         self.deadline = 0.0
         self.state.connections.discard(self)
+        observer = self.state.observer
+        if observer is not None:
+            # Counted opened and closed together here: a connection handed to a relay or to
+            # HTTP/2 after detection never gets here and is counted by proxy.dispatch instead.
+            observer.client_closed(self.peer_identity, self.bytes_in, self.bytes_out)
         exchange = self.exchange
         if exchange is not None:
             self.exchange = None
@@ -437,7 +450,7 @@ class ClientConnection(asyncio.Protocol):
             self.close()
 
     def on_deadline(self, now: float) -> None:
-        if self.prefix is not None and self.listener.kind == "outbound":
+        if self.prefix is not None:
             # Silent for DETECT_TIMEOUT_S: perhaps a server-speaks-first protocol; relay it.
             self._decided(detect.on_timeout(self.prefix), self.prefix)
             return

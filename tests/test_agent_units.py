@@ -101,8 +101,8 @@ def test_compile_sidecar_lists_only_ready_endpoints_of_upstreams():
         [Endpoint("catalog@v1#0", "catalog", "v1", 5001), Endpoint("cart@v2#0", "cart", "v2", 5002)],
     )
     assert snapshot["listeners"] == [
-        {"name": "inbound", "kind": "inbound", "fd": 5, "app": ["127.0.0.1", 4000]},
-        {"name": "outbound:catalog", "kind": "outbound", "fd": 6, "service": "catalog"},
+        {"name": "inbound", "kind": "inbound", "fd": 5, "app": ["127.0.0.1", 4000], "protocol": "http"},
+        {"name": "outbound:catalog", "kind": "outbound", "fd": 6, "service": "catalog", "protocol": "http"},
     ]
     assert list(snapshot["services"]) == ["catalog"]
     assert snapshot["services"]["catalog"]["endpoints"] == [
