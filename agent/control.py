@@ -124,6 +124,7 @@ class ControlServer:
             except ValueError:
                 raise BadRequest(f"request longer than {MAX_REQUEST_BYTES} bytes") from None
             if not raw:
+                writer.close()  # the client sent nothing: close, or its socket stays open here
                 return
             try:
                 request = json.loads(raw)
@@ -141,6 +142,7 @@ class ControlServer:
         except AgentError as exc:
             writer.write(_line({"ok": False, "error": {"code": exc.code, "message": str(exc)}}))
         except (ConnectionError, asyncio.IncompleteReadError):
+            writer.close()
             return
         except Exception as exc:
             log.error("control request failed", exc_info=True)

@@ -34,6 +34,10 @@ class UnknownService(AgentError):
     code = "unknown-service"
 
 
+class BadSecurityRequest(AgentError):
+    code = "bad-request"
+
+
 def security_ops(sup: Supervisor) -> dict[str, Handler]:
     rotation_lock = asyncio.Lock()
 
@@ -101,7 +105,7 @@ def security_ops(sup: Supervisor) -> dict[str, Handler]:
         manifest = sup.manifest
         source, target = request.get("from"), request.get("to")
         if not isinstance(source, str) or not isinstance(target, str):
-            raise AgentError('policy-check needs "from" and "to"')
+            raise BadSecurityRequest('policy-check needs "from" and "to" strings')
         names = [s.name for s in manifest.services]
         if target not in names:
             raise UnknownService(f"no service {target!r} in mesh {manifest.mesh}")
