@@ -1,10 +1,13 @@
 """Abusive clients against real sidecar processes: a thousand idle connections, request
 smuggling per RFC 9112 through a sidecar pair, and a client that never reads a large
 response. The sidecar must keep serving, refuse with 400 and a closed connection, and
-keep its memory bounded."""
+keep its memory bounded. Then identities on a real strict mesh: a certificate from a
+foreign CA is refused where the mesh's own is admitted, and no app holds a way to any
+identity (what test_mesh_security.py and test_mtls.py do not cover already)."""
 
 from __future__ import annotations
 
+import json
 import resource
 import socket
 import threading
@@ -13,8 +16,11 @@ import time
 import psutil
 import pytest
 
+from agent.ca import CertificateAuthority, spiffe_id
+from tests.meshharness import free_port, http_get
 from tests.proxy_harness import Sidecar, Upstream, read_responses, service, wait_for
 from tests.reliability import fd_count, record, rss
+from tests.tlspeers import client_context, plain_get, tls_get
 
 IDLE_CONNECTIONS = 1000
 HTTP = {"max_header_bytes": 65536, "max_body_bytes": None, "header_timeout": 60.0, "idle_timeout": 60.0}
@@ -208,3 +214,58 @@ def test_a_client_that_never_reads_does_not_make_the_sidecar_buffer(sidecars):
     })
     assert stalled_at < 64 << 20, "the sidecars took %d MB of a response nobody reads" % (stalled_at >> 20)
     assert max(growth) < 32 << 20, growth
+
+
+# -- identities on a real mesh ---------------------------------------------------------
+
+STRICT = """
+mesh: abuse
+services:
+  back:
+    command: {PY} {APPS}/echo.py
+    health: {{http: /healthz}}
+  front:
+    command: {PY} {APPS}/echo.py
+    upstreams: [back]
+    health: {{http: /healthz}}
+ingress:
+  port: {port}
+  routes: [{{path: /, service: front}}]
+"""
+
+
+def test_a_foreign_ca_cannot_impersonate_a_service_and_apps_hold_no_identity(mesh, tmp_path):
+    port = free_port()
+    mesh.write_manifest(STRICT.format(port=port, PY="{PY}", APPS="{APPS}"))
+    mesh.up()
+    back = mesh.instance("back@v1#0")
+    front = mesh.instance("front@v1#0")
+    caller = spiffe_id("abuse.local", "front")
+    mesh_ca = CertificateAuthority(mesh.home / "ca", "abuse")  # the positive control reads the real CA
+    genuine = mesh_ca.issue(caller, 600)
+    assert tls_get(back["inbound_port"], client_context(mesh_ca.bundle_pem, genuine.chain_pem, genuine.key_pem), "/whoami") == 200
+    foreign = CertificateAuthority(tmp_path / "foreign", "abuse").issue(caller, 600)
+    assert tls_get(back["inbound_port"], client_context(mesh_ca.bundle_pem, foreign.chain_pem, foreign.key_pem), "/whoami") is None
+    assert tls_get(back["inbound_port"], client_context(mesh_ca.bundle_pem), "/whoami") is None
+    assert plain_get(back["inbound_port"], "/whoami") is None
+
+    # Each sidecar was issued its own service's identity and nothing else.
+    certs = json.loads(mesh.cli("certs", "-o", "json", check=True).stdout)
+    text = json.dumps(certs)
+    assert "PRIVATE KEY" not in text
+    for inst in (back, front):
+        assert spiffe_id("abuse.local", inst["service"]) in text
+    # An app gets no way to another identity: no unix socket (no config channel, no agent
+    # socket) among its descriptors, nothing open under the state directory, no key in env.
+    for inst in (back, front):
+        app = psutil.Process(inst["pid"])
+        assert app.net_connections(kind="unix") == [], app.net_connections(kind="unix")
+        assert not [f.path for f in app.open_files() if f.path.startswith(str(mesh.home))]
+        with open(f"/proc/{inst['pid']}/environ", "rb") as fh:
+            assert b"PRIVATE KEY" not in fh.read()
+    # The admin endpoints and the merged metrics show no key either.
+    for inst in mesh.status()["instances"]:
+        if inst.get("admin_port"):
+            for path in ("/stats", "/metrics"):
+                assert b"PRIVATE KEY" not in http_get(f"http://127.0.0.1:{inst['admin_port']}{path}")[2]
+    assert "PRIVATE KEY" not in mesh.cli("metrics", "--raw", check=True).stdout

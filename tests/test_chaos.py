@@ -171,3 +171,48 @@ def sidecar_pids(mesh) -> list[int]:
     """Every sidecar of the mesh, the ingress included (`python -m proxy` children of the agent)."""
     agent = psutil.Process(mesh.agent_pid())
     return [p.pid for p in agent.children(recursive=True) if p.cmdline()[1:3] == ["-m", "proxy"]]
+
+
+OPERATIONS = """
+mesh: zerodown
+certificates: {{leaf_lifetime: 1h}}
+services:
+  api:
+    health: {{http: /healthz, period: 100ms}}
+    versions:
+      v1: {{command: {PY} {APPS}/echo.py, replicas: 2}}
+      v2: {{command: {PY} {APPS}/echo.py}}
+    split: {{v1: 100}}
+    retries: %(retries)s
+ingress:
+  port: {port}
+  routes: [{{path: /, service: api}}]
+""" % {"retries": RETRIES}
+
+
+def test_live_operations_in_sequence_under_one_load_lose_nothing(mesh):
+    port = free_port()
+    mesh.write_manifest(OPERATIONS.format(port=port, PY="{PY}", APPS="{APPS}"))
+    mesh.up()
+    phases: list[Phase] = []
+    with ContinuousLoad(port, "/whoami") as load:
+        load.wait_for_requests(100)
+        with load.phase("route change (split v1=50 v2=50)", phases):
+            mesh.cli("route", "split", "api", "v1=50", "v2=50", check=True)
+        with load.phase("certificate rotation (every leaf)", phases):
+            mesh.cli("certs", "rotate", check=True, timeout=120)
+        with load.phase("CA rotation (three phases)", phases):
+            mesh.cli("certs", "rotate", "--ca", check=True, timeout=120)
+        with load.phase("rolling restart (3 instances)", phases):
+            mesh.cli("restart", "api", check=True, timeout=120)
+        with load.phase("scale-down (v1 2 -> 1)", phases):
+            mesh.cli("scale", "api@v1=1", check=True, timeout=120)
+    record("zero_downtime_operations", {
+        "title": "live operations in sequence under one continuous load",
+        "about": "4 keep-alive clients call api (v1 x2, v2 x1) through the ingress without a pause "
+                 "while the operations run one after the other through the CLI; each row counts "
+                 "the requests started from the command's start until 20 more completed after it returned.",
+        "operations": [p.to_json() for p in phases],
+    })
+    assert sorted(i["id"] for i in mesh.status()["instances"]) == ["api@v1#0", "api@v2#0"]
+    assert {p.name: p.failures for p in phases} == {p.name: [] for p in phases}
