@@ -243,7 +243,10 @@ class Exchange:
         pool = self.client.state.pool
         try:
             service = self.target.service
-            conn = await pool.connect(address, timeout, service.tls if service is not None else None)
+            if service is not None:
+                conn = await pool.connect(address, timeout, service.tls, service.name)
+            else:
+                conn = await pool.connect(address, timeout, None, "app" if self.client.listener.kind == "inbound" else self.target.label)
         except TimeoutError:
             self.connect_task = None
             self._try_failed("connect-failure", "connect timed out after %gs" % timeout, None)
@@ -278,6 +281,7 @@ class Exchange:
         if pending is None or conn is None:
             return
         self.pending = None
+        conn.bytes_out += self.pending_size
         if len(pending) == 1:
             conn.transport.write(pending[0])  # type: ignore[union-attr]
         else:
@@ -298,7 +302,9 @@ class Exchange:
                 self.replay = None
         pending = self.pending
         if pending is None:
-            self.upstream.transport.write(data)  # type: ignore[union-attr]
+            conn = self.upstream
+            conn.bytes_out += len(data)  # type: ignore[union-attr]
+            conn.transport.write(data)  # type: ignore[union-attr]
             return
         pending.append(data)
         self.pending_size += len(data)
@@ -382,11 +388,14 @@ class Exchange:
 
     def _write_out(self, out: list[bytes]) -> None:
         if out:
-            transport = self.client.transport
+            client = self.client
             if len(out) == 1:
-                transport.write(out[0])
+                data = out[0]
+                client.bytes_out += len(data)
+                client.transport.write(data)
             else:
-                transport.writelines(out)
+                client.bytes_out += sum(map(len, out))
+                client.transport.writelines(out)
             out.clear()
 
     def _response_head(self, head: Head, out: list[bytes]) -> bool:
@@ -561,7 +570,9 @@ class Exchange:
     def _record(self, endpoint: Endpoint, ok: bool) -> None:
         service = self.target.service
         if service is not None:
-            service.outlier.record(endpoint, ok, self.client.state.loop.time(), len(service.endpoints))
+            state = self.client.state
+            if service.outlier.record(endpoint, ok, state.loop.time(), len(service.endpoints)) and state.observer is not None:
+                state.observer.count_ejection(service.name, endpoint.version)
 
     def _release_endpoint(self) -> None:
         endpoint = self.endpoint
@@ -598,5 +609,7 @@ class Exchange:
             self.client_keep_alive = False
         if code == "upstream-connect-failed" or code == "timeout" or code == "upstream-reset":
             log.info("%s %s", code, detail)
-        self.client.transport.write(error_response(code, detail, status, close=not self.client_keep_alive))
+        response = error_response(code, detail, status, close=not self.client_keep_alive)
+        self.client.bytes_out += len(response)
+        self.client.transport.write(response)
         self._answered(code)

@@ -98,7 +98,7 @@ class Mirror:
 
     async def _connect(self, timeout: float) -> None:
         try:
-            conn = await self.pool.connect(self.address, timeout, self.service.tls)
+            conn = await self.pool.connect(self.address, timeout, self.service.tls, self.service.name)
         except (OSError, TimeoutError) as exc:
             self._finish("connect failed: %s" % (exc,))
             return
@@ -113,6 +113,7 @@ class Mirror:
         if self.no_body:
             conn.parser.expect_no_body()
         conn.transport.writelines(self.data)  # type: ignore[union-attr]
+        conn.bytes_out += sum(map(len, self.data))
         self.data = []
 
     def _give_up(self, detail: str) -> None:

@@ -139,6 +139,7 @@ class Observer:
         sampler = self.sampler
         wanted = self.metrics_on or self.taps or self.access_log != "off" or (sampler is not None and sampler.rate > 0.0)
         self.state.on_exchange_done = self.exchange_done if wanted else None
+        self.state.pool.observer = self if self.metrics_on else None
 
     # -- channel requests ------------------------------------------------------------------
 
@@ -211,12 +212,7 @@ class Observer:
         status = exchange.status if exchange.response_started or mesh_error else 0
         duration = self.state.loop.time() - exchange.started
         if inbound:
-            identity = client.peer_identity
-            source = self._sources.get(identity)
-            if source is None:
-                if len(self._sources) >= _SOURCE_CACHE_LIMIT:
-                    self._sources.clear()
-                source = self._sources[identity] = service_of_identity(identity)
+            source = self._sources.get(client.peer_identity) or self.source_of(client.peer_identity)
             destination = self._own_service
             version = self._own_version
         else:
@@ -255,7 +251,31 @@ class Observer:
             self._emit(exchange, inbound, source, destination, version, status, duration, outcome if mesh_error else None)
 
     def count_ejection(self, destination: str, version: str) -> None:
-        self.metrics.count_ejection(destination, version)
+        if self.metrics_on:
+            self.metrics.count_ejection(destination, version)
+
+    def tcp_opened(self, direction: str, peer_service: str) -> None:
+        self.metrics.tcp_opened(direction, peer_service)
+
+    def tcp_closed(self, direction: str, peer_service: str, bytes_in: int, bytes_out: int) -> None:
+        self.metrics.tcp_closed(direction, peer_service, bytes_in, bytes_out)
+
+    def client_closed(self, peer_identity: str | None, bytes_in: int, bytes_out: int) -> None:
+        """An HTTP/1 client connection closed: counted as opened and closed, with its bytes."""
+        if self.metrics_on:
+            peer = self.source_of(peer_identity)
+            metrics = self.metrics
+            metrics.tcp_opened(INBOUND, peer)
+            metrics.tcp_closed(INBOUND, peer, bytes_in, bytes_out)
+
+    def source_of(self, identity: str | None) -> str:
+        """The service a peer identity names, cached (identities are few)."""
+        source = self._sources.get(identity)
+        if source is None:
+            if len(self._sources) >= _SOURCE_CACHE_LIMIT:
+                self._sources.clear()
+            source = self._sources[identity] = service_of_identity(identity)
+        return source
 
     # -- read-outs of one exchange -----------------------------------------------------------
 

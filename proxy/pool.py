@@ -7,6 +7,11 @@ closes just as a request is written is left to the exchange, which replays the r
 on a fresh connection (see proxy.exchange).
 
 While a connection is lent to an exchange, its protocol callbacks go to that exchange.
+
+Each connection counts the bytes it received and the bytes its users wrote
+(`bytes_out`, added by the writer); when `Pool.observer` is set, a connection's opening
+and, with its byte counts, its close are reported once (mesh_tcp_* metrics, direction
+outbound, the peer named by `connect(peer=...)`).
 """
 
 from __future__ import annotations
@@ -14,9 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from typing import TYPE_CHECKING
 
 from proxy.http1 import Parser
+from proxy.metrics import OUTBOUND
 from proxy.tls import ClientTLS
+
+if TYPE_CHECKING:
+    from proxy.observe import Observer
 
 log = logging.getLogger("proxy.pool")
 
@@ -26,11 +36,15 @@ MAX_IDLE_PER_ADDRESS = 256
 class UpstreamConnection(asyncio.Protocol):
     """One TCP connection to an upstream; `owner` is the exchange using it, or None when idle."""
 
-    __slots__ = ("pool", "address", "transport", "parser", "owner", "closed", "reading_paused", "requests")
+    __slots__ = ("pool", "address", "transport", "parser", "owner", "closed", "reading_paused", "requests", "peer", "bytes_in", "bytes_out", "reported")
 
-    def __init__(self, pool: Pool, address: tuple[str, int]) -> None:
+    def __init__(self, pool: Pool, address: tuple[str, int], peer: str = "unknown") -> None:
         self.pool = pool
         self.address = address
+        self.peer = peer
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.reported = False
         self.transport: asyncio.Transport | None = None
         self.parser = Parser(is_request=False)
         self.owner = None
@@ -52,6 +66,7 @@ class UpstreamConnection(asyncio.Protocol):
                 pass
 
     def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
         owner = self.owner
         if owner is not None:
             owner.upstream_data(data)
@@ -72,6 +87,11 @@ class UpstreamConnection(asyncio.Protocol):
         owner = self.owner
         self.owner = None
         self.pool.forget(self)
+        if self.reported:
+            self.reported = False
+            observer = self.pool.observer
+            if observer is not None:
+                observer.tcp_closed(OUTBOUND, self.peer, self.bytes_in, self.bytes_out)
         if owner is not None:
             owner.upstream_lost(self, exc)
 
@@ -114,11 +134,12 @@ class UpstreamConnection(asyncio.Protocol):
 class Pool:
     """Idle upstream connections by address; `take()` them, `release()` them back."""
 
-    __slots__ = ("loop", "_idle", "__weakref__")
+    __slots__ = ("loop", "_idle", "observer", "__weakref__")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self._idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
+        self.observer: Observer | None = None  # set by proxy.observe while metrics are on
 
     def __repr__(self) -> str:
         return "<Pool %d idle over %d addresses>" % (sum(map(len, self._idle.values())), len(self._idle))
@@ -158,7 +179,7 @@ class Pool:
         if idle and conn in idle:
             idle.remove(conn)
 
-    async def connect(self, address: tuple[str, int], timeout: float, tls: ClientTLS | None = None) -> UpstreamConnection:
+    async def connect(self, address: tuple[str, int], timeout: float, tls: ClientTLS | None = None, peer: str = "unknown") -> UpstreamConnection:
         """A new connection, with mTLS when `tls` is given; raises OSError or asyncio.TimeoutError.
 
         The handshake counts against the connect timeout, and a peer that presents another
@@ -166,13 +187,17 @@ class Pool:
         """
         async with asyncio.timeout(timeout):
             if tls is None:
-                _, conn = await self.loop.create_connection(lambda: UpstreamConnection(self, address), address[0], address[1])
+                _, conn = await self.loop.create_connection(lambda: UpstreamConnection(self, address, peer), address[0], address[1])
             else:
                 transport, conn = await self.loop.create_connection(
-                    lambda: UpstreamConnection(self, address), address[0], address[1],
+                    lambda: UpstreamConnection(self, address, peer), address[0], address[1],
                     ssl=tls.context, server_hostname=tls.server_name,
                 )
                 tls.verify(transport)
+        observer = self.observer
+        if observer is not None and not conn.closed:
+            conn.reported = True
+            observer.tcp_opened(OUTBOUND, peer)
         return conn
 
     def close_all(self) -> None:
