@@ -1,7 +1,8 @@
 """`meshctl export kubernetes`: schema-valid objects whose routing and policy match the mesh.
 
 Core objects are validated with kubernetes-validate against a pinned Kubernetes version;
-Linkerd policy objects against the CRD schemas shipped in tests/data/k8s-schemas/.
+Linkerd policy objects against the CRD schemas shipped in tests/data/k8s-schemas/; Istio objects
+with the pydantic models cloudcoil-models-istio generates from Istio's CRDs (see the README there).
 Round trips: the weights and matches in the output equal the manifest's, or, with an agent
 running the mesh, the live overrides made with `meshctl route`.
 """
@@ -15,6 +16,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from cloudcoil.models.istio.networking.v1 import DestinationRule, VirtualService
+from cloudcoil.models.istio.security.v1 import AuthorizationPolicy, PeerAuthentication
 
 from agent.manifest import parse_manifest
 from meshctl.export import ExportInput, MissingImages, export_objects
@@ -29,6 +32,12 @@ CRD_SCHEMAS = {
     ("policy.linkerd.io/v1alpha1", "MeshTLSAuthentication"): "linkerd-meshtlsauthentication-v1alpha1.yaml",
 }
 CORE_KINDS = {"Deployment", "Service", "ServiceAccount"}
+ISTIO_MODELS = {
+    ("networking.istio.io/v1", "VirtualService"): VirtualService,
+    ("networking.istio.io/v1", "DestinationRule"): DestinationRule,
+    ("security.istio.io/v1", "PeerAuthentication"): PeerAuthentication,
+    ("security.istio.io/v1", "AuthorizationPolicy"): AuthorizationPolicy,
+}
 
 SHOP = """
 mesh: shop
@@ -116,6 +125,44 @@ def test_the_crd_schemas_reject_a_broken_object():
     broken = {"apiVersion": "policy.linkerd.io/v1beta3", "kind": "Server", "spec": {"podSelector": {}}}
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, crd_schema("linkerd-server-v1beta3.yaml"))
+
+
+def validate_istio(item: dict) -> None:
+    """Raise ValueError unless `item` parses into its Istio CRD model with nothing left over.
+
+    The models ignore unknown fields, so the dump of what they parsed must equal the object:
+    a misspelt or unknown field is lost in the round trip, a wrong type fails the parse.
+    """
+    parsed = ISTIO_MODELS[(item["apiVersion"], item["kind"])].model_validate(item)
+    known = parsed.model_dump(by_alias=True, exclude_unset=True, mode="json")
+    if known != item:
+        raise ValueError("fields outside the %s schema: %r" % (item["kind"], item))
+
+
+def test_istio_objects_match_the_crd_models():
+    objects, _ = export("istio")
+    checked = set()
+    for item in objects:
+        if (item["apiVersion"], item["kind"]) in ISTIO_MODELS:
+            validate_istio(item)
+            checked.add(item["kind"])
+    assert checked == {"VirtualService", "DestinationRule", "PeerAuthentication", "AuthorizationPolicy"}
+    assert not [item for item in objects if "istio.io" in item["apiVersion"] and item["kind"] not in checked]
+
+
+@pytest.mark.parametrize("kind, breakage", [
+    ("VirtualService", lambda spec: spec["http"][0]["route"][0].update(weigth=5)),
+    ("VirtualService", lambda spec: spec["http"][0]["route"][0].update(weight="ten")),
+    ("DestinationRule", lambda spec: spec.update(subset=[])),
+    ("AuthorizationPolicy", lambda spec: spec["rules"][0]["from"][0]["source"].update(principals="cart")),
+])
+def test_the_istio_models_reject_a_broken_object(kind, breakage):
+    objects, _ = export("istio")
+    broken = find(objects, kind, "cart" if kind != "AuthorizationPolicy" else "payments-allow")
+    validate_istio(broken)
+    breakage(broken["spec"])
+    with pytest.raises(ValueError):
+        validate_istio(broken)
 
 
 def test_deployments_carry_version_labels_identity_env_and_probes():
