@@ -299,12 +299,15 @@ class ControlServer:
         service, canary = _string(request, "service"), _string(request, "version")
         spec = ovr.service_spec(manifest, service)
         ovr.check_version(spec, canary)
-        limits = promote.Thresholds(
-            step=int(request.get("step", 10)),
-            interval_s=float(request.get("interval", 30.0)),
-            max_error_rate=float(request.get("max_error_rate", 0.01)),
-            max_p99_ms=None if request.get("max_p99_ms") is None else float(request["max_p99_ms"]),
-        )
+        try:
+            limits = promote.Thresholds(
+                step=int(request.get("step", 10)),
+                interval_s=float(request.get("interval", 30.0)),
+                max_error_rate=float(request.get("max_error_rate", 0.01)),
+                max_p99_ms=None if request.get("max_p99_ms") is None else float(request["max_p99_ms"]),
+            )
+        except (TypeError, ValueError, OverflowError):
+            raise BadRequest('"step", "interval", "max_error_rate" and "max_p99_ms" must be numbers') from None
         split = ovr.effective_traffic(spec, self.sup.overrides.service(service))["split"]
         baseline = max((v for v in split if v != canary), key=lambda v: split[v], default=None)
         if baseline is None:

@@ -37,6 +37,13 @@ def _line(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
 
+def _count(request: dict, name: str, default: int) -> int:
+    value = request.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise BadObsRequest(f'"{name}" must be a whole number >= 0')
+    return value
+
+
 def _window(request: dict) -> float:
     window = request.get("window", 10.0)
     if not isinstance(window, (int, float)) or isinstance(window, bool) or not 0 < window <= MAX_WINDOW_S:
@@ -146,7 +153,7 @@ def observability_ops(sup: Supervisor, obs: Observability) -> dict[str, Handler]
     async def access_logs(request: dict, writer: asyncio.StreamWriter) -> None:
         service = request.get("service")
         wanted = (lambda e: True) if not service else (lambda e: service in (e["source"], e["destination"]))
-        for event in list(obs.access)[-int(request.get("tail", 100)):]:
+        for event in list(obs.access)[-_count(request, "tail", 100):]:
             if wanted(event):
                 writer.write(_line({"event": event}))
         await writer.drain()
@@ -177,7 +184,7 @@ def observability_ops(sup: Supervisor, obs: Observability) -> dict[str, Handler]
         return rows
 
     async def traces(request: dict, writer: asyncio.StreamWriter) -> list[dict]:
-        return obs.traces.summaries(int(request.get("limit", 20)), request.get("service"))
+        return obs.traces.summaries(_count(request, "limit", 20), request.get("service"))
 
     async def trace(request: dict, writer: asyncio.StreamWriter) -> dict:
         prefix = request.get("id")
