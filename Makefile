@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export MESHCTL_HOME ?= $(CURDIR)/.state/demo
 
-.PHONY: demo test venv down status clean bench bench-quick bench-deps
+.PHONY: demo test venv down status clean bench bench-quick bench-deps soak fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,3 +54,22 @@ bench-quick: bench-deps $(STAMP)
 
 bench: bench-deps $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# Long runs (docs/reliability.md). soak: ShopFast at SOAK_RATE rps for SOAK_SECONDS
+# (default 1000 rps, 600 s), then docs/reliability.md is regenerated from the results.
+# fuzz: 100,000 sidecar request-path cases, 40,000 control-API cases and the manifest
+# loader's properties; each test is bounded by FUZZ_TIMEOUT seconds.
+SOAK_SECONDS ?= 600
+SOAK_RATE ?= 1000
+FUZZ_TIMEOUT ?= 7200
+
+soak: $(STAMP)
+	SOAK_SECONDS=$(SOAK_SECONDS) SOAK_RATE=$(SOAK_RATE) $(BIN)/python bench/soak.py; \
+	status=$$?; $(BIN)/python -m tests.reliability; exit $$status
+
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -n 2 --timeout $(FUZZ_TIMEOUT) \
+		tests/test_sidecar_fuzz.py tests/test_fuzz_control.py \
+		"tests/test_manifest.py::test_random_structures_raise_only_manifest_errors" \
+		"tests/test_manifest.py::test_mutated_good_manifests_raise_only_manifest_errors" \
+		"tests/test_manifest.py::test_random_text_raises_only_manifest_errors"
