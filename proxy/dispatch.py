@@ -25,7 +25,8 @@ import ssl
 from typing import TYPE_CHECKING, Any
 
 from proxy.authz import Policy
-from proxy.h2conn import H2Proxy, StreamDenied, StreamRecord, UpstreamChoice, header
+from proxy.h2conn import header
+from proxy.h2proxy import H2Proxy, StreamDenied, StreamRecord, UpstreamChoice
 from proxy.metrics import INBOUND, OUTBOUND
 from proxy.observe import service_of_identity
 from proxy.opaque import Relay

@@ -1,4 +1,4 @@
-"""proxy.h2conn: pure gRPC helpers, the sans-IO endpoint in memory, and the H2Proxy driver
+"""proxy.h2conn and proxy.h2proxy: pure gRPC helpers, the sans-IO endpoint in memory, and the H2Proxy driver
 with a real grpcio client and server (demo-services/recommend.py) on 127.0.0.1."""
 
 import asyncio
@@ -14,7 +14,6 @@ from proxy.h2conn import (
     STREAM_WINDOW,
     Data,
     H2Endpoint,
-    H2Proxy,
     Headers,
     StreamEnded,
     StreamReset,
@@ -24,6 +23,7 @@ from proxy.h2conn import (
     is_grpc,
     strip_connection_specific,
 )
+from proxy.h2proxy import H2Proxy
 
 DEADLINE_S = 10.0
 
