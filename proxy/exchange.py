@@ -439,7 +439,7 @@ class Exchange:
                 keep = self.client_keep_alive = False  # a 1.0 client cannot find the end of a chunked body
             # HTTP/1.0 clients keep a connection only when the response says so (RFC 9112 9.3).
             out.append(rebuild_head(head, [_CONNECTION_KEEP_ALIVE] if keep else [_CONNECTION_CLOSE]))
-        elif head.has_hop_by_hop or not keep:
+        elif (head.has_hop_by_hop and not head.only_keep_alive) or not keep:
             out.append(rebuild_head(head, [] if keep else [_CONNECTION_CLOSE]))
         else:
             out.append(head.raw)

@@ -73,13 +73,24 @@ _MAX_CHUNK_LINE = 4096
 _FRAMING_HEADERS = frozenset(
     {b"content-length", b"transfer-encoding", b"connection"} | HOP_BY_HOP
 )
+# The framing and hop-by-hop field lines of a validated block, names in any case.
+_FRAMING_FIELD = re.compile(
+    rb"^(" + b"|".join(sorted(_FRAMING_HEADERS, key=len, reverse=True)) + rb"):[ \t]*(" + _FIELD_VALUE + rb")",
+    re.IGNORECASE | re.MULTILINE,
+)
+_NO_TOKENS: frozenset[bytes] = frozenset()
+_KEEP_ALIVE_ONLY = frozenset({b"keep-alive"})
 
 # Parser states.
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILER, _UNTIL_CLOSE, _END, _DONE = range(9)
 
 
 class Head:
-    """A request or response head. Header names are lower-cased, values as received."""
+    """A request or response head. Header names are lower-cased, values as received.
+
+    `headers` and `lines` are split from the validated `fields` bytes on first use: a
+    response whose head is forwarded as it came never needs them.
+    """
 
     __slots__ = (
         "method",
@@ -88,15 +99,19 @@ class Head:
         "status",
         "reason",
         "start_line",
-        "headers",
-        "lines",
+        "fields",
+        "_headers",
+        "_lines",
         "raw",
         "content_length",
         "chunked",
         "keep_alive",
         "connection_tokens",
         "has_hop_by_hop",
+        "only_keep_alive",
     )
+    _COMPARED = ("method", "target", "version", "status", "reason", "start_line", "headers", "lines", "raw",
+                 "content_length", "chunked", "keep_alive", "connection_tokens", "has_hop_by_hop", "only_keep_alive")
 
     def __init__(self) -> None:
         self.method = b""
@@ -105,14 +120,42 @@ class Head:
         self.status = 0
         self.reason = b""
         self.start_line = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.lines: list[bytes] = []  # the raw header lines, aligned with `headers`
+        self.fields = b""  # the header lines as received, CRLF-separated, without the last CRLF
+        self._headers: list[tuple[bytes, bytes]] | None = None
+        self._lines: list[bytes] | None = None
         self.raw = b""
         self.content_length: int | None = None
         self.chunked = False
         self.keep_alive = True
-        self.connection_tokens: frozenset[bytes] = frozenset()
+        self.connection_tokens: frozenset[bytes] = _NO_TOKENS
         self.has_hop_by_hop = False
+        # The only hop-by-hop header is an HTTP/1.1 `connection: keep-alive`: a no-op that a
+        # kept-alive HTTP/1.1 peer may receive as it is, so the head need not be rebuilt.
+        self.only_keep_alive = False
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        headers = self._headers
+        if headers is None:
+            fields = self.fields
+            headers = self._headers = [(n.lower(), v.rstrip(b" \t")) for n, v in _HEADER_FIELD.findall(fields)] if fields else []
+        return headers
+
+    @headers.setter
+    def headers(self, value: list[tuple[bytes, bytes]]) -> None:
+        self._headers = value
+
+    @property
+    def lines(self) -> list[bytes]:
+        """The raw header lines, aligned with `headers`."""
+        lines = self._lines
+        if lines is None:
+            lines = self._lines = self.fields.split(b"\r\n") if self.fields else []
+        return lines
+
+    @lines.setter
+    def lines(self, value: list[bytes]) -> None:
+        self._lines = value
 
     def get(self, name: bytes) -> bytes | None:
         """The first value of header `name` (lower-case), or None."""
@@ -129,7 +172,7 @@ class Head:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Head):
             return NotImplemented
-        return all(getattr(self, slot) == getattr(other, slot) for slot in self.__slots__)
+        return all(getattr(self, name) == getattr(other, name) for name in self._COMPARED)
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -171,29 +214,33 @@ def _parse_head(block: bytes, is_request: bool) -> Head:
             head.keep_alive = False
         _apply_framing(head, [], [], is_request)
         return head
-    # One C-level pass validates every line and one more splits them; the per-line loop
-    # below only runs to name the error when the block is malformed.
+    # One C-level pass validates every line and one more finds the framing headers; the
+    # per-line loop in _reject_header_lines only runs to name the error.
     if _HEADER_BLOCK.fullmatch(fields) is None:
         _reject_header_lines(fields)
-    headers = head.headers = [(name.lower(), value.rstrip(b" \t")) for name, value in _HEADER_FIELD.findall(fields)]
-    head.lines = fields.split(b"\r\n")
+    head.fields = fields
     lengths: list[bytes] = []
     codings: list[bytes] = []
     connection: list[bytes] = []
-    for name, value in headers:
-        if name in _FRAMING_HEADERS:
-            if name == b"content-length":
-                lengths.append(value)
-            elif name == b"transfer-encoding":
-                codings.extend(c.strip(b" \t").lower() for c in value.split(b","))
-            else:
-                head.has_hop_by_hop = True
-                if name == b"connection":
-                    connection.extend(c.strip(b" \t").lower() for c in value.split(b","))
+    hop_by_hop = 0
+    for name, value in _FRAMING_FIELD.findall(fields):
+        name = name.lower()
+        value = value.rstrip(b" \t")
+        if name == b"content-length":
+            lengths.append(value)
+        elif name == b"transfer-encoding":
+            codings.extend(c.strip(b" \t").lower() for c in value.split(b","))
+        else:
+            hop_by_hop += 1
+            if name == b"connection":
+                connection.extend(c.strip(b" \t").lower() for c in value.split(b","))
+    if hop_by_hop:
+        head.has_hop_by_hop = True
     if connection:
         head.connection_tokens = frozenset(connection)
     if head.version == b"1.1":
         head.keep_alive = b"close" not in head.connection_tokens
+        head.only_keep_alive = hop_by_hop == 1 and head.connection_tokens == _KEEP_ALIVE_ONLY
     else:
         head.keep_alive = b"keep-alive" in head.connection_tokens and b"close" not in head.connection_tokens
     _apply_framing(head, lengths, codings, is_request)
