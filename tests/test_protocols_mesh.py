@@ -381,7 +381,7 @@ def test_tcp_authorization_by_source_identity(cleanup, ca):
 def redis(cleanup, tmp_path):
     binary = shutil.which("redis-server")
     if binary is None:
-        pytest.skip("redis-server not installed (apt-get install -y redis-server; see Makefile test-deps)")
+        pytest.skip("redis-server not installed: `make test-deps` installs it as root with apt-get (its log: .state/test-deps.log)")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
