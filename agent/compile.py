@@ -173,4 +173,5 @@ def compile_sidecar(
         "admin": {"fd": listeners.admin_fd} if listeners.admin_fd is not None else None,
         "access_log": manifest.observability.access_log,
         "tracing": {"sampling": manifest.observability.sampling},
+        "metrics": manifest.observability.metrics,
     }

@@ -75,7 +75,7 @@ from agent.model import (
 )
 from agent.schema import manifest_json_schema, structural_problems
 from agent.schema_export import version_image
-from agent.schema_observability import observability_settings
+from agent.schema_observability import metrics_enabled, observability_settings
 from agent.schema_protocols import protocol_of, protocol_problems
 from agent.schema_security import normal_authorization, source_problems
 from agent.yamllines import YamlReader
@@ -364,7 +364,7 @@ def _build(document: dict, base_dir: str, source: str) -> Manifest:
     access_log, sampling = observability_settings(document)
     return Manifest(
         mesh=document["mesh"], services=_dependency_order(services), ingress=ingress, source=source, security=security,
-        observability=Observability(access_log=access_log, sampling=sampling),
+        observability=Observability(access_log=access_log, sampling=sampling, metrics=metrics_enabled(document)),
     )
 
 

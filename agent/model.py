@@ -106,6 +106,7 @@ class Observability:
 
     access_log: str = "off"  # off | on | errors
     sampling: float = 0.01
+    metrics: bool = True  # False: sidecars record no request metrics
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,16 @@
-"""The manifest keys for access logs and tracing (docs/observability.md).
+"""The manifest keys for access logs, tracing and metrics (docs/observability.md).
 
 Top level:
 
     observability:
       access_log: errors         # off | on | errors: JSON access lines for `meshctl logs --access` [off]
       tracing: {sampling: 0.1}   # share of traces started at the ingress that are kept [0.01]
+      metrics: false             # sidecars record no request metrics at all [true]
 
 Tracing is always on (headers propagated, caller's sampling decision honoured); `sampling`
 only decides for traces that start at this mesh's ingress. `sampling: 0` records nothing
-of its own.
+of its own. `metrics: false` turns per-request recording off in every sidecar (the
+benchmark's metrics-off figures); `meshctl stat`/`top`/`metrics` then show no traffic.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ MANIFEST_PROPERTIES: dict[str, Any] = {
     "observability": {
         "type": "object",
         "additionalProperties": False,
-        "description": "Access logs and trace sampling.",
+        "description": "Access logs, trace sampling and metrics.",
         "properties": {
+            "metrics": {"type": "boolean", "description": "Record request metrics in the sidecars [true]."},
             "access_log": {"enum": list(ACCESS_LOG_MODES), "description": "off, on (every request) or errors (5xx and mesh errors) [off]."},
             "tracing": {
                 "type": "object",
@@ -43,3 +46,8 @@ def observability_settings(document: dict[str, Any]) -> tuple[str, float]:
     raw = document.get("observability") or {}
     tracing = raw.get("tracing") or {}
     return raw.get("access_log", "off"), float(tracing.get("sampling", DEFAULT_SAMPLING))
+
+
+def metrics_enabled(document: dict[str, Any]) -> bool:
+    """Whether the sidecars record request metrics (`observability: {metrics: false}` turns it off)."""
+    return (document.get("observability") or {}).get("metrics", True) is not False
