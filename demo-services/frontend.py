@@ -1,4 +1,4 @@
-"""ShopFast frontend: the HTML shop and its JSON API. Upstreams: catalog and cart.
+"""ShopFast frontend: the HTML shop and its JSON API. Upstreams: catalog, cart, recommend.
 
     GET  /                     the shop page; ?user=ada switches shopper (a cookie)
     POST /cart/add             form sku, qty -> 303 back to the page
@@ -12,12 +12,16 @@ The shopper is the `x-user` header, else the `user` cookie, else "guest"; it is 
 cart as `x-user`, which is also what a consistent-hash load balancer can key on.
 An upstream failure never breaks the page: the failing part shows a note instead. The JSON
 API answers 502 with the upstream's error when an upstream fails.
+"Recommended for you" comes from the gRPC service recommend (ForItem of the first item in
+the cart, else of the first product; demo-services/recommend_client.py). RECOMMEND_URL is
+optional: without it, without grpcio, or when recommend fails, the page has no such box.
 Run by hand: PORT=8080 CATALOG_URL=http://127.0.0.1:8001 CART_URL=http://127.0.0.1:8002 \
-    python demo-services/frontend.py
+    [RECOMMEND_URL=http://127.0.0.1:50051] python demo-services/frontend.py
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import urllib.parse
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 from html import escape
 from typing import Any
 
+from recommend_client import RecommendClient, Recommendations
 from shopkit import (
     Identity,
     Request,
@@ -67,6 +72,8 @@ class ShopPage:
     notes: Sequence[str] = ()
     notice: str | None = None
     alert: str | None = None
+    recommended: Sequence[Mapping[str, Any]] = ()  # products; empty: no "recommended for you" box
+    recommend_served_by: str | None = None
 
 
 STYLE = """
@@ -103,6 +110,7 @@ tr.total td{border-top:1px solid #dee2e6;font-weight:700;padding-top:8px}
 tr.off td{color:#e8590c}
 .checkout{width:100%;margin-top:14px;padding:10px}
 .muted{color:#868e96}
+.recs{margin-top:22px}.recs h2{font-size:17px;margin:0 0 10px}.recs .card{padding:12px}
 footer{padding:8px 28px 24px;color:#868e96;font-size:12px}
 """
 
@@ -117,6 +125,8 @@ def render_page(page: ShopPage) -> str:
         badges.append(("catalog %s@%s#%s" % (served["service"], served["version"], served["replica"]), ""))
     if cart:
         badges.append(("cart %s" % cart.get("version", "?"), "v2" if discounted else ""))
+    if page.recommend_served_by:
+        badges.append(("recommend %s (gRPC)" % page.recommend_served_by, ""))
     parts = [
         "<!doctype html><html lang=en><head><meta charset=utf-8>",
         "<meta name=viewport content='width=device-width,initial-scale=1'>",
@@ -138,6 +148,8 @@ def render_page(page: ShopPage) -> str:
     parts.append("<main><section>")
     parts.extend("<div class=note>%s</div>" % escape(note) for note in page.notes)
     parts.append(_render_products(page.products))
+    if page.recommended:
+        parts.append("<div class=recs><h2>✨ Recommended for you</h2>%s</div>" % _render_products(page.recommended))
     parts.append("</section>")
     parts.append(_render_cart(cart, discounted))
     parts.append("</main><footer>ShopFast is a meshctl demo. Every request crossed a sidecar.</footer>")
@@ -202,11 +214,30 @@ def describe_failure(reply: UpstreamReply) -> str:
     return "%s: %s" % (reply.upstream, message)
 
 
+def recommended_products(
+    recommendations: Recommendations | None, products: Sequence[Mapping[str, Any]] | None
+) -> list[Mapping[str, Any]]:
+    """The catalog's products for the recommended SKUs, in order; unknown SKUs are left out."""
+    if recommendations is None or not products:
+        return []
+    by_sku = {product["sku"]: product for product in products}
+    return [by_sku[sku] for sku in recommendations.skus if sku in by_sku]
+
+
+def recommendation_seed(cart: Mapping[str, Any] | None, products: Sequence[Mapping[str, Any]] | None) -> str | None:
+    """The SKU to ask recommendations for: the cart's first item, else the first product."""
+    items = cart.get("items") if cart else None
+    if items:
+        return items[0].get("sku")
+    return products[0]["sku"] if products else None
+
+
 class Frontend:
-    def __init__(self, identity: Identity, upstreams: Mapping[str, Upstream]) -> None:
+    def __init__(self, identity: Identity, upstreams: Mapping[str, Upstream], recommend: RecommendClient | None = None) -> None:
         self.identity = identity
         self.catalog = upstreams["catalog"]
         self.cart = upstreams["cart"]
+        self.recommend = recommend or RecommendClient(None)
         self.router = Router()
         self.router.add("GET", "/", self.page)
         self.router.add("POST", "/cart/add", self.form_add)
@@ -233,15 +264,20 @@ class Frontend:
         user = shopper_of(request)
         catalog, catalog_note = self._fetch(lambda: self.catalog.call("GET", "/products", cause=request))
         cart, cart_note = self._fetch(lambda: self._cart_call("GET", "/cart", request))
+        products = catalog["products"] if catalog else None
+        seed = recommendation_seed(cart, products)
+        recommendations = self.recommend.for_item(seed, request.trace_headers()) if seed else None
         page = ShopPage(
             frontend=self.identity,
             user=user,
-            products=catalog["products"] if catalog else None,
+            products=products,
             catalog_served_by=catalog.get("served_by") if catalog else None,
             cart=cart,
             notes=[note for note in (catalog_note, cart_note) if note],
             notice=request.query.get("notice"),
             alert=request.query.get("alert"),
+            recommended=recommended_products(recommendations, products),
+            recommend_served_by=recommendations.served_by if recommendations else None,
         )
         headers: tuple[tuple[str, str], ...] = ()
         if request.query.get("user") == user:
@@ -283,8 +319,12 @@ def _back_to_shop(**flash: str) -> Response:
 
 
 def main() -> int:
-    frontend = Frontend(Identity.from_env("frontend"), upstreams_from_env(("catalog", "cart")))
-    return serve(frontend.router, frontend.identity)
+    recommend = RecommendClient(os.environ.get("RECOMMEND_URL"))
+    frontend = Frontend(Identity.from_env("frontend"), upstreams_from_env(("catalog", "cart")), recommend)
+    try:
+        return serve(frontend.router, frontend.identity)
+    finally:
+        recommend.close()
 
 
 if __name__ == "__main__":

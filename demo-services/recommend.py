@@ -3,13 +3,15 @@
 Messages are plain bytes (identity serializers): a request is an item id or a count in
 ASCII, a response is a recommended item id. Methods of service `recommend.Recommend`:
 
-* ForItem (unary): item id -> comma-separated recommendations;
+* ForItem (unary): item id -> comma-separated recommendations: for a ShopFast SKU, three
+  other SKUs of the shop (bought together, a fixed table); for any other id `id-a,id-b,id-c`;
 * Stream (server streaming): count n -> n recommendations, one message each;
 * Collect (client streaming): item ids -> how many were received;
 * Slow (unary): waits until the deadline passes (to show DEADLINE_EXCEEDED);
 * Fail (unary): answers UNAVAILABLE with a message (to show a server status).
 
-Needs grpcio (the `test` extra). Run by hand: PORT=50051 python demo-services/recommend.py
+Needs grpcio (a dependency of the demo). The ShopFast frontend calls ForItem through the
+mesh (templates/shopfast.yaml declares this service `protocol: grpc`). Run by hand: PORT=50051 python demo-services/recommend.py
 gRPC apps speak HTTP/2 only, so the mesh health probe must be TCP (connect) for them.
 """
 
@@ -28,6 +30,9 @@ INSTANCE = "%s@%s#%s" % (
     os.environ.get("MESH_REPLICA", "0"),
 )
 SLOW_LIMIT_S = 30.0
+# "Bought together": each ShopFast SKU (demo-services/catalog.py) -> three others.
+SHOP_SKUS = ("mug-01", "tee-02", "hoodie-03", "socks-04", "sticker-05", "cap-06",
+             "bottle-07", "notebook-08", "tote-09", "pins-10", "lamp-11", "plush-12")
 
 
 def _identity(data: bytes) -> bytes:
@@ -37,7 +42,14 @@ def _identity(data: bytes) -> bytes:
 def for_item(request: bytes, context: grpc.ServicerContext) -> bytes:
     item = request.decode("ascii", "replace") or "none"
     context.set_trailing_metadata((("x-served-by", INSTANCE),))
-    return ("%s-a,%s-b,%s-c" % (item, item, item)).encode()
+    return ",".join(recommendations_for(item)).encode()
+
+
+def recommendations_for(item: str) -> list[str]:
+    if item in SHOP_SKUS:
+        index = SHOP_SKUS.index(item)
+        return [SHOP_SKUS[(index + step) % len(SHOP_SKUS)] for step in (1, 4, 7)]
+    return [item + "-a", item + "-b", item + "-c"]
 
 
 def stream(request: bytes, context: grpc.ServicerContext):

@@ -123,7 +123,7 @@ class Launcher:
         self.log_dir = log_dir
         self.running: list[RunningService] = []
 
-    def start(self, script: str, env: dict[str, str] | None = None, name: str | None = None) -> RunningService:
+    def start(self, script: str, env: dict[str, str] | None = None, name: str | None = None, probe: str = "http") -> RunningService:
         name = name or script
         port = free_port()
         log_path = self.log_dir / ("%s-%d.log" % (name, port))
@@ -140,15 +140,18 @@ class Launcher:
             )
         service = RunningService(name, process, port, log_path)
         self.running.append(service)
-        self._wait_ready(service)
+        self._wait_ready(service, probe)
         return service
 
-    def _wait_ready(self, service: RunningService) -> None:
+    def _wait_ready(self, service: RunningService, probe: str = "http") -> None:
         deadline = time.monotonic() + READY_DEADLINE_S
         while time.monotonic() < deadline:
             if service.process.poll() is not None:
                 pytest.fail("%s exited with %s:\n%s" % (service.name, service.process.returncode, service.log()))
             try:
+                if probe == "tcp":  # a gRPC app has no HTTP/1.1 /healthz; the mesh probes it the same way
+                    socket.create_connection(("127.0.0.1", service.port), timeout=1).close()
+                    return
                 if request("GET", service.url + "/healthz").status == 200:
                     return
             except OSError:
@@ -534,7 +537,8 @@ def start_from_template(launcher: Launcher, template: Path) -> dict[str, Running
         assert command[0] == "python" and command[1].startswith("demo-services/"), command
         env = {key: str(value) for key, value in {**spec.get("env", {}), **version.get("env", {})}.items()}
         env.update({up.upper() + "_URL": started[up].url for up in spec.get("upstreams", [])})
-        started[name] = launcher.start(Path(command[1]).stem, env, name=name)
+        probe = "tcp" if spec.get("protocol") in ("grpc", "tcp") else "http"
+        started[name] = launcher.start(Path(command[1]).stem, env, name=name, probe=probe)
     return started
 
 
