@@ -18,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from proxy.http1 import HOP_BY_HOP, Head
 from proxy.metrics import INBOUND, OUTBOUND, Metrics, path_template
-from proxy.tracing import TRACE_HEADERS, Hop, Sampler, Span, SpanBuffer, extract, next_hop
+from proxy.tracing import B3_SINGLE, TRACE_HEADERS, Hop, Sampler, Span, SpanBuffer, extract, next_hop
 
 if TYPE_CHECKING:
     from proxy.exchange import Exchange
@@ -39,7 +40,14 @@ ACCESS_LOG_MODES = ("off", "on", "errors")
 _NOT_MESH_ERRORS = ("ok", "client-lost")
 _DROP_ON_TRACE = frozenset(TRACE_HEADERS) | HOP_BY_HOP
 _NEVER_DROPPED = frozenset({b"content-length", b"transfer-encoding", b"host"})
-_TRACE_HEADER_SET = frozenset(TRACE_HEADERS)
+# The trace field lines of a validated head, names in any case (proxy.http1 validated the block).
+_TRACE_FIELD = re.compile(
+    rb"^(" + b"|".join(sorted(TRACE_HEADERS, key=len, reverse=True)) + rb"):[ \t]*([^\r\n]*)", re.IGNORECASE | re.MULTILINE
+)
+# A W3C traceparent whose sampled flag is off (flags with bit 0 clear), lower-case as sent.
+_W3C_UNSAMPLED = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f][02468ace]")
+_ZERO_TRACE = b"0" * 32
+_ZERO_SPAN = b"0" * 16
 _random_bits = random.getrandbits
 _SOURCE_CACHE_LIMIT = 1024
 
@@ -178,32 +186,40 @@ class Observer:
         sampler = self.sampler
         if sampler is None:
             return None
-        found: dict[bytes, bytes] | None = None
-        for name, value in head.headers:
-            if name in _TRACE_HEADER_SET:
-                if found is None:
-                    found = {}
-                found.setdefault(name, value)
-        if found is None:
+        fields = _TRACE_FIELD.findall(head.fields) if head.fields else None
+        if not fields:
             if listener_kind != "ingress":
                 return None
-            incoming = None
-            trace_id = "%032x" % (_random_bits(128) or 1)
-        else:
-            incoming = extract(found.get)
-            if incoming is None:
-                if listener_kind != "ingress":
-                    return None
-                trace_id = "%032x" % (_random_bits(128) or 1)
-            elif incoming.sampled is False:
+            return self._start_trace(exchange_key, sampler)
+        found: dict[bytes, bytes] = {}
+        for name, value in fields:
+            found.setdefault(name.lower(), value.rstrip(b" \t"))
+        traceparent = found.get(b"traceparent")
+        if traceparent is not None:
+            match = _W3C_UNSAMPLED.fullmatch(traceparent)
+            if match is not None and match.group(1) != _ZERO_TRACE and match.group(2) != _ZERO_SPAN:
+                return None  # the common unsampled case, decided without parsing every format
+        incoming = extract(found.get)
+        if incoming is None:
+            if listener_kind != "ingress":
                 return None
-            else:
-                trace_id = None
-        # Span and trace ids need to be unique, not secret: the PRNG spares a getrandom call.
-        hop = next_hop(incoming, sampler, "%016x" % (_random_bits(64) or 1), trace_id)
+            return self._start_trace(exchange_key, sampler)
+        if incoming.sampled is False:
+            return None
+        # Span ids need to be unique, not secret: the PRNG spares a getrandom call.
+        hop = next_hop(incoming, sampler, "%016x" % (_random_bits(64) or 1))
         if hop.sampled:
             self.hops[exchange_key] = hop
         return [name + b": " + value for name, value in hop.headers()]
+
+    def _start_trace(self, exchange_key: int, sampler: Sampler) -> list[bytes]:
+        """A new trace: W3C and single-header B3 lines, as Hop.headers() writes them."""
+        trace_id = b"%032x" % (_random_bits(128) or 1)
+        span_id = b"%016x" % (_random_bits(64) or 1)
+        if sampler.decide(None):
+            self.hops[exchange_key] = Hop(trace_id.decode(), span_id.decode(), None, True, None, B3_SINGLE)
+            return [b"traceparent: 00-%s-%s-01" % (trace_id, span_id), b"b3: %s-%s-1" % (trace_id, span_id)]
+        return [b"traceparent: 00-%s-%s-00" % (trace_id, span_id), b"b3: %s-%s-0" % (trace_id, span_id)]
 
     def exchange_done(self, exchange: Exchange, outcome: str) -> None:
         client = exchange.client

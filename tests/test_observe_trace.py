@@ -1,0 +1,69 @@
+"""Observer.trace: which trace header lines the next hop gets (pure: a parsed head in, lines out)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from types import SimpleNamespace
+
+import pytest
+
+from proxy.http1 import Parser
+from proxy.observe import Observer
+from proxy.tracing import Sampler
+
+TRACE = "0af7651916cd43dd8448eb211c80319c"
+SPAN = "b7ad6b7169203331"
+TRACEPARENT = re.compile(rb"traceparent: 00-([0-9a-f]{32})-([0-9a-f]{16})-(0[01])")
+
+
+def _head(*lines: str):
+    parser = Parser(is_request=True)
+    parser.feed(("GET / HTTP/1.1\r\nhost: a\r\n" + "".join(line + "\r\n" for line in lines) + "\r\n").encode())
+    return parser.next_event()
+
+
+@pytest.fixture
+def observer():
+    loop = asyncio.new_event_loop()
+    try:
+        state = SimpleNamespace(loop=loop, pool=SimpleNamespace(observer=None), on_exchange_done=None)
+        snapshot = SimpleNamespace(instance="web@v1#0", service="web", service_version="v1", tls=None)
+        obs = Observer(state, snapshot, lambda message: None)  # type: ignore[arg-type]
+        obs.sampler = Sampler(0.0)
+        yield obs
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize(
+    ("kind", "lines"),
+    [
+        ("inbound", []),
+        ("inbound", ["traceparent: 00-%s-%s-00" % (TRACE, SPAN)]),
+        ("inbound", ["TraceParent: 00-%s-%s-00" % (TRACE.upper(), SPAN.upper())]),
+        ("ingress", ["traceparent: 00-%s-%s-02" % (TRACE, SPAN), "b3: %s-%s-0" % (TRACE, SPAN)]),
+        ("inbound", ["b3: %s-%s-0" % (TRACE, SPAN)]),
+        ("inbound", ["traceparent: garbage"]),
+    ],
+)
+def test_headers_pass_through_untouched(observer, kind, lines):
+    assert observer.trace(1, _head(*lines), kind) is None
+    assert observer.hops == {}
+
+
+@pytest.mark.parametrize("rate, flag", [(0.0, b"00"), (1.0, b"01")])
+def test_the_ingress_starts_a_trace_in_both_formats(observer, rate, flag):
+    observer.sampler = Sampler(rate)
+    traceparent, b3 = observer.trace(7, _head(), "ingress")
+    trace_id, span_id, sampled = TRACEPARENT.fullmatch(traceparent).groups()
+    assert sampled == flag
+    assert b3 == b"b3: %s-%s-%s" % (trace_id, span_id, flag[1:])
+    assert (7 in observer.hops) is (rate == 1.0)
+
+
+def test_a_sampled_trace_continues_with_a_new_span(observer):
+    lines = observer.trace(3, _head("traceparent: 00-%s-%s-01" % (TRACE, SPAN), "x-b3-sampled: 1"), "inbound")
+    trace_id, span_id, sampled = TRACEPARENT.fullmatch(lines[0]).groups()
+    assert (trace_id.decode(), sampled) == (TRACE, b"01") and span_id.decode() != SPAN
+    assert observer.hops[3].parent_id == SPAN
