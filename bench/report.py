@@ -69,6 +69,14 @@ def judge_targets(results: dict[str, Any]) -> list[Verdict]:
         "n/a" if up10 is None else "%.2f s" % up10["seconds"],
         None if up10 is None else up10["seconds"] <= 3.0,
     ))
+
+    control = results.get("control_plane")
+    prop = control["propagation"] if control else None
+    verdicts.append(Verdict(
+        "route propagation p99 < 100 ms (%s sidecars)" % (control["sidecars"] if control else "n/a"),
+        "n/a" if prop is None else "p99 %s ms over %d changes (p50 %s ms)" % (_ms(prop["p99"]), prop["changes"], _ms(prop["p50"])),
+        None if prop is None else prop["p99"] < 0.1 and prop["problems"] == 0,
+    ))
     return verdicts
 
 
@@ -190,6 +198,41 @@ def render(results: dict[str, Any]) -> str:
         ["`python -c pass`", "%.3f" % start["python_bare"]],
         ["`python -c 'import uvloop, proxy.__main__'`", "%.3f" % start["python_import_proxy"]],
     ] + [["`meshctl up`, %s instance(s)" % n, "%.2f" % entry["seconds"]] for n, entry in start["up"].items()])
+
+    obs = results.get("observability")
+    if obs:
+        base = next(iter(obs.values()))
+        out += ["## Cost of observability", "",
+                "Three one-instance meshes that differ only in their `observability` key, each the same "
+                "two-sidecar path as above, wrk -t1 -c%d, %d interleaved runs of %g s each. With "
+                "`metrics: false` the sidecars record no request metrics (Observer.exchange_done skips "
+                "the registry; with sampling 0 as well the hook is not called at all); `access_log: on` "
+                "sends one JSON line per request to the agent." % (params["connections"], params["runs"], params["seconds"]), ""]
+        rows = []
+        for name, entry in obs.items():
+            rows.append([name, "%.0f" % entry["rps"], "%.0f .. %.0f" % (min(entry["runs"]), max(entry["runs"])),
+                         "%.2f" % (entry["rps"] / base["rps"]), "%.1f" % entry["proxy_cpu_us"], str(entry["errors"])])
+        out += _table(["mesh", "rps", "runs (min .. max)", "x defaults", "sidecar CPU us/req", "errors"], rows)
+
+    control = results.get("control_plane")
+    if control:
+        prop, rot = control["propagation"], control["rotation"]
+        out += ["## Control plane", "",
+                "bench/controlplane.py: a mesh of %d instances (web v1 and v2, %d `caller` replicas with "
+                "web as an upstream), %d sidecars with the ingress. Requests go to the agent's control "
+                "socket directly (no CLI start-up in the figures)." % (control["instances"], control["instances"] - 2, control["sidecars"]), "",
+                "* Route-change propagation: `route-split` of web with `wait: true` answers when every sidecar "
+                "that routes to web (%d..%d of them ACKed each change) has ACKed the new snapshot; time from "
+                "sending the op to that answer, %d changes with different weights: **p50 %s ms, p99 %s ms, "
+                "max %s ms**; %d sidecars NACKed or stayed stale." % (
+                    prop["acked_min"], prop["acked_max"], prop["changes"], _ms(prop["p50"]), _ms(prop["p99"]),
+                    _ms(prop["max"]), prop["problems"]),
+                "* Certificate rotation (`meshctl certs rotate`: every leaf reissued, pushed and ACKed): %s s; "
+                "CA rotation (`meshctl certs rotate --ca`: the three ACKed phases): %s s (each run in order)." % (
+                    ", ".join("%.2f" % t for t in rot["leaves"]), ", ".join("%.2f" % t for t in rot["ca"])),
+                ""]
+    if results.get("h2"):
+        out += ["## HTTP/2 through the mesh", "", results["h2"], ""]
 
     prof = results["profile"]
     out += ["## Profile of the service's sidecar", "",

@@ -6,7 +6,10 @@
 Steps: start nginx (direct), an HAProxy pair in front of it, and a one-instance mesh around
 its own nginx; measure idle memory; interleaved wrk runs (CPU per request and peak memory
 alongside); open-loop latency at a constant rate; a py-spy profile of the service's
-sidecar under wrk; then the start-up timings (`meshctl up` of 1, 10 and 50 instances).
+sidecar under wrk; the cost of observability (three meshes: defaults, metrics off, access
+log on; interleaved wrk runs); the control plane (bench/controlplane.py: route-change
+propagation in a 20-instance mesh, certificate rotations); then the start-up timings
+(`meshctl up` of 1, 10 and 50 instances).
 Every process started here is stopped on the way out, and the temp dir is removed
 (kept, for its logs and configs, when BENCH_KEEP_TMP is set).
 """
@@ -30,6 +33,7 @@ from typing import Any
 
 import psutil
 
+import controlplane
 import pyspy
 import report
 import targets
@@ -104,6 +108,33 @@ def profile(target: targets.Target, service_sidecar: int, seconds: float, connec
         "samples": prof.samples,
         "top": [{"function": f.function, "own": f.own, "total": f.total} for f in prof.functions[:15]],
     }
+
+
+OBSERVABILITY_VARIANTS = {
+    "defaults (metrics on, access log off, sampling 0.01)": None,
+    "metrics off": {"metrics": False},
+    "access log on (every request)": {"access_log": "on"},
+}
+
+
+def observability_costs(workdir: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Three one-instance meshes differing only in their observability key, measured interleaved."""
+    with contextlib.ExitStack() as stack:
+        paths = []
+        for index, (label, observability) in enumerate(OBSERVABILITY_VARIANTS.items()):
+            run = stack.enter_context(targets.mesh(workdir, [targets.NGINX_APP], name="bench-obs%d" % index, observability=observability))
+            target = targets.mesh_target(run)
+            target.name = label
+            paths.append(target)
+        return throughput(paths, "small", params["runs"], params["seconds"], params["warmup"], params["connections"])
+
+
+H2_NOTE = (
+    "not measured: HTTP/2 enters the mesh on a service's outbound listener (h2c prior knowledge, "
+    "proxy.dispatch) and leaves its inbound sidecar to the app as h2c, so an h2load run needs an h2c app "
+    "and a caller-side outbound port; the ingress listener, which the paths above use, speaks HTTP/1.1 only. "
+    "bench/ has no h2c app yet."
+)
 
 
 def _timed(argv: list[str], runs: int, cwd: str) -> float:
@@ -222,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, help="wrk runs per path [1 quick, 3 full]")
     parser.add_argument("--ref", help="benchmark the mesh code of this git ref (e.g. HEAD) instead of the working tree")
     parser.add_argument("--up-sizes", default="1,10,50", help="instances for the `meshctl up` timings")
+    parser.add_argument("--extras-only", action="store_true", help="only the observability costs and the control plane, printed as JSON")
+    parser.add_argument("--route-changes", type=int, default=200, help="route changes timed in the control-plane step")
     args = parser.parse_args(argv)
     seconds = args.seconds or (3.0 if args.quick else 5.0)
     runs = args.runs or (1 if args.quick else 3)
@@ -256,6 +289,11 @@ def _bench(args: argparse.Namespace, params: dict[str, Any], workdir: str) -> in
         results["labels"] = labels
         results["mesh_tls"] = {**mesh.notes, "summary": _tls_summary(mesh.notes)}
         results["haproxy_tls"] = haproxy.notes["tls"]
+
+        if args.extras_only:
+            print(json.dumps({"observability": observability_costs(workdir, params),
+                              "control_plane": controlplane.measure(workdir, 20, args.route_changes)}, indent=1))
+            return 0
 
         if args.quick:
             print("wrk -t1 -c%d -d%gs, small body" % (params["connections"], params["seconds"]), flush=True)
@@ -292,6 +330,17 @@ def _bench(args: argparse.Namespace, params: dict[str, Any], workdir: str) -> in
 
         print("profile of the service's sidecar ...", flush=True)
         results["profile"] = profile(mesh, mesh.proxy_pids[1], 10.0, params["connections"], workdir)
+
+    print("observability on/off ...", flush=True)
+    results["observability"] = observability_costs(workdir, params)
+    for name, entry in results["observability"].items():
+        print("  %-55s %9.0f rps  %.1f us CPU/req" % (name, entry["rps"], entry["proxy_cpu_us"]), flush=True)
+
+    print("control plane (20 instances) ...", flush=True)
+    results["control_plane"] = controlplane.measure(workdir, 20, args.route_changes)
+    prop = results["control_plane"]["propagation"]
+    print("  route change to every sidecar: p50 %.1f ms, p99 %.1f ms" % (prop["p50"] * 1e3, prop["p99"] * 1e3), flush=True)
+    results["h2"] = H2_NOTE
 
     print("start-up ...", flush=True)
     sizes = [int(n) for n in args.up_sizes.split(",") if n]

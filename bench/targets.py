@@ -122,15 +122,18 @@ def _meshctl(home: str, *args: str, timeout: float = 120.0) -> subprocess.Comple
     return subprocess.run([MESHCTL, *args], env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-def manifest_yaml(name: str, command: list[str], replicas: int, ingress_port: int, env: dict[str, str], workdir: str) -> str:
+def manifest_yaml(name: str, command: list[str], replicas: int, ingress_port: int, env: dict[str, str], workdir: str,
+                  observability: dict[str, Any] | None = None) -> str:
     """A one-service manifest; JSON is valid YAML, so no YAML writer is needed."""
     service = {"command": command, "health": {"http": "/"}, "env": env, "replicas": replicas}
-    manifest = {
+    manifest: dict[str, Any] = {
         "mesh": name,
         "workdir": workdir,
         "services": {"web": service},
         "ingress": {"port": ingress_port, "routes": [{"path": "/", "service": "web"}]},
     }
+    if observability:
+        manifest["observability"] = observability
     return json.dumps(manifest, indent=2) + "\n"
 
 
@@ -143,18 +146,25 @@ class Mesh:
 
 
 @contextlib.contextmanager
-def mesh(workdir: str, command: list[str], replicas: int = 1, name: str = "bench") -> Iterator[Mesh]:
+def mesh(workdir: str, command: list[str], replicas: int = 1, name: str = "bench", observability: dict[str, Any] | None = None) -> Iterator[Mesh]:
     """`meshctl up` a one-service mesh; always `meshctl down` it and reap what is left."""
+    text = manifest_yaml(name, command, replicas, free_port(), {"BENCH_TMP": workdir}, workdir, observability)
+    with mesh_from_manifest(workdir, text, "%s-%d" % (name, replicas), max(30, replicas)) as m:
+        yield m
+
+
+@contextlib.contextmanager
+def mesh_from_manifest(workdir: str, text: str, name: str, timeout: float) -> Iterator[Mesh]:
+    """`meshctl up` the manifest `text` in a private home; always `meshctl down` it and reap what is left."""
     home = tempfile.mkdtemp(prefix="meshctl-home-", dir=workdir)
     os.chmod(home, 0o700)
-    ingress_port = free_port()
-    manifest = os.path.join(workdir, "%s-%d.yaml" % (name, replicas))
+    manifest = os.path.join(workdir, "%s.yaml" % name)
     with open(manifest, "w") as out:
-        out.write(manifest_yaml(name, command, replicas, ingress_port, {"BENCH_TMP": workdir}, workdir))
+        out.write(text)
     pids: list[int] = []
     try:
         started = time.monotonic()
-        up = _meshctl(home, "up", "-f", manifest, "--timeout", str(max(30, replicas)))
+        up = _meshctl(home, "up", "-f", manifest, "--timeout", "%g" % timeout, timeout=timeout + 120.0)
         up_seconds = time.monotonic() - started
         status = _status(home)
         pids = _mesh_pids(status)
