@@ -75,14 +75,24 @@ def outbound_h2(state: ServerState, listener: Listener) -> H2Proxy:
             raise StreamDenied("no-healthy-endpoints", "%s@%s: no endpoints" % (service.name, action.version), 503)
         policy = action.retry_policy
         tls = service.tls
+        endpoint.active += 1  # least_request sees the stream until settle()
         return UpstreamChoice(
             endpoint.address[0], endpoint.address[1],
             tls.h2_context if tls is not None else None, tls.verify if tls is not None else None,
             timeout=action.timeout, retries=policy.attempts - 1 if policy is not None else 0,
             backoff=policy.backoff_base if policy is not None else 0.025, tag=(service.name, endpoint.version),
+            settle=lambda ok: _settle(state, service, endpoint, ok),
         )
 
-    return H2Proxy(pick, loop, record=_recorder(state, OUTBOUND, None))
+    return state.track(H2Proxy(pick, loop, record=_recorder(state, OUTBOUND, None), on_closed=state.untrack))
+
+
+def _settle(state: ServerState, service: Any, endpoint: Any, ok: bool | None) -> None:
+    """One try on `endpoint` ended: leave its in-flight count, tell outlier detection how it went."""
+    endpoint.active -= 1
+    if ok is not None and service.outlier.record(endpoint, ok, state.loop.time(), len(service.endpoints)):
+        if state.observer is not None:
+            state.observer.count_ejection(service.name, endpoint.version)
 
 
 def inbound_h2(state: ServerState, listener: Listener, peer: str | None) -> H2Proxy:
@@ -95,7 +105,7 @@ def inbound_h2(state: ServerState, listener: Listener, peer: str | None) -> H2Pr
             _authorize_stream(policy, peer, headers)
         return UpstreamChoice(host, port, None, tag=(state.snapshot.service, state.snapshot.service_version))  # type: ignore[union-attr]
 
-    return H2Proxy(pick, state.loop, record=_recorder(state, INBOUND, peer))
+    return state.track(H2Proxy(pick, state.loop, record=_recorder(state, INBOUND, peer), on_closed=state.untrack))
 
 
 def _authorize_stream(policy: Policy, peer: str | None, headers: list[tuple[bytes, bytes]]) -> None:
@@ -152,7 +162,7 @@ def _tcp_metrics(state: ServerState, direction: str, peer_service: str) -> Any:
 def outbound_relay(state: ServerState, listener: Listener, client_ip: str) -> Relay:
     """A Relay from the app to one endpoint of `listener.service`, picked by its balancer."""
     service_name = listener.service or "-"
-    relay = Relay(state.loop, state.snapshot.http.idle_timeout, _tcp_metrics(state, OUTBOUND, service_name))  # type: ignore[union-attr]
+    relay = state.track(Relay(state.loop, state.snapshot.http.idle_timeout, _tcp_metrics(state, OUTBOUND, service_name)))  # type: ignore[union-attr]
     state.loop.create_task(_connect_endpoint(state, relay, service_name, client_ip), name="relay-connect %s" % service_name)
     return relay
 
@@ -182,16 +192,12 @@ async def _connect_endpoint(state: ServerState, relay: Relay, service_name: str,
             if tls is not None:
                 tls.verify(transport)
         except (OSError, TimeoutError, ssl.SSLError) as exc:
-            endpoint.active -= 1
+            _settle(state, service, endpoint, False)
             log.info("relay to %s (%s:%d): %s", service_name, endpoint.address[0], endpoint.address[1], exc or "connect timed out")
             continue
-        relay.done.add_done_callback(lambda _: _release(endpoint))
+        relay.done.add_done_callback(lambda _: _settle(state, service, endpoint, None))
         return
     relay.close()
-
-
-def _release(endpoint: Any) -> None:
-    endpoint.active -= 1
 
 
 def authorize_connection(policy: Policy | None, peer: str | None) -> str | None:
@@ -205,6 +211,6 @@ def authorize_connection(policy: Policy | None, peer: str | None) -> str | None:
 def inbound_relay(state: ServerState, listener: Listener, peer: str | None) -> Relay:
     """A Relay from a peer sidecar (or permissive plaintext client) to the tcp app."""
     host, port = listener.app  # type: ignore[misc]
-    relay = Relay(state.loop, state.snapshot.http.idle_timeout, _tcp_metrics(state, INBOUND, service_of_identity(peer)))  # type: ignore[union-attr]
+    relay = state.track(Relay(state.loop, state.snapshot.http.idle_timeout, _tcp_metrics(state, INBOUND, service_of_identity(peer))))  # type: ignore[union-attr]
     state.loop.create_task(relay.connect_upstream(host, port, 1.0), name="relay-connect app")
     return relay

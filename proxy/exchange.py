@@ -28,6 +28,7 @@ from proxy.http1 import END, NEED_DATA, Data, Head, rebuild_head
 from proxy.limits import ADMITTED, QUEUED
 from proxy.mirror import send_mirror
 from proxy.retry import MAX_REPLAY_BODY_BYTES
+from proxy.upgrade import UpgradeError, check_switch
 
 if TYPE_CHECKING:
     from proxy.balance import Endpoint
@@ -403,7 +404,20 @@ class Exchange:
         status = head.status
         if status < 200:
             if status == 101:
-                self._upstream_broken(self.upstream, "unexpected 101 switching protocols")  # type: ignore[arg-type]
+                conn = self.upstream
+                try:
+                    check_switch(self.head, head)
+                except UpgradeError as exc:
+                    self._upstream_broken(conn, exc.detail)  # type: ignore[arg-type]
+                    return False
+                # The exchange ends here: the client connection turns both into a relay.
+                self.upstream = None
+                self.status = status
+                self.response_started = self.answered = True
+                self._release_endpoint()
+                self._release_service()
+                self._completed("ok")
+                self.client.switch_protocols(conn, head.raw)
                 return False
             self.interim = True
             if self.head.version == b"1.1":

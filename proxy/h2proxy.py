@@ -58,13 +58,17 @@ class UpstreamChoice:
     `verify(transport)` checks the upstream's identity after the TLS handshake (raises to
     refuse it); `timeout` caps the stream together with grpc-timeout; `retries` is how many
     more tries a trailers-only retriable gRPC answer may get; `tag` comes back to `record`.
+    `settle(ok)` runs once when this choice's try ends (the balancer's in-flight count and
+    outlier detection): ok False for a failed connect, UNAVAILABLE or a 502/503, None when
+    the try says nothing about the upstream (the client went away, a deadline).
     """
 
-    __slots__ = ("host", "port", "context", "verify", "timeout", "retries", "backoff", "tag")
+    __slots__ = ("host", "port", "context", "verify", "timeout", "retries", "backoff", "tag", "settle")
 
     def __init__(
         self, host: str, port: int, context: ssl.SSLContext | None = None, verify: Callable | None = None,
         timeout: float | None = None, retries: int = 0, backoff: float = 0.025, tag: object = None,
+        settle: Callable[[bool | None], None] | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -74,6 +78,15 @@ class UpstreamChoice:
         self.retries = retries
         self.backoff = backoff
         self.tag = tag
+        self.settle = settle
+
+    def settled(self, ok: bool | None) -> None:
+        settle, self.settle = self.settle, None
+        if settle is not None:
+            try:
+                settle(ok)
+            except Exception:
+                log.exception("settling an HTTP/2 upstream choice failed")
 
 
 class StreamDenied(Exception):
@@ -228,8 +241,13 @@ class H2Proxy(_Side):
     it ends; for gRPC `status` is the HTTP equivalent of grpc-status (`grpc_as_http`).
     """
 
-    def __init__(self, pick_upstream: PickUpstream, loop: asyncio.AbstractEventLoop | None = None, record: Record | None = None) -> None:
+    def __init__(
+        self, pick_upstream: PickUpstream, loop: asyncio.AbstractEventLoop | None = None, record: Record | None = None,
+        on_closed: Callable[[H2Proxy], None] | None = None,
+    ) -> None:
         super().__init__(self, client_side=False, label="downstream")
+        self.on_closed = on_closed
+        self.draining = False
         self.pick_upstream = pick_upstream
         self.loop = loop or asyncio.get_running_loop()
         self.record = record
@@ -374,6 +392,7 @@ class H2Proxy(_Side):
             return False
         record.retries_left -= 1
         self.retried += 1
+        record.choice.settled(grpc_status(event.headers) != GRPC_UNAVAILABLE)
         side.incoming.pop(event.stream_id, None)
         side.outgoing.pop(event.stream_id, None)
         self.outgoing.pop(record.stream_id, None)
@@ -488,6 +507,14 @@ class H2Proxy(_Side):
             record.timer.cancel()
             record.timer = None
         self.records.pop(record.stream_id, None)
+        if status == 499 or status == 504:
+            record.choice.settled(None)  # the client left, or a deadline: nothing learnt about the upstream
+        elif mesh_error and (status == 502 or status == 503):
+            record.choice.settled(False)
+        else:
+            record.choice.settled(grpc_code != GRPC_UNAVAILABLE if grpc_code is not None else status < 500)
+        if self.draining and not self.records and self.transport is not None:
+            self.loop.call_soon(self.transport.close)
         if self.record is not None:
             try:
                 self.record(record, status, grpc_code, mesh_error)
@@ -517,7 +544,24 @@ class H2Proxy(_Side):
             for record in list(self.records.values()):
                 self._done(record, 499, GRPC_CANCELLED if record.grpc else None)
             self.closed.set()
+            if self.on_closed is not None:
+                self.on_closed(self)
             return
         for stream_id in list(side.incoming) + list(side.outgoing):
             self._reset_peer(side, stream_id, h2.errors.ErrorCodes.CANCEL)
         self.upstreams = {key: up for key, up in self.upstreams.items() if up is not side}
+
+    def drain(self) -> None:
+        """Shutdown: GOAWAY (no new streams), close once the streams in flight have ended."""
+        if self.draining or self.lost:
+            return
+        self.draining = True
+        self.endpoint.close()
+        self.flush()
+        if not self.records and self.transport is not None:
+            self.transport.close()
+
+    def close(self) -> None:
+        """End the downstream connection now (drain deadline); its upstreams follow in side_lost."""
+        if self.transport is not None and not self.lost:
+            self.transport.close()

@@ -18,22 +18,27 @@ import asyncio
 import logging
 import os
 import socket
-from typing import Callable
+from typing import Callable, TypeVar
 
 from proxy.errors import MeshError, ProtocolError, response_for
 from proxy.exchange import Exchange
 from proxy.http1 import END, NEED_DATA, PAUSED, CLOSED, Data, Head, Parser, rebuild_head
-from proxy import detect
+from proxy import detect, upgrade
 from proxy.authz import Policy
 from proxy.dispatch import authorize_connection, hand_over, inbound_h2, inbound_relay, outbound_h2, outbound_relay
 from proxy.listeners import Target, open_listeners, resolve
+from proxy.metrics import OUTBOUND
 from proxy.observe import Observer, rebuild_traced_head, service_of_identity
 from proxy.tls import TLSConfig, in_trust_domain, peer_identity
-from proxy.pool import Pool
+from proxy.pool import Pool, UpstreamConnection
 from proxy.snapshot import Listener, Snapshot
 from proxy.tunnel import Tunnel
+from proxy.h2proxy import H2Proxy
+from proxy.opaque import Relay
 
 log = logging.getLogger("proxy.server")
+
+_HandedOver = TypeVar("_HandedOver", H2Proxy, Relay)
 
 SWEEP_INTERVAL = 0.1
 PIPELINE_BUFFER_LIMIT = 256 * 1024  # unparsed bytes held while a response is in progress
@@ -54,6 +59,8 @@ class ServerState:
         self.pool = Pool(loop)
         self.snapshot: Snapshot | None = None
         self.connections: set[ClientConnection] = set()
+        # Connections that left HTTP/1 (proxy.dispatch, upgrades): HTTP/2 proxies and relays, drained too.
+        self.handed_over: set[H2Proxy | Relay] = set()
         self.servers: list[asyncio.AbstractServer] = []
         self.draining = False
         self.done: asyncio.Future[int] = loop.create_future()
@@ -66,7 +73,20 @@ class ServerState:
         self.on_exchange_done: Callable[[Exchange, str], None] | None = None
 
     def __repr__(self) -> str:
-        return "<ServerState %d connections%s, %r>" % (len(self.connections), " draining" if self.draining else "", self.pool)
+        return "<ServerState %d connections, %d handed over%s, %r>" % (
+            len(self.connections), len(self.handed_over), " draining" if self.draining else "", self.pool)
+
+    def track(self, conn: _HandedOver) -> _HandedOver:
+        """Count an HTTP/2 proxy or relay until it closes, so that drain waits for it."""
+        self.handed_over.add(conn)
+        if isinstance(conn, Relay):
+            conn.done.add_done_callback(lambda _: self.handed_over.discard(conn))
+        elif self.draining:
+            conn.drain()
+        return conn
+
+    def untrack(self, conn: H2Proxy | Relay) -> None:
+        self.handed_over.discard(conn)
 
     def next_request_id(self) -> bytes:
         self._request_counter += 1
@@ -117,15 +137,20 @@ class ServerState:
         for conn in list(self.connections):
             if conn.exchange is None:
                 conn.close()
+        for handed_over in list(self.handed_over):
+            if isinstance(handed_over, H2Proxy):
+                handed_over.drain()
         timeout = self.snapshot.drain_timeout if self.snapshot is not None else 0.0
         self.loop.create_task(self._finish_drain(timeout), name="drain")
 
     async def _finish_drain(self, timeout: float) -> None:
         deadline = self.loop.time() + timeout
-        while self.connections and self.loop.time() < deadline:
+        while (self.connections or self.handed_over) and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
         for conn in list(self.connections):
             conn.abort()
+        for handed_over in list(self.handed_over):
+            handed_over.close()
         self.pool.close_all()
         self.exit(0)
 
@@ -390,13 +415,20 @@ class ClientConnection(asyncio.Protocol):
             add.append(_UPSTREAM_KEEP_ALIVE)
         observer = state.observer
         trace_lines = observer.trace(id(head), head, self.listener.kind) if observer is not None else None
-        if trace_lines:
+        switch_to = upgrade.requested_upgrade(head) if head.has_hop_by_hop else None
+        if switch_to is not None:
+            # WebSocket: Upgrade and Connection must reach the app; never retried (the
+            # handshake is a GET, but a replay could open a second session upstream).
+            out_head = upgrade.forward_request_head(head, switch_to, add + (trace_lines or []), start_line)
+        elif trace_lines:
             out_head = rebuild_traced_head(head, add + trace_lines, start_line)
         elif add or start_line is not None or head.has_hop_by_hop:
             out_head = rebuild_head(head, add, start_line)
         else:
             out_head = head.raw
         exchange = self.exchange = Exchange(self, target, head, out_head)
+        if switch_to is not None:
+            exchange.replay = None
         exchange.start(state.loop.time())
 
     def _authorize(self, policy: Policy, head: Head) -> None:
@@ -419,6 +451,31 @@ class ClientConnection(asyncio.Protocol):
         self.head_started = False
         tunnel = self.tunnel = Tunnel(self, target.address)  # type: ignore[arg-type]
         tunnel.start(self.parser.take_buffer(), 1.0)
+
+    def switch_protocols(self, upstream: UpstreamConnection, response_head: bytes) -> None:
+        """The app accepted an upgrade (101, proxy.upgrade): from here on both connections are a relay."""
+        state = self.state
+        self.exchange = None
+        self.closed = True  # no longer HTTP: the relay owns the transport now
+        self.deadline = 0.0
+        state.connections.discard(self)
+        upstream.owner = None
+        upstream.closed = True  # the pool must never hand it out again
+        state.pool.forget(upstream)
+        self.bytes_out += len(response_head)
+        self.transport.write(response_head)
+        relay = upgrade.switch_to_relay(
+            state.loop, self.transport, self.parser.take_buffer(), upstream.transport, upstream.parser.take_buffer(),  # type: ignore[arg-type]
+            idle_timeout=state.snapshot.http.idle_timeout, on_close=lambda relay: self._relay_closed(upstream, relay),  # type: ignore[union-attr]
+        )
+        state.track(relay)
+
+    def _relay_closed(self, upstream: UpstreamConnection, relay: Relay) -> None:
+        observer = self.state.observer
+        if observer is not None:
+            observer.client_closed(self.peer_identity, self.bytes_in + relay.sent_upstream, self.bytes_out + relay.sent_downstream)
+            if upstream.reported:
+                observer.tcp_closed(OUTBOUND, upstream.peer, upstream.bytes_in + relay.sent_downstream, upstream.bytes_out + relay.sent_upstream)
 
     def exchange_finished(self, exchange: Exchange, keep_alive: bool) -> None:
         """The response is written and the request fully read: next request, or close."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+from collections.abc import Callable
 
 from proxy.errors import MeshError
 from proxy.http1 import Head, rebuild_head
@@ -67,9 +68,9 @@ def requested_upgrade(head: Head) -> bytes | None:
     return None
 
 
-def forward_request_head(head: Head, protocol: bytes, add: list[bytes] = ()) -> bytes:  # type: ignore[assignment]
+def forward_request_head(head: Head, protocol: bytes, add: list[bytes] = (), start_line: bytes | None = None) -> bytes:  # type: ignore[assignment]
     """The request head to send upstream: hop-by-hop headers dropped, the upgrade pair kept."""
-    return rebuild_head(head, add=[*add, b"connection: upgrade", b"upgrade: " + protocol])
+    return rebuild_head(head, [*add, b"connection: upgrade", b"upgrade: " + protocol], start_line)
 
 
 def check_switch(request: Head, response: Head) -> bool:
@@ -104,13 +105,14 @@ def switch_to_relay(
     upstream: asyncio.Transport,
     upstream_pending: bytes,
     idle_timeout: float | None = None,
+    on_close: Callable[[Relay], None] | None = None,
 ) -> Relay:
     """Replace both connections' protocols with an opaque relay, after the 101 went to the client.
 
     `client_pending` / `upstream_pending` are the bytes each side's parser had read past
     its head (`Parser.take_buffer()`); they are delivered first, in order.
     """
-    relay = Relay(loop, idle_timeout=idle_timeout)
+    relay = Relay(loop, idle_timeout=idle_timeout, on_close=on_close)
     relay.adopt_upstream(upstream, b"")
     relay.adopt_downstream(client, client_pending)
     if upstream_pending:
