@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("agent.supervisor")
 
 SIDECAR_RESTART_DELAY_S = 0.2
+SIDECAR_STABLE_S = 10.0  # a sidecar restart sooner than this after the last one is a crash loop
 
 
 def owner_key(owner: Instance | Ingress) -> str:
@@ -118,6 +119,7 @@ class Instance:
         self.started_at: float | None = None
         self.last_exit: str | None = None
         self.passed_gate = False
+        self.last_sidecar_restart = -SIDECAR_STABLE_S
         self._stop = asyncio.Event()
         self.task: asyncio.Task | None = None
         self.sidecar = SidecarHandle(
@@ -289,18 +291,34 @@ class Instance:
         return False
 
     async def _restart_sidecar(self, code: int) -> None:
+        """Only the sidecar died: the app keeps running and callers keep this endpoint.
+
+        The agent holds the sidecar's listening sockets, so new connections wait in the
+        kernel's backlog until the new sidecar accepts them; dropping the endpoint instead
+        would turn a half-second restart into a burst of fast 503s for a single replica.
+        """
         self.restarts += 1
+        now = time.monotonic()
+        crash_loop = now - self.last_sidecar_restart < SIDECAR_STABLE_S
+        self.last_sidecar_restart = now
+        self.message = f"sidecar {describe_exit(code)}; restarting it"
         log.warning("%s: sidecar %s; restarting it", self.id, describe_exit(code))
-        self.set_state(State.STARTING, f"sidecar {describe_exit(code)}; restarting it")
-        await asyncio.wait({asyncio.ensure_future(self._stop.wait())}, timeout=SIDECAR_RESTART_DELAY_S)
-        if self._stop.is_set():
-            return
+        if crash_loop:  # a sidecar that keeps dying is restarted with a pause, not in a spin
+            try:
+                async with asyncio.timeout(SIDECAR_RESTART_DELAY_S):
+                    await self._stop.wait()
+                return
+            except TimeoutError:
+                pass
         try:
             await self.sup.start_sidecar(self.sidecar, self)
         except SidecarError as exc:
-            self.message = f"sidecar: {exc}"
+            # Now it really cannot serve: out of the endpoints until a start succeeds.
+            self.set_state(State.STARTING, f"sidecar: {exc}")
             return
-        self.set_state(State.READY)
+        self.message = None
+        if self.state is not State.READY:
+            self.set_state(State.READY)
 
     async def _crashed(self, code: int | None, ran_for: float, reason: str) -> str:
         self.last_exit = reason

@@ -100,12 +100,15 @@ def test_kill_9_of_a_sidecar_is_restarted_and_callers_recover(chaos):
         end = time.monotonic()
     window = load.between(killed_at, end)
     assert after["pid"] == victim["pid"], "the app keeps running while its sidecar restarts"
+    failed = [o for o in window if not o.ok]
+    # Only what was in flight on the killed sidecar may fail: one request per client worker.
+    assert len(failed) <= 4, failed[:5]
     record("chaos_kill_sidecar", {
         "title": "kill -9 of a sidecar under load",
         "about": "4 keep-alive clients call front (1 replica) through the ingress; front's sidecar is "
-                 "SIGKILLed; the agent restarts it on the same listening sockets. Until it is ready "
-                 "again the instance has no endpoint, so callers get fast 503 no-healthy-endpoints "
-                 "answers (the failures below) rather than waiting.",
+                 "SIGKILLed; the agent restarts it on the same listening sockets, which it holds, and "
+                 "keeps the instance in its callers' endpoints: new connections wait in the kernel's "
+                 "backlog for the new sidecar, so only requests in flight at the kill can fail.",
         "figures": {"seconds to the first success after the kill": round(recovery, 3),
                     "requests sent after the kill": len(window),
                     "failed after the kill": sum(not o.ok for o in window)},
