@@ -461,7 +461,13 @@ class Exchange:
 
     def _response_end(self, conn: UpstreamConnection) -> None:
         self.upstream = None
-        self._release_endpoint()
+        endpoint = self.endpoint
+        if endpoint is not None:
+            if self.discarding:
+                self._release_endpoint()
+            else:  # answered: no later try needs to avoid it
+                self.endpoint = None
+                endpoint.active -= 1
         if conn.parser.buffered == 0 and self.request_done and self.upstream_keep_alive:
             self.client.state.pool.release(conn)
         else:

@@ -66,7 +66,6 @@ _FIELD_VALUE = rb"[^\x00-\x08\x0a-\x1f\x7f]*"
 _HEADER_LINE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(" + _FIELD_VALUE + rb")")
 _HEADER_FIELD = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(" + _FIELD_VALUE + rb")(?:\r\n|$)")
 _HEADER_BLOCK = re.compile(_TOKEN + rb":" + _FIELD_VALUE + rb"(?:\r\n" + _TOKEN + rb":" + _FIELD_VALUE + rb")*")
-_CONTENT_LENGTH = re.compile(rb"[0-9]{1,18}")
 _CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?")
 _MAX_CHUNK_LINE = 4096
 
@@ -225,15 +224,14 @@ def _parse_head(block: bytes, is_request: bool) -> Head:
     hop_by_hop = 0
     for name, value in _FRAMING_FIELD.findall(fields):
         name = name.lower()
-        value = value.rstrip(b" \t")
         if name == b"content-length":
-            lengths.append(value)
+            lengths.append(value.rstrip(b" \t"))
         elif name == b"transfer-encoding":
-            codings.extend(c.strip(b" \t").lower() for c in value.split(b","))
+            codings.extend(_tokens(value))
         else:
             hop_by_hop += 1
             if name == b"connection":
-                connection.extend(c.strip(b" \t").lower() for c in value.split(b","))
+                connection.extend(_tokens(value))
     if hop_by_hop:
         head.has_hop_by_hop = True
     if connection:
@@ -245,6 +243,13 @@ def _parse_head(block: bytes, is_request: bool) -> Head:
         head.keep_alive = b"keep-alive" in head.connection_tokens and b"close" not in head.connection_tokens
     _apply_framing(head, lengths, codings, is_request)
     return head
+
+
+def _tokens(value: bytes) -> list[bytes]:
+    """The lower-cased elements of a comma-separated header value."""
+    if b"," not in value:
+        return [value.strip(b" \t").lower()]
+    return [token.strip(b" \t").lower() for token in value.split(b",")]
 
 
 def _reject_header_lines(fields: bytes) -> None:
@@ -276,9 +281,10 @@ def _apply_framing(head: Head, lengths: list[bytes], codings: list[bytes], is_re
     if lengths:
         if len(lengths) > 1:
             raise _bad("more than one content-length")
-        if _CONTENT_LENGTH.fullmatch(lengths[0]) is None:
+        length = lengths[0]
+        if not (length.isdigit() and len(length) <= 18):  # bytes.isdigit() is ASCII digits only
             raise _bad("invalid content-length")
-        head.content_length = int(lengths[0])
+        head.content_length = int(length)
 
 
 class Parser:
@@ -388,7 +394,7 @@ class Parser:
 
     def _next_head(self) -> object:
         buf = self._buf
-        if self.is_request and buf[:2] == b"\r\n":
+        if self.is_request and buf.startswith(b"\r\n"):
             buf = self._buf = buf.lstrip(b"\r\n")
         end = buf.find(b"\r\n\r\n")
         if end < 0:
