@@ -90,7 +90,8 @@ def _mark(passed: bool | None) -> str:
     return {True: "PASS", False: "MISS", None: "n/a"}[passed]
 
 
-def render(results: dict[str, Any]) -> str:
+def render(results: dict[str, Any], notes: str = "") -> str:
+    """The Markdown page; `notes` (bench/hotpath.md: where the time goes, what was tried) goes last."""
     labels = results["labels"]
     paths = [labels["direct"], labels["mesh"], labels["haproxy"]]
     params = results["parameters"]
@@ -250,4 +251,6 @@ def render(results: dict[str, Any]) -> str:
         rows.append(["`%s`" % fn["function"], "%.1f%%" % (100.0 * fn["own"] / prof["samples"]),
                      "%.1f%%" % (100.0 * fn["total"] / prof["samples"])])
     out += _table(["function", "own", "total"], rows)
+    if notes:
+        out += [notes.strip(), ""]
     return "\n".join(out).rstrip() + "\n"

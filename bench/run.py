@@ -253,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, help="wrk runs per path [1 quick, 3 full]")
     parser.add_argument("--ref", help="benchmark the mesh code of this git ref (e.g. HEAD) instead of the working tree")
     parser.add_argument("--up-sizes", default="1,10,50", help="instances for the `meshctl up` timings")
+    parser.add_argument("--json", help="also write the raw results here (bench/report.py can render them again)")
     parser.add_argument("--extras-only", action="store_true", help="only the observability costs and the control plane, printed as JSON")
     parser.add_argument("--route-changes", type=int, default=200, help="route changes timed in the control-plane step")
     args = parser.parse_args(argv)
@@ -350,9 +351,14 @@ def _bench(args: argparse.Namespace, params: dict[str, Any], workdir: str) -> in
     results["machine"], results["versions"] = machine, versions
     results["generated"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
-    text = report.render(results)
+    notes_path = os.path.join(targets.BENCH_DIR, "hotpath.md")
+    notes = open(notes_path).read() if os.path.exists(notes_path) else ""
+    text = report.render(results, notes)
     with open(args.output, "w") as out:
         out.write(text)
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(results, out, indent=1)
     print("wrote %s" % args.output)
     for verdict in report.judge_targets(results):
         print("  %-4s %s: %s" % ({True: "PASS", False: "MISS", None: "n/a"}[verdict.passed], verdict.target, verdict.measured))
