@@ -73,7 +73,8 @@ def judge_targets(results: dict[str, Any]) -> list[Verdict]:
     control = results.get("control_plane")
     prop = control["propagation"] if control else None
     verdicts.append(Verdict(
-        "route propagation p99 < 100 ms (%s sidecars)" % (control["sidecars"] if control else "n/a"),
+        "route propagation p99 < 100 ms (%s-instance mesh, %s sidecars ACK each change)" % (
+            (control["instances"], prop["acked_min"]) if control else ("n/a", "n/a")),
         "n/a" if prop is None else "p99 %s ms over %d changes (p50 %s ms)" % (_ms(prop["p99"]), prop["changes"], _ms(prop["p50"])),
         None if prop is None else prop["p99"] < 0.1 and prop["problems"] == 0,
     ))
