@@ -1,12 +1,14 @@
 """The agent: meshctl's control plane, one detached process per mesh.
 
-Parts:
-- `model`: the validated manifest as frozen data.
-- `manifest`, `schema`: YAML -> model, with file:line errors; the JSON Schema.
-- `supervisor`: the instance state machine and the reconcile step (decide, then act).
-- `process`: spawning process groups that cannot outlive the agent; `sentinel` is the
-  watchdog that kills them if the agent is SIGKILLed.
-- `compile`: model + live state -> one config snapshot per sidecar.
-- `control`: the JSON-lines control API on agent.sock.
-- `daemon`: the entry point (`python -m agent`), lock, state directory.
+Parts (decide in pure modules, act in few):
+- manifest: `model` (frozen data), `manifest` + `yamllines` (YAML with line numbers),
+  `schema` + `schema_*` (the JSON Schema by family of keys), `durations`, `errors`;
+- deciding, pure: `plan` (desired instances, apply plan), `lifecycle` (instance state
+  machine, restart decision), `compile` (snapshot per sidecar), `overrides` (live routes
+  and scale), `promote` (canary decisions), `stats` and `traces` (read-outs);
+- acting: `supervisor` (apply, down, push), `instance` (one instance and its runner),
+  `live` (rolling changes, converge), `sidecar` (handle on one sidecar), `process` and
+  `sentinel` (nothing outlives the agent), `probe`, `logs`, `observability`;
+- identity: `ca` (the CA, three-phase rotation), `identity` (per-sidecar leaves);
+- the control API: `control`, `control_security`, `control_obs`; `daemon` is the entry.
 """
