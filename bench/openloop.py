@@ -53,12 +53,11 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
-            self.generator.failed += 1
+            self.generator.fail("unparsable response")
             self.transport.close()
 
     def on_message_complete(self) -> None:
-        ok = self.parser.get_status_code() == 200
-        self.generator.finished(self, self.due, ok)
+        self.generator.finished(self, self.due, self.parser.get_status_code())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.generator.lost(self)
@@ -77,7 +76,12 @@ class OpenLoop:
         self.backlog: collections.deque[float] = collections.deque()
         self.latencies: list[float] = []
         self.failed = 0
+        self.failure_kinds: collections.Counter[str] = collections.Counter()  # what each failure was
         self.sent = 0
+
+    def fail(self, kind: str) -> None:
+        self.failed += 1
+        self.failure_kinds[kind] += 1
 
     def dispatch(self, due: float) -> None:
         self.sent += 1
@@ -88,11 +92,11 @@ class OpenLoop:
         else:
             self.backlog.append(due)
 
-    def finished(self, conn: _Connection, due: float, ok: bool) -> None:
-        if ok:
+    def finished(self, conn: _Connection, due: float, status: int) -> None:
+        if status == 200:
             self.latencies.append(time.perf_counter() - due)
         else:
-            self.failed += 1
+            self.fail("status %d" % status)
         if self.backlog:
             conn.send(self.request, self.backlog.popleft())
         else:
@@ -101,7 +105,7 @@ class OpenLoop:
 
     def lost(self, conn: _Connection) -> None:
         if conn in self.busy:
-            self.failed += 1
+            self.fail("connection closed before the response")
             self.busy.discard(conn)
         if conn in self.idle:
             self.idle.remove(conn)
@@ -148,6 +152,7 @@ async def run(port: int, path: str, rate: float, seconds: float, connections: in
         "sent": gen.sent,
         "completed": len(ordered),
         "failed": gen.failed + unfinished,
+        "failure kinds": dict(gen.failure_kinds, **({"unfinished at the end": unfinished} if unfinished else {})),
         "achieved_rps": len(ordered) / max(time.perf_counter() - start, 1e-9),
     }
     for p in PERCENTILES:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         manifest = soak_manifest(Path(tmp), port)
         subprocess.run([python, "-m", "meshctl.cli", "up", "-f", str(manifest)], env=env, check=True, cwd=REPO)
+        out, load = "", None
         try:
             agent_pid = int((home / "agent.pid").read_text())
             procs = sidecars(agent_pid)
@@ -114,6 +116,13 @@ def main(argv: list[str] | None = None) -> int:
                 check=True).stdout)["instances"])
         finally:
             subprocess.run([python, "-m", "meshctl.cli", "down"], env=env, cwd=REPO, timeout=120)
+            if load is None or load.returncode != 0 or json.loads(out or "{}").get("failed"):
+                # Keep what the mesh logged, so a failure can be explained after the temp dir is gone.
+                kept = REPO / ".state" / "soak-logs"
+                shutil.rmtree(kept, ignore_errors=True)
+                shutil.copytree(home / "logs", kept)
+                shutil.copy(home / "agent.log", kept / "agent.log")
+                print("mesh logs kept in %s" % kept, file=sys.stderr)
     measured = [s for t, s in samples if t - started >= warmup + 1.0] or [s for _, s in samples]
     first, last = measured[0], measured[-1]
     growth = {pid: (last[pid]["rss"] - first[pid]["rss"]) / first[pid]["rss"] for pid in first
@@ -129,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = {
         "path": args.path, "target rate (rps)": args.rate, "seconds": args.seconds,
         "requests sent": result["sent"], "completed": result["completed"], "failed": result["failed"],
+        "failure kinds": result.get("failure kinds") or "none",
         "achieved rps": round(result["achieved_rps"], 1),
         "p50 ms": _ms(result["p50"]), "p99 ms": _ms(result["p99"]), "p99.9 ms": _ms(result["p99.9"]),
         "max ms": _ms(result["max"]), "sidecars": len(procs),

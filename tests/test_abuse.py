@@ -11,44 +11,18 @@ import json
 import resource
 import socket
 import threading
-import time
 
 import psutil
 import pytest
 
 from agent.ca import CertificateAuthority, spiffe_id
 from tests.meshharness import free_port, http_get
-from tests.proxy_harness import Sidecar, Upstream, read_responses, service, wait_for
+from tests.proxy_harness import Sidecar, read_responses, service, wait_for
 from tests.reliability import fd_count, record, rss
 from tests.tlspeers import client_context, plain_get, tls_get
 
 IDLE_CONNECTIONS = 1000
 HTTP = {"max_header_bytes": 65536, "max_body_bytes": None, "header_timeout": 60.0, "idle_timeout": 60.0}
-
-
-@pytest.fixture
-def upstream():
-    up = Upstream("app")
-    try:
-        yield up
-    finally:
-        up.stop()
-
-
-@pytest.fixture
-def sidecars():
-    started: list[Sidecar] = []
-
-    def start(*args, **kwargs) -> Sidecar:
-        sidecar = Sidecar(*args, **kwargs)
-        started.append(sidecar)
-        return sidecar
-
-    try:
-        yield start
-    finally:
-        for sidecar in started:
-            sidecar.stop()
 
 
 @pytest.fixture

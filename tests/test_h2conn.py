@@ -3,7 +3,6 @@ with a real grpcio client and server (demo-services/recommend.py) on 127.0.0.1."
 
 import asyncio
 import importlib.util
-import sys
 import threading
 from pathlib import Path
 

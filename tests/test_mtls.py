@@ -28,21 +28,6 @@ from tests.traffic import ContinuousLoad
 
 
 @pytest.fixture
-def cleanup():
-    things = []
-    try:
-        yield things.append
-    finally:
-        for thing in reversed(things):
-            thing.stop()
-
-
-@pytest.fixture
-def ca(tmp_path):
-    return make_ca(tmp_path / "ca")
-
-
-@pytest.fixture
 def foreign_ca(tmp_path):
     return make_ca(tmp_path / "foreign", mesh="other")
 

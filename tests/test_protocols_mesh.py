@@ -12,7 +12,6 @@ import importlib.util
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 from concurrent import futures
 from pathlib import Path
@@ -25,25 +24,10 @@ import pytest
 
 from agent.ca import spiffe_id
 from tests.proxy_harness import Sidecar, Upstream, service, wait_for
-from tests.tlspeers import TRUST_DOMAIN, make_ca, tls_block
+from tests.tlspeers import TRUST_DOMAIN, tls_block
 
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE_S = 10.0
-
-
-@pytest.fixture
-def cleanup():
-    things = []
-    try:
-        yield things.append
-    finally:
-        for thing in reversed(things):
-            thing.stop()
-
-
-@pytest.fixture
-def ca(tmp_path):
-    return make_ca(tmp_path / "ca")
 
 
 def mesh_pair(cleanup, ca, app: list, protocol: str, authz=None, **policy) -> tuple[Sidecar, Sidecar]:

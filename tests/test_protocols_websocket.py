@@ -18,7 +18,7 @@ import threading
 import pytest
 
 from proxy.upgrade import websocket_accept
-from tests.test_protocols_mesh import DEADLINE_S, ca, cleanup, mesh_pair, recv_exactly  # noqa: F401  (fixtures)
+from tests.test_protocols_mesh import DEADLINE_S, mesh_pair, recv_exactly
 from tests.test_upgrade import OP_CLOSE, OP_TEXT, encode_frame, websocket_echo
 
 OP_BINARY = 0x2

@@ -14,31 +14,6 @@ from tests.proxy_harness import LOOPS, Sidecar, Upstream, raw_exchange, read_res
 
 
 @pytest.fixture
-def upstream():
-    up = Upstream("app")
-    try:
-        yield up
-    finally:
-        up.stop()
-
-
-@pytest.fixture
-def sidecars():
-    started: list[Sidecar] = []
-
-    def start(*args, **kwargs) -> Sidecar:
-        sidecar = Sidecar(*args, **kwargs)
-        started.append(sidecar)
-        return sidecar
-
-    try:
-        yield start
-    finally:
-        for sidecar in started:
-            sidecar.stop()
-
-
-@pytest.fixture
 def connect():
     """Open http.client connections to a port; all are closed when the test ends."""
     opened: list[http.client.HTTPConnection] = []

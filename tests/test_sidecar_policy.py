@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.proxy_harness import Sidecar, Upstream, raw_exchange, read_responses, refused_port, service, wait_for
+from tests.proxy_harness import Upstream, raw_exchange, read_responses, refused_port, service, wait_for
 
 
 @pytest.fixture
@@ -28,22 +28,6 @@ def upstreams():
     finally:
         for up in started:
             up.stop()
-
-
-@pytest.fixture
-def sidecars():
-    started: list[Sidecar] = []
-
-    def start(*args, **kwargs) -> Sidecar:
-        sidecar = Sidecar(*args, **kwargs)
-        started.append(sidecar)
-        return sidecar
-
-    try:
-        yield start
-    finally:
-        for sidecar in started:
-            sidecar.stop()
 
 
 def outbound(sidecars, endpoints: list[tuple[str, Upstream]], **policy) -> int:

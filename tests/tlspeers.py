@@ -80,40 +80,37 @@ def client_context(bundle_pem: str, cert_pem: str | None = None, key_pem: str | 
     return ctx
 
 
+def _get_status(sock: socket.socket, path: str) -> int | None:
+    """Send one GET on a connected (plain or TLS) socket; its status, or None if no HTTP came back."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    if not data.startswith(b"HTTP/1."):
+        return None
+    return int(data.split(b" ", 2)[1])
+
+
 def tls_get(port: int, ctx: ssl.SSLContext, path: str = "/", timeout: float = 5.0) -> int | None:
     """Status of one GET over TLS, or None when the peer refused us (at or after the handshake)."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
             with ctx.wrap_socket(raw, server_hostname="svc.mesh") as tls:
-                tls.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-                data = b""
-                while True:
-                    chunk = tls.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
+                return _get_status(tls, path)
     except (ssl.SSLError, ConnectionError, OSError):
         return None
-    if not data.startswith(b"HTTP/1."):
-        return None
-    return int(data.split(b" ", 2)[1])
 
 
 def plain_get(port: int, path: str = "/", timeout: float = 5.0) -> int | None:
+    """Status of one plaintext GET, or None when the peer refused it."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-            data = b""
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+            return _get_status(sock, path)
     except (ConnectionError, OSError):
         return None
-    if not data.startswith(b"HTTP/1."):
-        return None
-    return int(data.split(b" ", 2)[1])
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
