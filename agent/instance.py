@@ -26,6 +26,7 @@ from agent.compile import (
     INGRESS_ID,
     SidecarIdentity,
     SidecarListeners,
+    mtls_mode,
 )
 from agent.errors import ApplyError
 from agent.lifecycle import State, decide_after_exit, describe_exit, transition
@@ -196,8 +197,19 @@ class Instance:
             "last_exit": self.last_exit,
             "message": self.message,
             "config_version": self.sidecar.acked_version,
+            "mtls": self._mtls_mode(),
             "generation": self.generation,
         }
+
+    def _mtls_mode(self) -> str | None:
+        """How callers reach this instance: strict, permissive or off (None if no longer in the manifest)."""
+        manifest = self.sup.manifest
+        if manifest is None:
+            return None
+        try:
+            return mtls_mode(manifest, manifest.service(self.spec.service))
+        except KeyError:
+            return None
 
     # -- the runner -------------------------------------------------------------------
 

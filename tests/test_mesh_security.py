@@ -55,6 +55,7 @@ def test_state_files_are_private_and_nothing_secret_is_shown(mesh):
     assert mode(home / "agent.pid") == 0o600
     for log in (home / "logs").iterdir():
         assert mode(log) == 0o600
+    assert {i["mtls"] for i in mesh.status()["instances"]} == {"strict"}
     outputs = [
         mesh.cli("status", "-o", "json", check=True).stdout,
         mesh.cli("certs", "-o", "json", check=True).stdout,
