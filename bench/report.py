@@ -91,6 +91,63 @@ def _mark(passed: bool | None) -> str:
     return {True: "PASS", False: "MISS", None: "n/a"}[passed]
 
 
+H2_TITLE = "## HTTP/2 through the mesh"
+
+
+def _h2_rows(table: dict[str, Any]) -> list[list[str]]:
+    direct_rps = table["direct"]["rps"]
+    rows = []
+    for path, entry in table.items():
+        rows.append([path, "%.0f" % entry["rps"], "%.0f .. %.0f" % (min(entry["runs"]), max(entry["runs"])),
+                     "%.3f" % (entry["rps"] / direct_rps), _ms(entry["mean"]), _ms(entry["p50"]), _ms(entry["p99"]),
+                     "n/a" if entry["proxy_cpu_us"] is None else "%.1f" % entry["proxy_cpu_us"], str(entry["errors"])])
+    return rows
+
+
+def render_h2(h2: dict[str, Any] | str) -> list[str]:
+    """The HTTP/2 section (bench/http2.py's results), or the note of why it was not measured."""
+    out = [H2_TITLE, ""]
+    if isinstance(h2, str):
+        return out + [h2, ""]
+    out += ["bench/http2.py. HTTP/2 enters the mesh at a caller's outbound listener (the ingress speaks "
+            "HTTP/1.1 only), so the mesh has two services: `web`, the app, declared `protocol: grpc`, and "
+            "`client`, a placeholder app that lists web as an upstream. The mesh path: h2load -> client's "
+            "sidecar (outbound listener, h2c prior knowledge) -> h2 over mTLS (ALPN h2) -> web's sidecar "
+            "(inbound) -> the app over h2c. Direct: the same app, its own process, no proxy. Runs "
+            "interleaved across the two paths after a warm-up; rps of the median run; latency per request "
+            "from h2load's --log-file (closed loop: it grows with the streams in flight); proxy CPU is "
+            "user+sys of the two sidecars over all runs divided by the requests served.", ""]
+    if h2.get("generated"):
+        out += ["Measured separately (`bench/run.py --h2-only`) on %s, mesh code %s; the other sections "
+                "are from the run named at the top." % (h2["generated"], h2["code"]), ""]
+    for streams, table in h2["h2load"].items():
+        out += ["### h2load -c%d -m%s, 13-byte body (nginx h2c, `listen ... http2`)" % (h2["connections"], streams), "",
+                "%d runs of %d requests per path, %d connections with up to %s stream(s) in flight on each." % (
+                    h2["runs"], h2["requests"], h2["connections"], streams), ""]
+        out += _table(["path", "rps", "runs (min .. max)", "x direct", "mean ms", "p50 ms", "p99 ms",
+                       "sidecar CPU us/req", "errors"], _h2_rows(table))
+    grpc = h2.get("grpc")
+    if grpc:
+        out += ["### gRPC unary (`recommend.Recommend/ForItem`, demo-services/recommend.py)", "",
+                "One grpc.aio client process (one channel: one HTTP/2 connection) makes %d calls with %d in flight, "
+                "%d runs per path; the server is grpcio's thread-pool server. Latency per call, client side." % (
+                    grpc["calls"], grpc["concurrency"], grpc["runs"]), ""]
+        out += _table(["path", "calls/s", "runs (min .. max)", "x direct", "mean ms", "p50 ms", "p99 ms",
+                       "sidecar CPU us/call", "errors"], _h2_rows(grpc["table"]))
+    return out
+
+
+def replace_h2_section(page: str, h2: dict[str, Any]) -> str:
+    """`page` with its HTTP/2 section replaced by a fresh one (for `run.py --h2-only`); the rest kept as it is."""
+    lines = page.rstrip("\n").split("\n")
+    section = render_h2(h2)
+    if H2_TITLE not in lines:
+        return "\n".join(lines + [""] + section).rstrip() + "\n"
+    start = lines.index(H2_TITLE)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return "\n".join(lines[:start] + section + lines[end:]).rstrip() + "\n"
+
+
 def render(results: dict[str, Any], notes: str = "") -> str:
     """The Markdown page; `notes` (bench/hotpath.md: where the time goes, what was tried) goes last."""
     labels = results["labels"]
@@ -234,7 +291,7 @@ def render(results: dict[str, Any], notes: str = "") -> str:
                     ", ".join("%.2f" % t for t in rot["leaves"]), ", ".join("%.2f" % t for t in rot["ca"])),
                 ""]
     if results.get("h2"):
-        out += ["## HTTP/2 through the mesh", "", results["h2"], ""]
+        out += render_h2(results["h2"])
 
     prof = results["profile"]
     out += ["## Profile of the service's sidecar", "",

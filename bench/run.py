@@ -8,8 +8,10 @@ its own nginx; measure idle memory; interleaved wrk runs (CPU per request and pe
 alongside); open-loop latency at a constant rate; a py-spy profile of the service's
 sidecar under wrk; the cost of observability (three meshes: defaults, metrics off, access
 log on; interleaved wrk runs); the control plane (bench/controlplane.py: route-change
-propagation in a 20-instance mesh, certificate rotations); then the start-up timings
+propagation in a 20-instance mesh, certificate rotations); HTTP/2 and gRPC through the
+mesh against direct (bench/http2.py: h2load, grpc.aio); then the start-up timings
 (`meshctl up` of 1, 10 and 50 instances).
+`--h2-only` runs just the HTTP/2 part and replaces that section of docs/benchmarks.md.
 Every process started here is stopped on the way out, and the temp dir is removed
 (kept, for its logs and configs, when BENCH_KEEP_TMP is set).
 """
@@ -34,6 +36,7 @@ from typing import Any
 import psutil
 
 import controlplane
+import http2
 import pyspy
 import report
 import targets
@@ -129,14 +132,6 @@ def observability_costs(workdir: str, params: dict[str, Any]) -> dict[str, Any]:
         return throughput(paths, "small", params["runs"], params["seconds"], params["warmup"], params["connections"])
 
 
-H2_NOTE = (
-    "not measured: HTTP/2 enters the mesh on a service's outbound listener (h2c prior knowledge, "
-    "proxy.dispatch) and leaves its inbound sidecar to the app as h2c, so an h2load run needs an h2c app "
-    "and a caller-side outbound port; the ingress listener, which the paths above use, speaks HTTP/1.1 only. "
-    "bench/ has no h2c app yet."
-)
-
-
 def _timed(argv: list[str], runs: int, cwd: str) -> float:
     times = []
     for _ in range(runs):
@@ -224,6 +219,7 @@ def machine_and_versions(ref: str | None) -> tuple[dict[str, Any], dict[str, str
         "OpenSSL (haproxy)": _version(["haproxy", "-vv"], r"(?<=Running on OpenSSL version : OpenSSL )\S+"),
         "nginx": _version(["nginx", "-v"]),
         "wrk": _version(["wrk", "-v"], r"\d+\.\d+\.\d+\S*"),
+        "h2load": _version(["h2load", "--version"]),
         "py-spy": _version([pyspy.py_spy(), "--version"]),
     }
     return machine, versions
@@ -255,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--up-sizes", default="1,10,50", help="instances for the `meshctl up` timings")
     parser.add_argument("--json", help="also write the raw results here (bench/report.py can render them again)")
     parser.add_argument("--extras-only", action="store_true", help="only the observability costs and the control plane, printed as JSON")
+    parser.add_argument("--h2-only", action="store_true",
+                        help="only HTTP/2 and gRPC through the mesh vs direct; replaces that section of --output")
+    parser.add_argument("--h2-requests", type=int, default=20_000, help="requests per h2load run")
     parser.add_argument("--route-changes", type=int, default=200, help="route changes timed in the control-plane step")
     args = parser.parse_args(argv)
     seconds = args.seconds or (3.0 if args.quick else 5.0)
@@ -275,10 +274,27 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _h2_only(args: argparse.Namespace, workdir: str) -> int:
+    """Measure HTTP/2 and gRPC only and splice the section into the existing page, keeping its other figures."""
+    measured = http2.measure(workdir, args.h2_requests, args.runs or 3)
+    measured["code"] = code_version(args.ref)
+    measured["generated"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    page = open(args.output).read() if os.path.exists(args.output) else "# Benchmarks\n"
+    with open(args.output, "w") as out:
+        out.write(report.replace_h2_section(page, measured))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(measured, out, indent=1)
+    print("wrote the HTTP/2 section of %s" % args.output)
+    return 0
+
+
 def _bench(args: argparse.Namespace, params: dict[str, Any], workdir: str) -> int:
     results: dict[str, Any] = {"parameters": params}
     source = export_ref(args.ref, workdir) if args.ref else REPO
     print("mesh code: %s" % code_version(args.ref), flush=True)
+    if args.h2_only:
+        return _h2_only(args, workdir)
     machine, versions = machine_and_versions(args.ref)  # the load average before the bench's own load
     with contextlib.ExitStack() as stack:
         direct = stack.enter_context(targets.nginx_app(workdir))
@@ -341,7 +357,9 @@ def _bench(args: argparse.Namespace, params: dict[str, Any], workdir: str) -> in
     results["control_plane"] = controlplane.measure(workdir, 20, args.route_changes)
     prop = results["control_plane"]["propagation"]
     print("  route change to every sidecar: p50 %.1f ms, p99 %.1f ms" % (prop["p50"] * 1e3, prop["p99"] * 1e3), flush=True)
-    results["h2"] = H2_NOTE
+
+    print("HTTP/2 and gRPC ...", flush=True)
+    results["h2"] = http2.measure(workdir, args.h2_requests, params["runs"])
 
     print("start-up ...", flush=True)
     sizes = [int(n) for n in args.up_sizes.split(",") if n]
