@@ -200,3 +200,15 @@ def test_up_with_changed_manifest_restarts_only_what_changed(mesh):
     assert after["back@v1#0"] == before["back@v1#0"] and after["back@v1#1"] == before["back@v1#1"]
     assert after["front@v1#0"] != before["front@v1#0"]
     assert http_get(f"http://127.0.0.1:{port}/call/back/whoami")[0] == 200
+
+
+def test_sigterm_to_the_agent_stops_the_mesh_and_the_agent(mesh):
+    # Regression: a cancelled config pusher once left the agent hanging in shutdown.
+    mesh.write_manifest(two_tier())
+    mesh.up()
+    mesh.remember_pids()
+    agent = mesh.agent_pid()
+    os.kill(agent, signal.SIGTERM)
+    wait_for(lambda: not alive(agent), what="the agent to exit after SIGTERM")
+    wait_for(lambda: not mesh.living(), what="every process of the mesh to stop")
+    assert not (mesh.home / "agent.sock").exists()
