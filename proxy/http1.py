@@ -66,6 +66,7 @@ _FIELD_VALUE = rb"[^\x00-\x08\x0a-\x1f\x7f]*"
 _HEADER_LINE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(" + _FIELD_VALUE + rb")")
 _HEADER_FIELD = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(" + _FIELD_VALUE + rb")(?:\r\n|$)")
 _HEADER_BLOCK = re.compile(_TOKEN + rb":" + _FIELD_VALUE + rb"(?:\r\n" + _TOKEN + rb":" + _FIELD_VALUE + rb")*")
+_MAX_CHUNK_SIZE = 2**63 - 1
 _CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?")
 _MAX_CHUNK_LINE = 4096
 
@@ -457,6 +458,10 @@ class Parser:
                 if match is None:
                     raise _bad("malformed chunk size line")
                 chunk = int(match.group(1), 16)
+                if chunk > _MAX_CHUNK_SIZE:
+                    # A backend reading it as a signed 64-bit number would see another
+                    # size than we do: the stuff request smuggling is made of.
+                    raise _bad("chunk size too large")
                 pos = eol + 2
                 if chunk:
                     self._body_bytes += chunk
