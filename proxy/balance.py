@@ -244,18 +244,10 @@ class ConsistentHashBalancer(Balancer):
             return headers.get(self.name)  # type: ignore[arg-type]
         return _cookie_value(headers.get("cookie"), self.name)  # type: ignore[arg-type]
 
-    def pick(
-        self, version: str, hash_key: str | None = None, exclude: frozenset[str] = _NO_EXCLUSIONS, now: float = 0.0
-    ) -> Endpoint | None:
-        group = self._by_version.get(version)
-        if not group:
-            return None
-        if len(group) == 1:
-            return group[0]
-        candidates = _eligible(group, exclude, now)
-        if hash_key is None:
+    def _choose(self, version: str, candidates: Sequence[Endpoint], hash_key: str | None) -> Endpoint:
+        if hash_key is None:  # a request without the key: balance it like least_request
             return _least_request(candidates, self._rng.random)
-        return self._rings[version].lookup(hash_key, candidates, group)
+        return self._rings[version].lookup(hash_key, candidates, self._by_version[version])
 
     def __repr__(self) -> str:
         return "%s on %s %s" % (super().__repr__(), self.source, self.name or "")
