@@ -32,7 +32,7 @@ from agent.instance import Ingress, Instance, load_user_tls, owner_key, resolve_
 from agent.lifecycle import State
 from agent.live import LiveChanges
 from agent.logs import LogBook
-from agent.model import Manifest, ServiceSpec
+from agent.model import Manifest
 from agent.plan import desired_instances, plan_apply
 from agent.sidecar import SidecarHandle
 
@@ -320,6 +320,3 @@ class Supervisor(LiveChanges):
 
     def service_names(self) -> list[str]:
         return [s.name for s in self.manifest.services] if self.manifest else []
-
-    def services_of(self, spec: ServiceSpec) -> list[Instance]:
-        return [i for i in self.instances.values() if i.spec.service == spec.name]
