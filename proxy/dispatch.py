@@ -105,7 +105,8 @@ def inbound_h2(state: ServerState, listener: Listener, peer: str | None) -> H2Pr
             _authorize_stream(policy, peer, headers)
         return UpstreamChoice(host, port, None, tag=(state.snapshot.service, state.snapshot.service_version))  # type: ignore[union-attr]
 
-    return state.track(H2Proxy(pick, state.loop, record=_recorder(state, INBOUND, peer), on_closed=state.untrack))
+    return state.track(H2Proxy(
+        pick, state.loop, record=_recorder(state, INBOUND, peer), on_closed=state.untrack, peer_sidecar=peer is not None))
 
 
 def _authorize_stream(policy: Policy, peer: str | None, headers: list[tuple[bytes, bytes]]) -> None:

@@ -55,7 +55,8 @@ CONNECT_TIMEOUT_S = 2.0
 class UpstreamChoice:
     """Where one stream goes, as `pick_upstream(headers)` decides (a plain 3-tuple also works).
 
-    `verify(transport)` checks the upstream's identity after the TLS handshake (raises to
+    `context` is the mesh's TLS context when the upstream is a peer sidecar (whose headers are
+    then not validated again, see H2Endpoint); `verify(transport)` checks the upstream's identity after the TLS handshake (raises to
     refuse it); `timeout` caps the stream together with grpc-timeout; `retries` is how many
     more tries a trailers-only retriable gRPC answer may get; `tag` comes back to `record`.
     `settle(ok)` runs once when this choice's try ends (the balancer's in-flight count and
@@ -178,10 +179,10 @@ class _Pipe:
 class _Side(asyncio.Protocol):
     """A connection of the proxy (downstream, or one upstream) with its endpoint and pipes."""
 
-    def __init__(self, proxy: H2Proxy, client_side: bool, label: str) -> None:
+    def __init__(self, proxy: H2Proxy, client_side: bool, label: str, peer_sidecar: bool = False) -> None:
         self.proxy = proxy
         self.label = label
-        self.endpoint = H2Endpoint(client_side)
+        self.endpoint = H2Endpoint(client_side, peer_sidecar)
         self.transport: asyncio.Transport | None = None
         self.outgoing: dict[int, _Pipe] = {}  # our stream id -> the pipe writing to it
         self.incoming: dict[int, _Pipe] = {}  # our stream id -> the pipe reading from it
@@ -195,22 +196,48 @@ class _Side(asyncio.Protocol):
         self.flush()
 
     def flush(self) -> None:
+        """Write what the endpoint has, or, while a read is being handled, mark it for the end.
+
+        One read can carry many frames, each touching both sides of its stream; writing per
+        frame cost ~20 write syscalls (and TLS records) per read. Batching makes it one write
+        per side per read.
+        """
+        proxy = self.proxy
+        if proxy.dirty is not None:
+            proxy.dirty[self] = None
+        else:
+            self.write_now()
+
+    def write_now(self) -> None:
         if self.transport is not None and not self.lost:
             data = self.endpoint.data_to_send()
             if data:
                 self.transport.write(data)
 
     def data_received(self, data: bytes) -> None:
+        proxy = self.proxy
+        outermost = proxy.dirty is None
+        if outermost:
+            proxy.dirty = {}
+        try:
+            self._handle(data)
+        finally:
+            if outermost:
+                dirty, proxy.dirty = proxy.dirty, None
+                self.write_now()
+                for side in dirty:
+                    side.write_now()
+
+    def _handle(self, data: bytes) -> None:
         try:
             events = self.endpoint.receive(data)
         except h2.exceptions.ProtocolError as exc:
             log.info("%s: HTTP/2 protocol error: %s", self.label, exc)
-            self.flush()
+            self.write_now()
             self.transport.close()  # type: ignore[union-attr]
             return
         for event in events:
             self.proxy.on_event(self, event)
-        self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -243,9 +270,10 @@ class H2Proxy(_Side):
 
     def __init__(
         self, pick_upstream: PickUpstream, loop: asyncio.AbstractEventLoop | None = None, record: Record | None = None,
-        on_closed: Callable[[H2Proxy], None] | None = None,
+        on_closed: Callable[[H2Proxy], None] | None = None, peer_sidecar: bool = False,
     ) -> None:
-        super().__init__(self, client_side=False, label="downstream")
+        self.dirty: dict[_Side, None] | None = None  # sides to write once the current read is handled
+        super().__init__(self, client_side=False, label="downstream", peer_sidecar=peer_sidecar)
         self.on_closed = on_closed
         self.draining = False
         self.pick_upstream = pick_upstream
@@ -350,7 +378,8 @@ class H2Proxy(_Side):
         key = (host, port, id(context))
         upstream = self.upstreams.get(key)
         if upstream is None:
-            upstream = self.upstreams[key] = _Side(self, client_side=True, label="upstream %s:%d" % (host, port))
+            upstream = self.upstreams[key] = _Side(
+                self, client_side=True, label="upstream %s:%d" % (host, port), peer_sidecar=context is not None)
             self.loop.create_task(self._connect(upstream, key, choice))
         up_stream = upstream.endpoint.next_stream_id()
         ends_now = replay is not None and not replay
