@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from proxy.authz import Policy
 from proxy.h2conn import header
 from proxy.h2proxy import H2Proxy, StreamDenied, StreamRecord, UpstreamChoice
+from proxy.limits import CircuitLimits
 from proxy.metrics import INBOUND, OUTBOUND
 from proxy.observe import service_of_identity
 from proxy.opaque import Relay
@@ -70,8 +71,14 @@ def outbound_h2(state: ServerState, listener: Listener) -> H2Proxy:
         router = service.router
         action = router.route(method, path, query, fields) if router.needs_request_details else router.route("", "")
         hash_key = service.balancer.hash_key_for(fields, "127.0.0.1") if service.balancer.needs_headers else None
+        slot = object()  # this try's connection slot in the service's limits, until settle()
+        if not service.limits.hold(slot):
+            limits = service.limits
+            raise StreamDenied(
+                "circuit-open", "%s: %d connections and streams in use, limits reached" % (service.name, limits.connections.in_use), 503)
         endpoint = service.balancer.pick(action.version, hash_key, frozenset(), loop.time())
         if endpoint is None:
+            _leave_limits(state, service.limits, slot)
             raise StreamDenied("no-healthy-endpoints", "%s@%s: no endpoints" % (service.name, action.version), 503)
         policy = action.retry_policy
         tls = service.tls
@@ -81,14 +88,23 @@ def outbound_h2(state: ServerState, listener: Listener) -> H2Proxy:
             tls.h2_context if tls is not None else None, tls.verify if tls is not None else None,
             timeout=action.timeout, retries=policy.attempts - 1 if policy is not None else 0,
             backoff=policy.backoff_base if policy is not None else 0.025, tag=(service.name, endpoint.version),
-            settle=lambda ok: _settle(state, service, endpoint, ok),
+            settle=lambda ok: _settle(state, service, endpoint, ok, slot),
         )
 
     return state.track(H2Proxy(pick, loop, record=_recorder(state, OUTBOUND, None), on_closed=state.untrack))
 
 
-def _settle(state: ServerState, service: Any, endpoint: Any, ok: bool | None) -> None:
-    """One try on `endpoint` ended: leave its in-flight count, tell outlier detection how it went."""
+def _leave_limits(state: ServerState, limits: CircuitLimits, holder: object) -> None:
+    """Give back `holder`'s connection slot; a queued HTTP/1.1 exchange that gets it is woken."""
+    woken = limits.leave(holder)
+    if woken is not None:
+        state.loop.call_soon(woken.admitted)
+
+
+def _settle(state: ServerState, service: Any, endpoint: Any, ok: bool | None, slot: object | None = None) -> None:
+    """One try on `endpoint` ended: leave its slot and in-flight count, tell outlier detection how it went."""
+    if slot is not None:
+        _leave_limits(state, service.limits, slot)
     endpoint.active -= 1
     if ok is not None and service.outlier.record(endpoint, ok, state.loop.time(), len(service.endpoints)):
         if state.observer is not None:
@@ -172,6 +188,14 @@ async def _connect_endpoint(state: ServerState, relay: Relay, service_name: str,
     """Connect the relay's upstream end, trying other endpoints when a connect fails (L4 balancing)."""
     loop = state.loop
     tried: set[str] = set()
+    first = state.snapshot.services.get(service_name)  # type: ignore[union-attr]
+    if first is not None:
+        limits = first.limits  # carried over by new snapshots, so the slot is given back where it was taken
+        if not limits.hold(relay):
+            log.info("relay to %s refused: %d connections in use, limits reached", service_name, limits.connections.in_use)
+            relay.close()
+            return
+        relay.done.add_done_callback(lambda _: _leave_limits(state, limits, relay))
     for _ in range(TCP_CONNECT_TRIES):
         service = state.snapshot.services.get(service_name)  # type: ignore[union-attr]
         if service is None or relay.closed:

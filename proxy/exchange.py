@@ -175,9 +175,9 @@ class Exchange:
             )
             return
         self.counted = True
-        self._admitted()
+        self.admitted()
 
-    def _admitted(self) -> None:
+    def admitted(self) -> None:
         """Holding a connection slot of the service: mirror decision, delay fault, first try."""
         if self.answered:
             return
@@ -608,7 +608,7 @@ class Exchange:
             woken = self.target.service.limits.leave(self)  # type: ignore[union-attr]
             if woken is not None:
                 # Not synchronously: this exchange may be in the middle of writing its own response.
-                self.client.state.loop.call_soon(woken._admitted)
+                self.client.state.loop.call_soon(woken.admitted)
 
     def fail(self, code: str, detail: str, status: int | None = None) -> None:
         """Answer the client with a sidecar-generated error (never after response bytes)."""

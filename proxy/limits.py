@@ -8,6 +8,12 @@ REJECTED (both full: the engine answers 503 ``x-mesh-error: circuit-open``). Eve
 admitted or queued waiter calls ``leave(waiter)`` exactly once; when that frees a slot,
 ``leave`` returns the queued waiter that now owns it, for the engine to wake.
 
+HTTP/2 streams and opaque TCP relays take a connection slot too, with ``hold(holder)``:
+it never queues (as Envoy's max_requests for HTTP/2 and its TCP proxy's max_connections
+refuse at once), so a stream over the limit is answered 503 / gRPC UNAVAILABLE and a relay
+is closed. Queued waiters are HTTP/1.1 exchanges; whoever's ``leave`` frees a slot wakes
+the returned waiter with ``waiter.admitted()``.
+
 One `CircuitLimits` lives per service name for the life of the process: a new config
 snapshot calls ``reconfigure()``, so the counts and the queue carry over. A lowered
 maximum admits nobody new until enough requests have left.
@@ -84,6 +90,13 @@ class CircuitLimits:
             self._queue.append(waiter)
             return QUEUED
         return REJECTED
+
+    def hold(self, holder: Any) -> bool:
+        """Take a connection slot now or not at all (never queued, never ahead of the queue)."""
+        if not self._queue and self.connections.try_acquire():
+            self._holders.add(id(holder))
+            return True
+        return False
 
     def leave(self, waiter: Any) -> Any | None:
         """`waiter` is done (or gave up); returns the queued waiter that got its slot, if any."""

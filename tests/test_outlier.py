@@ -175,3 +175,13 @@ def test_limits_defaults_and_misuse():
         limits.pending.release()
     with pytest.raises(LimitsConfigError, match="limits.max_pending: expected an integer >= 1"):
         CircuitLimits.from_config({"max_pending": 0})
+
+
+def test_hold_takes_a_slot_now_or_never_and_never_jumps_the_queue():
+    limits = CircuitLimits.from_config({"max_connections": 1, "max_pending": 2})
+    stream, exchange, later = object(), object(), object()
+    assert limits.hold(stream) and not limits.hold(later)
+    assert limits.admit(exchange) == "queued"
+    assert limits.leave(stream) is exchange  # the freed slot goes to the queued exchange
+    assert not limits.hold(later)
+    assert limits.leave(exchange) is None and limits.hold(later)

@@ -171,6 +171,34 @@ def test_grpc_authorization_per_stream(cleanup, ca, recommend):
 # -- HTTP/2 detected on an http service's outbound listener -----------------------------------------
 
 
+
+def test_grpc_streams_take_connection_slots(cleanup, ca, recommend):
+    """max_connections counts streams: one in flight fills a limit of 1, the next is UNAVAILABLE circuit-open."""
+    outer, _ = mesh_pair(cleanup, ca, ["127.0.0.1", recommend], "grpc", limits={"max_connections": 1, "max_pending": 5})
+    channel = GrpcChannel(outer.ports["out"])
+    cleanup(channel)
+    held = [channel.method("Slow").future(b"", timeout=60)]
+
+    def refused() -> grpc.RpcError | None:
+        try:
+            channel.method("ForItem")(b"x", timeout=DEADLINE_S)
+        except grpc.RpcError as exc:
+            return exc
+        return None
+
+    def refused_while_held() -> grpc.RpcError | None:
+        if held[0].done():  # ForItem reached the sidecar first and took the slot: hold it again
+            held[0] = channel.method("Slow").future(b"", timeout=60)
+        return refused()
+
+    try:
+        error = wait_for(refused_while_held, DEADLINE_S, "a second stream refused while the first holds the only slot")
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert ("x-mesh-error", "circuit-open") in error.trailing_metadata()
+    finally:
+        held[0].cancel()
+    wait_for(lambda: refused() is None, DEADLINE_S, "the slot given back when the held stream ends")
+
 def h2_get(port: int, paths: list[str]) -> dict[str, tuple[int, bytes]]:
     """GET each path on one h2c (prior knowledge) connection, all streams at once."""
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
@@ -398,3 +426,33 @@ def test_real_redis_through_the_mesh(cleanup, ca, redis):
     with socket.create_connection(("127.0.0.1", outer.ports["out"]), timeout=DEADLINE_S) as sock:
         sock.sendall(b"*3\r\n$3\r\nSET\r\n$4\r\nmesh\r\n$2\r\nok\r\n*2\r\n$3\r\nGET\r\n$4\r\nmesh\r\n")
         assert recv_exactly(sock, len(b"+OK\r\n$2\r\nok\r\n")) == b"+OK\r\n$2\r\nok\r\n"
+
+
+
+def test_tcp_relays_take_connection_slots(cleanup, ca):
+    """max_connections counts relays: with one open and a limit of 1, the next connection is closed unrelayed."""
+    echo = TcpServer()
+    cleanup(echo)
+    outer, _ = mesh_pair(cleanup, ca, ["127.0.0.1", echo.port], "tcp", limits={"max_connections": 1, "max_pending": 5})
+    first = socket.create_connection(("127.0.0.1", outer.ports["out"]), timeout=DEADLINE_S)
+    try:
+        first.sendall(b"one")
+        assert recv_exactly(first, 3) == b"ONE"
+        with socket.create_connection(("127.0.0.1", outer.ports["out"]), timeout=DEADLINE_S) as second:
+            second.sendall(b"two")
+            try:
+                assert second.recv(100) == b""
+            except ConnectionResetError:
+                pass  # closed with our bytes unread: the kernel resets instead
+    finally:
+        first.close()
+
+    def relayed() -> bool:
+        with socket.create_connection(("127.0.0.1", outer.ports["out"]), timeout=DEADLINE_S) as again:
+            try:
+                again.sendall(b"three")
+                return again.recv(100) == b"THREE"
+            except ConnectionResetError:
+                return False  # still refused: the first relay's end has not reached the sidecar yet
+
+    wait_for(relayed, DEADLINE_S, "the slot given back when the first relay closed")
