@@ -1,14 +1,17 @@
 """`meshctl export kubernetes`: schema-valid objects whose routing and policy match the mesh.
 
 Core objects are validated with kubernetes-validate against a pinned Kubernetes version;
-Linkerd policy objects against the CRD schemas shipped in tests/data/k8s-schemas/; Istio objects
-with the pydantic models cloudcoil-models-istio generates from Istio's CRDs (see the README there).
+Linkerd policy objects and Gateway API objects against the published CRD schemas shipped in
+tests/data/k8s-schemas/, with unknown fields refused as `kubectl apply` refuses them; Istio
+objects with the pydantic models cloudcoil-models-istio generates from Istio's CRDs (see the
+README there).
 Round trips: the weights and matches in the output equal the manifest's, or, with an agent
 running the mesh, the live overrides made with `meshctl route`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -21,7 +24,8 @@ from cloudcoil.models.istio.security.v1 import AuthorizationPolicy, PeerAuthenti
 
 from agent.manifest import parse_manifest
 from meshctl.export import ExportInput, MissingImages, export_objects
-from meshctl.export.context import LiveRouting, live_routing
+from meshctl.export.context import ROUTE_MAX_MATCHES, ROUTE_MAX_RULES, LiveRouting, live_routing
+from meshctl.export.gateway import GATEWAY_DURATION, gateway_duration
 from tests.meshharness import free_port
 
 KUBERNETES_VERSION = "1.31.0"
@@ -30,7 +34,12 @@ CRD_SCHEMAS = {
     ("policy.linkerd.io/v1beta3", "Server"): "linkerd-server-v1beta3.yaml",
     ("policy.linkerd.io/v1alpha1", "AuthorizationPolicy"): "linkerd-authorizationpolicy-v1alpha1.yaml",
     ("policy.linkerd.io/v1alpha1", "MeshTLSAuthentication"): "linkerd-meshtlsauthentication-v1alpha1.yaml",
+    ("policy.linkerd.io/v1beta3", "HTTPRoute"): "linkerd-httproute-v1beta3.yaml",
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): "gateway-httproute-v1.yaml",
+    ("gateway.networking.k8s.io/v1", "Gateway"): "gateway-gateway-v1.yaml",
 }
+CRD_GROUPS = ("policy.linkerd.io/", "gateway.networking.k8s.io/")
+ROOT_FIELDS = {"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"}}
 CORE_KINDS = {"Deployment", "Service", "ServiceAccount"}
 ISTIO_MODELS = {
     ("networking.istio.io/v1", "VirtualService"): VirtualService,
@@ -101,6 +110,38 @@ def crd_schema(name: str) -> dict:
     return yaml.safe_load((SCHEMAS / name).read_text())
 
 
+def closed(schema: dict) -> dict:
+    """`schema` with every object closed to fields outside its `properties`, as the API server's
+    strict field validation (kubectl apply's default) refuses them; x-kubernetes-preserve-unknown-fields
+    keeps an object open. Only the structural keywords are followed, not oneOf/anyOf branches."""
+    out = dict(schema)
+    if "properties" in out:
+        out["properties"] = {name: closed(child) for name, child in out["properties"].items()}
+        if "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    for keyword in ("items", "additionalProperties"):
+        if isinstance(out.get(keyword), dict):
+            out[keyword] = closed(out[keyword])
+    return out
+
+
+@functools.cache
+def crd_validator(name: str) -> jsonschema.protocols.Validator:
+    """The published schema as the API server applies it; apiVersion, kind and metadata are always
+    accepted at the root, also where a CRD (Linkerd's) does not list them."""
+    schema = crd_schema(name)
+    schema["properties"] = {**ROOT_FIELDS, **schema["properties"]}
+    closed_schema = closed(schema)
+    validator = jsonschema.validators.validator_for(closed_schema)
+    validator.check_schema(closed_schema)
+    return validator(closed_schema)
+
+
+def validate_crd(item: dict) -> None:
+    """Raise jsonschema.ValidationError unless `item` fits the published schema of its kind."""
+    crd_validator(CRD_SCHEMAS[(item["apiVersion"], item["kind"])]).validate(item)
+
+
 @pytest.mark.parametrize("mesh", ["linkerd", "istio"])
 def test_core_objects_are_valid_kubernetes(mesh):
     objects, _ = export(mesh)
@@ -110,21 +151,130 @@ def test_core_objects_are_valid_kubernetes(mesh):
         kubernetes_validate.validate(item, KUBERNETES_VERSION, strict=True)
 
 
-def test_linkerd_policy_objects_match_the_published_crd_schemas():
-    objects, _ = export("linkerd")
+def check_crd_objects(objects: list[dict]) -> set[tuple[str, str]]:
+    """Validate every Linkerd policy and Gateway API object; return the (apiVersion, kind)s seen."""
     checked = set()
     for item in objects:
-        schema_file = CRD_SCHEMAS.get((item["apiVersion"], item["kind"]))
-        if schema_file is not None:
-            jsonschema.validate(item, crd_schema(schema_file))
-            checked.add(item["kind"])
-    assert checked == {"Server", "AuthorizationPolicy", "MeshTLSAuthentication"}
+        if item["apiVersion"].startswith(CRD_GROUPS):
+            validate_crd(item)
+            checked.add((item["apiVersion"], item["kind"]))
+            if item["apiVersion"] == "gateway.networking.k8s.io/v1" and item["kind"] == "HTTPRoute":
+                check_route_cel_rules(item)
+    return checked
 
 
-def test_the_crd_schemas_reject_a_broken_object():
-    broken = {"apiVersion": "policy.linkerd.io/v1beta3", "kind": "Server", "spec": {"podSelector": {}}}
+def check_route_cel_rules(route: dict) -> None:
+    """Two of the HTTPRoute CRD's CEL rules (x-kubernetes-validations) that jsonschema skips and
+    an export could break: Exact and PathPrefix values are absolute paths, Service refs have a port."""
+    for rule in route["spec"]["rules"]:
+        for match in rule["matches"]:
+            path = match.get("path", {"type": "PathPrefix", "value": "/"})
+            assert path["type"] == "RegularExpression" or path["value"].startswith("/"), path
+        for ref in rule.get("backendRefs", []):
+            assert "port" in ref, ref
+
+
+GATEWAY_KINDS = {("gateway.networking.k8s.io/v1", "HTTPRoute"), ("gateway.networking.k8s.io/v1", "Gateway")}
+
+
+@pytest.mark.parametrize("mesh, expected", [
+    ("linkerd", set(CRD_SCHEMAS)),
+    ("istio", GATEWAY_KINDS),  # the ingress; mesh routing is in VirtualServices
+])
+def test_policy_and_gateway_objects_match_the_published_crd_schemas(mesh, expected):
+    objects, _ = export(mesh)
+    assert check_crd_objects(objects) == expected
+
+
+METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"]
+
+
+def wide_manifest():
+    """More routes, matches and paths than one CRD rule or route holds, a long timeout, a TLS ingress."""
+    routes = [{"match": {"path": {"prefix": "/r%d/" % n}}, "version": "v2"} for n in range(16)]
+    routes.append({"match": {"method": METHODS, "headers": {"x-a": {"prefix": "b"}}, "path": {"regex": "/x/[0-9]+"}},
+                   "version": "v1", "timeout": "100.5s"})
+    routes.append({"match": {"path": {"exact": "/slow"}}, "version": "v1", "retries": {"attempts": 2}})
+    paths = ["/p%d" % n for n in range(15)]
+    document = {
+        "mesh": "wide",
+        "services": {
+            "api": {"command": "x", "versions": {"v1": {"image": "r/a:1"}, "v2": {"image": "r/a:2"}},
+                    "split": {"v1": 50, "v2": 50}, "routes": routes,
+                    "authorization": {"allow": [{"from": ["web"], "methods": METHODS, "paths": paths}]}},
+            "web": {"command": "x", "image": "r/w:1", "upstreams": ["api"]},
+        },
+        "ingress": {"port": 8443, "tls": {"cert": "c.pem", "key": "k.pem"}, "routes": [{"path": "/", "service": "web"}]},
+    }
+    return parse_manifest(yaml.safe_dump(document), "/tmp/wide.yaml")
+
+
+@pytest.mark.parametrize("mesh", ["linkerd", "istio"])
+def test_objects_past_the_crd_caps_are_split_and_still_valid(mesh):
+    families, _ = export_objects(wide_manifest(), ExportInput(mesh=mesh))
+    objects = [item for items in families.values() for item in items]
+    assert GATEWAY_KINDS <= check_crd_objects(objects)
+    for item in objects:
+        for rule in item["spec"].get("rules", []) if item["kind"] == "HTTPRoute" else []:
+            assert len(rule["matches"]) <= ROUTE_MAX_MATCHES
+    if mesh == "istio":
+        return
+    api = [find(objects, "HTTPRoute", name, "gateway.networking.k8s.io") for name in ("api", "api-part2")]
+    rules = [rule for route in api for rule in route["spec"]["rules"]]
+    assert [len(route["spec"]["rules"]) for route in api] == [ROUTE_MAX_RULES, 3]
+    assert api[0]["metadata"]["annotations"] == api[1]["metadata"]["annotations"]
+    methods = [match["method"] for rule in rules[16:18] for match in rule["matches"]]
+    assert methods == METHODS and rules[16]["backendRefs"] == rules[17]["backendRefs"]
+    assert rules[16]["timeouts"] == rules[17]["timeouts"] == {"request": "1m40s500ms"}
+    assert rules[-1]["matches"] == [{"path": {"type": "PathPrefix", "value": "/"}}]
+    allowed = []
+    for name in ("api-allow-0", "api-allow-0-part2"):
+        route = find(objects, "HTTPRoute", name, "policy.linkerd.io")
+        allowed += [(m["path"]["value"], m["method"]) for rule in route["spec"]["rules"] for m in rule["matches"]]
+        policy = find(objects, "AuthorizationPolicy", name)["spec"]
+        assert policy["targetRef"] == {"group": "policy.linkerd.io", "kind": "HTTPRoute", "name": name}
+        assert policy["requiredAuthenticationRefs"][0]["name"] == "api-allow-0"
+    assert allowed == [("/p%d" % n, method) for n in range(15) for method in METHODS]
+
+
+@pytest.mark.parametrize("seconds, expected", [
+    (3.0, "3s"), (0.25, "250ms"), (99.999, "99999ms"), (100.5, "1m40s500ms"), (100000.0, "27h46m40s"),
+])
+def test_gateway_durations_fit_the_crd_pattern(seconds, expected):
+    assert gateway_duration(seconds) == expected
+    assert GATEWAY_DURATION.match(expected)
+
+
+def broken(kind: str, api_prefix: str, name: str, breakage) -> dict:
+    objects, _ = export("linkerd")
+    item = find(objects, kind, name, api_prefix)
+    validate_crd(item)
+    breakage(item)
+    return item
+
+
+@pytest.mark.parametrize("kind, api_prefix, name, breakage", [
+    ("Server", "policy.linkerd.io", "payments", lambda item: item["spec"].pop("port")),
+    ("Server", "policy.linkerd.io", "payments", lambda item: item["spec"].update(proxyProtocl="HTTP/1")),
+    ("HTTPRoute", "gateway.networking.k8s.io", "cart", lambda item: item["spec"]["rules"][1]["backendRefs"][0].update(weight=-1)),
+    ("HTTPRoute", "gateway.networking.k8s.io", "cart", lambda item: item["spec"]["rules"][1]["backendRefs"][0].update(wieght=5)),
+    ("HTTPRoute", "gateway.networking.k8s.io", "cart",
+     lambda item: item["spec"]["rules"][1]["matches"][0]["path"].update(type="Prefix")),
+    ("HTTPRoute", "gateway.networking.k8s.io", "cart", lambda item: item["spec"]["rules"][1]["timeouts"].update(request="1.5s")),
+    ("HTTPRoute", "gateway.networking.k8s.io", "cart", lambda item: item["spec"]["rules"][0]["matches"].extend([{}] * 7)),
+    ("HTTPRoute", "gateway.networking.k8s.io", "cart", lambda item: item["spec"]["parentRefs"][0].update(port=0)),
+    ("Gateway", "gateway.networking.k8s.io", "shop-ingress", lambda item: item["spec"]["listeners"][0].pop("protocol")),
+    ("Gateway", "gateway.networking.k8s.io", "shop-ingress", lambda item: item["spec"]["listeners"][0].update(prot=80)),
+    ("Gateway", "gateway.networking.k8s.io", "shop-ingress", lambda item: item["spec"].update(listeners=[])),
+    ("HTTPRoute", "policy.linkerd.io", "payments-allow-0", lambda item: item["spec"]["rules"][0]["matches"][0].update(method="post")),
+    ("HTTPRoute", "policy.linkerd.io", "payments-allow-0",
+     lambda item: item["spec"]["rules"][0]["matches"][0]["path"].update(type="Glob")),
+    ("HTTPRoute", "policy.linkerd.io", "payments-allow-0", lambda item: item["spec"]["rules"][0].update(action="allow")),
+    ("HTTPRoute", "policy.linkerd.io", "payments-allow-0", lambda item: item["spec"].update(rules=[{"matches": []}] * 17)),
+])
+def test_the_crd_schemas_reject_a_broken_object(kind, api_prefix, name, breakage):
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(broken, crd_schema("linkerd-server-v1beta3.yaml"))
+        validate_crd(broken(kind, api_prefix, name, breakage))
 
 
 def validate_istio(item: dict) -> None:

@@ -19,6 +19,10 @@ PORT_NAME = "http"
 PLACEHOLDER_IMAGE = "registry.invalid/meshctl/%s:%s"  # service, version; never pulls
 MESHES = ("linkerd", "istio")
 CLUSTER_DOMAIN = "cluster.local"
+# maxItems of HTTPRouteRule.matches and HTTPRoute.spec.rules in the published CRDs, the same in
+# gateway.networking.k8s.io/v1 and policy.linkerd.io/v1beta3: past them the API server refuses the object.
+ROUTE_MAX_MATCHES = 8
+ROUTE_MAX_RULES = 16
 
 
 class ExportError(Exception):
@@ -152,6 +156,26 @@ def duration(seconds: float) -> str:
     if millis % 1000 == 0:
         return "%ds" % (millis // 1000)
     return "%dms" % millis
+
+
+def rules_for(matches: list[dict], action: dict) -> list[dict]:
+    """One HTTPRoute rule per run of at most ROUTE_MAX_MATCHES matches, each with `action`.
+
+    Matches are ORed, so rules that share an action admit what one rule with all the matches would.
+    """
+    return [
+        {"matches": matches[start:start + ROUTE_MAX_MATCHES], **action}
+        for start in range(0, len(matches), ROUTE_MAX_MATCHES)
+    ]
+
+
+def route_parts(name: str, rules: list[dict]) -> list[tuple[str, list[dict]]]:
+    """(name, rules) per HTTPRoute of at most ROUTE_MAX_RULES rules: `name`, then `name`-part2, ...
+
+    Routes on one parent merge into one rule set, so splitting them changes no routing decision.
+    """
+    parts = [rules[start:start + ROUTE_MAX_RULES] for start in range(0, len(rules), ROUTE_MAX_RULES)]
+    return [(name if number == 1 else "%s-part%d" % (name, number), part) for number, part in enumerate(parts, 1)]
 
 
 def whole_seconds(seconds: float) -> int:

@@ -10,6 +10,10 @@ differ from the service's gets an HTTPRoute of its own (`cart-r1`).
 Two semantic differences are reported rather than hidden: Gateway API ranks rules by
 specificity, not by order (meshctl: first match wins), and PathPrefix matches whole path
 segments (meshctl: a string prefix).
+
+The published CRD caps a rule at 8 matches and a route at 16 rules. A route with more
+matches becomes several rules with the same backends; a service with more rules gets more
+HTTPRoutes on the same parent (`cart-part2`), which Gateway API merges into one rule set.
 """
 
 from __future__ import annotations
@@ -25,12 +29,15 @@ from meshctl.export.context import (
     duration,
     ingress_name,
     metadata,
+    route_parts,
     routing,
+    rules_for,
     version_service_name,
 )
 
 API_VERSION = "gateway.networking.k8s.io/v1"
 DEFAULT_MATCH = {"path": {"type": "PathPrefix", "value": "/"}}
+GATEWAY_DURATION = re.compile(r"^([0-9]{1,5}(h|m|s|ms)){1,4}$")  # the CRD's pattern for timeouts
 
 
 def mesh_routes(manifest: Manifest, given: ExportInput, notes: Notes) -> list[dict]:
@@ -43,20 +50,21 @@ def service_routes(service: ServiceSpec, given: ExportInput, notes: Notes) -> li
     traffic = service.traffic or {}
     service_retries = traffic.get("retries")
     main_rules: list[dict] = []
-    separate: list[tuple[int, dict, dict]] = []
+    separate: list[tuple[int, list[dict], dict]] = []
     for index, route in enumerate(routes):
         where = "%s.routes[%d]" % (service.name, index)
-        rule = http_rule(service.name, route["match"], route["split"], where, notes)
+        action: dict = {"backendRefs": backend_refs(service.name, route["split"])}
         if route.get("timeout") is not None:
-            rule["timeouts"] = {"request": duration(route["timeout"])}
+            action["timeouts"] = {"request": gateway_duration(route["timeout"])}
+        rules = rules_for(http_matches(route["match"], where, notes), action)
         for feature in ("fault", "mirror"):
             if route.get(feature):
                 notes.add(where, feature, "Linkerd has no %s" % ("fault injection" if feature == "fault" else "mirroring"))
         own_retries = route.get("retries")
         if own_retries is not None and own_retries != service_retries:
-            separate.append((index, rule, linkerd.retry_annotations(own_retries, where, notes)))
+            separate.append((index, rules, linkerd.retry_annotations(own_retries, where, notes)))
         else:
-            main_rules.append(rule)
+            main_rules.extend(rules)
     if sum(1 for route in routes if route["match"] != _ANY) > 1:
         notes.add(service.name, "routes order", "Gateway API ranks matches by specificity, not by order")
     main_rules.append({"matches": [dict(DEFAULT_MATCH)], "backendRefs": backend_refs(service.name, split)})
@@ -64,11 +72,27 @@ def service_routes(service: ServiceSpec, given: ExportInput, notes: Notes) -> li
         **linkerd.retry_annotations(service_retries, service.name, notes),
         **linkerd.timeout_annotations(traffic.get("timeout")),
     }
-    out = [http_route(service.name, service.name, main_rules, annotations, given)]
-    for index, rule, retry in separate:
+    out = [http_route(name, service.name, part, annotations, given) for name, part in route_parts(service.name, main_rules)]
+    for index, rules, retry in separate:
         own = {**retry, **linkerd.timeout_annotations(traffic.get("timeout"))}
-        out.append(http_route("%s-r%d" % (service.name, index), service.name, [rule], own, given))
+        out.append(http_route("%s-r%d" % (service.name, index), service.name, rules, own, given))
     return out
+
+
+def gateway_duration(seconds: float) -> str:
+    """`duration` where the CRD's pattern (at most 5 digits a unit) takes it, else split by unit.
+
+    100.5s is 1m40s500ms: 100500ms has six digits and the API server would refuse it.
+    """
+    plain = duration(seconds)
+    if GATEWAY_DURATION.match(plain):
+        return plain
+    millis = round(seconds * 1000)
+    hours, millis = divmod(millis, 3_600_000)
+    minutes, millis = divmod(millis, 60_000)
+    whole, millis = divmod(millis, 1000)
+    units = ((hours, "h"), (minutes, "m"), (whole, "s"), (millis, "ms"))
+    return "".join("%d%s" % (amount, unit) for amount, unit in units if amount)
 
 
 _ANY = {"path": None, "methods": None, "headers": [], "query": []}
@@ -91,10 +115,6 @@ def backend_refs(service: str, split: dict[str, int]) -> list[dict]:
         {"name": version_service_name(service, version), "port": SERVICE_PORT, "weight": int(weight)}
         for version, weight in split.items()
     ]
-
-
-def http_rule(service: str, match: dict, split: dict[str, int], where: str, notes: Notes) -> dict:
-    return {"matches": http_matches(match, where, notes), "backendRefs": backend_refs(service, split)}
 
 
 def http_matches(match: dict, where: str, notes: Notes) -> list[dict]:
@@ -166,10 +186,13 @@ def ingress_objects(manifest: Manifest, given: ExportInput, notes: Notes) -> lis
         if given.mesh == "istio" and len(manifest.service(route.service).versions) > 1:
             notes.add("ingress", "routes[%s]" % route.path,
                       "the Istio gateway sends to Service %s without its VirtualService split" % route.service)
-    route_object = {
-        "apiVersion": API_VERSION,
-        "kind": "HTTPRoute",
-        "metadata": metadata(name, given),
-        "spec": {"parentRefs": [{"name": name}], "rules": rules},
-    }
-    return [gateway, route_object]
+    route_objects = [
+        {
+            "apiVersion": API_VERSION,
+            "kind": "HTTPRoute",
+            "metadata": metadata(route_name, given),
+            "spec": {"parentRefs": [{"name": name}], "rules": part},
+        }
+        for route_name, part in route_parts(name, rules)
+    ]
+    return [gateway, *route_objects]

@@ -7,8 +7,10 @@ port. Without allow rules its `accessPolicy` says what the mesh's default_policy
 mTLS mode admit; with them it is `deny`, and each allow rule becomes a
 MeshTLSAuthentication (the callers' identities) plus an AuthorizationPolicy, targeting
 the Server, or, for a rule with paths, methods or headers, a policy.linkerd.io HTTPRoute
-on the Server that carries those conditions. Linkerd authorization is allow-only, so
-deny rules are reported as not translated.
+on the Server that carries those conditions (one path and method per match, at most 8
+matches a rule and 16 rules a route as the CRD allows: a rule with more gets more routes,
+`payments-allow-0-part2`, each with its own AuthorizationPolicy). Linkerd authorization is
+allow-only, so deny rules are reported as not translated.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from meshctl.export.context import (
     ingress_name,
     labels,
     metadata,
+    route_parts,
+    rules_for,
 )
 
 POLICY_GROUP = "policy.linkerd.io"
@@ -145,20 +149,25 @@ def allow_rule(manifest: Manifest, service: str, index: int, rule: dict, given: 
         "metadata": metadata(name, given),
         "spec": {"identities": identities},
     }]
-    target = {"group": POLICY_GROUP, "kind": "Server", "name": service}
-    if rule.get("paths") or rule.get("methods") or rule.get("headers"):
-        out.append(authz_route(name, service, rule, given))
-        target = {"group": POLICY_GROUP, "kind": "HTTPRoute", "name": name}
-    out.append({
+    if not (rule.get("paths") or rule.get("methods") or rule.get("headers")):
+        return out + [authorization_policy(name, name, {"group": POLICY_GROUP, "kind": "Server", "name": service}, given)]
+    for route in authz_routes(name, service, rule, given):
+        route_name = route["metadata"]["name"]
+        out.append(route)
+        out.append(authorization_policy(route_name, name, {"group": POLICY_GROUP, "kind": "HTTPRoute", "name": route_name}, given))
+    return out
+
+
+def authorization_policy(name: str, authentication: str, target: dict, given: ExportInput) -> dict:
+    return {
         "apiVersion": AUTHZ_API,
         "kind": "AuthorizationPolicy",
         "metadata": metadata(name, given),
         "spec": {
             "targetRef": target,
-            "requiredAuthenticationRefs": [{"group": POLICY_GROUP, "kind": "MeshTLSAuthentication", "name": name}],
+            "requiredAuthenticationRefs": [{"group": POLICY_GROUP, "kind": "MeshTLSAuthentication", "name": authentication}],
         },
-    })
-    return out
+    }
 
 
 def caller(manifest: Manifest, source: str, given: ExportInput, where: str, notes: Notes) -> str | None:
@@ -175,8 +184,8 @@ def caller(manifest: Manifest, source: str, given: ExportInput, where: str, note
     return identity(source, given.namespace)
 
 
-def authz_route(name: str, service: str, rule: dict, given: ExportInput) -> dict:
-    """A policy.linkerd.io HTTPRoute on the Server with the rule's conditions."""
+def authz_routes(name: str, service: str, rule: dict, given: ExportInput) -> list[dict]:
+    """policy.linkerd.io HTTPRoutes on the Server with the rule's conditions (one unless the CRD's caps need more)."""
     paths = [
         {"type": "PathPrefix", "value": path[:-1]} if path.endswith("*") else {"type": "Exact", "value": path}
         for path in rule.get("paths") or [None]
@@ -194,12 +203,12 @@ def authz_route(name: str, service: str, rule: dict, given: ExportInput) -> dict
             if headers:
                 match["headers"] = headers
             matches.append(match)
-    return {
-        "apiVersion": ROUTE_API,
-        "kind": "HTTPRoute",
-        "metadata": metadata(name, given),
-        "spec": {
-            "parentRefs": [{"group": POLICY_GROUP, "kind": "Server", "name": service}],
-            "rules": [{"matches": matches}],
-        },
-    }
+    return [
+        {
+            "apiVersion": ROUTE_API,
+            "kind": "HTTPRoute",
+            "metadata": metadata(route_name, given),
+            "spec": {"parentRefs": [{"group": POLICY_GROUP, "kind": "Server", "name": service}], "rules": part},
+        }
+        for route_name, part in route_parts(name, rules_for(matches, {}))
+    ]
