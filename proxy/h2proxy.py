@@ -349,6 +349,9 @@ class H2Proxy(_Side):
     # -- opening streams and retrying them ------------------------------------------------
 
     def _open_stream(self, event: Headers) -> None:
+        if self.draining:  # safe for the client to send again elsewhere (RFC 9113 8.7)
+            self.endpoint.reset(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
         headers = strip_connection_specific(event.headers)
         try:
             choice = _as_choice(self.pick_upstream(headers))
@@ -542,8 +545,8 @@ class H2Proxy(_Side):
             record.choice.settled(False)
         else:
             record.choice.settled(grpc_code != GRPC_UNAVAILABLE if grpc_code is not None else status < 500)
-        if self.draining and not self.records and self.transport is not None:
-            self.loop.call_soon(self.transport.close)
+        if self.draining and not self.records:
+            self.loop.call_soon(self._goaway_and_close)
         if self.record is not None:
             try:
                 self.record(record, status, grpc_code, mesh_error)
@@ -581,13 +584,23 @@ class H2Proxy(_Side):
         self.upstreams = {key: up for key, up in self.upstreams.items() if up is not side}
 
     def drain(self) -> None:
-        """Shutdown: GOAWAY (no new streams), close once the streams in flight have ended."""
+        """Shutdown: refuse new streams, GOAWAY and close once the streams in flight have ended.
+
+        GOAWAY comes last because the h2 library closes its side of the connection when it
+        sends or receives one: frames of the streams still in flight would then be protocol
+        errors, on our side and on a peer sidecar's. Until then a new stream is reset with
+        REFUSED_STREAM, which tells the client that nothing of it was processed.
+        """
         if self.draining or self.lost:
             return
         self.draining = True
-        self.endpoint.close()
-        self.flush()
-        if not self.records and self.transport is not None:
+        if not self.records:
+            self._goaway_and_close()
+
+    def _goaway_and_close(self) -> None:
+        if self.transport is not None and not self.lost:
+            self.endpoint.close()
+            self.write_now()
             self.transport.close()
 
     def close(self) -> None:

@@ -456,3 +456,63 @@ def test_tcp_relays_take_connection_slots(cleanup, ca):
                 return False  # still refused: the first relay's end has not reached the sidecar yet
 
     wait_for(relayed, DEADLINE_S, "the slot given back when the first relay closed")
+
+
+# -- drain: SIGTERM with a stream or a relay open --------------------------------------------------
+
+
+class GatedStream:
+    """A gRPC server whose one method streams b"first", waits for `release`, then b"second"."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+        def stream(request, context):
+            yield b"first"
+            self.release.wait(DEADLINE_S)
+            yield b"second"
+
+        handler = grpc.method_handlers_generic_handler("gated.Gated", {"Stream": grpc.unary_stream_rpc_method_handler(stream)})
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        self.server.add_generic_rpc_handlers((handler,))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.stop(grace=None).wait(DEADLINE_S)
+
+
+def terminate_and_see_draining(*sidecars: Sidecar) -> None:
+    for sidecar in sidecars:
+        sidecar.terminate()
+    for sidecar in sidecars:
+        wait_for(lambda: any("draining" in line for line in sidecar.stderr_lines), DEADLINE_S, "drain to start")
+        assert sidecar.proc.poll() is None  # held open by what is in flight
+
+
+def test_sigterm_drains_an_open_grpc_stream_then_exits_0(cleanup, ca):
+    gated = GatedStream()
+    cleanup(gated)
+    outer, inner = mesh_pair(cleanup, ca, ["127.0.0.1", gated.port], "grpc")
+    channel = GrpcChannel(outer.ports["out"])
+    cleanup(channel)
+    call = channel.channel.unary_stream("/gated.Gated/Stream")(b"", timeout=DEADLINE_S)
+    assert next(call) == b"first"
+    terminate_and_see_draining(outer, inner)
+    gated.release.set()
+    assert list(call) == [b"second"] and call.code() == grpc.StatusCode.OK
+    assert outer.wait(DEADLINE_S) == 0 and inner.wait(DEADLINE_S) == 0
+
+
+def test_sigterm_drains_an_open_tcp_relay_then_exits_0(cleanup, ca):
+    echo = TcpServer()
+    cleanup(echo)
+    outer, inner = mesh_pair(cleanup, ca, ["127.0.0.1", echo.port], "tcp")
+    with socket.create_connection(("127.0.0.1", outer.ports["out"]), timeout=DEADLINE_S) as sock:
+        sock.sendall(b"before")
+        assert recv_exactly(sock, 6) == b"BEFORE"
+        terminate_and_see_draining(outer, inner)
+        sock.sendall(b"during drain")
+        assert recv_exactly(sock, 12) == b"DURING DRAIN"
+    assert outer.wait(DEADLINE_S) == 0 and inner.wait(DEADLINE_S) == 0
