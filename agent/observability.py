@@ -137,10 +137,10 @@ class Observability:
         elif kind == "spans":
             self.traces.add_wire(message.get("spans") or [])
         elif kind == "access":
-            event = message["event"]
-            self.access.append(event)
-            for follower in list(self.access_followers):
-                follower(event)
+            for event in message.get("events") or ():
+                self.access.append(event)
+                for follower in list(self.access_followers):
+                    follower(event)
         elif kind == "tap-event":
             listener = self.taps.get(message.get("id"))
             if listener is not None:

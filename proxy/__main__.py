@@ -41,6 +41,8 @@ async def _serve(control_fd: int) -> int:
     loop.add_signal_handler(signal.SIGTERM, state.drain)
     loop.add_signal_handler(signal.SIGINT, state.drain)
     code = await state.done
+    if state.observer is not None:
+        state.observer.flush_access()
     return code
 
 

@@ -7,8 +7,10 @@ only when someone asks over the config channel (docs/observability.md):
 
 * `{"type": "stats?"}` -> `{"type": "stats", "data": Metrics.snapshot()}`;
 * `{"type": "tap", "id", "filter"}` / `{"type": "untap", "id"}` -> `tap-event` lines;
-* `spans` batches once a second while any are buffered; `access` lines when the
-  snapshot's `access_log` is `on` (every request) or `errors` (status >= 500 or mesh error).
+* `spans` batches once a second while any are buffered; `access` batches of access lines
+  when the snapshot's `access_log` is `on` (every request) or `errors` (status >= 500 or
+  mesh error), sent ACCESS_FLUSH_INTERVAL after the first line of a batch or at once when
+  ACCESS_BATCH_MAX lines are waiting: one message per request halved the throughput.
 
 The cost when nobody taps and access logs are off is one `Metrics.record_request` call.
 """
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("proxy.observe")
 
 SPAN_FLUSH_INTERVAL = 1.0
+ACCESS_FLUSH_INTERVAL = 0.1  # seconds an access line may wait for others (`logs --access -f` lags this much)
+ACCESS_BATCH_MAX = 256
 UNKNOWN = "unknown"
 ACCESS_LOG_MODES = ("off", "on", "errors")
 _NOT_MESH_ERRORS = ("ok", "client-lost")
@@ -117,6 +121,8 @@ class Observer:
         self._outbound_source = snapshot.service if snapshot.service != "None" else "ingress"
         self._sources: dict[str | None, str] = {}  # peer identity -> its service name
         self._flusher: asyncio.TimerHandle | None = None
+        self._access_lines: list[dict[str, Any]] = []
+        self._access_flusher: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         return "<Observer %r, %d taps, %r>" % (self.metrics, len(self.taps), self.spans)
@@ -165,6 +171,15 @@ class Observer:
         else:
             return False
         return True
+
+    def flush_access(self) -> None:
+        """Send the access lines waiting (also at exit, so that a drain loses none)."""
+        if self._access_flusher is not None:
+            self._access_flusher.cancel()
+            self._access_flusher = None
+        if self._access_lines:
+            lines, self._access_lines = self._access_lines, []
+            self.send({"type": "access", "events": lines})
 
     def _flush_spans(self) -> None:
         self._flusher = None
@@ -323,7 +338,12 @@ class Observer:
             "mesh_error": mesh_error,
         }
         if self.access_log == "on" or (self.access_log == "errors" and (mesh_error or status >= 500)):
-            self.send({"type": "access", "event": event})
+            lines = self._access_lines
+            lines.append(event)
+            if len(lines) >= ACCESS_BATCH_MAX:
+                self.flush_access()
+            elif self._access_flusher is None:
+                self._access_flusher = self.state.loop.call_later(ACCESS_FLUSH_INTERVAL, self.flush_access)
         if self.taps:
             now = self.state.loop.time()
             for tap_id, tap in self.taps.items():
