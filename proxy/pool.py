@@ -7,6 +7,9 @@ closes just as a request is written is left to the exchange, which replays the r
 on a fresh connection (see proxy.exchange).
 
 While a connection is lent to an exchange, its protocol callbacks go to that exchange.
+Idle connections are closed after the sidecar's idle timeout (`close_idle`, called by the
+server's sweeper), so the connections kept follow recent concurrency, not the peak ever
+seen; `Pool.now` is the sweeper's clock, read instead of calling loop.time() per request.
 
 Each connection counts the bytes it received and the bytes its users wrote
 (`bytes_out`, added by the writer); when `Pool.observer` is set, a connection's opening
@@ -36,7 +39,8 @@ MAX_IDLE_PER_ADDRESS = 256
 class UpstreamConnection(asyncio.Protocol):
     """One TCP connection to an upstream; `owner` is the exchange using it, or None when idle."""
 
-    __slots__ = ("pool", "address", "transport", "parser", "owner", "closed", "reading_paused", "requests", "peer", "bytes_in", "bytes_out", "reported")
+    __slots__ = ("pool", "address", "transport", "parser", "owner", "closed", "reading_paused", "requests", "peer", "bytes_in", "bytes_out",
+                 "reported", "idle_since")
 
     def __init__(self, pool: Pool, address: tuple[str, int], peer: str = "unknown") -> None:
         self.pool = pool
@@ -51,6 +55,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.reading_paused = False
         self.requests = 0
+        self.idle_since = 0.0
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("busy" if self.owner is not None else "idle")
@@ -134,10 +139,11 @@ class UpstreamConnection(asyncio.Protocol):
 class Pool:
     """Idle upstream connections by address; `take()` them, `release()` them back."""
 
-    __slots__ = ("loop", "_idle", "observer", "__weakref__")
+    __slots__ = ("loop", "_idle", "observer", "now", "__weakref__")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self.now = loop.time()  # advanced by the server's sweeper
         self._idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
         self.observer: Observer | None = None  # set by proxy.observe while metrics are on
 
@@ -166,13 +172,31 @@ class Pool:
         if len(idle) >= MAX_IDLE_PER_ADDRESS:
             conn.close()
             return
+        conn.idle_since = self.now
         idle.append(conn)
 
     def add_idle(self, conn: UpstreamConnection) -> None:
         """Keep a fresh, never used connection (its exchange no longer needed it)."""
         conn.owner = None
         if not conn.closed:
+            conn.idle_since = self.now
             self._idle.setdefault(conn.address, []).append(conn)
+
+    def close_idle(self, idle_before: float) -> int:
+        """Close the connections idle since before `idle_before`; how many were closed.
+
+        `take` hands out the most recently used, so each list is oldest first and the
+        connections that stay idle are the ones a quieter load no longer needs.
+        """
+        stale = []
+        for idle in self._idle.values():
+            for conn in idle:
+                if conn.idle_since >= idle_before:
+                    break
+                stale.append(conn)
+        for conn in stale:
+            conn.close()
+        return len(stale)
 
     def forget(self, conn: UpstreamConnection) -> None:
         idle = self._idle.get(conn.address)

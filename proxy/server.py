@@ -122,6 +122,10 @@ class ServerState:
             expired = [conn for conn in self.connections if conn.deadline and conn.deadline <= now]
             for conn in expired:
                 conn.on_deadline(now)
+            pool = self.pool
+            pool.now = now
+            if self.snapshot is not None:
+                pool.close_idle(now - self.snapshot.http.idle_timeout)
         except Exception:
             log.exception("sweeping connection deadlines failed")
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)

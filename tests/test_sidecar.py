@@ -326,3 +326,34 @@ def test_large_download_streams_in_bounded_memory(sidecars, upstream):
                 peak = max(peak, psutil.Process(outer.pid()).memory_info().rss, psutil.Process(inner.pid()).memory_info().rss)
     assert received >= total
     assert peak < 80 * 1024 * 1024
+
+
+def test_idle_pooled_upstream_connections_are_closed_after_the_idle_timeout(sidecars):
+    """The pool follows recent concurrency: a connection idle for http.idle_timeout is closed."""
+    server = socket.create_server(("127.0.0.1", 0))
+    closed_by_sidecar = threading.Event()
+
+    def serve_one() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(10)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            try:
+                if conn.recv(65536) == b"":
+                    closed_by_sidecar.set()
+            except OSError:
+                pass  # still open after 10 s: the test fails on the event
+
+    thread = threading.Thread(target=serve_one, daemon=True)
+    thread.start()
+    try:
+        outer = sidecars([{"name": "out", "kind": "outbound", "service": "svc"}], {"svc": service([("v1", list(server.getsockname()))])})
+        outer.start(http={"max_header_bytes": 65536, "max_body_bytes": None, "header_timeout": 10.0, "idle_timeout": 0.5})
+        assert request(outer.ports["out"], headers={"connection": "close"})[0] == 200
+        assert closed_by_sidecar.wait(10), "the idle upstream connection was kept"
+    finally:
+        server.close()
+        thread.join(10)
