@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export MESHCTL_HOME ?= $(CURDIR)/.state/demo
 
-.PHONY: demo test test-deps venv down status clean bench bench-quick bench-deps soak fuzz
+.PHONY: demo test test-deps venv down status clean bench bench-quick bench-deps bench-peer-hop soak fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,11 @@ bench-quick: bench-deps $(STAMP)
 
 bench: bench-deps $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/peer_hop.py --write
+
+# The hop between two sidecars alone: pooled HTTP/1.1 vs HTTP/1.1 over h2 (docs/peer-transport.md).
+bench-peer-hop: $(STAMP)
+	$(BIN)/python bench/peer_hop.py --write
 
 # Long runs (docs/reliability.md). soak: ShopFast at SOAK_RATE rps for SOAK_SECONDS
 # (default 1000 rps, 600 s), then docs/reliability.md is regenerated from the results.
