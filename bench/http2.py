@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import targets
-from procs import BenchError, cpu_seconds, free_port, group_pids, spawned
+from procs import BenchError, cpu_seconds, exit_on_termination, free_port, group_pids, spawned
 
 H2_SCRIPT = os.path.abspath(__file__)
 RECOMMEND = os.path.join(os.path.dirname(targets.BENCH_DIR), "demo-services", "recommend.py")
@@ -292,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.mode == "serve-nginx":
         serve_nginx()
+    exit_on_termination()
     workdir = tempfile.mkdtemp(prefix="meshctl-bench-h2-")
     try:
         print(json.dumps(measure(workdir, args.requests, args.runs), indent=1))

@@ -22,7 +22,7 @@ CPU is user + system time of both processes over the measured phase only (connec
 handshakes and a warm-up happen before it), each end reading its own getrusage(): to the
 microsecond, where /proc/<pid>/stat counts 10 ms ticks. The server answers `cpu` on its
 stdin; both ends leave when their stdin closes, and the harness stops their process groups
-on any failure, SIGINT or SIGTERM. Modes are interleaved, repeated `--runs` times; the
+on any failure, SIGINT, SIGTERM or SIGHUP. Modes are interleaved, repeated `--runs` times; the
 table gives the median rate and the CPU over all runs.
 
     python bench/peer_hop.py --quick      # ~10 s, printed
@@ -63,7 +63,7 @@ for _path in (REPO, BENCH_DIR):
 
 import psutil  # noqa: E402
 
-from procs import BenchError, stop_group  # noqa: E402
+from procs import BenchError, exit_on_termination, stop_group  # noqa: E402
 from proxy.h2conn import CONNECTION_SPECIFIC, ConnectionEnded, Data as H2Data, H2Endpoint, Headers, StreamEnded, StreamReset  # noqa: E402
 from proxy.http1 import END, Data as H1Data, Head, Parser, rebuild_head  # noqa: E402
 from proxy.tls import ClientTLS, InboundAcceptor, TLSConfig  # noqa: E402
@@ -776,10 +776,6 @@ def print_table(result: dict[str, Any]) -> None:
 PAGE_HEAD = "# Transport between sidecars\n\nMeasurements of how the sidecars carry requests to each other (issue #7).\n"
 
 
-def _raise_exit(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("role", nargs="?", choices=["measure", "serve", "drive"], default="measure")
@@ -803,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             uvloop.run(drive(args.port, args.tls, args.mode, args.connections, args.concurrency, args.requests, args.warmup))
         return 0
-    signal.signal(signal.SIGTERM, _raise_exit)  # unwinds through every `with`, which stops the ends
+    exit_on_termination()  # SIGTERM and SIGHUP unwind through every `with`, which stops the ends
     requests = args.requests or (8000 if args.quick else 40_000)
     runs = args.runs or (1 if args.quick else 3)
     machine = machine_facts()  # the load average before the bench's own load

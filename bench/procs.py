@@ -5,6 +5,10 @@ child in its own session and, on the way out (also on an exception), sends SIGTE
 process group, waits, then SIGKILLs what is left. Measurements read /proc through psutil:
 CPU seconds (user + system) and memory (RSS, and PSS, which splits shared pages among the
 processes that share them, so a fleet of sidecars is not counted twice).
+
+Python's default action for SIGTERM and SIGHUP ends the process at once, skipping every
+`finally`; each entry point calls `exit_on_termination` first, so those signals unwind
+the main thread like Ctrl-C does and every process and temp dir is cleaned up.
 """
 
 from __future__ import annotations
@@ -14,18 +18,38 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import psutil
 
 STOP_GRACE = 5.0
+TERMINATION_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 class BenchError(Exception):
     """A benchmark step could not run (a tool missing, a process that never got ready)."""
+
+
+def exit_on_termination() -> None:
+    """Make SIGTERM and SIGHUP raise SystemExit(128 + signal) in the main thread, once.
+
+    A repeat is only reported: `timeout` sends SIGTERM to the child and then to its whole
+    group, and a second exception would cut short the cleanup the first one started.
+    """
+    def handler(signum: int, _frame: object) -> None:
+        if exiting:
+            print("bench: %s again, still cleaning up" % signal.Signals(signum).name, file=sys.stderr)
+            return
+        exiting.append(signum)
+        raise SystemExit(128 + signum)
+
+    exiting: list[int] = []
+    for signum in TERMINATION_SIGNALS:
+        signal.signal(signum, handler)
 
 
 def free_port() -> int:
@@ -94,19 +118,52 @@ def spawned(argv: Sequence[str], env: dict[str, str] | None = None, log_path: st
         stop_group(proc)
 
 
-def kill_leftovers(pids: Sequence[int]) -> list[int]:
-    """SIGKILL those of `pids` still alive (after a `meshctl down` that left some); return them."""
-    alive = []
+def alive(pids: Iterable[int]) -> list[int]:
+    """Those of `pids` that run (a zombie has finished)."""
+    running = []
     for pid in pids:
-        try:
-            proc = psutil.Process(pid)
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                continue
-            proc.kill()
-            alive.append(pid)
-        except psutil.NoSuchProcess:
-            continue
-    return alive
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                running.append(pid)
+    return running
+
+
+def wait_gone(pids: Iterable[int], timeout: float) -> list[int]:
+    """Poll until none of `pids` runs or `timeout` passes; those still running."""
+    deadline = time.monotonic() + timeout
+    running = alive(pids)
+    while running and time.monotonic() < deadline:
+        time.sleep(0.05)
+        running = alive(running)
+    return running
+
+
+def with_descendants(pids: Iterable[int]) -> list[int]:
+    """`pids` that run and everything they started, recursively (an nginx master's workers)."""
+    found: set[int] = set()
+    for pid in alive(pids):
+        found.add(pid)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            found.update(child.pid for child in psutil.Process(pid).children(recursive=True))
+    return sorted(found)
+
+
+def kill_leftovers(pids: Sequence[int]) -> list[int]:
+    """SIGKILL the process groups of those of `pids` still alive, and them; return them.
+
+    The mesh starts every process in its own session, so its group takes along what that
+    process started, wherever it was reparented. Our own group is never a target.
+    """
+    survivors = alive(pids)
+    own_group = os.getpgrp()
+    for pid in survivors:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            group = os.getpgid(pid)
+            if group != own_group:
+                os.killpg(group, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    return survivors
 
 
 def cpu_seconds(pids: Sequence[int]) -> float:

@@ -12,8 +12,8 @@ propagation in a 20-instance mesh, certificate rotations); HTTP/2 and gRPC throu
 mesh against direct (bench/http2.py: h2load, grpc.aio); then the start-up timings
 (`meshctl up` of 1, 10 and 50 instances).
 `--h2-only` runs just the HTTP/2 part and replaces that section of docs/benchmarks.md.
-Every process started here is stopped on the way out, and the temp dir is removed
-(kept, for its logs and configs, when BENCH_KEEP_TMP is set).
+Every process started here is stopped on the way out (also on Ctrl-C, SIGTERM or SIGHUP),
+and the temp dir is removed (kept, for its logs and configs, when BENCH_KEEP_TMP is set).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import pyspy
 import report
 import targets
 import wrk
-from procs import BenchError, PeakMemory, cpu_seconds, memory
+from procs import BenchError, PeakMemory, cpu_seconds, exit_on_termination, memory
 
 REPO = os.path.dirname(targets.BENCH_DIR)
 PACKAGES = ("proxy", "agent", "meshctl")
@@ -256,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--h2-requests", type=int, default=20_000, help="requests per h2load run")
     parser.add_argument("--route-changes", type=int, default=200, help="route changes timed in the control-plane step")
     args = parser.parse_args(argv)
+    exit_on_termination()
     seconds = args.seconds or (3.0 if args.quick else 5.0)
     runs = args.runs or (1 if args.quick else 3)
     params = {"connections": 32, "runs": runs, "seconds": seconds, "warmup": 1.0,

@@ -35,6 +35,8 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from procs import exit_on_termination  # noqa: E402
+from targets import stop_mesh  # noqa: E402
 from tests.meshharness import free_port  # noqa: E402
 from tests.reliability import record  # noqa: E402
 
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--path", default="/healthz", help="ingress sidecar -> frontend sidecar -> frontend")
     parser.add_argument("--connections", type=int, default=64)
     args = parser.parse_args(argv)
+    exit_on_termination()
     python = sys.executable
     with tempfile.TemporaryDirectory(prefix="meshctl-soak-") as tmp:
         home = Path(tmp) / "home"
@@ -85,13 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         env.update(MESHCTL_HOME=str(home), NO_COLOR="1")
         port = free_port()
         manifest = soak_manifest(Path(tmp), port)
-        subprocess.run([python, "-m", "meshctl.cli", "up", "-f", str(manifest)], env=env, check=True, cwd=REPO)
-        out, load = "", None
+        out, load, thread = "", None, None
+        samples: list[tuple[float, dict]] = []
+        done = threading.Event()
         try:
+            subprocess.run([python, "-m", "meshctl.cli", "up", "-f", str(manifest)], env=env, check=True, cwd=REPO)
             agent_pid = int((home / "agent.pid").read_text())
             procs = sidecars(agent_pid)
-            samples: list[tuple[float, dict]] = []
-            done = threading.Event()
             warmup = min(30.0, args.seconds / 10)
 
             def sampler() -> None:
@@ -108,15 +111,23 @@ def main(argv: list[str] | None = None) -> int:
             thread = threading.Thread(target=sampler, name="sampler")
             thread.start()
             out, _ = load.communicate()
-            done.set()
-            thread.join()
             result = json.loads(out)
             restarts = sum(i["restarts"] for i in json.loads(subprocess.run(
                 [python, "-m", "meshctl.cli", "status", "-o", "json"], env=env, capture_output=True, text=True,
                 check=True).stdout)["instances"])
         finally:
-            subprocess.run([python, "-m", "meshctl.cli", "down"], env=env, cwd=REPO, timeout=120)
-            if load is None or load.returncode != 0 or json.loads(out or "{}").get("failed"):
+            # The sampler thread is not a daemon: left waiting, it would keep the interpreter from exiting.
+            done.set()
+            if thread is not None:
+                thread.join()
+            if load is not None and load.poll() is None:
+                load.kill()
+                load.wait()
+            survivors = stop_mesh(str(home))
+            if survivors:
+                print("warning: meshctl down left pids %s running; killed them" % survivors, file=sys.stderr)
+            failed = load is None or load.returncode != 0 or json.loads(out or "{}").get("failed")
+            if failed and (home / "logs").is_dir():
                 # Keep what the mesh logged, so a failure can be explained after the temp dir is gone.
                 kept = REPO / ".state" / "soak-logs"
                 shutil.rmtree(kept, ignore_errors=True)

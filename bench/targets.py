@@ -4,7 +4,8 @@
 * `haproxy_pair`: two single-threaded haproxy processes in front of an app port, plain
   HTTP in, TLS 1.3 with client certificates (mTLS) between them, connections reused.
 * `mesh`: `meshctl up` of a generated manifest in a private MESHCTL_HOME, `meshctl down`
-  on the way out, then SIGKILL for any process of the mesh that outlived it.
+  on the way out (`stop_mesh`), then SIGKILL for the process group of any process of the
+  mesh that outlived it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 import psutil
 
 from certs import SERVER_NAME, make_pki
-from procs import BenchError, free_port, group_pids, kill_leftovers, spawned, wait_for_http
+from procs import BenchError, free_port, group_pids, kill_leftovers, spawned, wait_for_http, wait_gone, with_descendants
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 NGINX_APP = os.path.join(BENCH_DIR, "nginx-app.sh")
@@ -175,13 +176,36 @@ def mesh_from_manifest(workdir: str, text: str, name: str, timeout: float) -> It
             raise BenchError("meshctl up returned but not all is ready: %s" % (not_ready or "ingress"))
         yield Mesh(home, status, up_seconds, up.stdout)
     finally:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            _meshctl(home, "down", timeout=60.0)
-        _wait_gone(pids, 10.0)
-        survivors = kill_leftovers(pids)
+        survivors = stop_mesh(home, pids)
         if survivors:
             print("warning: meshctl down left pids %s running; killed them" % survivors, file=sys.stderr)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def agent_pids(home: str) -> list[int]:
+    """The agent of the mesh kept in `home` (`python -m agent --home HOME`), found by its command line.
+
+    Its pid file may not exist yet: a signal can end `meshctl up` after it started the agent.
+    """
+    home = os.path.realpath(home)
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if any(flag == "--home" and os.path.realpath(value) == home for flag, value in zip(cmdline, cmdline[1:])):
+            found.append(proc.pid)
+    return found
+
+
+def stop_mesh(home: str, known_pids: list[int] | None = None) -> list[int]:
+    """`meshctl down` the mesh kept in `home`, then SIGKILL the process groups of whatever outlived it.
+
+    The processes to watch are taken before `down`: the agent and all it started (sentinel,
+    sidecars, apps and their children) plus `known_pids`. Returns those that had to be killed.
+    """
+    pids = with_descendants([*(known_pids or []), *agent_pids(home)])
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        _meshctl(home, "down", timeout=60.0)
+    return kill_leftovers(wait_gone(pids, 10.0))
 
 
 def _status(home: str) -> dict[str, Any]:
@@ -205,15 +229,6 @@ def _mesh_pids(status: dict[str, Any]) -> list[int]:
             pids.add(ingress_pid)
             pids.add(psutil.Process(ingress_pid).ppid())  # the agent
     return sorted(pid for pid in pids if pid > 1)
-
-
-def _wait_gone(pids: list[int], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
-        if not alive:
-            return
-        time.sleep(0.05)
 
 
 def mesh_target(m: Mesh) -> Target:
