@@ -1,4 +1,4 @@
-"""bench/peer_hop.py: the adapter's conversions, the doc section, and a tiny real run of both ends.
+"""bench/peer_hop.py and peer_hop_ends.py: the adapter's conversions, the doc section, a tiny real run of both ends.
 
 The run starts the hop server and one hop client per mode as real processes talking TLS 1.3
 with client certificates on 127.0.0.1, and checks every mode served every request.
@@ -16,10 +16,11 @@ BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 sys.path.insert(0, BENCH_DIR)
 
 import peer_hop  # noqa: E402
+import peer_hop_ends  # noqa: E402
 
 
-def _request(extra: bytes = b"") -> peer_hop.Head:
-    return peer_hop.parse_head(b"GET /a?b=1 HTTP/1.1\r\nHost: web\r\nAccept: */*\r\n" + extra + b"\r\n", is_request=True)
+def _request(extra: bytes = b"") -> peer_hop_ends.Head:
+    return peer_hop_ends.parse_head(b"GET /a?b=1 HTTP/1.1\r\nHost: web\r\nAccept: */*\r\n" + extra + b"\r\n", is_request=True)
 
 
 @pytest.mark.parametrize("extra, dropped", [
@@ -29,7 +30,7 @@ def _request(extra: bytes = b"") -> peer_hop.Head:
     (b"TE: gzip\r\n", [b"te"]),
 ])
 def test_h2_request_fields_drop_connection_specific(extra: bytes, dropped: list[bytes]) -> None:
-    fields = peer_hop.h2_request_fields(_request(extra), [(b"x-request-id", b"1")])
+    fields = peer_hop_ends.h2_request_fields(_request(extra), [(b"x-request-id", b"1")])
     assert fields[:4] == [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"web"), (b":path", b"/a?b=1")]
     names = [name for name, _ in fields]
     assert b"host" not in names and b"accept" in names and names[-1] == b"x-request-id"
@@ -37,9 +38,9 @@ def test_h2_request_fields_drop_connection_specific(extra: bytes, dropped: list[
 
 
 def test_request_round_trip_to_http1() -> None:
-    fields = peer_hop.h2_request_fields(_request(), [])
-    raw = peer_hop.h1_request_bytes(fields, end_stream=True)
-    head = peer_hop.parse_head(raw, is_request=True)
+    fields = peer_hop_ends.h2_request_fields(_request(), [])
+    raw = peer_hop_ends.h1_request_bytes(fields, end_stream=True)
+    head = peer_hop_ends.parse_head(raw, is_request=True)
     assert (head.method, head.target, head.get(b"host"), head.get(b"accept")) == (b"GET", b"/a?b=1", b"web", b"*/*")
 
 
@@ -50,23 +51,23 @@ def test_request_round_trip_to_http1() -> None:
     ([(b":status", b"204")], False, b"HTTP/1.1 204 No Content\r\n", False, None),
 ])
 def test_h1_response_head(fields: list, end_stream: bool, start: bytes, chunked: bool, framing: bytes | None) -> None:
-    head, is_chunked = peer_hop.h1_response_head(fields, end_stream)
+    head, is_chunked = peer_hop_ends.h1_response_head(fields, end_stream)
     assert head.startswith(start) and head.endswith(b"\r\n\r\n")
     assert is_chunked is chunked
     if framing is not None:
         assert framing in head
-    assert peer_hop.parse_head(head, is_request=False).status == int(fields[0][1])
+    assert peer_hop_ends.parse_head(head, is_request=False).status == int(fields[0][1])
 
 
 def test_response_fields_from_an_app_head() -> None:
-    fields = peer_hop.h2_response_fields(peer_hop.parse_head(peer_hop.APP_RESPONSE, is_request=False))
+    fields = peer_hop_ends.h2_response_fields(peer_hop_ends.parse_head(peer_hop_ends.APP_RESPONSE, is_request=False))
     assert fields[0] == (b":status", b"200")
     assert (b"content-length", b"13") in fields and all(name != b"connection" for name, _ in fields)
 
 
 @pytest.mark.parametrize("concurrency, lanes, expected", [(32, 1, [32]), (32, 2, [16, 16]), (5, 2, [3, 2]), (4, 4, [1, 1, 1, 1])])
 def test_spread(concurrency: int, lanes: int, expected: list[int]) -> None:
-    assert peer_hop.spread(concurrency, lanes) == expected
+    assert peer_hop_ends.spread(concurrency, lanes) == expected
 
 
 TITLE = peer_hop.SECTION_TITLE
