@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export MESHCTL_HOME ?= $(CURDIR)/.state/demo
 
-.PHONY: demo test test-deps venv down status clean bench bench-quick bench-deps bench-peer-hop soak fuzz
+.PHONY: demo test test-deps venv down status clean bench bench-quick bench-deps bench-peer-hop bench-test soak fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,10 @@ bench-quick: bench-deps $(STAMP)
 bench: bench-deps $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/peer_hop.py --write
+
+# The benchmark scripts' own tests (parsing, cleanup on SIGTERM); they need the bench tools.
+bench-test: bench-deps $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 bench
 
 # The hop between two sidecars alone: pooled HTTP/1.1 vs HTTP/1.1 over h2 (docs/peer-transport.md).
 bench-peer-hop: $(STAMP)
