@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.authz import Policy
 from proxy.h2conn import header
-from proxy.h2proxy import H2Proxy, StreamDenied, StreamRecord, UpstreamChoice
+from proxy.h2proxy import H2Proxy
+from proxy.h2streams import StreamDenied, StreamRecord, UpstreamChoice
 from proxy.limits import CircuitLimits
 from proxy.metrics import INBOUND, OUTBOUND
 from proxy.observe import service_of_identity
