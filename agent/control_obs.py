@@ -1,5 +1,8 @@
 """Control API ops for observability: metrics, stat, tap, edges, traces, access logs.
 
+`traces-export` answers the OTLP exporter's counts (`{endpoint, exported, dropped, failed,
+queued, last_error}`), or null when the manifest names no collector.
+
 Read-outs of agent.observability.Observability; `tap` and `access-logs` with `follow`
 stream `{"event": ...}` lines like `logs --follow` until the client closes the socket.
 """
@@ -106,6 +109,7 @@ def observability_ops(sup: Supervisor, obs: Observability) -> dict[str, Handler]
         latest_usage.update(process_usage())
 
     obs.sample_usage = sample_usage
+    obs.export_settings = lambda: sup.manifest.observability.otlp if sup.manifest is not None else None
 
     async def metrics(request: dict, writer: asyncio.StreamWriter) -> dict:
         result: dict[str, Any] = {"url": obs.url, "port": obs.port}
@@ -186,6 +190,9 @@ def observability_ops(sup: Supervisor, obs: Observability) -> dict[str, Handler]
     async def traces(request: dict, writer: asyncio.StreamWriter) -> list[dict]:
         return obs.traces.summaries(_count(request, "limit", 20), request.get("service"))
 
+    async def traces_export(request: dict, writer: asyncio.StreamWriter) -> dict | None:
+        return obs.export_counts()
+
     async def trace(request: dict, writer: asyncio.StreamWriter) -> dict:
         prefix = request.get("id")
         if not isinstance(prefix, str) or not prefix:
@@ -203,5 +210,6 @@ def observability_ops(sup: Supervisor, obs: Observability) -> dict[str, Handler]
         "edges": edges,
         "traces": traces,
         "trace": trace,
+        "traces-export": traces_export,
         "access-logs": access_logs,
     }

@@ -75,7 +75,7 @@ from agent.model import (
 )
 from agent.schema import manifest_json_schema, structural_problems
 from agent.schema_export import version_image
-from agent.schema_observability import metrics_enabled, observability_settings
+from agent.schema_observability import metrics_enabled, observability_settings, otlp_export, otlp_problems
 from agent.schema_protocols import protocol_of, protocol_problems
 from agent.schema_security import normal_authorization, source_problems
 from agent.yamllines import YamlReader
@@ -152,6 +152,9 @@ class _Checker:
         ingress = self.document.get("ingress")
         if isinstance(ingress, dict) and isinstance(self.document.get("services"), dict):
             yield from self._ingress(ingress)
+        for problem_path, message in otlp_problems(self.document):
+            if self.clean(problem_path):
+                yield problem_path, message, None
 
     def _service(self, path: tuple, name: str, service: dict) -> Iterator:
         for index, upstream in enumerate(_list(service.get("upstreams"))):
@@ -364,7 +367,9 @@ def _build(document: dict, base_dir: str, source: str) -> Manifest:
     access_log, sampling = observability_settings(document)
     return Manifest(
         mesh=document["mesh"], services=_dependency_order(services), ingress=ingress, source=source, security=security,
-        observability=Observability(access_log=access_log, sampling=sampling, metrics=metrics_enabled(document)),
+        observability=Observability(
+            access_log=access_log, sampling=sampling, metrics=metrics_enabled(document), otlp=otlp_export(document),
+        ),
     )
 
 

@@ -101,12 +101,22 @@ class Security:
 
 
 @dataclass(frozen=True)
+class OtlpExport:
+    """The collector the agent posts every span to (OTLP/HTTP JSON)."""
+
+    endpoint: str  # http(s)://host:port/v1/traces
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # may carry API keys: never printed
+    timeout_s: float = 2.0  # per export request
+
+
+@dataclass(frozen=True)
 class Observability:
-    """Access logs and trace sampling (docs in agent/schema_observability.py)."""
+    """Access logs, trace sampling and export (docs in agent/schema_observability.py)."""
 
     access_log: str = "off"  # off | on | errors
     sampling: float = 0.01
     metrics: bool = True  # False: sidecars record no request metrics
+    otlp: OtlpExport | None = None  # None: spans stay in the agent
 
 
 @dataclass(frozen=True)

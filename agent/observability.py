@@ -9,6 +9,12 @@ All sidecars' metrics are served merged at `http://127.0.0.1:PORT/metrics` (PORT
 manifest's `metrics.port`, else a free port chosen when the agent starts): each sidecar's
 newest snapshot is turned back into a `proxy.metrics.Metrics` and its exposition merged
 family by family, so every family has one HELP and one TYPE.
+
+With `observability.tracing.otlp` in the manifest, every span received is also offered to
+an `agent.otlp_export.OtlpExporter`. The hub reconciles the running exporter with the
+manifest whenever spans arrive and once a poll: a changed collector starts a new exporter
+and lets the old one flush and end on its own; `close()` flushes the last one, bounded by
+`EXPORT_FLUSH_S`, in a worker thread so the loop never waits on the collector.
 """
 
 from __future__ import annotations
@@ -21,8 +27,10 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from agent.model import OtlpExport
+from agent.otlp_export import OtlpExporter
 from agent.stats import SnapshotRing, route_stats, service_stats
-from agent.traces import TraceStore
+from agent.traces import SpanRecord, TraceStore
 from proxy.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -35,6 +43,7 @@ RING_CAPACITY = 120
 ACCESS_RING = 1000
 STALE_AFTER_S = 30.0
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+EXPORT_FLUSH_S = 3.0  # how long `close()` waits for queued spans to reach the collector
 
 Listener = Callable[[dict], None]
 
@@ -92,6 +101,9 @@ class Observability:
         self._poller: asyncio.Task | None = None
         # Called once per poll: CPU % needs two readings a known interval apart.
         self.sample_usage: Callable[[], None] | None = None
+        # The manifest's OTLP collector, or None (agent.control_obs sets it).
+        self.export_settings: Callable[[], OtlpExport | None] = lambda: None
+        self.exporter: OtlpExporter | None = None
 
     def __repr__(self) -> str:
         return "<Observability %d sidecars, %r, %d taps>" % (len(self.rings), self.traces, len(self.taps))
@@ -109,6 +121,28 @@ class Observability:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+        exporter, self.exporter = self.exporter, None
+        if exporter is not None:
+            exporter.stop(EXPORT_FLUSH_S)
+            if not await asyncio.to_thread(exporter.join, EXPORT_FLUSH_S):
+                log.warning("OTLP export: %d spans still queued at exit", exporter.counts()["queued"])
+
+    def reconcile_export(self) -> None:
+        """Run an exporter for the manifest's collector, if any; stop one for another."""
+        wanted = self.export_settings()
+        running = self.exporter.settings if self.exporter is not None else None
+        if wanted == running:
+            return
+        if self.exporter is not None:
+            self.exporter.stop(EXPORT_FLUSH_S)  # flushes what it holds and ends by itself
+            self.exporter = None
+        if wanted is not None:
+            self.exporter = OtlpExporter(wanted)
+            self.exporter.start()
+
+    def export_counts(self) -> dict | None:
+        """Exported, dropped and failed spans of the running exporter, or None without one."""
+        return self.exporter.counts() if self.exporter is not None else None
 
     @property
     def url(self) -> str:
@@ -120,6 +154,7 @@ class Observability:
                 handle.send({"type": "stats?"})
             if self.sample_usage is not None:
                 self.sample_usage()
+            self.reconcile_export()
             now = time.monotonic()
             for instance in [i for i, seen in self.last_seen.items() if now - seen > STALE_AFTER_S]:
                 self.rings.pop(instance, None)
@@ -135,7 +170,11 @@ class Observability:
             self.rings.setdefault(data["instance"], SnapshotRing(RING_CAPACITY)).add(data)
             self.last_seen[data["instance"]] = time.monotonic()
         elif kind == "spans":
-            self.traces.add_wire(message.get("spans") or [])
+            spans = [SpanRecord.from_wire(row) for row in message.get("spans") or ()]
+            self.traces.add(spans)
+            self.reconcile_export()
+            if self.exporter is not None:
+                self.exporter.offer(spans)
         elif kind == "access":
             for event in message.get("events") or ():
                 self.access.append(event)

@@ -7,7 +7,8 @@ parent id; a span whose parent never arrived (the app did not forward the header
 parent was dropped) becomes a root of its own, so a partial trace still renders.
 
 `otlp_payload` builds an OTLP/HTTP JSON request body (ExportTraceServiceRequest);
-`export_otlp` posts it with one urllib call to a configured collector URL.
+`export_otlp` posts it with one urllib call to a configured collector URL (on demand, or
+continuously from agent.otlp_export's worker thread).
 """
 
 from __future__ import annotations
@@ -210,9 +211,13 @@ def otlp_payload(spans: Iterable[SpanRecord]) -> dict:
     }
 
 
-def export_otlp(spans: Iterable[SpanRecord], url: str, timeout: float = 5.0) -> int:
-    """POST the spans to an OTLP/HTTP collector (`http://host:4318/v1/traces`); the HTTP status."""
+def export_otlp(spans: Iterable[SpanRecord], url: str, timeout: float = 5.0, headers: dict[str, str] | None = None) -> int:
+    """POST the spans to an OTLP/HTTP collector (`http://host:4318/v1/traces`); the HTTP status.
+
+    `headers` (an API key, say) are added to the request; a status >= 400 raises HTTPError.
+    """
     body = json.dumps(otlp_payload(spans), separators=(",", ":")).encode()
-    request = urllib.request.Request(url, data=body, method="POST", headers={"content-type": "application/json"})
+    request = urllib.request.Request(url, data=body, method="POST", headers={**(headers or {}), "content-type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
+        response.read()  # the connection closes cleanly once the body is consumed
         return response.status

@@ -142,6 +142,13 @@ def edges(output: OutputOption = "table", window: WindowOption = "1m") -> None:
     print(render.plain_table(("SRC", "DST", "SRC IDENTITY", "DST IDENTITY", "MTLS", "REQUESTS"), cells))
 
 
+def format_export(counts: dict) -> str:
+    """The footer of `meshctl trace`: where spans go and how many made it."""
+    line = "otlp export to %s: %d spans exported, %d dropped, %d failed, %d queued" % (
+        counts["endpoint"], counts["exported"], counts["dropped"], counts["failed"], counts["queued"])
+    return line + ("; last error: %s" % counts["last_error"] if counts.get("last_error") else "")
+
+
 def trace(
     trace_id: Annotated[str | None, typer.Argument(help="A trace id or its first characters; none lists recent traces.")] = None,
     output: OutputOption = "table",
@@ -155,6 +162,9 @@ def trace(
             return
         cells = [[r["trace_id"], r["root"], ",".join(r["services"]), str(r["spans"]), "%.1fms" % r["duration_ms"], str(r["errors"])] for r in rows]
         print(render.plain_table(("TRACE", "ROOT", "SERVICES", "SPANS", "DURATION", "ERRORS"), cells))
+        export = client.request("traces-export")
+        if export is not None:
+            print(format_export(export))
         return
     result = client.request("trace", id=trace_id)
     if output == "json":
