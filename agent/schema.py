@@ -25,6 +25,7 @@ from jsonschema.exceptions import ValidationError
 
 from agent.durations import DURATION_HINT, DURATION_PATTERN
 from agent.schema_observability import MANIFEST_PROPERTIES as OBSERVABILITY_PROPERTIES
+from agent.schema_observability import OTLP_ENDPOINT_PATTERN
 from agent.schema_protocols import SERVICE_PROPERTIES as PROTOCOL_PROPERTIES
 from agent.schema_export import SERVICE_PROPERTIES as EXPORT_SERVICE_PROPERTIES
 from agent.schema_export import VERSION_PROPERTIES as EXPORT_VERSION_PROPERTIES
@@ -57,6 +58,7 @@ _PATTERN_MESSAGES = {
     SIMPLE_BALANCER_PATTERN: "invalid load balancer %r: use one of least_request, round_robin, "
     "random, or {kind: consistent_hash, ...}",
     DURATION_PATTERN: "invalid duration %r: expected " + DURATION_HINT,
+    OTLP_ENDPOINT_PATTERN: "invalid collector URL %r: expected http://HOST:PORT/PATH or https://...",
 }
 
 

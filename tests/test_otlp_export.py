@@ -122,8 +122,8 @@ def test_no_otlp_key_means_no_export():
 @pytest.mark.parametrize(
     "otlp, expected",
     [
-        ("{endpoint: 'ftp://127.0.0.1:4318/v1/traces'}", "mesh.yaml:5: observability.tracing.otlp.endpoint: 'ftp://127.0.0.1:4318/v1/traces'"),
-        ("{endpoint: 'http://'}", "mesh.yaml:5: observability.tracing.otlp.endpoint: 'http://'"),
+        ("{endpoint: 'ftp://127.0.0.1:4318/v1/traces'}", "mesh.yaml:5: observability.tracing.otlp.endpoint: invalid collector URL 'ftp://127.0.0.1:4318/v1/traces'"),
+        ("{endpoint: 'http://'}", "mesh.yaml:5: observability.tracing.otlp.endpoint: invalid collector URL 'http://'"),
         ("{endpoint: 'http://c:4318', timout: 2s}", "observability.tracing.otlp.timout: unknown key 'timout' (did you mean 'timeout'?)"),
         ("{endpont: 'http://c:4318'}", "observability.tracing.otlp.endpont: unknown key 'endpont' (did you mean 'endpoint'?)"),
         ("{headers: {a: b}}", "observability.tracing.otlp.endpoint: required"),
