@@ -78,10 +78,13 @@ _MAX_CHUNK_LINE = 4096
 _FRAMING_HEADERS = frozenset(
     {b"content-length", b"transfer-encoding", b"connection"} | HOP_BY_HOP
 )
-# The framing and hop-by-hop field lines of a validated block, names in any case.
+# The framing and hop-by-hop field lines of a validated block behind a "\n", names in any
+# case. Searched in b"\n" + fields: a leading literal lets the regex engine skip from one
+# line feed to the next (a validated block has them only between lines), where `^` with
+# re.MULTILINE would try the names at every byte, at twice the cost.
 _FRAMING_FIELD = re.compile(
-    rb"^(" + b"|".join(sorted(_FRAMING_HEADERS, key=len, reverse=True)) + rb"):[ \t]*(" + _FIELD_VALUE + rb")",
-    re.IGNORECASE | re.MULTILINE,
+    rb"\n(" + b"|".join(sorted(_FRAMING_HEADERS, key=len, reverse=True)) + rb"):[ \t]*(" + _FIELD_VALUE + rb")",
+    re.IGNORECASE,
 )
 _NO_TOKENS: frozenset[bytes] = frozenset()
 _KEEP_ALIVE_ONLY = frozenset({b"keep-alive"})
@@ -231,7 +234,7 @@ def _parse_head(block: bytes, is_request: bool) -> Head:
     codings: list[bytes] = []
     connection: list[bytes] = []
     hop_by_hop = 0
-    for name, value in _FRAMING_FIELD.findall(fields):
+    for name, value in _FRAMING_FIELD.findall(b"\n" + fields):
         name = name.lower()
         if name == b"content-length":
             lengths.append(value.rstrip(b" \t"))

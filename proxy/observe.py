@@ -44,9 +44,11 @@ ACCESS_LOG_MODES = ("off", "on", "errors")
 _NOT_MESH_ERRORS = ("ok", "client-lost")
 _DROP_ON_TRACE = frozenset(TRACE_HEADERS) | HOP_BY_HOP
 _NEVER_DROPPED = frozenset({b"content-length", b"transfer-encoding", b"host"})
-# The trace field lines of a validated head, names in any case (proxy.http1 validated the block).
+# The trace field lines of a validated head behind a "\n", names in any case (proxy.http1
+# validated the block). Searched in b"\n" + fields: the leading literal lets the regex engine
+# jump between line feeds instead of trying the names at every byte, as `^` would.
 _TRACE_FIELD = re.compile(
-    rb"^(" + b"|".join(sorted(TRACE_HEADERS, key=len, reverse=True)) + rb"):[ \t]*([^\r\n]*)", re.IGNORECASE | re.MULTILINE
+    rb"\n(" + b"|".join(sorted(TRACE_HEADERS, key=len, reverse=True)) + rb"):[ \t]*([^\r\n]*)", re.IGNORECASE
 )
 # A W3C traceparent whose sampled flag is off (flags with bit 0 clear), lower-case as sent.
 _W3C_UNSAMPLED = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f][02468ace]")
@@ -201,7 +203,7 @@ class Observer:
         sampler = self.sampler
         if sampler is None:
             return None
-        fields = _TRACE_FIELD.findall(head.fields) if head.fields else None
+        fields = _TRACE_FIELD.findall(b"\n" + head.fields) if head.fields else None
         if not fields:
             if listener_kind != "ingress":
                 return None
