@@ -86,6 +86,8 @@ _FRAMING_FIELD = re.compile(
     rb"\n(" + b"|".join(sorted(_FRAMING_HEADERS, key=len, reverse=True)) + rb"):[ \t]*(" + _FIELD_VALUE + rb")",
     re.IGNORECASE,
 )
+# Head.has(name): a field line named `name` behind a "\n" (see _FRAMING_FIELD), per name.
+_FIELD_NAMED: dict[bytes, re.Pattern[bytes]] = {}
 _NO_TOKENS: frozenset[bytes] = frozenset()
 _KEEP_ALIVE_ONLY = frozenset({b"keep-alive"})
 
@@ -167,6 +169,16 @@ class Head:
     @lines.setter
     def lines(self, value: list[bytes]) -> None:
         self._lines = value
+
+    def has(self, name: bytes) -> bool:
+        """Whether header `name` (lower-case) is present; one regex search, the list is not split."""
+        fields = self.fields
+        if not fields:
+            return False
+        pattern = _FIELD_NAMED.get(name)
+        if pattern is None:
+            pattern = _FIELD_NAMED[name] = re.compile(b"\n" + re.escape(name) + b":", re.IGNORECASE)
+        return pattern.search(b"\n" + fields) is not None
 
     def get(self, name: bytes) -> bytes | None:
         """The first value of header `name` (lower-case), or None."""

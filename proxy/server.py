@@ -428,7 +428,7 @@ class ClientConnection(asyncio.Protocol):
         start_line = None
         if target.rewrite:
             add.append(self.forwarded)
-            if head.get(b"x-request-id") is None:
+            if not head.has(b"x-request-id"):
                 add.append(b"x-request-id: " + state.next_request_id())
             if target.request_target is not None:
                 start_line = b"%s %s HTTP/%s" % (head.method, target.request_target, head.version)

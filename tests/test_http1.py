@@ -99,6 +99,24 @@ def test_head_fields():
 
 
 @pytest.mark.parametrize(
+    "raw,name,present",
+    [
+        (b"GET / HTTP/1.1\r\nX-Request-Id: 1\r\n\r\n", b"x-request-id", True),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nx-request-id:\r\n\r\n", b"x-request-id", True),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nx-request-ids: 1\r\n\r\n", b"x-request-id", False),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nx-a: x-request-id: 1\r\n\r\n", b"x-request-id", False),
+        (b"GET / HTTP/1.1\r\n\r\n", b"x-request-id", False),
+        (b"GET / HTTP/1.1\r\nA.B: 1\r\n\r\n", b"a.b", True),
+        (b"GET / HTTP/1.1\r\nAxB: 1\r\n\r\n", b"a.b", False),
+    ],
+)
+def test_has_agrees_with_get(raw, name, present):
+    head = events(raw)[0]
+    assert head.has(name) is present
+    assert (head.get(name) is not None) is present
+
+
+@pytest.mark.parametrize(
     "raw,keep_alive",
     [
         (b"GET / HTTP/1.1\r\n\r\n", True),

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from proxy.http1 import Parser
-from proxy.observe import Observer
+from proxy.observe import Observer, rebuild_traced_head
 from proxy.tracing import Sampler
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -67,3 +67,26 @@ def test_a_sampled_trace_continues_with_a_new_span(observer):
     trace_id, span_id, sampled = TRACEPARENT.fullmatch(lines[0]).groups()
     assert (trace_id.decode(), sampled) == (TRACE, b"01") and span_id.decode() != SPAN
     assert observer.hops[3].parent_id == SPAN
+
+
+ADDED = [b"x-request-id: 1", b"traceparent: 00-%s-%s-01" % (TRACE.encode(), SPAN.encode())]
+
+
+@pytest.mark.parametrize(
+    ("raw", "start_line", "expected"),
+    [
+        # nothing to drop: the field block goes out as it came
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n\r\n", None, b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n"),
+        (b"GET / HTTP/1.0\r\n\r\n", None, b"GET / HTTP/1.0\r\n"),
+        (b"GET http://a/x HTTP/1.1\r\nHost: a\r\n\r\n", b"GET /x HTTP/1.1", b"GET /x HTTP/1.1\r\nHost: a\r\n"),
+        # incoming trace headers, in any case, make way for the new ones
+        (b"GET / HTTP/1.1\r\nB3: 0\r\nHost: a\r\nx-b3-sampled: 1\r\n\r\n", None, b"GET / HTTP/1.1\r\nHost: a\r\n"),
+        # hop-by-hop headers, and what Connection names, are dropped
+        (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: x-a\r\nX-A: 1\r\nX-B: 2\r\n\r\n", None, b"GET / HTTP/1.1\r\nHost: a\r\nX-B: 2\r\n"),
+    ],
+)
+def test_rebuild_traced_head(raw, start_line, expected):
+    parser = Parser(is_request=True)
+    parser.feed(raw)
+    head = parser.next_event()
+    assert rebuild_traced_head(head, ADDED, start_line) == expected + b"\r\n".join(ADDED) + b"\r\n\r\n"
