@@ -203,19 +203,27 @@ class Observer:
         sampler = self.sampler
         if sampler is None:
             return None
-        fields = _TRACE_FIELD.findall(b"\n" + head.fields) if head.fields else None
-        if not fields:
+        block = b"\n" + head.fields
+        first = _TRACE_FIELD.search(block) if head.fields else None
+        if first is None:
             if listener_kind != "ingress":
                 return None
             return self._start_trace(exchange_key, sampler)
+        name, value = first.groups()
+        if name.lower() == b"traceparent":
+            # The first trace field is the traceparent (as sidecars write them): the common
+            # unsampled case is decided from it alone, without collecting the others.
+            match = _W3C_UNSAMPLED.fullmatch(value.rstrip(b" \t"))
+            if match is not None and match.group(1) != _ZERO_TRACE and match.group(2) != _ZERO_SPAN:
+                return None
         found: dict[bytes, bytes] = {}
-        for name, value in fields:
+        for name, value in _TRACE_FIELD.findall(block, first.start()):
             found.setdefault(name.lower(), value.rstrip(b" \t"))
         traceparent = found.get(b"traceparent")
         if traceparent is not None:
             match = _W3C_UNSAMPLED.fullmatch(traceparent)
             if match is not None and match.group(1) != _ZERO_TRACE and match.group(2) != _ZERO_SPAN:
-                return None  # the common unsampled case, decided without parsing every format
+                return None  # unsampled W3C, decided without parsing every format
         incoming = extract(found.get)
         if incoming is None:
             if listener_kind != "ingress":

@@ -45,6 +45,9 @@ def observer():
         ("ingress", ["traceparent: 00-%s-%s-02" % (TRACE, SPAN), "b3: %s-%s-0" % (TRACE, SPAN)]),
         ("inbound", ["b3: %s-%s-0" % (TRACE, SPAN)]),
         ("inbound", ["traceparent: garbage"]),
+        ("inbound", ["b3: %s-%s-0" % (TRACE, SPAN), "traceparent: 00-%s-%s-00" % (TRACE, SPAN)]),
+        ("inbound", ["x-b3-sampled: 0", "x-b3-traceid: %s" % TRACE, "x-b3-spanid: %s" % SPAN]),
+        ("ingress", ["traceparent: 00-%s-%s-00  " % (TRACE, SPAN), "traceparent: 00-%s-%s-01" % (TRACE, SPAN)]),
     ],
 )
 def test_headers_pass_through_untouched(observer, kind, lines):
@@ -60,6 +63,27 @@ def test_the_ingress_starts_a_trace_in_both_formats(observer, rate, flag):
     assert sampled == flag
     assert b3 == b"b3: %s-%s-%s" % (trace_id, span_id, flag[1:])
     assert (7 in observer.hops) is (rate == 1.0)
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        ["traceparent: 00-%s-%s-01" % (TRACE, SPAN), "x-b3-sampled: 1"],
+        ["x-b3-sampled: 1", "traceparent: 00-%s-%s-01" % (TRACE, SPAN)],
+        ["traceparent: 00-%s-%s-01" % (TRACE, SPAN), "traceparent: 00-%s-%s-00" % (TRACE, SPAN)],  # the first one counts
+    ],
+)
+def test_a_sampled_traceparent_is_continued_wherever_it_stands(observer, lines):
+    lines = observer.trace(3, _head(*lines), "inbound")
+    trace_id, _, sampled = TRACEPARENT.fullmatch(lines[0]).groups()
+    assert (trace_id.decode(), sampled) == (TRACE, b"01")
+
+
+def test_a_zero_trace_id_is_not_taken_for_an_unsampled_trace(observer):
+    observer.sampler = Sampler(1.0)
+    lines = observer.trace(3, _head("traceparent: 00-%s-%s-00" % ("0" * 32, SPAN)), "ingress")
+    trace_id, _, sampled = TRACEPARENT.fullmatch(lines[0]).groups()
+    assert trace_id != b"0" * 32 and sampled == b"01"  # invalid: the ingress starts a new trace
 
 
 def test_a_sampled_trace_continues_with_a_new_span(observer):
