@@ -378,16 +378,15 @@ class Observer:
 
 def rebuild_traced_head(head: Head, add: list[bytes], start_line: bytes | None) -> bytes:
     """`head` without hop-by-hop and incoming trace headers, with `add` (trace lines included)."""
-    fields = head.fields
-    if not head.has_hop_by_hop and (not fields or _TRACE_FIELD.search(b"\n" + fields) is None):
-        # Nothing to drop (a new trace at the ingress): the field block goes out as it came.
-        lines = [head.start_line if start_line is None else start_line, fields] if fields else [head.start_line if start_line is None else start_line]
-        lines.extend(add)
-        lines.append(b"\r\n")
-        return b"\r\n".join(lines)
-    drop = _DROP_ON_TRACE | (head.connection_tokens - _NEVER_DROPPED) if head.has_hop_by_hop else _DROP_ON_TRACE
     lines = [head.start_line if start_line is None else start_line]
-    lines.extend(line for (name, _), line in zip(head.headers, head.lines) if name not in drop)
+    fields = head.fields
+    if not head.has_hop_by_hop and _TRACE_FIELD.search(b"\n" + fields) is None:
+        # Nothing to drop (a new trace at the ingress): the field block goes out as it came.
+        if fields:
+            lines.append(fields)
+    else:
+        drop = _DROP_ON_TRACE | (head.connection_tokens - _NEVER_DROPPED) if head.has_hop_by_hop else _DROP_ON_TRACE
+        lines.extend(line for (name, _), line in zip(head.headers, head.lines) if name not in drop)
     lines.extend(add)
     lines.append(b"\r\n")
     return b"\r\n".join(lines)
