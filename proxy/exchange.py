@@ -24,7 +24,7 @@ import random
 from typing import TYPE_CHECKING
 
 from proxy.errors import STATUS_BY_CODE, ProtocolError, error_response
-from proxy.http1 import END, NEED_DATA, Data, Head, rebuild_head
+from proxy.http1 import END, Data, Head, rebuild_head
 from proxy.limits import ADMITTED, QUEUED
 from proxy.mirror import send_mirror
 from proxy.retry import MAX_REPLAY_BODY_BYTES
@@ -359,7 +359,7 @@ class Exchange:
         out: list[bytes] = []
         while True:
             try:
-                event = parser.next_event()
+                event = parser.next_event_whole()
             except ProtocolError as exc:
                 self._write_out(out)
                 self._upstream_broken(conn, str(exc))
@@ -368,23 +368,27 @@ class Exchange:
             if kind is Data:
                 if not self.discarding:
                     out.append(event.data)  # type: ignore[attr-defined]
-            elif event is NEED_DATA:
-                break
-            elif kind is Head:
+                continue
+            if kind is Head:
                 if not self._response_head(event, out):  # type: ignore[arg-type]
                     return
-            elif event is END:
-                if self.interim:
-                    self.interim = False
-                    parser.start_next_cycle()
-                    if self.method == b"HEAD":
-                        parser.expect_no_body()
+                body = event.body  # type: ignore[attr-defined]
+                if body is None:
                     continue
-                self._write_out(out)
-                self._response_end(conn)
-                return
-            else:
-                break
+                # The whole response came with its head: no Data or END events follow.
+                if body and not self.discarding:
+                    out.append(body)
+            elif event is not END:
+                break  # NEED_DATA, or PAUSED after a response that is not ours
+            if self.interim:
+                self.interim = False
+                parser.start_next_cycle()
+                if self.method == b"HEAD":
+                    parser.expect_no_body()
+                continue
+            self._write_out(out)
+            self._response_end(conn)
+            return
         self._write_out(out)
 
     def _write_out(self, out: list[bytes]) -> None:

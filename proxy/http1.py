@@ -9,6 +9,11 @@
   pipelined bytes wait in the buffer until the previous exchange is done,
 * `NEED_DATA` when more bytes are needed, `CLOSED` after a clean EOF between messages.
 
+`next_event_whole()` is `next_event()` with a shortcut for the common case: a head whose
+whole message is already buffered (no body, or a Content-Length body that arrived with
+it) comes with its body in `Head.body`, and no `Data` or `END` follows it: the parser is
+at `PAUSED` already. Otherwise `Head.body` is None and the events follow as usual.
+
 Validation is strict in the way h11 is, because a proxy that is lenient where its
 upstream is strict (or the other way round) is how request smuggling happens: header
 names must be tokens, no whitespace before the colon, no obs-fold, no bare LF, a single
@@ -73,11 +78,16 @@ _MAX_CHUNK_LINE = 4096
 _FRAMING_HEADERS = frozenset(
     {b"content-length", b"transfer-encoding", b"connection"} | HOP_BY_HOP
 )
-# The framing and hop-by-hop field lines of a validated block, names in any case.
+# The framing and hop-by-hop field lines of a validated block behind a "\n", names in any
+# case. Searched in b"\n" + fields: a leading literal lets the regex engine skip from one
+# line feed to the next (a validated block has them only between lines), where `^` with
+# re.MULTILINE would try the names at every byte, at twice the cost.
 _FRAMING_FIELD = re.compile(
-    rb"^(" + b"|".join(sorted(_FRAMING_HEADERS, key=len, reverse=True)) + rb"):[ \t]*(" + _FIELD_VALUE + rb")",
-    re.IGNORECASE | re.MULTILINE,
+    rb"\n(" + b"|".join(sorted(_FRAMING_HEADERS, key=len, reverse=True)) + rb"):[ \t]*(" + _FIELD_VALUE + rb")",
+    re.IGNORECASE,
 )
+# Head.has(name): a field line named `name` behind a "\n" (see _FRAMING_FIELD), per name.
+_FIELD_NAMED: dict[bytes, re.Pattern[bytes]] = {}
 _NO_TOKENS: frozenset[bytes] = frozenset()
 _KEEP_ALIVE_ONLY = frozenset({b"keep-alive"})
 
@@ -109,6 +119,7 @@ class Head:
         "connection_tokens",
         "has_hop_by_hop",
         "only_keep_alive",
+        "body",
     )
     _COMPARED = ("method", "target", "version", "status", "reason", "start_line", "headers", "lines", "raw",
                  "content_length", "chunked", "keep_alive", "connection_tokens", "has_hop_by_hop", "only_keep_alive")
@@ -132,6 +143,8 @@ class Head:
         # The only hop-by-hop header is an HTTP/1.1 `connection: keep-alive`: a no-op that a
         # kept-alive HTTP/1.1 peer may receive as it is, so the head need not be rebuilt.
         self.only_keep_alive = False
+        # The whole body, when next_event_whole() returned the message in one step.
+        self.body: bytes | None = None
 
     @property
     def headers(self) -> list[tuple[bytes, bytes]]:
@@ -156,6 +169,16 @@ class Head:
     @lines.setter
     def lines(self, value: list[bytes]) -> None:
         self._lines = value
+
+    def has(self, name: bytes) -> bool:
+        """Whether header `name` (lower-case) is present; one regex search, the list is not split."""
+        fields = self.fields
+        if not fields:
+            return False
+        pattern = _FIELD_NAMED.get(name)
+        if pattern is None:
+            pattern = _FIELD_NAMED[name] = re.compile(b"\n" + re.escape(name) + b":", re.IGNORECASE)
+        return pattern.search(b"\n" + fields) is not None
 
     def get(self, name: bytes) -> bytes | None:
         """The first value of header `name` (lower-case), or None."""
@@ -223,7 +246,7 @@ def _parse_head(block: bytes, is_request: bool) -> Head:
     codings: list[bytes] = []
     connection: list[bytes] = []
     hop_by_hop = 0
-    for name, value in _FRAMING_FIELD.findall(fields):
+    for name, value in _FRAMING_FIELD.findall(b"\n" + fields):
         name = name.lower()
         if name == b"content-length":
             lengths.append(value.rstrip(b" \t"))
@@ -327,6 +350,10 @@ class Parser:
         """True when no byte of the current message has been consumed yet."""
         return self._state == _HEAD
 
+    def has_input(self) -> bool:
+        """True when buffered bytes or an EOF wait to be turned into events."""
+        return self._eof or bool(self._buf)
+
     def feed(self, data: bytes) -> None:
         if self._buf:
             self._buf += data
@@ -352,6 +379,12 @@ class Parser:
         buf, self._buf = self._buf, b""
         return buf
 
+    def next_event_whole(self) -> object:
+        """`next_event()`, but a fully buffered message comes as one `Head` (see the module docstring)."""
+        if self._state == _HEAD:
+            return self._next_head(True)
+        return self.next_event()
+
     def next_event(self) -> object:
         state = self._state
         if state == _LENGTH:
@@ -371,7 +404,7 @@ class Parser:
                 self._state = _END
             return Data(data)
         if state == _HEAD:
-            return self._next_head()
+            return self._next_head(False)
         if state == _END:
             self._state = _DONE
             return END
@@ -393,7 +426,7 @@ class Parser:
             raise _bad("connection closed in the middle of a message")
         return NEED_DATA
 
-    def _next_head(self) -> object:
+    def _next_head(self, whole: bool) -> object:
         buf = self._buf
         if self.is_request and buf.startswith(b"\r\n"):
             buf = self._buf = buf.lstrip(b"\r\n")
@@ -412,6 +445,17 @@ class Parser:
         head.raw = buf[: end + 4]
         self._buf = buf[end + 4 :]
         self._begin_body(head)
+        if whole:
+            state = self._state
+            if state == _END:
+                head.body = b""
+                self._state = _DONE
+            elif state == _LENGTH and len(self._buf) >= self._remaining:
+                rest = self._buf
+                head.body = rest[: self._remaining]
+                self._buf = rest[self._remaining :]
+                self._remaining = 0
+                self._state = _DONE
         return head
 
     def _begin_body(self, head: Head) -> None:

@@ -156,7 +156,10 @@ def resolve(listener: Listener, snapshot: Snapshot, head: Head) -> Target:
         path = head.target
         for route in listener.routes:
             if route.matches(path):
-                return Target(_service(snapshot, route.service), None, route.service, None, True)
+                target = snapshot.fixed_targets.get(route)
+                if target is None:
+                    target = snapshot.fixed_targets[route] = Target(_service(snapshot, route.service), None, route.service, None, True)
+                return target
         raise MeshError("route-not-found", "ingress: no route for path %s" % path.decode("ascii", "replace")[:200])
     return _resolve_forward(snapshot, head)
 

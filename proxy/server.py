@@ -360,19 +360,33 @@ class ClientConnection(asyncio.Protocol):
         parser = self.parser
         try:
             while True:
-                event = parser.next_event()
+                event = parser.next_event_whole()
                 kind = type(event)
                 if kind is Data:
                     self.exchange.request_data(event.data)  # type: ignore[union-attr]
                 elif kind is Head:
                     self._begin(event)  # type: ignore[arg-type]
+                    body = event.body  # type: ignore[attr-defined]
+                    if body is not None and not self.closed and self.tunnel is None:
+                        # The whole request came with its head: no Data or END events follow.
+                        if body:
+                            self.exchange.request_data(body)  # type: ignore[union-attr]
+                            if self.closed:
+                                break
+                        self.exchange.request_end()  # type: ignore[union-attr]
+                        if self.exchange is not None:
+                            # Still answering it, so the parser is at PAUSED: spare asking.
+                            self._hold_pipelined()
+                            break
                 elif event is END:
                     self.exchange.request_end()  # type: ignore[union-attr]
+                    if self.exchange is not None:
+                        self._hold_pipelined()
+                        break
                 elif event is NEED_DATA:
                     break
                 elif event is PAUSED:
-                    if parser.buffered > PIPELINE_BUFFER_LIMIT:
-                        self._pause(_PAUSE_PIPELINE)
+                    self._hold_pipelined()
                     break
                 elif event is CLOSED:
                     self.close()
@@ -389,6 +403,11 @@ class ClientConnection(asyncio.Protocol):
             self.abort()
         finally:
             self.processing = False
+
+    def _hold_pipelined(self) -> None:
+        """A request is in progress: bytes after it wait, up to PIPELINE_BUFFER_LIMIT."""
+        if self.parser.buffered > PIPELINE_BUFFER_LIMIT:
+            self._pause(_PAUSE_PIPELINE)
 
     def _begin(self, head: Head) -> None:
         state = self.state
@@ -409,7 +428,7 @@ class ClientConnection(asyncio.Protocol):
         start_line = None
         if target.rewrite:
             add.append(self.forwarded)
-            if head.get(b"x-request-id") is None:
+            if not head.has(b"x-request-id"):
                 add.append(b"x-request-id: " + state.next_request_id())
             if target.request_target is not None:
                 start_line = b"%s %s HTTP/%s" % (head.method, target.request_target, head.version)
@@ -490,11 +509,13 @@ class ClientConnection(asyncio.Protocol):
         if not keep_alive or state.draining or self.closed:
             self.close()
             return
-        self.parser.start_next_cycle()
+        parser = self.parser
+        parser.start_next_cycle()
         self.deadline = state.loop.time() + state.snapshot.http.idle_timeout  # type: ignore[union-attr]
         if self.paused:
             self._resume(_PAUSE_PENDING | _PAUSE_UPSTREAM | _PAUSE_PIPELINE)
-        self._process()
+        if parser.has_input():  # a pipelined request, or the client's EOF
+            self._process()
 
     def _protocol_error(self, exc: MeshError) -> None:
         log.debug("protocol error from %s on %s: %s", self.client_ip, self.listener.name, exc)

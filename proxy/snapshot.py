@@ -155,7 +155,7 @@ class Snapshot:
     )
 
     def __init__(self) -> None:
-        self.fixed_targets: dict = {}  # listener name -> Target, filled by proxy.listeners
+        self.fixed_targets: dict = {}  # listener name or ingress route -> Target, filled by proxy.listeners
 
     def __repr__(self) -> str:
         return "<Snapshot v%s %s: %d listeners, %d services>" % (self.version, self.instance, len(self.listeners), len(self.services))

@@ -99,6 +99,24 @@ def test_head_fields():
 
 
 @pytest.mark.parametrize(
+    "raw,name,present",
+    [
+        (b"GET / HTTP/1.1\r\nX-Request-Id: 1\r\n\r\n", b"x-request-id", True),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nx-request-id:\r\n\r\n", b"x-request-id", True),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nx-request-ids: 1\r\n\r\n", b"x-request-id", False),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nx-a: x-request-id: 1\r\n\r\n", b"x-request-id", False),
+        (b"GET / HTTP/1.1\r\n\r\n", b"x-request-id", False),
+        (b"GET / HTTP/1.1\r\nA.B: 1\r\n\r\n", b"a.b", True),
+        (b"GET / HTTP/1.1\r\nAxB: 1\r\n\r\n", b"a.b", False),
+    ],
+)
+def test_has_agrees_with_get(raw, name, present):
+    head = events(raw)[0]
+    assert head.has(name) is present
+    assert (head.get(name) is not None) is present
+
+
+@pytest.mark.parametrize(
     "raw,keep_alive",
     [
         (b"GET / HTTP/1.1\r\n\r\n", True),
@@ -201,6 +219,92 @@ def test_pipelined_requests_wait_for_the_next_cycle():
     assert parser.next_event() is END
     parser.start_next_cycle()
     assert parser.next_event().target == b"/3"
+
+
+def whole_events(parser: Parser, limit: int = 10000) -> list:
+    """Like feeding next_event() to a list, with a message that came whole expanded into its events."""
+    out: list = []
+    for _ in range(limit):
+        event = parser.next_event_whole()
+        if isinstance(event, Head) and event.body is not None:
+            out.extend([event, Data(event.body), END] if event.body else [event, END])
+            continue
+        out.append(event)
+        if event is PAUSED:
+            parser.start_next_cycle()
+        elif event in (NEED_DATA, CLOSED):
+            return out
+    return out
+
+
+def plain_events(parser: Parser, limit: int = 10000) -> list:
+    out: list = []
+    for _ in range(limit):
+        event = parser.next_event()
+        out.append(event)
+        if event is PAUSED:
+            parser.start_next_cycle()
+        elif event in (NEED_DATA, CLOSED):
+            return out
+    return out
+
+
+def comparable(events_: list) -> list:
+    """Events with Data as its bytes, each message's body joined (how it is cut may differ)."""
+    out: list = []
+    for event in events_:
+        if isinstance(event, Data):
+            if out and isinstance(out[-1], bytes):
+                out[-1] += event.data
+            else:
+                out.append(event.data)
+        else:
+            out.append(event)
+    return out
+
+
+@pytest.mark.parametrize(
+    "raw,is_request,whole",
+    [
+        (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", True, True),
+        (b"POST /p HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello", True, True),
+        (b"POST /p HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloGET / HTTP/1.1\r\n\r\n", True, True),
+        (b"POST /p HTTP/1.1\r\nContent-Length: 5\r\n\r\nhel", True, False),
+        (b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", True, False),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", False, True),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", False, True),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", False, True),
+        (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", False, True),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", False, False),
+        (b"HTTP/1.0 200 OK\r\n\r\nuntil close", False, False),
+    ],
+)
+def test_next_event_whole_gives_the_events_of_next_event(raw, is_request, whole):
+    parser = Parser(is_request)
+    parser.feed(raw)
+    head = parser.next_event_whole()
+    assert isinstance(head, Head) and (head.body is not None) is whole
+    if whole:
+        assert parser.next_event_whole() is PAUSED  # no Data or END after a whole message
+    expected, got = Parser(is_request), Parser(is_request)
+    expected.feed(raw)
+    got.feed(raw)
+    assert comparable(whole_events(got)) == comparable(plain_events(expected))
+
+
+def test_whole_message_leaves_the_parser_where_end_would():
+    parser = Parser(True)
+    parser.feed(b"POST /1 HTTP/1.1\r\nContent-Length: 2\r\n\r\nokGET /2 HTTP/1.1\r\n\r\n")
+    head = parser.next_event_whole()
+    assert (head.target, head.body) == (b"/1", b"ok")
+    assert parser.has_input() and parser.buffered == len(b"GET /2 HTTP/1.1\r\n\r\n")
+    parser.start_next_cycle()
+    head = parser.next_event_whole()
+    assert (head.target, head.body) == (b"/2", b"") and not parser.has_input()
+    parser.start_next_cycle()
+    assert parser.next_event_whole() is NEED_DATA
+    parser.feed_eof()
+    assert parser.has_input() and parser.next_event_whole() is CLOSED
 
 
 def test_eof_between_messages_is_closed_and_in_the_middle_is_an_error():
@@ -311,3 +415,33 @@ def test_mutated_requests_raise_only_typed_errors(seed, mutations, chunk):
                     break
     except ProtocolError as exc:
         assert exc.status in (400, 413, 431)
+
+
+def _outcome(collect, parser: Parser, data: bytes, chunk: int) -> list:
+    """The comparable events of `data` fed `chunk` bytes at a time, then EOF; a ProtocolError ends the list."""
+    out: list = []
+    try:
+        for index in range(0, len(data), chunk):
+            parser.feed(data[index : index + chunk])
+            out.extend(collect(parser))
+        parser.feed_eof()
+        out.extend(collect(parser))
+    except ProtocolError as exc:
+        out.append(("error", exc.code))
+    return comparable([event for event in out if event is not NEED_DATA])
+
+
+RESPONSE_SEEDS = [raw for raw, _, _ in VALID_RESPONSES]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.booleans(), st.integers(0, 100), st.lists(st.tuples(st.integers(0, 400), st.binary(max_size=4)), max_size=4), st.integers(1, 90))
+def test_next_event_whole_agrees_with_next_event(is_request, seed, mutations, chunk):
+    seeds = VALID_SEEDS if is_request else RESPONSE_SEEDS
+    data = bytearray(seeds[seed % len(seeds)] * 2)  # two messages: pipelining and keep-alive
+    for position, replacement in mutations:
+        position %= len(data) + 1
+        data[position : position + len(replacement)] = replacement
+    data = bytes(data)
+    limits = {"max_header_bytes": 4096, "max_body_bytes": 1 << 20}
+    assert _outcome(whole_events, Parser(is_request, **limits), data, chunk) == _outcome(plain_events, Parser(is_request, **limits), data, chunk)
