@@ -95,6 +95,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def port_is_free(port: int) -> bool:
+    """Whether an app could listen on 127.0.0.1:`port` now (binding as servers do, SO_REUSEADDR)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 class Instance:
     """One app process plus its sidecar, and the runner task that keeps them going."""
 
@@ -244,11 +255,22 @@ class Instance:
 
     async def _run_once(self) -> str:
         self.set_state(State.STARTING)
-        if not self.sidecar.running:
-            try:
+        # The app binds $PORT itself, so the port is only reserved while the app holds it:
+        # between a crash and the restart (or before the first start) any process, even a
+        # client's ephemeral source port, can take it, and every restart would then fail
+        # the same way. The sidecar's listeners are fixed for its life, so a running one is
+        # restarted with the new app address (the agent holds its listening sockets, and
+        # with the app down it has nothing in flight worth draining).
+        if not port_is_free(self.app_port):
+            old, self.app_port = self.app_port, free_port()
+            log.warning("%s: port %d is taken by another process; the app gets port %d", self.id, old, self.app_port)
+            if self.sidecar.running:
+                await self.sidecar.stop(grace_s=1.0)
+        try:
+            if not self.sidecar.running:
                 await self.sup.start_sidecar(self.sidecar, self)
-            except SidecarError as exc:
-                return await self._crashed(None, 0.0, f"sidecar: {exc}")
+        except SidecarError as exc:
+            return await self._crashed(None, 0.0, f"sidecar: {exc}")
         env = self.app_env()
         started = time.monotonic()
         try:

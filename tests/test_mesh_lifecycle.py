@@ -212,3 +212,62 @@ def test_sigterm_to_the_agent_stops_the_mesh_and_the_agent(mesh):
     wait_for(lambda: not alive(agent), what="the agent to exit after SIGTERM")
     wait_for(lambda: not mesh.living(), what="every process of the mesh to stop")
     assert not (mesh.home / "agent.sock").exists()
+
+
+PORT_MOVE = """
+mesh: portmove
+services:
+  api:
+    command: {PY} {APPS}/echo.py
+    health: {{http: /healthz}}
+    restart: {{backoff: 3s, max_backoff: 3s}}
+ingress:
+  port: {port}
+  routes: [{{path: /, service: api}}]
+"""
+
+
+def take_port(port: int) -> socket.socket | None:
+    """A listening socket on 127.0.0.1:`port`, or None while something else holds it."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the crashed app's connections linger in TIME_WAIT
+    try:
+        sock.bind(("127.0.0.1", port))
+        sock.listen(1)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def test_a_restart_gives_the_app_another_port_when_its_own_was_taken(mesh):
+    """Between a crash and the restart another process takes the app's $PORT: the app moves, traffic follows."""
+    ingress = free_port()
+    mesh.write_manifest(PORT_MOVE.format(port=ingress, PY="{PY}", APPS="{APPS}"))
+    mesh.up()
+    before = mesh.instance("api@v1#0")
+    squatter = None
+    for _ in range(5):  # the 3 s backoff leaves time to take the port; if the restart wins, crash it again
+        pid = mesh.instance("api@v1#0")["pid"]
+        try:
+            http_get(f"http://127.0.0.1:{ingress}/crash")
+        except OSError:
+            pass  # the app exits before it answers
+        squatter = wait_for(
+            lambda: take_port(before["port"]) or (mesh.instance("api@v1#0")["pid"] not in (pid, None) and "restarted"),
+            what="the app's port free again (or the app back on it)",
+        )
+        if isinstance(squatter, socket.socket):
+            break
+        wait_for(lambda: mesh.instance("api@v1#0")["state"] == "ready", what="ready again before another try")
+    assert isinstance(squatter, socket.socket), "the restart always won the race for the port"
+    try:
+        after = wait_for(
+            lambda: (i := mesh.instance("api@v1#0"))["state"] == "ready" and i["pid"] != before["pid"] and i,
+            timeout=20, what="ready again on another port",
+        )
+        assert after["port"] != before["port"]
+        code, _, body = http_get(f"http://127.0.0.1:{ingress}/whoami")
+        assert code == 200 and json.loads(body)["service"] == "api"
+    finally:
+        squatter.close()
