@@ -207,12 +207,7 @@ def machine_facts() -> dict[str, Any]:
     """The machine and the versions, described as bench/run.py describes them."""
     import run
 
-    cpu = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
-        for line in info:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = run.cpu_model()
     import h2
     import uvloop
 

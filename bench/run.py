@@ -196,13 +196,17 @@ def code_version(ref: str | None) -> str:
     return "%s%s" % (commit or "unknown", " + uncommitted changes (working tree)" if dirty else "")
 
 
-def machine_and_versions(ref: str | None) -> tuple[dict[str, Any], dict[str, str]]:
-    cpu = "unknown"
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown" without one)."""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
         for line in info:
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def machine_and_versions(ref: str | None) -> tuple[dict[str, Any], dict[str, str]]:
+    cpu = cpu_model()
     machine = {"nproc": os.cpu_count(), "cpu": cpu, "memory": psutil.virtual_memory().total,
                "kernel": "%s %s" % (platform.system(), platform.release()),
                "loadavg": "%.2f %.2f %.2f" % os.getloadavg()}
