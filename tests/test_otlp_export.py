@@ -22,6 +22,7 @@ from agent.model import OtlpExport
 from agent.otlp_export import ErrorLimiter, OtlpExporter, SpanBatcher, describe_error, public_endpoint
 from agent.traces import SpanRecord
 from tests.meshharness import free_port, http_get, wait_for
+from tests.test_observability import MESH as OBSERVED_MESH
 
 
 def span(index: int, trace_id: str = "ab" * 16, service: str = "back") -> SpanRecord:
@@ -290,26 +291,12 @@ def test_exporter_counts_a_refused_collector_as_failed():
 
 # -- whole meshes ----------------------------------------------------------------------------
 
-MESH = """
-mesh: otlp
-observability:
-  tracing:
-    sampling: 1.0
-    otlp: {{endpoint: "{endpoint}", headers: {{x-api-key: test-key-1}}, timeout: 2s}}
-services:
-  back:
-    health: {{http: /healthz}}
-    versions:
-      v1: {{command: {PY} {APPS}/echo.py}}
-  front:
-    health: {{http: /healthz}}
-    upstreams: [back]
-    versions:
-      v1: {{command: {PY} {APPS}/echo.py}}
-ingress:
-  port: {port}
-  routes: [{{path: /, service: front}}]
-"""
+# test_observability's two-tier mesh (front calls back), exporting its spans.
+MESH = OBSERVED_MESH.replace("mesh: obs", "mesh: otlp").replace(
+    "observability: {{access_log: errors, tracing: {{sampling: 1.0}}}}",
+    'observability: {{tracing: {{sampling: 1.0, otlp: {{endpoint: "{endpoint}", headers: {{x-api-key: test-key-1}}, timeout: 2s}}}}}}',
+)
+assert "otlp:" in MESH and "mesh: otlp" in MESH, "test_observability.MESH changed: update the replacements"
 
 _FOOTER = re.compile(r"otlp export to (\S+): (\d+) spans exported, (\d+) dropped, (\d+) failed")
 
