@@ -81,22 +81,21 @@ class CircuitLimits:
         self.pending.maximum = other.pending.maximum
         return self
 
-    def admit(self, waiter: Any) -> str:
-        """ADMITTED, QUEUED or REJECTED; queued waiters are woken in order by `leave()`."""
-        if not self._queue and self.connections.try_acquire():
-            self._holders.add(id(waiter))
-            return ADMITTED
-        if self.pending.try_acquire():
-            self._queue.append(waiter)
-            return QUEUED
-        return REJECTED
-
     def hold(self, holder: Any) -> bool:
         """Take a connection slot now or not at all (never queued, never ahead of the queue)."""
         if not self._queue and self.connections.try_acquire():
             self._holders.add(id(holder))
             return True
         return False
+
+    def admit(self, waiter: Any) -> str:
+        """ADMITTED, QUEUED or REJECTED; queued waiters are woken in order by `leave()`."""
+        if self.hold(waiter):
+            return ADMITTED
+        if self.pending.try_acquire():
+            self._queue.append(waiter)
+            return QUEUED
+        return REJECTED
 
     def leave(self, waiter: Any) -> Any | None:
         """`waiter` is done (or gave up); returns the queued waiter that got its slot, if any."""
