@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import targets
@@ -173,16 +173,18 @@ def h2load(port: int, requests: int, streams: int, workdir: str) -> dict[str, An
     return result
 
 
-def h2load_table(paths: list[targets.Target], requests: int, streams: int, runs: int, workdir: str) -> dict[str, Any]:
-    """Interleaved h2load runs per path after a warm-up; rps of the median run, CPU over all runs."""
-    for target in paths:
-        h2load(target.port, max(1000, requests // 10), streams, workdir)
+def interleaved_table(
+    paths: list[targets.Target], runs: int, run_one: Callable[[targets.Target], dict[str, Any]],
+    row: Callable[[dict[str, Any]], dict[str, Any]],
+) -> dict[str, Any]:
+    """`runs` rounds of `run_one` over every path in turn; per path `row(median run)` plus the
+    rps of every run, errors and requests over all runs, and the sidecars' CPU per request."""
     measured: dict[str, list[dict[str, Any]]] = {t.name: [] for t in paths}
     cpu = {t.name: 0.0 for t in paths}
     for _ in range(runs):
         for target in paths:
             before = cpu_seconds(target.proxy_pids)
-            measured[target.name].append(h2load(target.port, requests, streams, workdir))
+            measured[target.name].append(run_one(target))
             cpu[target.name] += cpu_seconds(target.proxy_pids) - before
     table = {}
     for target in paths:
@@ -190,13 +192,20 @@ def h2load_table(paths: list[targets.Target], requests: int, streams: int, runs:
         served = sum(r["requests"] for r in results)
         median = sorted(results, key=lambda r: r["rps"])[len(results) // 2]
         table[target.name] = {
-            "rps": median["rps"], "runs": [r["rps"] for r in results],
-            "mean": median["mean"], "p50": median["p50"], "p99": median["p99"],
-            "errors": sum(r["errors"] for r in results),
-            "requests": served,
-            "proxy_cpu_us": cpu[target.name] / served * 1e6 if target.proxy_pids and served else None,
+            **row(median), "runs": [r["rps"] for r in results], "errors": sum(r["errors"] for r in results),
+            "requests": served, "proxy_cpu_us": cpu[target.name] / served * 1e6 if target.proxy_pids and served else None,
         }
     return table
+
+
+def h2load_table(paths: list[targets.Target], requests: int, streams: int, runs: int, workdir: str) -> dict[str, Any]:
+    """Interleaved h2load runs per path after a warm-up; rps of the median run, CPU over all runs."""
+    for target in paths:
+        h2load(target.port, max(1000, requests // 10), streams, workdir)
+    return interleaved_table(
+        paths, runs, lambda target: h2load(target.port, requests, streams, workdir),
+        lambda median: {key: median[key] for key in ("rps", "mean", "p50", "p99")},
+    )
 
 
 GRPC_CLIENT = r'''
@@ -242,22 +251,7 @@ def grpc_run(port: int, calls: int, concurrency: int) -> dict[str, Any]:
 
 
 def grpc_table(paths: list[targets.Target], calls: int, concurrency: int, runs: int) -> dict[str, Any]:
-    measured: dict[str, list[dict[str, Any]]] = {t.name: [] for t in paths}
-    cpu = {t.name: 0.0 for t in paths}
-    for _ in range(runs):
-        for target in paths:
-            before = cpu_seconds(target.proxy_pids)
-            measured[target.name].append(grpc_run(target.port, calls, concurrency))
-            cpu[target.name] += cpu_seconds(target.proxy_pids) - before
-    table = {}
-    for target in paths:
-        results = measured[target.name]
-        served = sum(r["requests"] for r in results)
-        median = sorted(results, key=lambda r: r["rps"])[len(results) // 2]
-        table[target.name] = {**median, "runs": [r["rps"] for r in results], "errors": sum(r["errors"] for r in results),
-                              "requests": served,
-                              "proxy_cpu_us": cpu[target.name] / served * 1e6 if target.proxy_pids and served else None}
-    return table
+    return interleaved_table(paths, runs, lambda target: grpc_run(target.port, calls, concurrency), dict)
 
 
 def measure(workdir: str, requests: int = 20_000, runs: int = 3, grpc_calls: int = 5000, grpc_concurrency: int = 16) -> dict[str, Any]:
