@@ -26,10 +26,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from proxy.observe import Observer  # noqa: E402
-from proxy.pool import UpstreamConnection  # noqa: E402
-from proxy.server import ClientConnection, ServerState  # noqa: E402
-from proxy.snapshot import compile_snapshot  # noqa: E402
+from meshctl.proxy.observe import Observer  # noqa: E402
+from meshctl.proxy.pool import UpstreamConnection  # noqa: E402
+from meshctl.proxy.server import ClientConnection, ServerState  # noqa: E402
+from meshctl.proxy.snapshot import compile_snapshot  # noqa: E402
 
 APP = ("127.0.0.1", 9)
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\n\r\n"

@@ -6,7 +6,7 @@ the sidecar's own code (proxy.tls, proxy.http1, proxy.h2conn) on uvloop:
 * the adapter: pure conversions between HTTP/1.1 heads and h2 header lists, what carrying
   the sidecars' HTTP/1.1 requests as h2 streams would add at both ends.
 * the hop server (the inbound sidecar's end): proxy.tls.InboundAcceptor in strict mode with
-  a TLSConfig built from leaves of our own CA (agent/ca.py), ALPN picks the protocol as on
+  a TLSConfig built from leaves of our own CA (meshctl/agent/ca.py), ALPN picks the protocol as on
   the inbound listener. HTTP/1.1: proxy.http1.Parser reads each request, the app's answer
   (a 200 with a 13-byte body, parsed once) is written as the sidecar forwards it, raw.
   h2: an H2Endpoint (peer_sidecar=True) turns each stream into the HTTP/1.1 request the app
@@ -44,9 +44,9 @@ for _path in (REPO, BENCH_DIR):
         sys.path.insert(0, _path)
 
 from procs import BenchError  # noqa: E402
-from proxy.h2conn import CONNECTION_SPECIFIC, ConnectionEnded, Data as H2Data, H2Endpoint, Headers, StreamEnded, StreamReset  # noqa: E402
-from proxy.http1 import END, Data as H1Data, Head, Parser, rebuild_head  # noqa: E402
-from proxy.tls import ClientTLS, InboundAcceptor, TLSConfig  # noqa: E402
+from meshctl.proxy.h2conn import CONNECTION_SPECIFIC, ConnectionEnded, Data as H2Data, H2Endpoint, Headers, StreamEnded, StreamReset  # noqa: E402
+from meshctl.proxy.http1 import END, Data as H1Data, Head, Parser, rebuild_head  # noqa: E402
+from meshctl.proxy.tls import ClientTLS, InboundAcceptor, TLSConfig  # noqa: E402
 
 SERVER_NAME = "web.mesh"
 RESPONSE_BODY = b"hello, mesh!\n"

@@ -37,7 +37,7 @@ class Profile:
 
 
 def _function(frame: str) -> str:
-    """`handle (/x/proxy/server.py:120)` -> `handle (proxy/server.py)`: one row per function."""
+    """`handle (/x/meshctl/proxy/server.py:120)` -> `handle (meshctl/proxy/server.py)`: one row per function."""
     match = _FRAME.match(frame.strip())
     if not match:
         return frame.strip()
@@ -50,7 +50,7 @@ def _short_path(path: str) -> str:
     stdlib = re.search(r"/lib/python3\.\d+/(.*)$", path)
     if stdlib:
         return stdlib.group(1)
-    for package in ("proxy", "agent", "meshctl"):
+    for package in ("meshctl",):
         marker = "/%s/" % package
         if marker in path:
             return package + "/" + path.rsplit(marker, 1)[1]

@@ -302,7 +302,7 @@ def render(results: dict[str, Any], notes: str = "") -> str:
             "Functions are named with their file. py-spy sees Python frames only: time in uvloop's C "
             "code (socket reads and writes, epoll dispatch, callback scheduling) is charged to the "
             "innermost Python caller, so `transport.write` shows inside the function that calls it, "
-            "and the loop's own C work shows as `main (proxy/__main__.py)`, which runs the loop." % (
+            "and the loop's own C work shows as `main (meshctl/proxy/__main__.py)`, which runs the loop." % (
                 prof["rate"], prof["seconds"], params["connections"], prof["rps"], prof["samples"]), ""]
     rows = []
     for fn in prof["top"]:

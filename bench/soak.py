@@ -58,7 +58,7 @@ def sidecars(agent_pid: int) -> dict[str, psutil.Process]:
     agent = psutil.Process(agent_pid)
     found = {}
     for proc in agent.children(recursive=True):
-        if proc.cmdline()[1:3] == ["-m", "proxy"]:
+        if proc.cmdline()[1:3] == ["-m", "meshctl.proxy"]:
             found[str(proc.pid)] = proc
     return found
 

@@ -183,7 +183,7 @@ def mesh_from_manifest(workdir: str, text: str, name: str, timeout: float) -> It
 
 
 def agent_pids(home: str) -> list[int]:
-    """The agent of the mesh kept in `home` (`python -m agent --home HOME`), found by its command line.
+    """The agent of the mesh kept in `home` (`python -m meshctl.agent --home HOME`), found by its command line.
 
     Its pid file may not exist yet: a signal can end `meshctl up` after it started the agent.
     """

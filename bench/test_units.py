@@ -64,20 +64,20 @@ def test_percentile_nearest_rank(samples, p, expected):
 
 def test_profile_own_and_total():
     raw = (
-        "main (/x/src/proxy/__main__.py:60);data_received (/x/src/proxy/server.py:100) 7\n"
-        "main (/x/src/proxy/__main__.py:60) 3\n"
-        "main (/x/src/proxy/__main__.py:60);data_received (/x/src/proxy/server.py:120);"
+        "main (/x/src/meshctl/proxy/__main__.py:60);data_received (/x/src/meshctl/proxy/server.py:100) 7\n"
+        "main (/x/src/meshctl/proxy/__main__.py:60) 3\n"
+        "main (/x/src/meshctl/proxy/__main__.py:60);data_received (/x/src/meshctl/proxy/server.py:120);"
         "write (/usr/lib/python3.11/asyncio/selector_events.py:9) 2\n"
     )
     profile = pyspy.aggregate(raw)
     assert profile.samples == 12
     rows = {f.function: (f.own, f.total) for f in profile.functions}
     assert rows == {
-        "data_received (proxy/server.py)": (7, 9),
-        "main (proxy/__main__.py)": (3, 12),
+        "data_received (meshctl/proxy/server.py)": (7, 9),
+        "main (meshctl/proxy/__main__.py)": (3, 12),
         "write (asyncio/selector_events.py)": (2, 2),
     }
-    assert profile.functions[0].function == "data_received (proxy/server.py)"
+    assert profile.functions[0].function == "data_received (meshctl/proxy/server.py)"
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,7 @@ from meshctl.client import (
     ensure_agent,
     stop_agent,
 )
+from meshctl import resources
 from meshctl.paths import StateDirError, existing_home, log_path, prepare_home, resolve_home
 
 EXIT_OK = 0
@@ -44,8 +45,6 @@ FAILURE_LOG_FETCH = 500
 VALIDATION_ERROR_CODES = ("manifest-invalid", "bad-request", "bad-split", "unknown-version", "bad-scale")
 # Stands for the ingress sidecar among the instances `up` waits for; ids always contain "@".
 INGRESS_ID = "ingress"
-REPO_ROOT = Path(meshctl.__file__).resolve().parent.parent
-TEMPLATES_DIR = REPO_ROOT / "templates"
 
 app = typer.Typer(
     name="meshctl",
@@ -100,8 +99,8 @@ def root(
 
 def load_manifest_or_exit(file: Path) -> Any:
     """The validated manifest, or exit 2 with every problem as `file:line: path: message`."""
-    from agent.errors import ManifestError
-    from agent.manifest import load_manifest
+    from meshctl.agent.errors import ManifestError
+    from meshctl.agent.manifest import load_manifest
 
     try:
         return load_manifest(file)
@@ -363,7 +362,7 @@ def validate(
 @app.command()
 def schema() -> None:
     """Print the manifest's JSON Schema (for editors and CI)."""
-    from agent.schema import manifest_json_schema
+    from meshctl.agent.schema import manifest_json_schema
 
     print(json.dumps(manifest_json_schema(), indent=2))
 
@@ -373,30 +372,16 @@ WORKDIR_LINE = re.compile(
     r"^(?P<lead>workdir:[ \t]*)(?P<value>[^#\n]*?)(?P<trail>[ \t]*(?:#[^\n]*)?)$",
     re.MULTILINE,
 )
-PLAIN_YAML_PATH = re.compile(r"^[A-Za-z0-9_./-]+$")
 
 
-def absolutize_workdir(text: str, base: Path) -> str:
-    """Make the mesh's `workdir:` absolute, resolving it against `base`.
+def workdir_here(text: str) -> str:
+    """Point the mesh's `workdir:` at the manifest's own folder (`.`).
 
-    A template's `workdir: ..` is relative to the templates folder, and a missing one
-    means that folder; once copied elsewhere either would point at the wrong place.
+    A template's `workdir: ..` means the repository root, where `demo-services/` lies;
+    `init` copies the demo services beside the new mesh.yaml, so there it means `.`.
     """
-
-    def absolute(value: str) -> str:
-        if len(value) >= 2 and value[0] in "'\"" and value[-1] == value[0]:
-            value = value[1:-1]
-        resolved = str((base / Path(value).expanduser()).resolve())
-        return resolved if PLAIN_YAML_PATH.match(resolved) else json.dumps(resolved)
-
-    def rewrite(match: re.Match[str]) -> str:
-        value = match["value"].strip() or "."
-        return f"{match['lead']}{absolute(value)}{match['trail']}"
-
-    rewritten, count = WORKDIR_LINE.subn(rewrite, text)
-    if count:
-        return rewritten
-    return text.rstrip("\n") + f"\nworkdir: {absolute('.')}\n"
+    rewritten, count = WORKDIR_LINE.subn(lambda match: f"{match['lead']}.{match['trail']}", text)
+    return rewritten if count else text.rstrip("\n") + "\nworkdir: .\n"
 
 
 @app.command()
@@ -406,17 +391,21 @@ def init(
     ] = TemplateName.hello,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing mesh.yaml.")] = False,
 ) -> None:
-    """Write an example mesh.yaml into the current directory."""
-    source = TEMPLATES_DIR / f"{template.value}.yaml"
+    """Write an example mesh.yaml, and the demo services it runs, into the current directory."""
+    source = resources.templates_dir() / f"{template.value}.yaml"
     target = Path.cwd() / "mesh.yaml"
     if target.exists() and not force:
         fail(f"{target} already exists", "pass --force to overwrite it")
     try:
         text = source.read_text(encoding="utf-8")
+        copied = resources.copy_demo(Path.cwd(), overwrite=force)
     except OSError as exc:
-        fail(f"cannot read template {source}: {exc.strerror}", "reinstall meshctl from its repository")
-    target.write_text(absolutize_workdir(text, TEMPLATES_DIR), encoding="utf-8")
+        fail(f"cannot copy template {template.value}: {exc}", "reinstall meshctl (pip install --force-reinstall meshctl)")
+    target.write_text(workdir_here(text), encoding="utf-8")
     print(f"wrote {target} (template {template.value})")
+    if copied:
+        print(f"wrote {len(copied)} demo services into {Path.cwd() / resources.DEMO_FOLDER}")
+    print(f"Prometheus and Grafana files: {resources.templates_dir()}")
     print("next: meshctl up -f mesh.yaml")
 
 

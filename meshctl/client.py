@@ -185,7 +185,7 @@ def connect(home: Path) -> Client | None:
 
 
 def agent_command(home: Path) -> list[str]:
-    return [sys.executable, "-m", "agent", "--home", str(home)]
+    return [sys.executable, "-m", "meshctl.agent", "--home", str(home)]
 
 
 def ensure_agent(

@@ -1,7 +1,7 @@
 """`meshctl metrics | stat | top | tap | edges | trace | logs --access`: what the mesh sees.
 
-Every number comes from the agent (agent/control_obs.py), which polls each sidecar's
-metrics once a second; rendering is meshctl/top.py and agent/traces.py.
+Every number comes from the agent (meshctl/agent/control_obs.py), which polls each sidecar's
+metrics once a second; rendering is meshctl/top.py and meshctl/agent/traces.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
-from agent.traces import SpanRecord, build_tree, render_waterfall
+from meshctl.agent.traces import SpanRecord, build_tree, render_waterfall
 from meshctl import render, top
 from meshctl.cmd_route import agent_or_exit
 

@@ -106,7 +106,7 @@ def split(
     wait: WaitOption = True,
 ) -> None:
     """Send each version its share of SERVICE's requests, e.g. `route split cart v1=90 v2=10`."""
-    from agent.overrides import OverrideError, parse_weights
+    from meshctl.agent.overrides import OverrideError, parse_weights
 
     try:
         parsed = parse_weights(weights)

@@ -71,5 +71,5 @@ def cleanup():
 
 @pytest.fixture
 def ca(tmp_path):
-    """A fresh certificate authority of the mesh's own kind (agent/ca.py)."""
+    """A fresh certificate authority of the mesh's own kind (meshctl/agent/ca.py)."""
     return make_ca(tmp_path / "ca")

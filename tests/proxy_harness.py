@@ -1,6 +1,6 @@
 """Helpers to run real sidecar processes and scripted upstreams in tests.
 
-`Sidecar` starts `python -m proxy --control-fd N` the way the agent does: a socketpair
+`Sidecar` starts `python -m meshctl.proxy --control-fd N` the way the agent does: a socketpair
 for the config channel and listening sockets bound on 127.0.0.1 port 0, passed with
 pass_fds. `Upstream` is a small threaded HTTP/1.1 server whose behaviour is chosen by
 the request path (normal echo, slow, close mid-response, ...). `raw_exchange()` talks
@@ -62,7 +62,7 @@ class Sidecar:
         self.channel, child_end = socket.socketpair()
         env = dict(os.environ, MESHCTL_PROXY_LOOP=loop, PYTHONPATH=str(ROOT))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "--control-fd", str(child_end.fileno())],
+            [sys.executable, "-m", "meshctl.proxy", "--control-fd", str(child_end.fileno())],
             pass_fds=[child_end.fileno()] + [s.fileno() for s in self._sockets],
             env=env,
             cwd=str(ROOT),

@@ -15,7 +15,7 @@ import threading
 import psutil
 import pytest
 
-from agent.ca import CertificateAuthority, spiffe_id
+from meshctl.agent.ca import CertificateAuthority, spiffe_id
 from tests.meshharness import free_port, http_get
 from tests.proxy_harness import Sidecar, read_responses, service, wait_for
 from tests.reliability import fd_count, record, rss

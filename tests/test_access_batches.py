@@ -1,4 +1,4 @@
-"""Access lines travel to the agent in batches (proxy/observe.py), and none is lost at exit."""
+"""Access lines travel to the agent in batches (meshctl/proxy/observe.py), and none is lost at exit."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import socket
 import time
 
-from proxy.observe import ACCESS_BATCH_MAX
+from meshctl.proxy.observe import ACCESS_BATCH_MAX
 
 DEADLINE_S = 10.0
 

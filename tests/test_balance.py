@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from proxy.balance import (
+from meshctl.proxy.balance import (
     BalancerConfigError,
     ConsistentHashBalancer,
     Endpoint,

@@ -173,9 +173,9 @@ def test_hanging_upstream_times_out_and_leaks_nothing(chaos):
 
 
 def sidecar_pids(mesh) -> list[int]:
-    """Every sidecar of the mesh, the ingress included (`python -m proxy` children of the agent)."""
+    """Every sidecar of the mesh, the ingress included (`python -m meshctl.proxy` children of the agent)."""
     agent = psutil.Process(mesh.agent_pid())
-    return [p.pid for p in agent.children(recursive=True) if p.cmdline()[1:3] == ["-m", "proxy"]]
+    return [p.pid for p in agent.children(recursive=True) if p.cmdline()[1:3] == ["-m", "meshctl.proxy"]]
 
 
 OPERATIONS = """

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import select
 import signal
 import socket
@@ -27,7 +28,7 @@ from typing import Any
 import pytest
 
 from meshctl import render
-from meshctl.cli import absolutize_workdir
+from meshctl.cli import workdir_here
 from meshctl.client import AgentStartError, connect, ensure_agent
 from meshctl.paths import prepare_home, resolve_home, unsafe_reason
 
@@ -410,7 +411,7 @@ def scripted_status(states: list[dict[str, str]]) -> Reply:
 
 
 def test_up_applies_and_waits_until_every_instance_is_ready(home: Path, tmp_path: Path, fake_agent) -> None:
-    pytest.importorskip("agent.manifest")
+    pytest.importorskip("meshctl.agent.manifest")
     manifest = write(tmp_path / "mesh.yaml", GOOD_MANIFEST)
     agent = fake_agent({
         "apply": lambda req, agent, conn: [ok({"mesh": "shopfast", "changed": [], "stopped": [],
@@ -431,7 +432,7 @@ def test_up_applies_and_waits_until_every_instance_is_ready(home: Path, tmp_path
 
 
 def test_up_names_the_failed_instance_with_its_last_log_lines(home: Path, tmp_path: Path, fake_agent) -> None:
-    pytest.importorskip("agent.manifest")
+    pytest.importorskip("meshctl.agent.manifest")
     manifest = write(tmp_path / "mesh.yaml", GOOD_MANIFEST)
     events = [{"instance": "web@v1#1", "line": f"line {n}", "ts": NOW} for n in range(15)]
     events.insert(3, {"instance": "web@v1#0", "line": "from the healthy sibling", "ts": NOW})
@@ -450,7 +451,7 @@ def test_up_names_the_failed_instance_with_its_last_log_lines(home: Path, tmp_pa
 
 
 def test_up_times_out_naming_instances_not_ready(home: Path, tmp_path: Path, fake_agent) -> None:
-    pytest.importorskip("agent.manifest")
+    pytest.importorskip("meshctl.agent.manifest")
     manifest = write(tmp_path / "mesh.yaml", GOOD_MANIFEST)
     fake_agent({
         "apply": lambda req, agent, conn: [ok({"mesh": "shopfast", "changed": [], "stopped": [], "started": []})],
@@ -465,7 +466,7 @@ def test_up_times_out_naming_instances_not_ready(home: Path, tmp_path: Path, fak
 
 
 def test_up_waits_for_the_ingress_when_the_agent_reports_it(home: Path, tmp_path: Path, fake_agent) -> None:
-    pytest.importorskip("agent.manifest")
+    pytest.importorskip("meshctl.agent.manifest")
     manifest = write(
         tmp_path / "mesh.yaml",
         GOOD_MANIFEST + "ingress:\n  port: 8080\n  routes: [{path: /, service: web}]\n",
@@ -489,7 +490,7 @@ def test_up_waits_for_the_ingress_when_the_agent_reports_it(home: Path, tmp_path
 
 
 def test_up_rejects_an_invalid_manifest_before_starting_anything(home: Path, tmp_path: Path) -> None:
-    pytest.importorskip("agent.manifest")
+    pytest.importorskip("meshctl.agent.manifest")
     manifest = write(tmp_path / "mesh.yaml", TYPO_MANIFEST)
     result = run_cli(home, "up", "-f", str(manifest))
     assert result.returncode == 2
@@ -511,7 +512,7 @@ def test_ensure_agent_reports_an_agent_that_dies_at_start(home: Path) -> None:
 
 
 def test_validate_accepts_a_good_manifest(home: Path, tmp_path: Path) -> None:
-    pytest.importorskip("agent.manifest")
+    pytest.importorskip("meshctl.agent.manifest")
     manifest = write(tmp_path / "mesh.yaml", GOOD_MANIFEST)
     result = run_cli(home, "validate", "-f", str(manifest))
     assert result.returncode == 0, result.stderr
@@ -519,7 +520,7 @@ def test_validate_accepts_a_good_manifest(home: Path, tmp_path: Path) -> None:
 
 
 def test_validate_reports_a_typo_by_file_and_line(home: Path, tmp_path: Path) -> None:
-    pytest.importorskip("agent.manifest")
+    pytest.importorskip("meshctl.agent.manifest")
     manifest = write(tmp_path / "mesh.yaml", TYPO_MANIFEST)
     result = run_cli(home, "validate", "-f", str(manifest))
     assert result.returncode == 2
@@ -546,37 +547,42 @@ def test_unknown_option_is_a_usage_error(home: Path) -> None:
 
 
 @pytest.mark.parametrize("template", ["hello", "shopfast"])
-def test_init_writes_mesh_yaml_and_refuses_to_overwrite(home: Path, tmp_path: Path, template: str) -> None:
-    templates = Path(render.__file__).resolve().parent.parent / "templates"
-    if not (templates / f"{template}.yaml").exists():
-        pytest.skip(f"templates/{template}.yaml not written yet")
+def test_init_writes_mesh_yaml_and_the_demo_and_refuses_to_overwrite(
+    home: Path, tmp_path: Path, template: str
+) -> None:
     project = tmp_path / "project"
     project.mkdir()
     result = run_cli(home, "init", "--template", template, cwd=project)
     assert result.returncode == 0, result.stderr
     written = (project / "mesh.yaml").read_text()
-    assert f"workdir: {templates.parent}" in written
+    assert "\nworkdir: .  " in written or "\nworkdir: .\n" in written
+    # Every command of the template finds its script in the copied demo folder.
+    for script in re.findall(r"python (demo-services/\w+\.py)", written):
+        assert (project / script).is_file(), script
     assert "meshctl up -f mesh.yaml" in result.stdout
 
+    (project / "demo-services" / "hello.py").write_text("# edited\n")
     again = run_cli(home, "init", "--template", template, cwd=project)
     assert again.returncode == 1
     assert "already exists" in again.stderr and "--force" in again.stderr
+    assert (project / "demo-services" / "hello.py").read_text() == "# edited\n"
     assert run_cli(home, "init", "--template", template, "--force", cwd=project).returncode == 0
+    assert (project / "demo-services" / "hello.py").read_text() != "# edited\n"
 
 
 @pytest.mark.parametrize(
     ("template", "expected"),
     [
-        ("mesh: a\nworkdir: ..\n", "mesh: a\nworkdir: /repo\n"),
-        ("workdir: ../demo  # where it runs\n", "workdir: /repo/demo  # where it runs\n"),
-        ("workdir: '..'\n", "workdir: /repo\n"),
+        ("mesh: a\nworkdir: ..\n", "mesh: a\nworkdir: .\n"),
+        ("workdir: ../demo  # where it runs\n", "workdir: .  # where it runs\n"),
+        ("workdir: '..'\n", "workdir: .\n"),
         ("mesh: a\nservices:\n  web:\n    workdir: sub\n",
-         "mesh: a\nservices:\n  web:\n    workdir: sub\nworkdir: /repo/templates\n"),
+         "mesh: a\nservices:\n  web:\n    workdir: sub\nworkdir: .\n"),
     ],
     ids=["dotdot", "comment-kept", "quoted", "service-workdir-untouched"],
 )
-def test_absolutize_workdir(template: str, expected: str) -> None:
-    assert absolutize_workdir(template, Path("/repo/templates")) == expected
+def test_workdir_here(template: str, expected: str) -> None:
+    assert workdir_here(template) == expected
 
 
 # --- state directory ----------------------------------------------------------------------
@@ -637,7 +643,7 @@ def test_prepare_home_creates_a_private_directory(tmp_path: Path) -> None:
 
 
 def test_local_commands_leave_the_state_directory_alone(tmp_path: Path) -> None:
-    pytest.importorskip("agent.manifest")
+    pytest.importorskip("meshctl.agent.manifest")
     fresh = tmp_path / "never-created"
     manifest = write(tmp_path / "mesh.yaml", GOOD_MANIFEST)
     assert run_cli(fresh, "validate", "-f", str(manifest)).returncode == 0

@@ -544,7 +544,7 @@ def start_from_template(launcher: Launcher, template: Path) -> dict[str, Running
 
 @pytest.mark.parametrize("template", ["shopfast.yaml", "hello.yaml"])
 def test_templates_are_valid_manifests(template: str) -> None:
-    from agent.manifest import load_manifest
+    from meshctl.agent.manifest import load_manifest
 
     manifest = load_manifest(TEMPLATES / template)
 

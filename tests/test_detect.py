@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.detect import DECIDE_WITHIN, DETECT_TIMEOUT_S, H2_PREFACE, Kind, classify, on_timeout
+from meshctl.proxy.detect import DECIDE_WITHIN, DETECT_TIMEOUT_S, H2_PREFACE, Kind, classify, on_timeout
 
 CLIENT_HELLO_START = bytes([0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xFC, 0x03, 0x03])
 

@@ -22,7 +22,7 @@ import yaml
 from cloudcoil.models.istio.networking.v1 import DestinationRule, VirtualService
 from cloudcoil.models.istio.security.v1 import AuthorizationPolicy, PeerAuthentication
 
-from agent.manifest import parse_manifest
+from meshctl.agent.manifest import parse_manifest
 from meshctl.export import ExportInput, MissingImages, export_objects
 from meshctl.export.context import ROUTE_MAX_MATCHES, ROUTE_MAX_RULES, LiveRouting, live_routing
 from meshctl.export.gateway import GATEWAY_DURATION, gateway_duration

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.h2conn import (
+from meshctl.proxy.h2conn import (
     GRPC_RETRIABLE,
     STREAM_WINDOW,
     Data,
@@ -22,7 +22,7 @@ from proxy.h2conn import (
     is_grpc,
     strip_connection_specific,
 )
-from proxy.h2proxy import H2Proxy
+from meshctl.proxy.h2proxy import H2Proxy
 
 DEADLINE_S = 10.0
 

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.errors import ProtocolError
-from proxy.http1 import CLOSED, END, NEED_DATA, PAUSED, Data, Head, Parser, rebuild_head
+from meshctl.proxy.errors import ProtocolError
+from meshctl.proxy.http1 import CLOSED, END, NEED_DATA, PAUSED, Data, Head, Parser, rebuild_head
 
 
 def events(data: bytes, is_request: bool = True, eof: bool = False, **limits) -> list:

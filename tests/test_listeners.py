@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.errors import MeshError
-from proxy.http1 import Parser
-from proxy.listeners import resolve
-from proxy.snapshot import compile_snapshot
+from meshctl.proxy.errors import MeshError
+from meshctl.proxy.http1 import Parser
+from meshctl.proxy.listeners import resolve
+from meshctl.proxy.snapshot import compile_snapshot
 
 SERVICE = {
     "endpoints": [{"id": "web@v1#0", "version": "v1", "address": ["127.0.0.1", 9]}],

@@ -11,12 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-from agent.durations import DurationError, format_duration, parse_duration
-from agent.errors import AgentError, ManifestError, Problem
-from agent.manifest import load_manifest, parse_manifest
-from agent.model import Health, Ingress, IngressRoute, Manifest, RestartPolicy, Security, ServiceSpec, VersionSpec
-from agent.schema import manifest_json_schema
-from agent.yamllines import YamlReader
+from meshctl.agent.durations import DurationError, format_duration, parse_duration
+from meshctl.agent.errors import AgentError, ManifestError, Problem
+from meshctl.agent.manifest import load_manifest, parse_manifest
+from meshctl.agent.model import Health, Ingress, IngressRoute, Manifest, RestartPolicy, Security, ServiceSpec, VersionSpec
+from meshctl.agent.schema import manifest_json_schema
+from meshctl.agent.yamllines import YamlReader
 
 REPO = Path(__file__).resolve().parent.parent
 NAME_HINT = "use lower-case letters, digits and '-', starting and ending with a letter or digit"
@@ -712,7 +712,7 @@ def test_merge_keys_and_anchors() -> None:
 
 def test_sidecar_router_accepts_the_normalised_traffic(full: Manifest) -> None:
     """The agent's output is the sidecar's input: compile it with the real router."""
-    routing = pytest.importorskip("proxy.routing")
+    routing = pytest.importorskip("meshctl.proxy.routing")
     for service in full.services:
         routing.Router(service.name, service.traffic)
 

@@ -80,7 +80,7 @@ def test_agent_refuses_a_world_writable_state_directory(tmp_path):
     home.mkdir()
     os.chmod(home, 0o777)
     result = subprocess.run(
-        [sys.executable, "-m", "agent", "--home", str(home)], capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "meshctl.agent", "--home", str(home)], capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 1
     assert "writable by others" in result.stderr and "chmod 700" in result.stderr

@@ -7,7 +7,7 @@ import json
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.metrics import LATENCY_BUCKETS, Metrics, RouteTable, path_template
+from meshctl.proxy.metrics import LATENCY_BUCKETS, Metrics, RouteTable, path_template
 
 
 def _samples(text: str) -> dict[str, list]:

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from agent.ca import spiffe_id
+from meshctl.agent.ca import spiffe_id
 from tests.proxy_harness import Sidecar, Upstream, service, wait_for
 from tests.tlspeers import (
     TRUST_DOMAIN,

@@ -14,11 +14,11 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.control_obs import edges_from
-from agent.observability import merge_expositions, metrics_from_snapshot
-from proxy.admin import answer
-from proxy.metrics import Metrics
-from proxy.observe import TapFilter, service_of_identity
+from meshctl.agent.control_obs import edges_from
+from meshctl.agent.observability import merge_expositions, metrics_from_snapshot
+from meshctl.proxy.admin import answer
+from meshctl.proxy.metrics import Metrics
+from meshctl.proxy.observe import TapFilter, service_of_identity
 from tests.meshharness import REPO, free_port, http_get, wait_for
 
 MESH = """

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from proxy.http1 import Parser
-from proxy.observe import Observer, rebuild_traced_head
-from proxy.tracing import Sampler
+from meshctl.proxy.http1 import Parser
+from meshctl.proxy.observe import Observer, rebuild_traced_head
+from meshctl.proxy.tracing import Sampler
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 SPAN = "b7ad6b7169203331"

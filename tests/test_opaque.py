@@ -10,7 +10,7 @@ import socket
 
 import pytest
 
-from proxy.opaque import MAX_EARLY_BYTES, WRITE_HIGH_WATER, Relay
+from meshctl.proxy.opaque import MAX_EARLY_BYTES, WRITE_HIGH_WATER, Relay
 
 DEADLINE_S = 10.0
 

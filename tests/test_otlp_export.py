@@ -16,11 +16,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from agent.errors import ManifestError
-from agent.manifest import parse_manifest
-from agent.model import OtlpExport
-from agent.otlp_export import ErrorLimiter, OtlpExporter, SpanBatcher, describe_error, public_endpoint
-from agent.traces import SpanRecord
+from meshctl.agent.errors import ManifestError
+from meshctl.agent.manifest import parse_manifest
+from meshctl.agent.model import OtlpExport
+from meshctl.agent.otlp_export import ErrorLimiter, OtlpExporter, SpanBatcher, describe_error, public_endpoint
+from meshctl.agent.traces import SpanRecord
 from tests.meshharness import free_port, http_get, wait_for
 from tests.test_observability import MESH as OBSERVED_MESH
 

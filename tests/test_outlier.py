@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.balance import Endpoint
-from proxy.limits import CircuitLimits, LimitsConfigError
-from proxy.outlier import OutlierConfigError, OutlierDetector
+from meshctl.proxy.balance import Endpoint
+from meshctl.proxy.limits import CircuitLimits, LimitsConfigError
+from meshctl.proxy.outlier import OutlierConfigError, OutlierDetector
 
 T0 = 1000.0
 

@@ -8,10 +8,10 @@ import stat
 
 import pytest
 
-from agent import overrides as ovr
-from agent.control import REDACTED, redact
-from agent.model import Manifest, ServiceSpec, VersionSpec
-from agent.promote import Action, Promotion, Thresholds, decide, split_for
+from meshctl.agent import overrides as ovr
+from meshctl.agent.control import REDACTED, redact
+from meshctl.agent.model import Manifest, ServiceSpec, VersionSpec
+from meshctl.agent.promote import Action, Promotion, Thresholds, decide, split_for
 
 ROUTE = {"match": {"path": {"kind": "prefix", "value": "/beta"}, "methods": None, "headers": [], "query": []},
          "split": {"v2": 100}, "timeout": None, "retries": None, "fault": None, "mirror": None}

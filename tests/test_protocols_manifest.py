@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.compile import Endpoint, SidecarIdentity, SidecarListeners, compile_sidecar
-from agent.manifest import ManifestError, parse_manifest
+from meshctl.agent.compile import Endpoint, SidecarIdentity, SidecarListeners, compile_sidecar
+from meshctl.agent.manifest import ManifestError, parse_manifest
 
 BASE = """
 mesh: shop

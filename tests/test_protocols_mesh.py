@@ -22,7 +22,7 @@ import h2.connection
 import h2.events
 import pytest
 
-from agent.ca import spiffe_id
+from meshctl.agent.ca import spiffe_id
 from tests.proxy_harness import Sidecar, Upstream, service, wait_for
 from tests.tlspeers import TRUST_DOMAIN, tls_block
 

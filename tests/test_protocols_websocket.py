@@ -17,7 +17,7 @@ import threading
 
 import pytest
 
-from proxy.upgrade import websocket_accept
+from meshctl.proxy.upgrade import websocket_accept
 from tests.test_protocols_mesh import DEADLINE_S, mesh_pair, recv_exactly
 from tests.test_upgrade import OP_CLOSE, OP_TEXT, encode_frame, websocket_echo
 

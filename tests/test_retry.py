@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from proxy.retry import MAX_REPLAY_BODY_BYTES, RetryBudget, RetryConfigError, RetryPolicy
+from meshctl.proxy.retry import MAX_REPLAY_BODY_BYTES, RetryBudget, RetryConfigError, RetryPolicy
 
 
 def policy(**cfg) -> RetryPolicy:

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.retry import RetryPolicy
-from proxy.routing import DEFAULT_TIMEOUT, RouteAction, Router, RouterError
+from meshctl.proxy.retry import RetryPolicy
+from meshctl.proxy.routing import DEFAULT_TIMEOUT, RouteAction, Router, RouterError
 
 VERSIONS = ["v1", "v2", "v3"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent.daemon import StateFiles, agent_home, lost_state
+from meshctl.agent.daemon import StateFiles, agent_home, lost_state
 from tests.meshharness import alive, free_port, http_get, wait_for
 
 HOME = Path("/state/mesh")
@@ -61,11 +61,11 @@ def test_lost_state(now, reason):
 @pytest.mark.parametrize(
     ("argv", "home"),
     [
-        (["/usr/bin/python3", "-m", "agent", "--home", "/state/mesh"], "/state/mesh"),
-        (["python", "-m", "agent", "--home", "rel/dir"], "rel/dir"),
-        (["python", "-m", "agent", "--home"], None),
-        (["python", "-m", "agent"], None),
-        (["python", "-m", "proxy", "--home", "/state/mesh"], None),
+        (["/usr/bin/python3", "-m", "meshctl.agent", "--home", "/state/mesh"], "/state/mesh"),
+        (["python", "-m", "meshctl.agent", "--home", "rel/dir"], "rel/dir"),
+        (["python", "-m", "meshctl.agent", "--home"], None),
+        (["python", "-m", "meshctl.agent"], None),
+        (["python", "-m", "meshctl.proxy", "--home", "/state/mesh"], None),
         (["python", "/somewhere/agent", "--home", "/state/mesh"], None),
         ([], None),
     ],

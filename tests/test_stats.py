@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from agent.stats import STAT_JSON_KEYS, SnapshotRing, add_process_usage, quantile, request_deltas, route_stats, service_stats
-from proxy.metrics import LATENCY_BUCKETS, Metrics
+from meshctl.agent.stats import STAT_JSON_KEYS, SnapshotRing, add_process_usage, quantile, request_deltas, route_stats, service_stats
+from meshctl.proxy.metrics import LATENCY_BUCKETS, Metrics
 
 
 class Clock:

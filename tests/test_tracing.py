@@ -7,8 +7,8 @@ import json
 import pytest
 from rich.console import Console
 
-from agent.traces import SpanRecord, TraceStore, build_tree, otlp_payload, render_waterfall
-from proxy.tracing import (
+from meshctl.agent.traces import SpanRecord, TraceStore, build_tree, otlp_payload, render_waterfall
+from meshctl.proxy.tracing import (
     B3_MULTI,
     B3_SINGLE,
     W3C,

@@ -12,8 +12,8 @@ import struct
 
 import pytest
 
-from proxy.http1 import END, NEED_DATA, Head, Parser
-from proxy.upgrade import UpgradeError, check_switch, forward_request_head, requested_upgrade, switch_to_relay, websocket_accept
+from meshctl.proxy.http1 import END, NEED_DATA, Head, Parser
+from meshctl.proxy.upgrade import UpgradeError, check_switch, forward_request_head, requested_upgrade, switch_to_relay, websocket_accept
 
 DEADLINE_S = 10.0
 

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent.ca import CertificateAuthority, spiffe_id
+from meshctl.agent.ca import CertificateAuthority, spiffe_id
 
 TRUST_DOMAIN = "t.local"
 

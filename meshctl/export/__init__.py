@@ -19,7 +19,7 @@ ready for `yaml.safe_dump`. Parts:
 
 from __future__ import annotations
 
-from agent.model import Manifest
+from meshctl.agent.model import Manifest
 from meshctl.export import gateway, istio, linkerd, workloads
 from meshctl.export.context import ExportError, ExportInput, MissingImages, Notes, check_images
 

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.model import Manifest, ServiceSpec
+from meshctl.agent.model import Manifest, ServiceSpec
 
 APP_PORT = 8080  # every container listens here; PORT=8080 in its environment
 SERVICE_PORT = 80  # every Service exposes this port, named "http"

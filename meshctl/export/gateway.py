@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 
-from agent.model import Manifest, ServiceSpec
+from meshctl.agent.model import Manifest, ServiceSpec
 from meshctl.export import linkerd
 from meshctl.export.context import (
     SERVICE_PORT,

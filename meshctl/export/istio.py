@@ -10,7 +10,7 @@ ALLOW policy per service with allow rules (an empty one admits nobody), and, wit
 
 from __future__ import annotations
 
-from agent.model import Manifest, ServiceSpec
+from meshctl.agent.model import Manifest, ServiceSpec
 from meshctl.export.context import (
     SERVICE_PORT,
     ExportInput,

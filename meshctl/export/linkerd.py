@@ -15,7 +15,7 @@ allow-only, so deny rules are reported as not translated.
 
 from __future__ import annotations
 
-from agent.model import Manifest, ServiceSpec
+from meshctl.agent.model import Manifest, ServiceSpec
 from meshctl.export.context import (
     PORT_NAME,
     ExportInput,

@@ -9,7 +9,7 @@ Linkerd, per-version Services (`cart-v1`) give HTTPRoute backendRefs something t
 
 from __future__ import annotations
 
-from agent.model import DEFAULT_STOP_GRACE_S, Manifest, RestartPolicy, ServiceSpec, VersionSpec
+from meshctl.agent.model import DEFAULT_STOP_GRACE_S, Manifest, RestartPolicy, ServiceSpec, VersionSpec
 from meshctl.export import linkerd
 from meshctl.export.context import (
     APP_PORT,

@@ -1,5 +1,0 @@
-import sys
-
-from agent.daemon import main
-
-sys.exit(main())

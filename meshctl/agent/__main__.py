@@ -1,0 +1,5 @@
+import sys
+
+from meshctl.agent.daemon import main
+
+sys.exit(main())

@@ -1,0 +1,453 @@
+"""One instance (an app and its sidecar) and the ingress, each with the task that runs it.
+
+An `Instance` owns its listening sockets (so ports survive restarts), its app process and
+its sidecar, and one runner task: start the sidecar, then the app, probe until ready,
+restart with backoff after a crash, restart the sidecar alone if only it died. The
+supervisor decides which instances exist; an instance decides nothing about the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import time
+from typing import TYPE_CHECKING
+
+from meshctl.agent import process
+from meshctl.agent.compile import (
+    DRAIN_TIMEOUT_S,
+    INGRESS_ID,
+    SidecarIdentity,
+    SidecarListeners,
+    mtls_mode,
+)
+from meshctl.agent.errors import ApplyError
+from meshctl.agent.lifecycle import State, decide_after_exit, describe_exit, transition
+from meshctl.agent.plan import InstanceSpec, env_name
+from meshctl.agent.probe import ProbeFailed, probe
+from meshctl.agent.sidecar import SidecarError, SidecarHandle
+
+if TYPE_CHECKING:
+    from meshctl.agent.supervisor import Supervisor
+
+log = logging.getLogger("agent.supervisor")
+
+SIDECAR_RESTART_DELAY_S = 0.2
+SIDECAR_STABLE_S = 10.0  # a sidecar restart sooner than this after the last one is a crash loop
+
+
+def owner_key(owner: Instance | Ingress) -> str:
+    """Whose leaf: each generation of an instance has its own; the ingress has one."""
+    return getattr(owner, "endpoint_id", INGRESS_ID)
+
+
+def expand_vars(arg: str, env: dict[str, str]) -> str:
+    """$NAME and ${NAME} from the instance's environment, as process-compose does."""
+    return re.sub(
+        r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))",
+        lambda m: env.get(m.group(1) or m.group(2), m.group(0)),
+        arg,
+    )
+
+
+def resolve_command(argv: tuple[str, ...], cwd: str, path: str) -> str | None:
+    """Where argv[0] is, or None: a missing binary is named before anything starts."""
+    exe = argv[0]
+    if "/" in exe:
+        full = exe if os.path.isabs(exe) else os.path.join(cwd, exe)
+        return full if os.access(full, os.X_OK) else None
+    return shutil.which(exe, path=path)
+
+
+def load_user_tls(cert_path: str, key_path: str | None) -> dict[str, str]:
+    """The user's ingress certificate, checked by loading it the way the sidecar will."""
+    with open(cert_path) as fh:
+        cert_pem = fh.read()
+    with open(key_path or "") as fh:
+        key_pem = fh.read()
+    ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert_path, key_path)
+    return {"cert_pem": cert_pem, "key_pem": key_pem}
+
+
+def listening_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(False)  # passed explicitly with pass_fds, never leaked to apps
+    return sock
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    """Whether an app could listen on 127.0.0.1:`port` now (binding as servers do, SO_REUSEADDR)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class Instance:
+    """One app process plus its sidecar, and the runner task that keeps them going."""
+
+    def __init__(self, sup: Supervisor, spec: InstanceSpec, generation: int = 0) -> None:
+        self.sup = sup
+        self.spec = spec
+        self.id = spec.id
+        # A replacement runs beside the instance it replaces, so callers tell them apart
+        # by the generation in the endpoint id.
+        self.generation = generation
+        self.endpoint_id = self.id if generation == 0 else f"{self.id}~{generation}"
+        self.in_rotation = True  # False while it drains before a stop
+        self.state = State.STOPPED
+        self.message: str | None = None
+        self.app: asyncio.subprocess.Process | None = None
+        self.app_port = free_port()
+        self.inbound = listening_socket()
+        self.outbound = {u: listening_socket() for u in spec.upstreams}
+        self.forward = listening_socket() if spec.http_proxy else None
+        self.admin = listening_socket()
+        self.restarts = 0
+        self.quick_crashes = 0
+        self.started_at: float | None = None
+        self.last_exit: str | None = None
+        self.passed_gate = False
+        self.last_sidecar_restart = -SIDECAR_STABLE_S
+        self._stop = asyncio.Event()
+        self.task: asyncio.Task | None = None
+        self.sidecar = SidecarHandle(
+            f"{self.id}.sidecar", None, self._fds(), sup.logbook, sup.sentinel, sup.base_env(), sup.home
+        )
+        self.sidecar.on_message = sup.sidecar_message
+
+    def _fds(self) -> tuple[int, ...]:
+        fds = [self.inbound.fileno(), self.admin.fileno(), *(s.fileno() for s in self.outbound.values())]
+        if self.forward is not None:
+            fds.append(self.forward.fileno())
+        return tuple(fds)
+
+    @property
+    def inbound_port(self) -> int:
+        return self.inbound.getsockname()[1]
+
+    def listeners(self) -> SidecarListeners:
+        return SidecarListeners(
+            inbound_fd=self.inbound.fileno(),
+            app_port=self.app_port,
+            outbound_fds=tuple((u, s.fileno()) for u, s in self.outbound.items()),
+            forward_fd=self.forward.fileno() if self.forward is not None else None,
+            admin_fd=self.admin.fileno(),
+        )
+
+    def identity(self) -> SidecarIdentity:
+        return SidecarIdentity(self.id, self.spec.service, self.spec.version.name, self.spec.upstreams)
+
+    def set_state(self, new: State, message: str | None = None) -> None:
+        old = self.state
+        self.state = transition(self.state, new)
+        self.message = message
+        if old is not new:
+            log.info("%s: %s -> %s%s", self.id, old.value, new.value, f" ({message})" if message else "")
+            self.sup.state_changed()
+
+    def app_env(self) -> dict[str, str]:
+        env = self.sup.base_env()
+        env.update(self.spec.version.env)
+        env.update(
+            PORT=str(self.app_port),
+            MESH_NAME=self.sup.manifest.mesh if self.sup.manifest else "",
+            MESH_SERVICE=self.spec.service,
+            MESH_VERSION=self.spec.version.name,
+            MESH_REPLICA=str(self.spec.replica),
+            MESH_INSTANCE=self.id,
+        )
+        for upstream, sock in self.outbound.items():
+            env[f"{env_name(upstream)}_URL"] = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        if self.forward is not None:
+            proxy = f"http://127.0.0.1:{self.forward.getsockname()[1]}"
+            env.update(HTTP_PROXY=proxy, http_proxy=proxy, NO_PROXY="", no_proxy="")
+        return env
+
+    def argv(self, env: dict[str, str]) -> list[str]:
+        return [expand_vars(arg, env) for arg in self.spec.version.command]
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id,
+            "service": self.spec.service,
+            "version": self.spec.version.name,
+            "replica": self.spec.replica,
+            "state": "stopped" if self.state is State.STOPPING else self.state.value,
+            "pid": self.app.pid if self.app is not None and self.app.returncode is None else None,
+            "sidecar_pid": self.sidecar.pid,
+            "port": self.app_port,
+            "inbound_port": self.inbound_port,
+            "outbound_ports": {u: s.getsockname()[1] for u, s in self.outbound.items()},
+            "admin_port": self.admin.getsockname()[1],
+            "restarts": self.restarts,
+            "started_at": self.started_at,
+            "last_exit": self.last_exit,
+            "message": self.message,
+            "config_version": self.sidecar.acked_version,
+            "mtls": self._mtls_mode(),
+            "generation": self.generation,
+        }
+
+    def _mtls_mode(self) -> str | None:
+        """How callers reach this instance: strict, permissive or off (None if no longer in the manifest)."""
+        manifest = self.sup.manifest
+        if manifest is None:
+            return None
+        try:
+            return mtls_mode(manifest, manifest.service(self.spec.service))
+        except KeyError:
+            return None
+
+    # -- the runner -------------------------------------------------------------------
+
+    def launch(self) -> None:
+        self.set_state(State.STARTING, "waiting for upstreams" if self.spec.upstreams else None)
+        self.task = asyncio.create_task(self._run(), name=f"instance:{self.id}")
+
+    async def _run(self) -> None:
+        try:
+            await self._gate()
+            while not self._stop.is_set():
+                outcome = await self._run_once()
+                if outcome == "stop":
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug here must not take the agent down with it
+            log.error("%s: runner failed", self.id, exc_info=True)
+            self.set_state(State.FAILED, f"internal error: {exc}")
+
+    async def _gate(self) -> None:
+        """Dependency order: start once every instance of every upstream is ready."""
+        if self.passed_gate:
+            return
+        while not self._stop.is_set():
+            waiting = self.sup.unready_upstreams(self.spec.upstreams)
+            if not waiting:
+                break
+            self.message = "waiting for " + ", ".join(waiting)
+            await self.sup.wait_state_change()
+        self.passed_gate = True
+
+    async def _run_once(self) -> str:
+        self.set_state(State.STARTING)
+        # The app binds $PORT itself, so the port is only reserved while the app holds it:
+        # between a crash and the restart (or before the first start) any process, even a
+        # client's ephemeral source port, can take it, and every restart would then fail
+        # the same way. The sidecar's listeners are fixed for its life, so a running one is
+        # restarted with the new app address (the agent holds its listening sockets, and
+        # with the app down it has nothing in flight worth draining).
+        if not port_is_free(self.app_port):
+            old, self.app_port = self.app_port, free_port()
+            log.warning("%s: port %d is taken by another process; the app gets port %d", self.id, old, self.app_port)
+            if self.sidecar.running:
+                await self.sidecar.stop(grace_s=1.0)
+        try:
+            if not self.sidecar.running:
+                await self.sup.start_sidecar(self.sidecar, self)
+        except SidecarError as exc:
+            return await self._crashed(None, 0.0, f"sidecar: {exc}")
+        env = self.app_env()
+        started = time.monotonic()
+        try:
+            self.app = await process.spawn(
+                self.argv(env), cwd=self.spec.version.workdir, env=env, log_fd=None, sentinel=self.sup.sentinel
+            )
+        except OSError as exc:
+            self.set_state(State.FAILED, f"cannot start {self.spec.version.command[0]!r}: {exc.strerror or exc}")
+            await self._stop.wait()
+            return "stop"
+        self.started_at = time.time()
+        assert self.app.stdout is not None
+        pump = asyncio.create_task(self.sup.logbook.pump(self.app.stdout, self.id, self.id), name=f"log:{self.id}")
+        app_exit = asyncio.create_task(self.app.wait(), name=f"wait:{self.id}")
+        stop = asyncio.create_task(self._stop.wait(), name=f"stop:{self.id}")
+        try:
+            ready = await self._probe_until_ready(app_exit, stop)
+            if ready:
+                self.set_state(State.READY)
+            while True:
+                sidecar_exit = asyncio.create_task(self.sidecar.wait(), name=f"sidecar-wait:{self.id}")
+                done, _ = await asyncio.wait({app_exit, stop, sidecar_exit}, return_when=asyncio.FIRST_COMPLETED)
+                if sidecar_exit in done and not stop.done() and not app_exit.done():
+                    await self._restart_sidecar(sidecar_exit.result())
+                    continue
+                sidecar_exit.cancel()
+                break
+        finally:
+            stop.cancel()
+        if self._stop.is_set():
+            app_exit.cancel()
+            await asyncio.gather(app_exit, return_exceptions=True)
+            return "stop"
+        code = app_exit.result()
+        await asyncio.wait({pump}, timeout=1.0)
+        # Whatever the app left behind in its group goes with it before the next start.
+        process.signal_group(self.app.pid, signal.SIGKILL)
+        self.sup.sentinel_unregister(self.app.pid)
+        return await self._crashed(code, time.monotonic() - started, describe_exit(code))
+
+    async def _probe_until_ready(self, app_exit: asyncio.Task, stop: asyncio.Task) -> bool:
+        health = self.spec.version.health
+        last_error = "not probed yet"
+        while not app_exit.done() and not stop.done():
+            try:
+                await probe(self.app_port, health)
+                return True
+            except ProbeFailed as exc:
+                last_error = str(exc)
+                self.message = f"not ready: {last_error}"
+            await asyncio.wait({app_exit, stop}, timeout=health.period_s)
+        return False
+
+    async def _restart_sidecar(self, code: int) -> None:
+        """Only the sidecar died: the app keeps running and callers keep this endpoint.
+
+        The agent holds the sidecar's listening sockets, so new connections wait in the
+        kernel's backlog until the new sidecar accepts them; dropping the endpoint instead
+        would turn a half-second restart into a burst of fast 503s for a single replica.
+        """
+        self.restarts += 1
+        now = time.monotonic()
+        crash_loop = now - self.last_sidecar_restart < SIDECAR_STABLE_S
+        self.last_sidecar_restart = now
+        self.message = f"sidecar {describe_exit(code)}; restarting it"
+        log.warning("%s: sidecar %s; restarting it", self.id, describe_exit(code))
+        if crash_loop:  # a sidecar that keeps dying is restarted with a pause, not in a spin
+            try:
+                async with asyncio.timeout(SIDECAR_RESTART_DELAY_S):
+                    await self._stop.wait()
+                return
+            except TimeoutError:
+                pass
+        try:
+            await self.sup.start_sidecar(self.sidecar, self)
+        except SidecarError as exc:
+            # Now it really cannot serve: out of the endpoints until a start succeeds.
+            self.set_state(State.STARTING, f"sidecar: {exc}")
+            return
+        self.message = None
+        if self.state is not State.READY:
+            self.set_state(State.READY)
+
+    async def _crashed(self, code: int | None, ran_for: float, reason: str) -> str:
+        self.last_exit = reason
+        decision = decide_after_exit(self.spec.restart, code, ran_for, self.quick_crashes)
+        self.quick_crashes = decision.quick_crashes
+        self.set_state(decision.state, decision.reason)
+        if decision.state is State.FAILED:
+            await self._stop.wait()
+            return "stop"
+        try:
+            await asyncio.wait_for(self._stop.wait(), decision.delay_s)
+            return "stop"
+        except asyncio.TimeoutError:
+            self.restarts += 1
+            return "again"
+
+    async def stop(self, drain_inbound: bool = False) -> None:
+        """Stop the app, then its sidecar (so in-flight calls drain), then close the ports.
+
+        `drain_inbound` is for an instance no caller routes to any more: its sidecar goes
+        first, finishing the requests it still has in flight to the app, then the app.
+        """
+        self._stop.set()
+        if self.state is not State.STOPPED:
+            self.set_state(State.STOPPING)
+        if self.task is not None:
+            await asyncio.gather(self.task, return_exceptions=True)
+        if drain_inbound:
+            await self.sidecar.stop(DRAIN_TIMEOUT_S + 1.0)
+        if self.app is not None:
+            await process.stop_process(self.app, self.spec.stop_grace_s, self.sup.sentinel)
+        await self.sidecar.stop(DRAIN_TIMEOUT_S + 1.0)
+        for sock in (self.inbound, self.admin, *self.outbound.values(), *([self.forward] if self.forward else [])):
+            sock.close()
+        self.set_state(State.STOPPED)
+
+
+class Ingress:
+    """The ingress: a sidecar with no app, listening where the manifest says."""
+
+    def __init__(self, sup: Supervisor, host: str, port: int) -> None:
+        self.sup = sup
+        try:
+            self.sock = listening_socket(host, port)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ApplyError(
+                    f"ingress.port {port}: address {host}:{port} is already in use; "
+                    "stop what uses it or choose another port in the manifest"
+                ) from None
+            raise ApplyError(f"ingress: cannot listen on {host}:{port}: {exc.strerror}") from None
+        self.host = host
+        self.port = self.sock.getsockname()[1]
+        self.admin = listening_socket()
+        self.sidecar = SidecarHandle(
+            "ingress.sidecar", None, (self.sock.fileno(), self.admin.fileno()), sup.logbook, sup.sentinel, sup.base_env(), sup.home
+        )
+        self.sidecar.on_message = sup.sidecar_message
+        self.user_tls: dict[str, str] | None = None  # the user's certificate for outside clients
+        self.ready = False
+        self.task: asyncio.Task | None = None
+
+    def listeners(self) -> SidecarListeners:
+        return SidecarListeners(ingress_fd=self.sock.fileno(), admin_fd=self.admin.fileno())
+
+    def identity(self) -> SidecarIdentity:
+        return SidecarIdentity(INGRESS_ID, None, None)
+
+    def launch(self) -> None:
+        self.task = asyncio.create_task(self._run(), name="ingress")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.sup.start_sidecar(self.sidecar, self)
+            except SidecarError as exc:
+                log.error("ingress: %s", exc)
+            else:
+                self.ready = True
+                self.sup.state_changed()
+                code = await self.sidecar.wait()
+                log.warning("ingress sidecar %s; restarting it", describe_exit(code))
+            self.ready = False
+            self.sup.state_changed()
+            await asyncio.sleep(SIDECAR_RESTART_DELAY_S)  # a restart delay, not synchronisation
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        await self.sidecar.stop(DRAIN_TIMEOUT_S + 1.0)
+        self.sock.close()
+        self.admin.close()
+        self.ready = False
+
+    def to_json(self) -> dict:
+        return {"host": self.host, "port": self.port, "ready": self.ready, "sidecar_pid": self.sidecar.pid,
+                "admin_port": self.admin.getsockname()[1]}

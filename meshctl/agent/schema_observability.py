@@ -1,0 +1,124 @@
+"""The manifest keys for access logs, tracing and metrics (docs/observability.md).
+
+Top level:
+
+    observability:
+      access_log: errors         # off | on | errors: JSON access lines for `meshctl logs --access` [off]
+      tracing:
+        sampling: 0.1            # share of traces started at the ingress that are kept [0.01]
+        otlp:                    # also export every recorded span to a collector [none]
+          endpoint: http://127.0.0.1:4318/v1/traces   # OTLP/HTTP JSON, http:// or https://
+          headers: {authorization: "Bearer ..."}       # sent with every export; never logged
+          timeout: 2s            # per export request [2s]
+      metrics: false             # sidecars record no request metrics at all [true]
+
+Tracing is always on (headers propagated, caller's sampling decision honoured); `sampling`
+only decides for traces that start at this mesh's ingress. `sampling: 0` records nothing
+of its own. `metrics: false` turns per-request recording off in every sidecar (the
+benchmark's metrics-off figures); `meshctl stat`/`top`/`metrics` then show no traffic.
+`tracing.otlp` makes the agent post every span it receives, batched, to an OpenTelemetry
+collector (meshctl/agent/otlp_export.py); spans are dropped, and counted, when it cannot keep up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from meshctl.agent.durations import DURATION_PATTERN, parse_duration
+from meshctl.agent.model import OtlpExport
+
+ACCESS_LOG_MODES = ("off", "on", "errors")
+DEFAULT_SAMPLING = 0.01
+DEFAULT_OTLP_TIMEOUT_S = 2.0
+OTLP_ENDPOINT_PATTERN = r"^https?://[^/?#\s]+(/\S*)?$"
+# The same pattern as agent.schema's HEADER_NAME_PATTERN, so that it gets the same message.
+_HEADER_NAME_PATTERN = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
+_OTLP_PATH = ("observability", "tracing", "otlp")
+
+_OTLP: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["endpoint"],
+    "description": "Export every recorded span to an OpenTelemetry collector (OTLP/HTTP JSON) [none].",
+    "properties": {
+        "endpoint": {
+            "type": "string",
+            "pattern": OTLP_ENDPOINT_PATTERN,
+            "description": "The collector's traces URL, http:// or https://, e.g. http://127.0.0.1:4318/v1/traces.",
+        },
+        "headers": {
+            "type": "object",
+            "propertyNames": {"pattern": _HEADER_NAME_PATTERN},
+            "additionalProperties": {"type": "string", "description": "The header's value."},
+            "description": "Headers sent with every export, e.g. an API key; never logged or shown [none].",
+        },
+        "timeout": {
+            "type": ["number", "string"],
+            "minimum": 0,
+            "pattern": DURATION_PATTERN,
+            "description": "Time allowed for one export request [2s].",
+        },
+    },
+}
+
+MANIFEST_PROPERTIES: dict[str, Any] = {
+    "observability": {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "Access logs, trace sampling and metrics.",
+        "properties": {
+            "metrics": {"type": "boolean", "description": "Record request metrics in the sidecars [true]."},
+            "access_log": {"enum": list(ACCESS_LOG_MODES), "description": "off, on (every request) or errors (5xx and mesh errors) [off]."},
+            "tracing": {
+                "type": "object",
+                "description": "Trace sampling for traces that start at the ingress.",
+                "additionalProperties": False,
+                "properties": {
+                    "sampling": {"type": "number", "minimum": 0, "maximum": 1, "description": "Share of new traces kept, 0..1 [0.01]."},
+                    "otlp": _OTLP,
+                },
+            },
+        },
+    },
+}
+
+
+def observability_settings(document: dict[str, Any]) -> tuple[str, float]:
+    """(access_log mode, sampling rate) of a validated manifest document."""
+    raw = document.get("observability") or {}
+    tracing = raw.get("tracing") or {}
+    return raw.get("access_log", "off"), float(tracing.get("sampling", DEFAULT_SAMPLING))
+
+
+def metrics_enabled(document: dict[str, Any]) -> bool:
+    """Whether the sidecars record request metrics (`observability: {metrics: false}` turns it off)."""
+    return (document.get("observability") or {}).get("metrics", True) is not False
+
+
+def otlp_export(document: dict[str, Any]) -> OtlpExport | None:
+    """Where a validated manifest document exports spans to, or None."""
+    raw = ((document.get("observability") or {}).get("tracing") or {}).get("otlp")
+    if raw is None:
+        return None
+    timeout = parse_duration(raw["timeout"]) if "timeout" in raw else DEFAULT_OTLP_TIMEOUT_S
+    return OtlpExport(endpoint=raw["endpoint"], headers=tuple(sorted((raw.get("headers") or {}).items())), timeout_s=timeout)
+
+
+def otlp_problems(document: dict[str, Any]) -> Iterator[tuple[tuple, str]]:
+    """What the schema cannot say: a zero timeout, a line break in a header value (never echoed)."""
+    observability = document.get("observability")
+    tracing = observability.get("tracing") if isinstance(observability, dict) else None
+    raw = tracing.get("otlp") if isinstance(tracing, dict) else None
+    if not isinstance(raw, dict):
+        return
+    timeout = raw.get("timeout")
+    try:
+        if timeout is not None and parse_duration(timeout) == 0:
+            yield _OTLP_PATH + ("timeout",), "must be more than 0"
+    except ValueError:
+        pass  # reported by the schema
+    headers = raw.get("headers")
+    for name, value in headers.items() if isinstance(headers, dict) else ():
+        if isinstance(value, str) and ("\r" in value or "\n" in value):
+            yield _OTLP_PATH + ("headers", name), "a header value cannot contain a line break"

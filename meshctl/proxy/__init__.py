@@ -1,0 +1,17 @@
+"""The sidecar: meshctl's data plane, one lean process per instance.
+
+It imports only the standard library, uvloop, httptools and h2, never the agent or the
+CLI: its configuration arrives as plain data over the config channel
+(docs/protocols.md, part 1). Traffic policy shapes are in meshctl/proxy/policy.md.
+
+Parts:
+- config: `control` (the channel, ACK/NACK), `snapshot` (compiled, immutable config);
+- connections: `listeners`, `tls` (mTLS, per-accept acceptor), `detect` + `dispatch`
+  (HTTP/1, HTTP/2 or opaque), `server` (client connections, drain);
+- HTTP/1.1: `http1` (sans-IO parser), `exchange` (one request), `pool`, `mirror`,
+  `tunnel` (CONNECT), `upgrade` (WebSocket);
+- HTTP/2 and TCP: `h2conn` (sans-IO), `h2proxy`, `opaque`;
+- decisions, pure: `routing`, `balance`, `retry`, `outlier`, `limits`, `authz`; `errors`
+  maps every generated error to a response;
+- observability: `observe` (the per-request hook), `metrics`, `tracing`, `admin`.
+"""

@@ -1,0 +1,242 @@
+"""Connection-level dispatch: which protocol serves a connection, once it is known.
+
+The listener's `protocol` (the service's, from the manifest) and, for `http`, the first
+bytes (proxy.detect) decide (docs/protocols-l7.md):
+
+* outbound `http`: HTTP/1 stays with ClientConnection; the h2c preface goes to an
+  `H2Proxy` whose streams are balanced one by one over the service's endpoints, to the
+  peer sidecar over mTLS with ALPN h2; TLS, other bytes, or silence for
+  `detect.DETECT_TIMEOUT_S` become an opaque `Relay` to one endpoint;
+* outbound `grpc`: an `H2Proxy` from the first byte; `tcp`: a `Relay` from the first byte
+  (no detection, so a server-speaks-first protocol gets its banner at once);
+* inbound: a `tcp` app gets a Relay after the caller's identity is authorized; ALPN `h2`
+  (or an h2c preface in plaintext) gets an H2Proxy to the app (h2c), each stream
+  authorized by identity, method and path; anything else is HTTP/1.1 as before.
+
+The functions here build those protocols and their hooks (balancing, identity checks,
+metrics); proxy.server decides when to call them and swaps the transport's protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import TYPE_CHECKING, Any
+
+from meshctl.proxy.authz import Policy
+from meshctl.proxy.h2conn import header
+from meshctl.proxy.h2proxy import H2Proxy
+from meshctl.proxy.h2streams import StreamDenied, StreamRecord, UpstreamChoice
+from meshctl.proxy.limits import CircuitLimits
+from meshctl.proxy.metrics import INBOUND, OUTBOUND
+from meshctl.proxy.observe import service_of_identity
+from meshctl.proxy.opaque import Relay
+from meshctl.proxy.snapshot import Listener
+
+if TYPE_CHECKING:
+    from meshctl.proxy.server import ServerState
+
+log = logging.getLogger("proxy.dispatch")
+
+TCP_CONNECT_TRIES = 3  # endpoints tried in turn when a connect fails
+
+
+def hand_over(transport: asyncio.Transport, protocol: asyncio.Protocol, pending: bytes = b"") -> None:
+    """Give a live connection to another protocol, with the bytes already read."""
+    transport.set_protocol(protocol)
+    protocol.connection_made(transport)
+    if pending:
+        protocol.data_received(pending)
+
+
+# -- HTTP/2 ------------------------------------------------------------------------------------
+
+
+def _source_service(state: ServerState) -> str:
+    service = state.snapshot.service  # type: ignore[union-attr]
+    return service if service not in ("None", "?") else "ingress"
+
+
+def outbound_h2(state: ServerState, listener: Listener) -> H2Proxy:
+    """An H2Proxy for an app's HTTP/2 (or gRPC) connection to `listener.service`."""
+    loop = state.loop
+
+    def pick(headers: list[tuple[bytes, bytes]]) -> UpstreamChoice:
+        service = state.snapshot.services[listener.service]  # type: ignore[union-attr, index]
+        method = (header(headers, b":method") or b"").decode("latin-1")
+        path, _, query = (header(headers, b":path") or b"/").decode("latin-1").partition("?")
+        fields = None
+        if service.needs_headers:
+            fields = {name.decode("latin-1"): value.decode("latin-1") for name, value in headers if not name.startswith(b":")}
+        router = service.router
+        action = router.route(method, path, query, fields) if router.needs_request_details else router.route("", "")
+        hash_key = service.balancer.hash_key_for(fields, "127.0.0.1") if service.balancer.needs_headers else None
+        slot = object()  # this try's connection slot in the service's limits, until settle()
+        if not service.limits.hold(slot):
+            limits = service.limits
+            raise StreamDenied(
+                "circuit-open", "%s: %d connections and streams in use, limits reached" % (service.name, limits.connections.in_use), 503)
+        endpoint = service.balancer.pick(action.version, hash_key, frozenset(), loop.time())
+        if endpoint is None:
+            _leave_limits(state, service.limits, slot)
+            raise StreamDenied("no-healthy-endpoints", "%s@%s: no endpoints" % (service.name, action.version), 503)
+        policy = action.retry_policy
+        tls = service.tls
+        endpoint.active += 1  # least_request sees the stream until settle()
+        return UpstreamChoice(
+            endpoint.address[0], endpoint.address[1],
+            tls.h2_context if tls is not None else None, tls.verify if tls is not None else None,
+            timeout=action.timeout, retries=policy.attempts - 1 if policy is not None else 0,
+            backoff=policy.backoff_base if policy is not None else 0.025, tag=(service.name, endpoint.version),
+            settle=lambda ok: _settle(state, service, endpoint, ok, slot),
+        )
+
+    return state.track(H2Proxy(pick, loop, record=_recorder(state, OUTBOUND, None), on_closed=state.untrack))
+
+
+def _leave_limits(state: ServerState, limits: CircuitLimits, holder: object) -> None:
+    """Give back `holder`'s connection slot; a queued HTTP/1.1 exchange that gets it is woken."""
+    woken = limits.leave(holder)
+    if woken is not None:
+        state.loop.call_soon(woken.admitted)
+
+
+def _settle(state: ServerState, service: Any, endpoint: Any, ok: bool | None, slot: object | None = None) -> None:
+    """One try on `endpoint` ended: leave its slot and in-flight count, tell outlier detection how it went."""
+    if slot is not None:
+        _leave_limits(state, service.limits, slot)
+    endpoint.active -= 1
+    if ok is not None and service.outlier.record(endpoint, ok, state.loop.time(), len(service.endpoints)):
+        if state.observer is not None:
+            state.observer.count_ejection(service.name, endpoint.version)
+
+
+def inbound_h2(state: ServerState, listener: Listener, peer: str | None) -> H2Proxy:
+    """An H2Proxy for a peer sidecar's h2 connection (or a plaintext h2c client) to the app."""
+    host, port = listener.app  # type: ignore[misc]
+
+    def pick(headers: list[tuple[bytes, bytes]]) -> UpstreamChoice:
+        policy = state.snapshot.authz  # type: ignore[union-attr]
+        if policy is not None:
+            _authorize_stream(policy, peer, headers)
+        return UpstreamChoice(host, port, None, tag=(state.snapshot.service, state.snapshot.service_version))  # type: ignore[union-attr]
+
+    return state.track(H2Proxy(
+        pick, state.loop, record=_recorder(state, INBOUND, peer), on_closed=state.untrack, peer_sidecar=peer is not None))
+
+
+def _authorize_stream(policy: Policy, peer: str | None, headers: list[tuple[bytes, bytes]]) -> None:
+    method = (header(headers, b":method") or b"").decode("latin-1")
+    path = (header(headers, b":path") or b"").decode("latin-1")
+    fields = None
+    if policy.needs_headers:
+        fields = {name.decode("latin-1"): value.decode("latin-1") for name, value in headers if not name.startswith(b":")}
+    decision = policy.check(peer, method, path, fields)
+    if not decision.allowed:
+        raise StreamDenied("forbidden", "%s may not call %s %s (decided by %s)" % (
+            peer or "an unauthenticated caller", method, path.split("?", 1)[0][:200], decision.rule), 403)
+
+
+def _recorder(state: ServerState, direction: str, peer: str | None):
+    def record(stream: StreamRecord, status: int, grpc_code: int | None, mesh_error: bool) -> None:
+        observer = state.observer
+        if observer is None:
+            return
+        snapshot = state.snapshot
+        destination, version = stream.choice.tag if isinstance(stream.choice.tag, tuple) else ("-", "")
+        method = header(stream.headers, b":method") or b"POST"
+        duration = state.loop.time() - stream.started
+        if direction == INBOUND:
+            source = service_of_identity(peer)
+            destination, version = snapshot.service, snapshot.service_version  # type: ignore[union-attr]
+            path = header(stream.headers, b":path")
+        else:
+            source, path = _source_service(state), None
+        observer.metrics.record_request(direction, source, destination, version, method, status, duration, mesh_error, path)
+        if mesh_error and status == 403:
+            observer.metrics.count_authz_denied(source, destination)
+
+    return record
+
+
+# -- opaque TCP ------------------------------------------------------------------------------------
+
+
+def _tcp_metrics(state: ServerState, direction: str, peer_service: str) -> Any:
+    observer = state.observer
+    if observer is not None:
+        observer.metrics.tcp_opened(direction, peer_service)
+
+    def on_close(relay: Relay) -> None:
+        observer = state.observer
+        if observer is not None:
+            # bytes_in: what the client side sent us; bytes_out: what we sent it.
+            observer.metrics.tcp_closed(direction, peer_service, relay.sent_upstream, relay.sent_downstream)
+
+    return on_close
+
+
+def outbound_relay(state: ServerState, listener: Listener, client_ip: str) -> Relay:
+    """A Relay from the app to one endpoint of `listener.service`, picked by its balancer."""
+    service_name = listener.service or "-"
+    relay = state.track(Relay(state.loop, state.snapshot.http.idle_timeout, _tcp_metrics(state, OUTBOUND, service_name)))  # type: ignore[union-attr]
+    state.loop.create_task(_connect_endpoint(state, relay, service_name, client_ip), name="relay-connect %s" % service_name)
+    return relay
+
+
+async def _connect_endpoint(state: ServerState, relay: Relay, service_name: str, client_ip: str) -> None:
+    """Connect the relay's upstream end, trying other endpoints when a connect fails (L4 balancing)."""
+    loop = state.loop
+    tried: set[str] = set()
+    first = state.snapshot.services.get(service_name)  # type: ignore[union-attr]
+    if first is not None:
+        limits = first.limits  # carried over by new snapshots, so the slot is given back where it was taken
+        if not limits.hold(relay):
+            log.info("relay to %s refused: %d connections in use, limits reached", service_name, limits.connections.in_use)
+            relay.close()
+            return
+        relay.done.add_done_callback(lambda _: _leave_limits(state, limits, relay))
+    for _ in range(TCP_CONNECT_TRIES):
+        service = state.snapshot.services.get(service_name)  # type: ignore[union-attr]
+        if service is None or relay.closed:
+            break
+        action = service.router.route("", "")
+        hash_key = service.balancer.hash_key_for(None, client_ip) if service.balancer.needs_headers else None
+        endpoint = service.balancer.pick(action.version, hash_key, frozenset(tried), loop.time())
+        if endpoint is None or endpoint.id in tried:
+            break
+        tried.add(endpoint.id)
+        tls = service.tls
+        endpoint.active += 1
+        try:
+            async with asyncio.timeout(service.connect_timeout):
+                transport, _ = await loop.create_connection(
+                    lambda: relay.upstream, endpoint.address[0], endpoint.address[1],
+                    ssl=tls.context if tls is not None else None, server_hostname=tls.server_name if tls is not None else None,
+                )
+            if tls is not None:
+                tls.verify(transport)
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            _settle(state, service, endpoint, False)
+            log.info("relay to %s (%s:%d): %s", service_name, endpoint.address[0], endpoint.address[1], exc or "connect timed out")
+            continue
+        relay.done.add_done_callback(lambda _: _settle(state, service, endpoint, None))
+        return
+    relay.close()
+
+
+def authorize_connection(policy: Policy | None, peer: str | None) -> str | None:
+    """Why a tcp connection from `peer` is refused, or None: rules with paths, methods or headers never match one."""
+    if policy is None:
+        return None
+    decision = policy.check(peer, "", "", None)
+    return None if decision.allowed else decision.rule
+
+
+def inbound_relay(state: ServerState, listener: Listener, peer: str | None) -> Relay:
+    """A Relay from a peer sidecar (or permissive plaintext client) to the tcp app."""
+    host, port = listener.app  # type: ignore[misc]
+    relay = state.track(Relay(state.loop, state.snapshot.http.idle_timeout, _tcp_metrics(state, INBOUND, service_of_identity(peer))))  # type: ignore[union-attr]
+    state.loop.create_task(relay.connect_upstream(host, port, 1.0), name="relay-connect app")
+    return relay

@@ -1,0 +1,531 @@
+"""The HTTP/2 proxy driver: one downstream h2 connection, each stream proxied upstream.
+
+`H2Proxy` is an asyncio Protocol for one downstream connection (h2c from an app, or h2
+over TLS from a peer sidecar once ALPN chose `h2`). Each request stream is mapped to a
+stream on an upstream HTTP/2 connection picked by `pick_upstream(headers)`; connections
+to the same upstream are shared by all streams of the downstream connection. Headers pass
+through without connection-specific fields, data respects both windows, trailers (which
+gRPC needs for grpc-status) and resets are forwarded. An upstream that cannot be reached
+answers 502 (or, to a gRPC client, a trailers-only UNAVAILABLE). Per stream: a deadline
+(route timeout capped by grpc-timeout), retries of trailers-only retriable gRPC answers,
+and one `record` call when it ends. The protocol logic is proxy.h2conn's `H2Endpoint`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import ssl
+from collections.abc import Callable
+
+import h2.errors
+import h2.exceptions
+
+from meshctl.proxy.h2conn import (
+    GRPC_CANCELLED,
+    GRPC_DEADLINE_EXCEEDED,
+    GRPC_RETRIABLE,
+    GRPC_UNAVAILABLE,
+    ConnectionEnded,
+    Data,
+    Event,
+    H2Endpoint,
+    HeaderList,
+    Headers,
+    StreamEnded,
+    StreamReset,
+    Trailers,
+    WindowOpened,
+    grpc_as_http,
+    grpc_status,
+    grpc_timeout,
+    header,
+    is_grpc,
+    strip_connection_specific,
+)
+from meshctl.proxy.h2streams import PickUpstream, Record, StreamDenied, StreamRecord, UpstreamChoice, as_choice
+
+__all__ = ["H2Proxy"]
+
+log = logging.getLogger("proxy.h2proxy")
+
+CONNECT_TIMEOUT_S = 2.0
+
+
+_END = object()
+MAX_REPLAY_BYTES = 64 * 1024  # request bytes kept per stream so that a retry can resend them
+_GRPC_BY_HTTP = {403: 7, 404: 12, 504: GRPC_DEADLINE_EXCEEDED}
+
+
+class _Pipe:
+    """One direction of one proxied stream: items waiting for the target's send window."""
+
+    __slots__ = ("source", "source_stream", "target", "target_stream", "queue", "closed", "grpc", "acknowledges")
+
+    def __init__(self, source: _Side, source_stream: int, target: _Side, target_stream: int) -> None:
+        self.source = source
+        self.source_stream = source_stream
+        self.target = target
+        self.target_stream = target_stream
+        self.queue: collections.deque = collections.deque()
+        self.closed = False
+        self.grpc = False  # the stream carries gRPC: errors we generate are gRPC statuses
+        self.acknowledges = True  # False for a retry's replayed bytes: the source got its window back already
+
+    def flush(self) -> None:
+        """Send what the windows allow; acknowledge to the source only what went out."""
+        endpoint = self.target.endpoint
+        while self.queue and not self.closed:
+            item = self.queue[0]
+            if isinstance(item, bytes):
+                sent = endpoint.send_data(self.target_stream, item)
+                if sent and self.acknowledges:
+                    self.source.endpoint.acknowledge(self.source_stream, sent)
+                if sent < len(item):
+                    if sent:
+                        self.queue[0] = item[sent:]
+                    break
+            elif item is _END:
+                endpoint.end_stream(self.target_stream)
+                self.closed = True
+            else:
+                endpoint.send_headers(self.target_stream, item, end_stream=True)
+                self.closed = True
+            self.queue.popleft()
+        if self.closed:
+            self.target.forget(self.target_stream)
+        self.target.flush()
+        self.source.flush()
+
+    def unsent(self) -> int:
+        return sum(len(item) for item in self.queue if isinstance(item, bytes))
+
+
+class _Side(asyncio.Protocol):
+    """A connection of the proxy (downstream, or one upstream) with its endpoint and pipes."""
+
+    def __init__(self, proxy: H2Proxy, client_side: bool, label: str, peer_sidecar: bool = False) -> None:
+        self.proxy = proxy
+        self.label = label
+        self.endpoint = H2Endpoint(client_side, peer_sidecar)
+        self.transport: asyncio.Transport | None = None
+        self.outgoing: dict[int, _Pipe] = {}  # our stream id -> the pipe writing to it
+        self.incoming: dict[int, _Pipe] = {}  # our stream id -> the pipe reading from it
+        self.lost = False
+
+    def __repr__(self) -> str:
+        return "<%s %s>" % (type(self).__name__, self.label)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what the endpoint has, or, while a read is being handled, mark it for the end.
+
+        One read can carry many frames, each touching both sides of its stream; writing per
+        frame cost ~20 write syscalls (and TLS records) per read. Batching makes it one write
+        per side per read.
+        """
+        proxy = self.proxy
+        if proxy.dirty is not None:
+            proxy.dirty[self] = None
+        else:
+            self.write_now()
+
+    def write_now(self) -> None:
+        if self.transport is not None and not self.lost:
+            data = self.endpoint.data_to_send()
+            if data:
+                self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        proxy = self.proxy
+        outermost = proxy.dirty is None
+        if outermost:
+            proxy.dirty = {}
+        try:
+            self._handle(data)
+        finally:
+            if outermost:
+                dirty, proxy.dirty = proxy.dirty, None
+                self.write_now()
+                for side in dirty:
+                    side.write_now()
+
+    def _handle(self, data: bytes) -> None:
+        try:
+            events = self.endpoint.receive(data)
+        except h2.exceptions.ProtocolError as exc:
+            log.info("%s: HTTP/2 protocol error: %s", self.label, exc)
+            self.write_now()
+            self.transport.close()  # type: ignore[union-attr]
+            return
+        for event in events:
+            self.proxy.on_event(self, event)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.proxy.side_lost(self)
+
+    def forget(self, stream_id: int) -> None:
+        """Drop a stream's bookkeeping once both of its directions are finished."""
+        pipe = self.outgoing.get(stream_id)
+        if pipe is not None and pipe.closed and stream_id not in self.incoming:
+            del self.outgoing[stream_id]
+
+    def window_opened(self, stream_id: int) -> None:
+        pipes = self.outgoing.values() if stream_id == 0 else [p for p in (self.outgoing.get(stream_id),) if p]
+        for pipe in list(pipes):
+            pipe.flush()
+
+
+class H2Proxy(_Side):
+    """The downstream connection's protocol: serves HTTP/2 and proxies each stream upstream.
+
+    Each stream is balanced on its own (`pick_upstream` runs per stream); streams to the
+    same (host, port, context) share one upstream connection per downstream connection.
+    `record(stream, status, grpc_code, mesh_error)` runs once per stream when it ends, however
+    it ends; for gRPC `status` is the HTTP equivalent of grpc-status (`grpc_as_http`).
+    """
+
+    def __init__(
+        self, pick_upstream: PickUpstream, loop: asyncio.AbstractEventLoop | None = None, record: Record | None = None,
+        on_closed: Callable[[H2Proxy], None] | None = None, peer_sidecar: bool = False,
+    ) -> None:
+        self.dirty: dict[_Side, None] | None = None  # sides to write once the current read is handled
+        super().__init__(self, client_side=False, label="downstream", peer_sidecar=peer_sidecar)
+        self.on_closed = on_closed
+        self.draining = False
+        self.pick_upstream = pick_upstream
+        self.loop = loop or asyncio.get_running_loop()
+        self.record = record
+        self.upstreams: dict[tuple[str, int, int], _Side] = {}
+        self.records: dict[int, StreamRecord] = {}  # downstream stream id -> its record
+        self.streams = 0  # requests proxied, for tests and metrics
+        self.retried = 0
+        self.closed = asyncio.Event()
+
+    def on_event(self, side: _Side, event: Event) -> None:
+        if isinstance(event, WindowOpened):
+            side.window_opened(event.stream_id)
+        elif side is self and isinstance(event, Headers):
+            self._open_stream(event)
+        elif isinstance(event, Headers):
+            pipe = side.incoming.get(event.stream_id)
+            if pipe is not None:
+                record = self.records.get(pipe.target_stream)
+                if record is not None and event.end_stream and self._retry_trailers_only(record, side, event):
+                    return
+                # end_stream here is a trailers-only response: it must stay one HEADERS frame.
+                pipe.target.endpoint.send_headers(pipe.target_stream, strip_connection_specific(event.headers), event.end_stream)
+                pipe.closed = event.end_stream
+                pipe.target.forget(pipe.target_stream)
+                pipe.target.flush()
+                if record is not None:
+                    record.responded = True
+                    if event.end_stream:
+                        self._finish(record, event.headers)
+        elif isinstance(event, Data):
+            pipe = side.incoming.get(event.stream_id)
+            padding = event.flow_length - len(event.data)
+            side.endpoint.acknowledge(event.stream_id, padding if pipe is not None else event.flow_length)
+            if pipe is not None and event.data:
+                if side is self:
+                    self._keep_for_replay(event.stream_id, event.data)
+                pipe.queue.append(event.data)
+                pipe.flush()
+        elif isinstance(event, Trailers):
+            pipe = side.incoming.get(event.stream_id)
+            if pipe is not None:
+                pipe.queue.append(strip_connection_specific(event.headers))
+                pipe.flush()
+                record = self.records.get(pipe.target_stream)
+                if record is not None:
+                    self._finish(record, event.headers)
+        elif isinstance(event, StreamEnded):
+            pipe = side.incoming.pop(event.stream_id, None)
+            if pipe is not None and not pipe.closed:
+                if not (pipe.queue and isinstance(pipe.queue[-1], list)):  # trailers end the stream themselves
+                    pipe.queue.append(_END)
+                pipe.flush()
+            if side is self:
+                record = self.records.get(event.stream_id)
+                if record is not None:
+                    record.request_complete = True
+            elif pipe is not None:
+                record = self.records.get(pipe.target_stream)
+                if record is not None and not record.done:
+                    self._finish(record, None)
+            side.forget(event.stream_id)
+        elif isinstance(event, StreamReset):
+            self._reset_peer(side, event.stream_id, event.error_code)
+        elif isinstance(event, ConnectionEnded):
+            if side is not self:
+                for stream_id in list(side.incoming):
+                    if stream_id > event.last_stream_id:
+                        self._reset_peer(side, stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                self.upstreams = {key: up for key, up in self.upstreams.items() if up is not side}
+
+    # -- opening streams and retrying them ------------------------------------------------
+
+    def _open_stream(self, event: Headers) -> None:
+        if self.draining:  # safe for the client to send again elsewhere (RFC 9113 8.7)
+            self.endpoint.reset(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
+        headers = strip_connection_specific(event.headers)
+        try:
+            choice = as_choice(self.pick_upstream(headers))
+        except StreamDenied as exc:
+            self._answer_error(event.stream_id, is_grpc(headers), exc.code, exc.detail, exc.status)
+            return
+        except Exception as exc:  # a routing error: answer it on this stream only
+            self._answer_error(event.stream_id, is_grpc(headers), "route-not-found" if isinstance(exc, LookupError) else "upstream-connect-failed", str(exc))
+            return
+        record = StreamRecord(event.stream_id, headers, choice, self.loop.time())
+        record.request_complete = event.end_stream
+        self.records[event.stream_id] = record
+        timeout = choice.timeout
+        if record.grpc:
+            asked = grpc_timeout(headers)
+            if asked is not None and (timeout is None or asked < timeout):
+                timeout = asked
+        if timeout is not None:
+            record.timer = self.loop.call_later(timeout, self._expire, event.stream_id)
+        self.streams += 1
+        self._start_attempt(record, [] if event.end_stream else None)
+
+    def _start_attempt(self, record: StreamRecord, replay: list[bytes] | None) -> None:
+        """Send the stream's head upstream; `replay` (a retry) is its whole body, already acknowledged."""
+        choice = record.choice
+        host, port, context = choice.host, choice.port, choice.context
+        key = (host, port, id(context))
+        upstream = self.upstreams.get(key)
+        if upstream is None:
+            upstream = self.upstreams[key] = _Side(
+                self, client_side=True, label="upstream %s:%d" % (host, port), peer_sidecar=context is not None)
+            self.loop.create_task(self._connect(upstream, key, choice))
+        up_stream = upstream.endpoint.next_stream_id()
+        ends_now = replay is not None and not replay
+        upstream.endpoint.send_headers(up_stream, record.headers, end_stream=ends_now)
+        request = _Pipe(self, record.stream_id, upstream, up_stream)
+        response = _Pipe(upstream, up_stream, self, record.stream_id)
+        response.grpc = record.grpc
+        record.upstream, record.up_stream = upstream, up_stream
+        upstream.outgoing[up_stream] = request
+        upstream.incoming[up_stream] = response
+        self.outgoing[record.stream_id] = response
+        if replay is None:
+            self.incoming[record.stream_id] = request
+        else:
+            request.acknowledges = False
+            request.queue.extend(replay)
+            if replay:
+                request.queue.append(_END)
+            else:
+                request.closed = True
+            request.flush()
+        upstream.flush()
+
+    def _keep_for_replay(self, stream_id: int, data: bytes) -> None:
+        record = self.records.get(stream_id)
+        if record is None or record.replay is None:
+            return
+        record.replay_size += len(data)
+        if record.replay_size > MAX_REPLAY_BYTES:
+            record.replay = None  # too big to hold: this stream will not be retried
+        else:
+            record.replay.append(data)
+
+    def _retry_trailers_only(self, record: StreamRecord, side: _Side, event: Headers) -> bool:
+        """A trailers-only retriable gRPC answer, nothing sent downstream yet: try again."""
+        if not (record.grpc and record.retries_left > 0 and record.replay is not None and record.request_complete):
+            return False
+        if grpc_status(event.headers) not in GRPC_RETRIABLE or record.responded or record.done:
+            return False
+        record.retries_left -= 1
+        self.retried += 1
+        record.choice.settled(grpc_status(event.headers) != GRPC_UNAVAILABLE)
+        side.incoming.pop(event.stream_id, None)
+        side.outgoing.pop(event.stream_id, None)
+        self.outgoing.pop(record.stream_id, None)
+        try:
+            record.choice = as_choice(self.pick_upstream(record.headers))
+        except Exception as exc:
+            self._answer_error(record.stream_id, True, "upstream-connect-failed", str(exc))
+            return True
+        replay = list(record.replay)
+        self.loop.call_later(record.choice.backoff, self._retry_now, record, replay)
+        return True
+
+    def _retry_now(self, record: StreamRecord, replay: list[bytes]) -> None:
+        if not record.done and not self.lost:
+            self._start_attempt(record, replay)
+
+    def _expire(self, stream_id: int) -> None:
+        """The stream's deadline (route timeout or grpc-timeout) passed: DEADLINE_EXCEEDED."""
+        record = self.records.get(stream_id)
+        if record is None or record.done:
+            return
+        record.timer = None
+        if record.upstream is not None:
+            record.upstream.incoming.pop(record.up_stream, None)
+            record.upstream.outgoing.pop(record.up_stream, None)
+            record.upstream.endpoint.reset(record.up_stream, h2.errors.ErrorCodes.CANCEL)
+            record.upstream.flush()
+        if record.responded:
+            self.incoming.pop(stream_id, None)
+            self.outgoing.pop(stream_id, None)
+            if record.grpc:
+                self.endpoint.conn.send_headers(stream_id, [(b"grpc-status", b"4"), (b"grpc-message", b"timeout")], end_stream=True)
+            else:
+                self.endpoint.reset(stream_id, h2.errors.ErrorCodes.CANCEL)
+            self.flush()
+            self._done(record, 504, GRPC_DEADLINE_EXCEEDED if record.grpc else None)
+            return
+        self._answer_error(stream_id, record.grpc, "timeout", "no response within the deadline", 504)
+
+    async def _connect(self, upstream: _Side, key: tuple, choice: UpstreamChoice) -> None:
+        host, port, context = choice.host, choice.port, choice.context
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                transport, _ = await self.loop.create_connection(
+                    lambda: upstream, host, port, ssl=context, server_hostname=host if context else None
+                )
+            if choice.verify is not None:
+                choice.verify(transport)
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            log.info("h2 upstream %s:%d: %s", host, port, exc or "connect timed out")
+            upstream.lost = True
+            if self.upstreams.get(key) is upstream:
+                del self.upstreams[key]
+            for pipe in list(upstream.incoming.values()):
+                self._answer_error(pipe.target_stream, pipe.grpc, "upstream-connect-failed", "%s:%d: %s" % (host, port, exc or "timed out"))
+            upstream.incoming.clear()
+            upstream.outgoing.clear()
+            self.flush()
+
+    # -- answers of our own, and the end of a stream ---------------------------------------
+
+    def _answer_error(self, stream_id: int, grpc: bool, code: str, detail: str, status: int | None = None) -> None:
+        """Answer one downstream stream ourselves (x-mesh-error, or a gRPC status)."""
+        self.outgoing.pop(stream_id, None)
+        self.incoming.pop(stream_id, None)
+        if status is None:
+            status = 404 if code == "route-not-found" else 502
+        message = ("%s: %s" % (code, detail)).encode("utf-8", "replace")[:200]
+        grpc_code = None
+        try:
+            if grpc:
+                # Trailers-only: gRPC clients map a bare HTTP error status to a vaguer code.
+                grpc_code = _GRPC_BY_HTTP.get(status, GRPC_UNAVAILABLE)
+                self.endpoint.send_headers(
+                    stream_id,
+                    [(b":status", b"200"), (b"content-type", b"application/grpc"), (b"grpc-status", b"%d" % grpc_code),
+                     (b"grpc-message", message), (b"x-mesh-error", code.encode("ascii"))],
+                    end_stream=True,
+                )
+            else:
+                body = message + b"\n"
+                self.endpoint.send_headers(
+                    stream_id, [(b":status", b"%d" % status), (b"x-mesh-error", code.encode("ascii")), (b"content-length", b"%d" % len(body))]
+                )
+                self.endpoint.send_data(stream_id, body)
+                self.endpoint.end_stream(stream_id)
+        except h2.exceptions.StreamClosedError:
+            pass  # the client gave up on this stream meanwhile
+        self.flush()
+        record = self.records.get(stream_id)
+        if record is not None:
+            self._done(record, status, grpc_code, mesh_error=True)
+        elif self.record is not None:
+            self.record(StreamRecord(stream_id, [], UpstreamChoice("", 0), self.loop.time()), status, grpc_code, True)
+
+    def _finish(self, record: StreamRecord, final_headers: HeaderList | None) -> None:
+        if record.done:
+            return
+        status_value = header(final_headers or [], b":status")
+        grpc_code = grpc_status(final_headers) if final_headers is not None and record.grpc else None
+        if grpc_code is not None:
+            status = grpc_as_http(grpc_code)
+        else:
+            status = int(status_value) if status_value and status_value.isdigit() else 200
+        self._done(record, status, grpc_code)
+
+    def _done(self, record: StreamRecord, status: int, grpc_code: int | None, mesh_error: bool = False) -> None:
+        if record.done:
+            return
+        record.done = True
+        if record.timer is not None:
+            record.timer.cancel()
+            record.timer = None
+        self.records.pop(record.stream_id, None)
+        if status == 499 or status == 504:
+            record.choice.settled(None)  # the client left, or a deadline: nothing learnt about the upstream
+        elif mesh_error and (status == 502 or status == 503):
+            record.choice.settled(False)
+        else:
+            record.choice.settled(grpc_code != GRPC_UNAVAILABLE if grpc_code is not None else status < 500)
+        if self.draining and not self.records:
+            self.loop.call_soon(self._goaway_and_close)
+        if self.record is not None:
+            try:
+                self.record(record, status, grpc_code, mesh_error)
+            except Exception:
+                log.exception("recording an HTTP/2 stream failed")
+
+    def _reset_peer(self, side: _Side, stream_id: int, error_code: int) -> None:
+        pipe = side.incoming.pop(stream_id, None) or side.outgoing.get(stream_id)
+        side.outgoing.pop(stream_id, None)
+        if pipe is None:
+            return
+        other, other_stream = (pipe.target, pipe.target_stream) if pipe.source is side else (pipe.source, pipe.source_stream)
+        other.incoming.pop(other_stream, None)
+        other.outgoing.pop(other_stream, None)
+        other.endpoint.reset(other_stream, error_code)
+        other.flush()
+        record = self.records.get(stream_id if side is self else other_stream)
+        if record is not None:
+            self._done(record, 502, GRPC_CANCELLED if record.grpc else None, mesh_error=side is not self)
+
+    def side_lost(self, side: _Side) -> None:
+        if side is self:
+            for upstream in list(self.upstreams.values()):
+                if upstream.transport is not None:
+                    upstream.transport.close()
+            self.upstreams.clear()
+            for record in list(self.records.values()):
+                self._done(record, 499, GRPC_CANCELLED if record.grpc else None)
+            self.closed.set()
+            if self.on_closed is not None:
+                self.on_closed(self)
+            return
+        for stream_id in list(side.incoming) + list(side.outgoing):
+            self._reset_peer(side, stream_id, h2.errors.ErrorCodes.CANCEL)
+        self.upstreams = {key: up for key, up in self.upstreams.items() if up is not side}
+
+    def drain(self) -> None:
+        """Shutdown: refuse new streams, GOAWAY and close once the streams in flight have ended.
+
+        GOAWAY comes last because the h2 library closes its side of the connection when it
+        sends or receives one: frames of the streams still in flight would then be protocol
+        errors, on our side and on a peer sidecar's. Until then a new stream is reset with
+        REFUSED_STREAM, which tells the client that nothing of it was processed.
+        """
+        if self.draining or self.lost:
+            return
+        self.draining = True
+        if not self.records:
+            self._goaway_and_close()
+
+    def _goaway_and_close(self) -> None:
+        if self.transport is not None and not self.lost:
+            self.endpoint.close()
+            self.write_now()
+            self.transport.close()
+
+    def close(self) -> None:
+        """End the downstream connection now (drain deadline); its upstreams follow in side_lost."""
+        if self.transport is not None and not self.lost:
+            self.transport.close()

@@ -1,0 +1,101 @@
+"""What an H2Proxy and its caller tell each other about one stream.
+
+The caller (proxy.dispatch) decides where each stream goes: its `pick_upstream(headers)`
+returns an `UpstreamChoice` or raises `StreamDenied`; the proxy keeps a `StreamRecord` per
+downstream stream and hands it to the caller's `record` callback once, when the stream ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from meshctl.proxy.h2conn import HeaderList, is_grpc
+
+__all__ = ["PickUpstream", "Record", "StreamDenied", "StreamRecord", "UpstreamChoice", "as_choice"]
+
+log = logging.getLogger("proxy.h2proxy")
+
+
+class UpstreamChoice:
+    """Where one stream goes, as `pick_upstream(headers)` decides (a plain 3-tuple also works).
+
+    `context` is the mesh's TLS context when the upstream is a peer sidecar (whose headers are
+    then not validated again, see H2Endpoint); `verify(transport)` checks the upstream's
+    identity after the TLS handshake (raises to refuse it); `timeout` caps the stream together with grpc-timeout; `retries` is how many
+    more tries a trailers-only retriable gRPC answer may get; `tag` comes back to `record`.
+    `settle(ok)` runs once when this choice's try ends (the balancer's in-flight count and
+    outlier detection): ok False for a failed connect, UNAVAILABLE or a 502/503, None when
+    the try says nothing about the upstream (the client went away, a deadline).
+    """
+
+    __slots__ = ("host", "port", "context", "verify", "timeout", "retries", "backoff", "tag", "settle")
+
+    def __init__(
+        self, host: str, port: int, context: ssl.SSLContext | None = None, verify: Callable | None = None,
+        timeout: float | None = None, retries: int = 0, backoff: float = 0.025, tag: object = None,
+        settle: Callable[[bool | None], None] | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.context = context
+        self.verify = verify
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.tag = tag
+        self.settle = settle
+
+    def settled(self, ok: bool | None) -> None:
+        settle, self.settle = self.settle, None
+        if settle is not None:
+            try:
+                settle(ok)
+            except Exception:
+                log.exception("settling an HTTP/2 upstream choice failed")
+
+
+class StreamDenied(Exception):
+    """Raised by `pick_upstream` to answer a stream itself: `status` 403/404/..., stable `code`."""
+
+    def __init__(self, code: str, detail: str, status: int) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.status = status
+
+
+PickUpstream = Callable[[HeaderList], "UpstreamChoice | tuple"]
+
+
+class StreamRecord:
+    """One downstream stream for metrics, retries and its deadline."""
+
+    __slots__ = ("stream_id", "headers", "choice", "started", "grpc", "responded", "replay", "replay_size",
+                 "request_complete", "retries_left", "timer", "done", "upstream", "up_stream")
+
+    def __init__(self, stream_id: int, headers: HeaderList, choice: UpstreamChoice, started: float) -> None:
+        self.stream_id = stream_id
+        self.headers = headers
+        self.choice = choice
+        self.started = started
+        self.grpc = is_grpc(headers)
+        self.responded = False  # a response head went downstream: no retry any more
+        self.replay: list[bytes] | None = [] if choice.retries else None
+        self.replay_size = 0
+        self.request_complete = False
+        self.retries_left = choice.retries
+        self.timer: asyncio.TimerHandle | None = None
+        self.done = False
+        self.upstream: Any = None  # the upstream side of h2proxy carrying the current try
+        self.up_stream = 0
+
+
+Record = Callable[[StreamRecord, int, "int | None", bool], None]
+
+
+def as_choice(picked: UpstreamChoice | tuple) -> UpstreamChoice:
+    return picked if isinstance(picked, UpstreamChoice) else UpstreamChoice(*picked)
