@@ -10,6 +10,7 @@ those in one place, `main()`.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -117,6 +118,17 @@ def load_manifest_or_exit(file: Path) -> Any:
         fail(f"cannot read {file}: {exc.strerror}", "check the path given to -f", EXIT_USAGE)
 
 
+def manifest_environ(file: Path) -> dict[str, str]:
+    """This shell's values of the `${VAR}`s the manifest names: the agent fills them in."""
+    from meshctl.agent.interpolate import referenced_names
+
+    try:
+        names = referenced_names(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return {}
+    return {name: os.environ[name] for name in sorted(names) if name in os.environ}
+
+
 def instance_ids(manifest: Any) -> list[str]:
     """The ids the agent gives the instances of a manifest: `service@version#replica`."""
     return [
@@ -142,7 +154,7 @@ def up(
     home = prepare_home(resolve_home())
     client = ensure_agent(home)
     client.timeout = max(client.timeout, timeout)  # a changed instance is replaced rolling, in `apply`
-    applied = client.request("apply", manifest_path=str(file.resolve()))
+    applied = client.request("apply", manifest_path=str(file.resolve()), environ=manifest_environ(file))
     changes = applied if isinstance(applied, dict) else {}
     # Live `scale` overrides change the counts; the agent says which instances it runs.
     ids = changes.get("instances") or instance_ids(manifest)

@@ -161,7 +161,13 @@ class ControlServer:
         path = request.get("manifest_path")
         if not isinstance(path, str) or not os.path.isabs(path):
             raise BadRequest('apply needs "manifest_path", an absolute path')
-        manifest = load_manifest(path)
+        # The `${VAR}` values of the caller's environment, not the agent's (agent/interpolate.py).
+        environ = request.get("environ", {})
+        if not isinstance(environ, dict) or not all(
+            isinstance(key, str) and isinstance(value, str) for key, value in environ.items()
+        ):
+            raise BadRequest('"environ" must map variable names to strings')
+        manifest = load_manifest(path, environ=environ)
         return await self.sup.apply(manifest)
 
     async def _status(self, request: dict, writer: asyncio.StreamWriter) -> dict:

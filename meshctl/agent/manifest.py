@@ -57,10 +57,11 @@ import os
 import re
 import shlex
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from meshctl.agent.durations import DurationError, parse_duration
 from meshctl.agent.errors import ManifestError, Problem
+from meshctl.agent.interpolate import substitute
 from meshctl.agent.model import (
     DEFAULT_STOP_GRACE_S,
     Health,
@@ -89,8 +90,11 @@ _SERVICE_TIMEOUTS = _ROUTE_TIMEOUTS + _HEALTH_TIMES + (("connect_timeout",),)
 _KNOWN_KEYS = {name: frozenset(manifest_json_schema()["$defs"][name]["properties"]) for name in ("service", "version")}
 
 
-def load_manifest(path: str | Path) -> Manifest:
-    """Read and validate the manifest at `path`; raise ManifestError listing every problem."""
+def load_manifest(path: str | Path, environ: Mapping[str, str] | None = None) -> Manifest:
+    """Read and validate the manifest at `path`; raise ManifestError listing every problem.
+
+    `${VAR}` references are filled from `environ` (by default this process's environment).
+    """
     source = os.fspath(path)
     try:
         text = Path(source).read_bytes().decode("utf-8")
@@ -98,10 +102,12 @@ def load_manifest(path: str | Path) -> Manifest:
         raise ManifestError([Problem(source, None, "", "cannot read: %s" % (error.strerror or error))]) from None
     except UnicodeDecodeError as error:
         raise ManifestError([Problem(source, None, "", "not UTF-8 text: %s" % error.reason)]) from None
-    return parse_manifest(text, source)
+    return parse_manifest(text, source, environ=environ)
 
 
-def parse_manifest(text: str, source: str, base_dir: str | Path | None = None) -> Manifest:
+def parse_manifest(
+    text: str, source: str, base_dir: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> Manifest:
     """Validate manifest `text`; `source` names the file in messages, as the user typed it.
 
     Relative workdirs are resolved against `base_dir`, by default the directory of `source`.
@@ -113,6 +119,9 @@ def parse_manifest(text: str, source: str, base_dir: str | Path | None = None) -
     document = reader.read(text)
     problems = list(reader.problems)
     if isinstance(document, dict):
+        for path, message in substitute(document, os.environ if environ is None else environ):
+            problems.append(reader.problem(path, message))
+            reader.bad_paths.append(path)
         schema_problems = [
             found
             for found in structural_problems(document)
