@@ -36,16 +36,20 @@ status: $(STAMP)
 test: $(STAMP) test-deps
 	$(BIN)/python -m pytest -n 2 tests
 
-# Optional system tools some tests use (a real Redis through the mesh). Installed from
+# Optional system tools some tests use, as command:debian-package pairs. Installed from
 # Debian when running as root with apt-get; a failed install never fails the run, the
-# test that needs the tool skips and says why.
+# tests that need a tool skip and say why.
+TEST_TOOLS := redis-server:redis-server prometheus:prometheus
 test-deps:
-	@command -v redis-server >/dev/null 2>&1 || { \
+	@missing=; for pair in $(TEST_TOOLS); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    mkdir -p .state; \
-	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; } \
-	      >.state/test-deps.log 2>&1 || echo "redis-server could not be installed (.state/test-deps.log); its test will skip"; \
-	  else echo "redis-server is missing and cannot be installed here (needs root and apt-get); its test will skip"; fi; }
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	        -o DPkg::Lock::Timeout=300 --no-install-recommends $$missing; } \
+	      >.state/test-deps.log 2>&1 || echo "could not install$$missing (.state/test-deps.log); their tests will skip"; \
+	  else echo "missing$$missing and cannot install here (needs root and apt-get); their tests will skip"; fi; fi
 
 clean:
 	rm -rf $(VENV) .state .pytest_cache .hypothesis

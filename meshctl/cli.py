@@ -33,7 +33,8 @@ from meshctl.client import (
     ensure_agent,
     stop_agent,
 )
-from meshctl import resources
+from meshctl import completion, resources
+from meshctl.completion import complete_service
 from meshctl.paths import StateDirError, existing_home, log_path, prepare_home, resolve_home
 
 EXIT_OK = 0
@@ -50,7 +51,7 @@ INGRESS_ID = "ingress"
 app = typer.Typer(
     name="meshctl",
     help="A service mesh for the processes on one host.",
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -166,6 +167,8 @@ def up(
         report_not_ready(client, states, final, timeout, file)
     for problem in [*(changes.get("dropped_overrides") or []), *(changes.get("rollout_failed") or [])]:
         render.print_error(render.make_console(stderr=True), problem)
+    if changes.get("metrics_warning"):
+        render.make_console(stderr=True).out("warning: " + changes["metrics_warning"])
     count = len(ids)
     out.out(
         f"mesh {manifest.mesh}: {count}/{count} instances ready"
@@ -330,7 +333,7 @@ def status(
 
 @app.command()
 def logs(
-    service: Annotated[str | None, typer.Argument(help="Only this service's instances.")] = None,
+    service: Annotated[str | None, typer.Argument(autocompletion=complete_service, help="Only this service's instances.")] = None,
     follow: Annotated[bool, typer.Option("-f", "--follow", help="Keep printing new lines.")] = False,
     tail: Annotated[int, typer.Option(min=0, help="Lines of history per request.")] = 100,
     access: Annotated[bool, typer.Option("--access", help="The sidecars' JSON access lines instead (manifest observability.access_log).")] = False,
@@ -426,6 +429,7 @@ cmd_ops.register(app)
 cmd_security.register(app)
 cmd_obs.register(app)
 cmd_export.register(app)
+completion.register(app)
 
 
 # --- entry point ---------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from typing import Annotated, Any
 
 import typer
 
+from meshctl.completion import complete_service
+
 from meshctl.agent.traces import SpanRecord, build_tree, render_waterfall
 from meshctl import render, top
 from meshctl.cmd_route import agent_or_exit
@@ -42,11 +44,14 @@ def parse_window(text: str) -> float:
 def metrics(raw: Annotated[bool, typer.Option("--raw", help="Print the merged exposition instead of its URL.")] = False) -> None:
     """The URL where every sidecar's metrics are served merged (for Prometheus)."""
     result = agent_or_exit().request("metrics", raw=raw)
+    if result["url"] is None:
+        render.print_error(render.make_console(stderr=True), "no mesh is up: the merged metrics are served once `meshctl up` has applied a manifest")
+        raise typer.Exit(1)
     sys.stdout.write(result["text"] if raw else result["url"] + "\n")
 
 
 def stat(
-    service: Annotated[str | None, typer.Argument(help="Only this service.")] = None,
+    service: Annotated[str | None, typer.Argument(autocompletion=complete_service, help="Only this service.")] = None,
     output: OutputOption = "table",
     window: WindowOption = "10s",
     from_callers: Annotated[bool, typer.Option("--from-callers", help="What callers saw (outbound), mesh errors included.")] = False,
@@ -111,7 +116,7 @@ def format_tap(event: dict) -> str:
 
 
 def tap(
-    service: Annotated[str, typer.Argument(help="Requests to or from this service.")],
+    service: Annotated[str, typer.Argument(autocompletion=complete_service, help="Requests to or from this service.")],
     path: Annotated[str | None, typer.Option("--path", help="Only paths starting with this.")] = None,
     method: Annotated[str | None, typer.Option("--method", help="Only this method.")] = None,
     status: Annotated[str | None, typer.Option("--status", help="Only this status class, e.g. 5xx.")] = None,

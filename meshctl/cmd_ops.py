@@ -13,6 +13,8 @@ from typing import Annotated, Any
 
 import typer
 
+from meshctl.completion import complete_instance, complete_target
+
 from meshctl import render
 from meshctl.cmd_route import EXIT_USAGE, OutputOption, agent_or_exit, format_split
 
@@ -62,7 +64,7 @@ def proxy_status(output: OutputOption = "table") -> None:
 
 
 def proxy_config(
-    instance: Annotated[str, typer.Argument(help="An instance id (cart@v1#0) or `ingress`.")],
+    instance: Annotated[str, typer.Argument(autocompletion=complete_instance, help="An instance id (cart@v1#0) or `ingress`.")],
     output: OutputOption = "json",
 ) -> None:
     """The last config snapshot pushed to one sidecar, with private keys redacted."""
@@ -83,7 +85,7 @@ def split_target(target: str) -> tuple[str, str | None]:
     return service, version or None
 
 
-def scale(target: Annotated[str, typer.Argument(help="SERVICE[@VERSION]=N, e.g. cart@v2=3.")]) -> None:
+def scale(target: Annotated[str, typer.Argument(autocompletion=complete_target, help="SERVICE[@VERSION]=N, e.g. cart@v2=3.")]) -> None:
     """Run N replicas of a version, live (kept across agent restarts; `up` keeps it too).
 
     0 is allowed for a version that gets no traffic (weight 0, no rule sends to it).
@@ -107,7 +109,7 @@ def scale(target: Annotated[str, typer.Argument(help="SERVICE[@VERSION]=N, e.g. 
                               f"{'s' * (result['replicas'] != 1)}" + (f" ({'; '.join(parts)})" if parts else " (unchanged)"))
 
 
-def restart(target: Annotated[str, typer.Argument(help="SERVICE or SERVICE@VERSION.")]) -> None:
+def restart(target: Annotated[str, typer.Argument(autocompletion=complete_target, help="SERVICE or SERVICE@VERSION.")]) -> None:
     """Rolling restart: each instance in turn gets a ready replacement before it drains and stops."""
     service, version = split_target(target)
     fields: dict[str, Any] = {"service": service}

@@ -14,6 +14,8 @@ from typing import Annotated, Any
 
 import typer
 
+from meshctl.completion import complete_service, complete_version, complete_weights
+
 from meshctl import render
 from meshctl.client import Client, connect
 from meshctl.paths import existing_home, resolve_home
@@ -76,7 +78,7 @@ def report_change(result: dict[str, Any], what: str, wait: bool) -> None:
 
 @app.command("show")
 def show(
-    service: Annotated[str | None, typer.Argument(help="Only this service.")] = None,
+    service: Annotated[str | None, typer.Argument(autocompletion=complete_service, help="Only this service.")] = None,
     output: OutputOption = "table",
 ) -> None:
     """Each service's live split and rules, and whether they differ from the manifest."""
@@ -101,8 +103,8 @@ def show(
 
 @app.command("split")
 def split(
-    service: Annotated[str, typer.Argument(help="The service to route.")],
-    weights: Annotated[list[str], typer.Argument(help="VERSION=WEIGHT ..., summing to 100.")],
+    service: Annotated[str, typer.Argument(autocompletion=complete_service, help="The service to route.")],
+    weights: Annotated[list[str], typer.Argument(autocompletion=complete_weights, help="VERSION=WEIGHT ..., summing to 100.")],
     wait: WaitOption = True,
 ) -> None:
     """Send each version its share of SERVICE's requests, e.g. `route split cart v1=90 v2=10`."""
@@ -123,7 +125,7 @@ HEADER_ARG = re.compile(r"^([^=:\s]+)[=:](.*)$")
 
 @app.command("set")
 def set_rule(
-    service: Annotated[str, typer.Argument(help="The service to route.")],
+    service: Annotated[str, typer.Argument(autocompletion=complete_service, help="The service to route.")],
     header: Annotated[str, typer.Option("--header", help="NAME=VALUE: match requests with this header.")],
     to: Annotated[str, typer.Option("--to", help="The version that gets them.")],
     wait: WaitOption = True,
@@ -141,7 +143,7 @@ def set_rule(
 
 @app.command("reset")
 def reset(
-    service: Annotated[str, typer.Argument(help="The service to route as the manifest says.")],
+    service: Annotated[str, typer.Argument(autocompletion=complete_service, help="The service to route as the manifest says.")],
     wait: WaitOption = True,
 ) -> None:
     """Drop SERVICE's live route overrides (and cancel its promotion): back to the manifest."""
@@ -173,8 +175,8 @@ def fraction(text: str) -> float:
 
 @app.command("promote")
 def promote(
-    service: Annotated[str, typer.Argument(help="The service.")],
-    version: Annotated[str, typer.Argument(help="The version to move traffic to.")],
+    service: Annotated[str, typer.Argument(autocompletion=complete_service, help="The service.")],
+    version: Annotated[str, typer.Argument(autocompletion=complete_version, help="The version to move traffic to.")],
     step: Annotated[int, typer.Option(min=1, max=100, help="Percentage points per step.")] = 10,
     interval: Annotated[str, typer.Option(help="Time between steps, e.g. 30s.")] = "30s",
     max_error_rate: Annotated[str, typer.Option(help="Roll back above this error rate, e.g. 1%.")] = "1%",

@@ -13,6 +13,8 @@ from typing import Annotated, Any
 
 import typer
 
+from meshctl.completion import complete_service
+
 from meshctl import render
 from meshctl.cmd_route import agent_or_exit
 
@@ -60,7 +62,7 @@ def certs(ctx: typer.Context, output: OutputOption = "table") -> None:
 
 @certs_app.command("rotate")
 def rotate(
-    service: Annotated[str | None, typer.Argument(help="Only this service's sidecars [all].")] = None,
+    service: Annotated[str | None, typer.Argument(autocompletion=complete_service, help="Only this service's sidecars [all].")] = None,
     ca: Annotated[bool, typer.Option("--ca", help="Rotate the root CA itself, with an overlap.")] = False,
 ) -> None:
     """Issue new certificates now, live: no connection dropped, no request failed."""

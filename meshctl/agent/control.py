@@ -168,7 +168,11 @@ class ControlServer:
         ):
             raise BadRequest('"environ" must map variable names to strings')
         manifest = load_manifest(path, environ=environ)
-        return await self.sup.apply(manifest)
+        metrics_warning = await self.observability.serve_metrics(manifest.observability.metrics_port)
+        result = await self.sup.apply(manifest)
+        if metrics_warning and isinstance(result, dict):
+            result["metrics_warning"] = metrics_warning
+        return result
 
     async def _status(self, request: dict, writer: asyncio.StreamWriter) -> dict:
         return self.sup.status()

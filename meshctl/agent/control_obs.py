@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from dataclasses import asdict
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,8 +20,8 @@ import psutil
 
 from meshctl.agent.compile import identity_of
 from meshctl.agent.errors import AgentError
-from meshctl.agent.observability import Observability
-from meshctl.agent.stats import ServiceStats, add_process_usage
+from meshctl.agent.observability import FILE_SD_NAME, Observability
+from meshctl.agent.stats import ServiceStats, add_process_usage, with_quiet
 from meshctl.agent.supervisor import Supervisor
 
 Handler = Callable[[dict, asyncio.StreamWriter], Awaitable[Any]]
@@ -109,6 +110,21 @@ def observability_ops(sup: Supervisor, obs: Observability) -> dict[str, Handler]
         latest_usage.update(process_usage())
 
     obs.sample_usage = sample_usage
+    obs.file_sd_path = os.path.join(sup.home, FILE_SD_NAME)
+
+    def scrape_targets() -> list[dict]:
+        mesh = sup.manifest.mesh if sup.manifest is not None else ""
+        status = sup.status()
+        groups = []
+        for row in ([status["ingress"]] if status["ingress"] else []) + status["instances"]:
+            if row.get("admin_port"):
+                labels = {"mesh": mesh, "instance": row.get("id", "ingress")}
+                if row.get("service"):
+                    labels.update(service=row["service"], version=row["version"])
+                groups.append({"targets": ["127.0.0.1:%d" % row["admin_port"]], "labels": labels})
+        return groups
+
+    obs.scrape_targets = scrape_targets
     obs.export_settings = lambda: sup.manifest.observability.otlp if sup.manifest is not None else None
 
     async def metrics(request: dict, writer: asyncio.StreamWriter) -> dict:
@@ -122,10 +138,11 @@ def observability_ops(sup: Supervisor, obs: Observability) -> dict[str, Handler]
         if direction not in ("inbound", "outbound"):
             raise BadObsRequest('"direction" must be inbound or outbound')
         result = obs.stat(_window(request), direction, bool(request.get("routes")))
+        running = {(inst.spec.service, inst.spec.version.name) for inst in sup.instances.values()}
+        rows = with_quiet([ServiceStats(**row) for row in result["services"]], running)
         if request.get("usage"):
-            rows = [ServiceStats(**row) for row in result["services"]]
             add_process_usage(rows, dict(latest_usage))
-            result["services"] = [row.to_json() for row in rows]
+        result["services"] = [row.to_json() for row in rows]
         return result
 
     async def stream(writer: asyncio.StreamWriter, subscribe: Callable[[Callable[[dict], None]], Callable[[], None]]) -> None:

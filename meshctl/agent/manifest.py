@@ -76,7 +76,7 @@ from meshctl.agent.model import (
 )
 from meshctl.agent.schema import manifest_json_schema, structural_problems
 from meshctl.agent.schema_export import version_image
-from meshctl.agent.schema_observability import metrics_enabled, observability_settings, otlp_export, otlp_problems
+from meshctl.agent.schema_observability import metrics_enabled, metrics_port, observability_settings, otlp_export, otlp_problems
 from meshctl.agent.schema_protocols import protocol_of, protocol_problems
 from meshctl.agent.schema_security import normal_authorization, source_problems
 from meshctl.agent.yamllines import YamlReader
@@ -377,7 +377,7 @@ def _build(document: dict, base_dir: str, source: str) -> Manifest:
     return Manifest(
         mesh=document["mesh"], services=_dependency_order(services), ingress=ingress, source=source, security=security,
         observability=Observability(
-            access_log=access_log, sampling=sampling, metrics=metrics_enabled(document), otlp=otlp_export(document),
+            access_log=access_log, sampling=sampling, metrics=metrics_enabled(document), metrics_port=metrics_port(document), otlp=otlp_export(document),
         ),
     )
 

@@ -116,6 +116,8 @@ class Observability:
     access_log: str = "off"  # off | on | errors
     sampling: float = 0.01
     metrics: bool = True  # False: sidecars record no request metrics
+    # Where the agent serves the merged metrics: None means 9464, or a free port when taken.
+    metrics_port: int | None = None
     otlp: OtlpExport | None = None  # None: spans stay in the agent
 
 

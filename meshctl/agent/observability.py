@@ -5,10 +5,13 @@ answers go into one `agent.stats.SnapshotRing` per instance. Sidecars also send,
 `spans` batches (into one `agent.traces.TraceStore`), `access` lines (into a bounded
 ring, streamed by `meshctl logs --access`) and `tap-event`s for the taps the hub opened.
 
-All sidecars' metrics are served merged at `http://127.0.0.1:PORT/metrics` (PORT from the
-manifest's `metrics.port`, else a free port chosen when the agent starts): each sidecar's
-newest snapshot is turned back into a `proxy.metrics.Metrics` and its exposition merged
-family by family, so every family has one HELP and one TYPE.
+All sidecars' metrics are served merged at `http://127.0.0.1:PORT/metrics`, once a manifest
+is applied: PORT is the manifest's `observability.metrics.port`, by default 9464 (taken by
+something else: a free port, and a warning), so a Prometheus scrape target survives agent
+restarts. Each sidecar's newest snapshot is turned back into a `proxy.metrics.Metrics` and
+its exposition merged family by family, so every family has one HELP and one TYPE. Every
+poll also rewrites `prometheus-targets.json` in the state directory when the sidecars'
+admin endpoints changed: a Prometheus `file_sd` list for scraping each sidecar directly.
 
 With `observability.tracing.otlp` in the manifest, every span received is also offered to
 an `agent.otlp_export.OtlpExporter`. The hub reconciles the running exporter with the
@@ -20,13 +23,17 @@ and lets the old one flush and end on its own; `close()` flushes the last one, b
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
+import json
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from meshctl.agent.errors import AgentError
 from meshctl.agent.model import OtlpExport
 from meshctl.agent.otlp_export import OtlpExporter
 from meshctl.agent.stats import SnapshotRing, route_stats, service_stats
@@ -43,9 +50,15 @@ RING_CAPACITY = 120
 ACCESS_RING = 1000
 STALE_AFTER_S = 30.0
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+DEFAULT_METRICS_PORT = 9464  # the port OpenTelemetry's Prometheus exporters use
+FILE_SD_NAME = "prometheus-targets.json"
 EXPORT_FLUSH_S = 3.0  # how long `close()` waits for queued spans to reach the collector
 
 Listener = Callable[[dict], None]
+
+
+class MetricsPortTaken(AgentError):
+    code = "metrics-port-taken"
 
 
 def metrics_from_snapshot(snapshot: dict) -> Metrics:
@@ -104,16 +117,50 @@ class Observability:
         # The manifest's OTLP collector, or None (agent.control_obs sets it).
         self.export_settings: Callable[[], OtlpExport | None] = lambda: None
         self.exporter: OtlpExporter | None = None
+        # file_sd target groups of the running sidecars, and where to write them (control_obs).
+        self.scrape_targets: Callable[[], list[dict]] = list
+        self.file_sd_path: str | None = None
+        self._written_targets: list[dict] | None = None
 
     def __repr__(self) -> str:
         return "<Observability %d sidecars, %r, %d taps>" % (len(self.rings), self.traces, len(self.taps))
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    async def start(self, port: int = 0) -> None:
-        self.server = await asyncio.start_server(self._serve_http, "127.0.0.1", port)
-        self.port = self.server.sockets[0].getsockname()[1]
+    async def start(self) -> None:
         self._poller = asyncio.get_running_loop().create_task(self._poll(), name="stats-poll")
+
+    async def serve_metrics(self, wanted: int | None) -> str | None:
+        """Serve the merged metrics on `wanted` (None: the default port, or any free one).
+
+        Returns a warning for the user when the default port was taken. An explicit port
+        that is taken raises MetricsPortTaken before anything else of the apply happens.
+        """
+        if self.server is not None and (wanted is None or wanted == 0 or wanted == self.port):
+            return None
+        warning = None
+        try:
+            server = await self._listen(DEFAULT_METRICS_PORT if wanted is None else wanted)
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                raise
+            if wanted is not None:
+                raise MetricsPortTaken(
+                    "observability.metrics.port %d is in use by another process: choose another "
+                    "port, or 0 for any free one" % wanted
+                ) from None
+            server = await self._listen(0)
+            warning = "metrics: port %d is in use, serving on %d instead (set observability.metrics.port)" % (
+                DEFAULT_METRICS_PORT, server.sockets[0].getsockname()[1])
+            log.warning("%s", warning)
+        old, self.server = self.server, server
+        self.port = server.sockets[0].getsockname()[1]
+        if old is not None:
+            old.close()
+        return warning
+
+    async def _listen(self, port: int) -> asyncio.AbstractServer:
+        return await asyncio.start_server(self._serve_http, "127.0.0.1", port)
 
     async def close(self) -> None:
         if self._poller is not None:
@@ -145,8 +192,25 @@ class Observability:
         return self.exporter.counts() if self.exporter is not None else None
 
     @property
-    def url(self) -> str:
-        return "http://127.0.0.1:%d/metrics" % self.port
+    def url(self) -> str | None:
+        return None if self.port is None else "http://127.0.0.1:%d/metrics" % self.port
+
+    def write_file_sd(self) -> None:
+        """Rewrite the file_sd list when the sidecars changed (atomically: Prometheus may read it)."""
+        if self.file_sd_path is None:
+            return
+        targets = self.scrape_targets()
+        if targets == self._written_targets:
+            return
+        temporary = self.file_sd_path + ".tmp"
+        try:
+            with open(temporary, "w", encoding="utf-8") as out:
+                json.dump(targets, out, indent=1)
+            os.replace(temporary, self.file_sd_path)
+        except OSError as error:
+            log.warning("cannot write %s: %s", self.file_sd_path, error.strerror or error)
+            return
+        self._written_targets = targets
 
     async def _poll(self) -> None:
         while True:
@@ -155,6 +219,7 @@ class Observability:
             if self.sample_usage is not None:
                 self.sample_usage()
             self.reconcile_export()
+            self.write_file_sd()
             now = time.monotonic()
             for instance in [i for i, seen in self.last_seen.items() if now - seen > STALE_AFTER_S]:
                 self.rings.pop(instance, None)

@@ -8,14 +8,18 @@ Top level:
         sampling: 0.1            # share of traces started at the ingress that are kept [0.01]
         otlp:                    # also export every recorded span to a collector [none]
           endpoint: http://127.0.0.1:4318/v1/traces   # OTLP/HTTP JSON, http:// or https://
-          headers: {authorization: "Bearer ..."}       # sent with every export; never logged
+          headers: {authorization: "Bearer ${OTLP_TOKEN}"}  # sent with every export; never logged
           timeout: 2s            # per export request [2s]
-      metrics: false             # sidecars record no request metrics at all [true]
+      metrics: {port: 9464}      # where the agent serves all sidecars' metrics merged [9464]
+      # metrics: false           # sidecars record no request metrics at all [true]
 
 Tracing is always on (headers propagated, caller's sampling decision honoured); `sampling`
 only decides for traces that start at this mesh's ingress. `sampling: 0` records nothing
 of its own. `metrics: false` turns per-request recording off in every sidecar (the
 benchmark's metrics-off figures); `meshctl stat`/`top`/`metrics` then show no traffic.
+The merged metrics port is fixed (9464 unless set) so that a Prometheus target survives
+agent restarts; with the default, a taken port falls back to a free one with a warning, an
+explicit port that is taken fails `meshctl up` (`metrics-port-taken`) before any change.
 `tracing.otlp` makes the agent post every span it receives, batched, to an OpenTelemetry
 collector (meshctl/agent/otlp_export.py); spans are dropped, and counted, when it cannot keep up.
 """
@@ -68,7 +72,22 @@ MANIFEST_PROPERTIES: dict[str, Any] = {
         "additionalProperties": False,
         "description": "Access logs, trace sampling and metrics.",
         "properties": {
-            "metrics": {"type": "boolean", "description": "Record request metrics in the sidecars [true]."},
+            "metrics": {
+                "description": "true/false: record request metrics in the sidecars [true]; or "
+                "{enabled, port}: also where the agent serves them merged [9464; 0: any free port].",
+                "oneOf": [
+                    {"type": "boolean"},
+                    {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "enabled": {"type": "boolean", "description": "Record request metrics [true]."},
+                            "port": {"type": "integer", "minimum": 0, "maximum": 65535,
+                                     "description": "Port of the merged /metrics on 127.0.0.1 [9464]."},
+                        },
+                    },
+                ],
+            },
             "access_log": {"enum": list(ACCESS_LOG_MODES), "description": "off, on (every request) or errors (5xx and mesh errors) [off]."},
             "tracing": {
                 "type": "object",
@@ -93,7 +112,14 @@ def observability_settings(document: dict[str, Any]) -> tuple[str, float]:
 
 def metrics_enabled(document: dict[str, Any]) -> bool:
     """Whether the sidecars record request metrics (`observability: {metrics: false}` turns it off)."""
-    return (document.get("observability") or {}).get("metrics", True) is not False
+    raw = (document.get("observability") or {}).get("metrics", True)
+    return raw.get("enabled", True) is not False if isinstance(raw, dict) else raw is not False
+
+
+def metrics_port(document: dict[str, Any]) -> int | None:
+    """The merged metrics' port the manifest asks for, or None for the default."""
+    raw = (document.get("observability") or {}).get("metrics")
+    return raw.get("port") if isinstance(raw, dict) else None
 
 
 def otlp_export(document: dict[str, Any]) -> OtlpExport | None:

@@ -51,6 +51,19 @@ class ServiceStats:
         return {**{key: data[key] for key in STAT_JSON_KEYS}, **{k: v for k, v in data.items() if k not in STAT_JSON_KEYS}}
 
 
+def with_quiet(rows: list[ServiceStats], running: set[tuple[str, str]]) -> list[ServiceStats]:
+    """`rows` plus a zero row for every running service@version that had no traffic.
+
+    A quiet service shows as quiet (0 rps, no percentiles) instead of vanishing.
+    """
+    seen = {(row.service, row.version) for row in rows}
+    quiet = [
+        ServiceStats(service, version, rps=0.0, success_rate=None, p50_ms=None, p95_ms=None, p99_ms=None, requests=0)
+        for service, version in sorted(running - seen)
+    ]
+    return rows + quiet
+
+
 @dataclass
 class RouteStats:
     service: str
