@@ -22,7 +22,16 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 import meshctl
-from meshctl import cmd_export, cmd_obs, cmd_ops, cmd_route, cmd_security, render
+from meshctl import (
+    cmd_export,
+    cmd_obs,
+    cmd_ops,
+    cmd_route,
+    cmd_security,
+    completion,
+    render,
+    resources,
+)
 from meshctl.client import (
     AgentError,
     AgentStartError,
@@ -33,13 +42,16 @@ from meshctl.client import (
     ensure_agent,
     stop_agent,
 )
-from meshctl import completion, resources
+from meshctl.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, load_manifest_or_exit
 from meshctl.completion import complete_service
-from meshctl.paths import StateDirError, existing_home, log_path, prepare_home, resolve_home
+from meshctl.paths import (
+    StateDirError,
+    existing_home,
+    log_path,
+    prepare_home,
+    resolve_home,
+)
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
 STATUS_POLL_S = 0.2
 FAILURE_LOG_LINES = 10
 # Enough history that one replica's last lines survive its siblings' chatter.
@@ -97,26 +109,6 @@ def root(
 
 
 # --- manifests -----------------------------------------------------------------------------
-
-
-def load_manifest_or_exit(file: Path) -> Any:
-    """The validated manifest, or exit 2 with every problem as `file:line: path: message`."""
-    from meshctl.agent.errors import ManifestError
-    from meshctl.agent.manifest import load_manifest
-
-    try:
-        return load_manifest(file)
-    except ManifestError as exc:
-        problems = str(exc).splitlines()
-        err = render.make_console(stderr=True)
-        count = len(problems)
-        render.print_error(err, f"{file} is not a valid manifest ({count} problem{'s' * (count != 1)})")
-        for line in problems:
-            err.out(line)
-        err.out("hint: `meshctl schema` prints the JSON Schema the manifest must follow")
-        raise typer.Exit(EXIT_USAGE) from None
-    except OSError as exc:
-        fail(f"cannot read {file}: {exc.strerror}", "check the path given to -f", EXIT_USAGE)
 
 
 def manifest_environ(file: Path) -> dict[str, str]:

@@ -17,9 +17,8 @@ import typer
 
 from meshctl import render
 from meshctl.client import ClientError, connect
+from meshctl.common import EXIT_USAGE, load_manifest_or_exit
 from meshctl.paths import existing_home, resolve_home
-
-EXIT_USAGE = 2
 
 app = typer.Typer(help="Export the mesh to another platform.", no_args_is_help=True)
 
@@ -57,7 +56,6 @@ def kubernetes(
                                                help="gatewayClassName of the ingress [istio for istio, else default].")] = "",
 ) -> None:
     """Write Deployments, Services, HTTPRoutes and mesh policy for a Kubernetes cluster."""
-    from meshctl.cli import load_manifest_or_exit
     from meshctl.export import ExportInput, MissingImages, export_objects, writer
 
     manifest = load_manifest_or_exit(file)

@@ -7,7 +7,6 @@ metrics once a second; rendering is meshctl/top.py and meshctl/agent/traces.py.
 from __future__ import annotations
 
 import json
-import re
 import select
 import sys
 import termios
@@ -18,27 +17,21 @@ from typing import Annotated, Any
 
 import typer
 
+from meshctl import render, top
+from meshctl.agent.traces import SpanRecord, build_tree, render_waterfall
+from meshctl.common import (
+    EXIT_USAGE,
+    OutputOption,
+    WindowOption,
+    agent_or_exit,
+    duration_seconds,
+)
 from meshctl.completion import complete_service
 
-from meshctl.agent.traces import SpanRecord, build_tree, render_waterfall
-from meshctl import render, top
-from meshctl.cmd_route import agent_or_exit
-
-EXIT_USAGE = 2
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
 TOP_KEYS = {"r": "rps", "s": "success", "p": "p99", "n": "name"}
 
-OutputOption = Annotated[str, typer.Option("-o", "--output", help="table or json.")]
-WindowOption = Annotated[str, typer.Option("-w", "--window", help="How far back to look, e.g. 10s, 1m (at most 2m).")]
-
-
 def parse_window(text: str) -> float:
-    match = _DURATION.match(text.strip())
-    if match is None:
-        render.print_error(render.make_console(stderr=True), f"window {text!r}: expected a duration like 10s or 1m")
-        raise typer.Exit(EXIT_USAGE)
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    return duration_seconds(text, "--window")
 
 
 def metrics(raw: Annotated[bool, typer.Option("--raw", help="Print the merged exposition instead of its URL.")] = False) -> None:

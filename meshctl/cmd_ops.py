@@ -13,10 +13,10 @@ from typing import Annotated, Any
 
 import typer
 
-from meshctl.completion import complete_instance, complete_target
-
 from meshctl import render
-from meshctl.cmd_route import EXIT_USAGE, OutputOption, agent_or_exit, format_split
+from meshctl.cmd_route import format_split
+from meshctl.common import EXIT_USAGE, OutputOption, agent_or_exit
+from meshctl.completion import complete_instance, complete_target
 
 
 def diff(output: OutputOption = "table") -> None:

@@ -14,33 +14,19 @@ from typing import Annotated, Any
 
 import typer
 
-from meshctl.completion import complete_service, complete_version, complete_weights
-
 from meshctl import render
-from meshctl.client import Client, connect
-from meshctl.paths import existing_home, resolve_home
-
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-LIVE_TIMEOUT_S = 120.0
+from meshctl.common import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    OutputOption,
+    WaitOption,
+    agent_or_exit,
+    duration_seconds,
+)
+from meshctl.completion import complete_service, complete_version, complete_weights
 
 app = typer.Typer(help="Show and change traffic routing live (split, header rules, reset, promote).",
                   no_args_is_help=True)
-
-OutputOption = Annotated[str, typer.Option("-o", "--output", help="table or json.")]
-WaitOption = Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until every sidecar has ACKed.")]
-
-
-def agent_or_exit() -> Client:
-    home = resolve_home()
-    client = connect(home) if existing_home(home) is not None else None
-    if client is None:
-        render.print_error(render.make_console(stderr=True), f"no mesh running (MESHCTL_HOME={home})",
-                           "start one with `meshctl up -f mesh.yaml`")
-        raise typer.Exit(EXIT_FAILURE)
-    client.timeout = LIVE_TIMEOUT_S  # rolling changes wait for instances to become ready
-    return client
-
 
 def format_split(split: dict[str, Any] | None) -> str:
     return " ".join(f"{version}={weight}" for version, weight in (split or {}).items()) or "-"
@@ -154,17 +140,6 @@ def reset(
     report_change(result, what, wait)
 
 
-DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
-
-
-def seconds(text: str) -> float:
-    match = DURATION.match(text.strip())
-    if match is None:
-        raise typer.BadParameter(f"{text!r}: expected a duration like 30s, 500ms, 2m")
-    value, unit = float(match[1]), match[2] or "s"
-    return value / 1000 if unit == "ms" else value * 60 if unit == "m" else value
-
-
 def fraction(text: str) -> float:
     text = text.strip()
     try:
@@ -188,9 +163,9 @@ def promote(
     Each step is judged on the canary's requests in the last interval (the sidecars' metrics).
     """
     fields: dict[str, Any] = {
-        "service": service, "version": version, "step": step, "interval": seconds(interval),
+        "service": service, "version": version, "step": step, "interval": duration_seconds(interval, "--interval"),
         "max_error_rate": fraction(max_error_rate),
-        "max_p99_ms": None if max_p99 is None else seconds(max_p99) * 1000,
+        "max_p99_ms": None if max_p99 is None else duration_seconds(max_p99, "--max-p99") * 1000,
     }
     result = agent_or_exit().request("promote", **fields)
     render.make_console().out(

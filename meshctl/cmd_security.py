@@ -13,10 +13,9 @@ from typing import Annotated, Any
 
 import typer
 
-from meshctl.completion import complete_service
-
 from meshctl import render
-from meshctl.cmd_route import agent_or_exit
+from meshctl.common import agent_or_exit
+from meshctl.completion import complete_service
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
