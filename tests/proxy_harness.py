@@ -60,7 +60,10 @@ class Sidecar:
         self.extra = extra
         self.version = 0
         self.channel, child_end = socket.socketpair()
-        env = dict(os.environ, MESHCTL_PROXY_LOOP=loop, PYTHONPATH=str(ROOT))
+        # Plain asyncio always runs on its own transports (the fallback); uvloop on the
+        # transports MESHCTL_PROXY_TRANSPORT names (meshctl/proxy/transport.py).
+        transport = "loop" if loop == "asyncio" else os.environ.get("MESHCTL_PROXY_TRANSPORT", "loop")
+        env = dict(os.environ, MESHCTL_PROXY_LOOP=loop, MESHCTL_PROXY_TRANSPORT=transport, PYTHONPATH=str(ROOT))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "meshctl.proxy", "--control-fd", str(child_end.fileno())],
             pass_fds=[child_end.fileno()] + [s.fileno() for s in self._sockets],

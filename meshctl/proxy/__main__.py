@@ -1,7 +1,8 @@
 """`python -m meshctl.proxy --control-fd N`: run one sidecar (docs/protocols.md, part 1).
 
 The event loop is uvloop when it is installed, plain asyncio otherwise;
-MESHCTL_PROXY_LOOP=asyncio forces plain asyncio. Logs go to stderr, the level from
+MESHCTL_PROXY_LOOP=asyncio forces plain asyncio. The transports and TLS are aiofastnet's
+when it is installed (meshctl/proxy/transport.py). Logs go to stderr, the level from
 MESHCTL_PROXY_LOG (default INFO).
 """
 
@@ -17,6 +18,7 @@ import sys
 
 from meshctl.proxy.control import ControlChannel
 from meshctl.proxy.server import ServerState
+from meshctl.proxy.transport import TRANSPORTS
 
 log = logging.getLogger("proxy")
 
@@ -56,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s sidecar[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
     loop = _new_event_loop()
+    TRANSPORTS.install(loop)
     asyncio.set_event_loop(loop)
-    log.info("starting on %s", type(loop).__module__)
+    log.info("starting on %s, transports: %s", type(loop).__module__, TRANSPORTS.name)
     try:
         code = loop.run_until_complete(_serve(args.control_fd))
     finally:

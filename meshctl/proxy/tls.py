@@ -23,6 +23,8 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
+from meshctl.proxy.transport import TRANSPORTS
+
 log = logging.getLogger("proxy.tls")
 
 ALPN = ["http/1.1", "h2"]
@@ -238,10 +240,10 @@ class InboundAcceptor:
     async def _connect(self, conn: socket.socket, context: ssl.SSLContext | None) -> None:
         try:
             if context is None:
-                await self.loop.connect_accepted_socket(self.factory, conn)
+                await TRANSPORTS.connect_accepted_socket(self.loop, self.factory, conn)
             else:
-                await self.loop.connect_accepted_socket(
-                    self.factory, conn, ssl=context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S
+                await TRANSPORTS.connect_accepted_socket(
+                    self.loop, self.factory, conn, ssl=context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S
                 )
         except (OSError, asyncio.TimeoutError, EOFError) as exc:
             # A peer without a valid certificate: refused, and worth a line in the log.
