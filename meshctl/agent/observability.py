@@ -104,6 +104,8 @@ class Observability:
         # The manifest's OTLP collector, or None (agent.control_obs sets it).
         self.export_settings: Callable[[], OtlpExport | None] = lambda: None
         self.exporter: OtlpExporter | None = None
+        # Where `shadow-results` batches go (agent.control_shadow sets it).
+        self.on_shadow_results: Callable[[list[dict]], None] = lambda results: None
 
     def __repr__(self) -> str:
         return "<Observability %d sidecars, %r, %d taps>" % (len(self.rings), self.traces, len(self.taps))
@@ -180,6 +182,8 @@ class Observability:
                 self.access.append(event)
                 for follower in list(self.access_followers):
                     follower(event)
+        elif kind == "shadow-results":
+            self.on_shadow_results(message.get("results") or [])
         elif kind == "tap-event":
             listener = self.taps.get(message.get("id"))
             if listener is not None:

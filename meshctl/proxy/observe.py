@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshctl.proxy.http1 import HOP_BY_HOP, Head
 from meshctl.proxy.metrics import INBOUND, OUTBOUND, Metrics, path_template
+from meshctl.proxy.shadow import ShadowResults
 from meshctl.proxy.tracing import B3_SINGLE, TRACE_HEADERS, Hop, Sampler, Span, SpanBuffer, extract, next_hop
 
 if TYPE_CHECKING:
@@ -125,6 +126,7 @@ class Observer:
         self._flusher: asyncio.TimerHandle | None = None
         self._access_lines: list[dict[str, Any]] = []
         self._access_flusher: asyncio.TimerHandle | None = None
+        self.shadow_results = ShadowResults(state.loop, send)  # compared requests (proxy.shadow)
 
     def __repr__(self) -> str:
         return "<Observer %r, %d taps, %r>" % (self.metrics, len(self.taps), self.spans)

@@ -1,0 +1,183 @@
+"""Shadow traffic with a response diff: the pure comparison, the tally, the overrides, a real mesh.
+
+The mesh: ingress -> item (tests/apps/shadowapp.py). v1 runs two replicas that differ only
+in their start time (noise); v2 differs from v1 in one JSON field and one header; v3
+hangs on every request (a slow shadow).
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+
+from meshctl.agent import overrides as ovr
+from meshctl.agent.model import Manifest, ServiceSpec, VersionSpec
+from meshctl.agent.shadow_report import ShadowTally
+from meshctl.proxy.capture import dechunk, parse_message
+from meshctl.proxy.compare import ABSENT, Ignore, Response, differences, json_pattern_error
+from meshctl.proxy.shadow import CompareSpec, compare_spec
+from tests.meshharness import free_port, http_get, wait_for
+
+JSON = [("content-type", "application/json")]
+
+
+def _json(body: object, headers=JSON, status: int = 200) -> Response:
+    return Response(status, headers, json.dumps(body).encode())
+
+
+@pytest.mark.parametrize(
+    "primary, other, ignore, expected",
+    [
+        (_json({"a": 1}), _json({"a": 1}), Ignore(), {}),
+        (_json({"a": 1}), _json({"a": 1}, status=500), Ignore(), {"status": ("200", "500")}),
+        (_json({"a": 1, "b": {"c": [1, 2]}}), _json({"a": 1, "b": {"c": [1, 3]}}), Ignore(), {"body:$.b.c[1]": ("2", "3")}),
+        (_json({"a": 1}), _json({"a": 1, "new": "x"}), Ignore(), {"body:$.new": (ABSENT, '"x"')}),
+        (_json({"a": [1, 2]}), _json({"a": [1]}), Ignore(), {"body:$.a[1]": ("2", ABSENT)}),
+        (_json({"odd key": 1}), _json({"odd key": 2}), Ignore(), {'body:$["odd key"]': ("1", "2")}),
+        (_json({"a": {}}), _json({"a": {"b": 1}}), Ignore(), {"body:$.a": ("{}", ABSENT), "body:$.a.b": (ABSENT, "1")}),
+        (_json({"ts": 1, "m": {"ts": 2}}), _json({"ts": 3, "m": {"ts": 4}}), Ignore(json_paths=["$.ts"]), {"body:$.m.ts": ("2", "4")}),
+        (_json({"m": {"ts": 2, "x": 1}}), _json({"m": {"ts": 4, "x": 1}}), Ignore(json_paths=["m"]), {}),
+        (_json({"i": [{"id": 1, "p": 1}]}), _json({"i": [{"id": 2, "p": 1}]}), Ignore(json_paths=["$.i[*].id"]), {}),
+        (_json({"k": 1}, JSON + [("x-v", "1")]), _json({"k": 1}, JSON + [("x-v", "2")]), Ignore(), {"header:x-v": ("1", "2")}),
+        (_json({"k": 1}, JSON + [("x-v", "1")]), _json({"k": 1}), Ignore(), {"header:x-v": ("1", ABSENT)}),
+        (_json({"k": 1}, JSON + [("x-v", "1")]), _json({"k": 1}, JSON + [("x-v", "2")]), Ignore(headers=["X-V"]), {}),
+        (_json({"k": 1}, JSON + [("date", "a"), ("x-request-id", "1"), ("content-length", "9")]),
+         _json({"k": 1}, JSON + [("date", "b"), ("x-request-id", "2"), ("content-length", "8")]), Ignore(), {}),
+        (Response(200, [("set-cookie", "a")], b""), Response(200, [("set-cookie", "a"), ("set-cookie", "b")], b""), Ignore(),
+         {"header:set-cookie": ("a", "a, b")}),
+        (Response(200, [], b"one\ntwo\n"), Response(200, [], b"one\nTWO\n"), Ignore(), {"body": ("line 2: two", "line 2: TWO")}),
+        (Response(200, [], b"one\n"), Response(200, [], b"one\ntwo"), Ignore(), {"body": ("line 2: " + ABSENT, "line 2: two")}),
+        (Response(200, [], b"\xff\x00"), Response(200, [], b"\xff\x01"), Ignore(), {"body": (
+            "2 bytes sha256:" + __import__("hashlib").sha256(b"\xff\x00").hexdigest()[:12],
+            "2 bytes sha256:" + __import__("hashlib").sha256(b"\xff\x01").hexdigest()[:12])}),
+        (_json({"a": 1}), Response(200, JSON, b"not json"), Ignore(), {"body": ('line 1: {"a": 1}', "line 1: not json")}),
+        (Response(200, JSON, None), _json({"a": 2}), Ignore(), {}),  # a body too large to keep is not compared
+    ],
+)
+def test_differences(primary, other, ignore, expected):
+    assert differences(primary, other, ignore) == expected
+
+
+def test_long_values_are_shortened():
+    [(where, (mine, theirs))] = differences(_json({"a": "x" * 500}), _json({"a": "y" * 500}), Ignore()).items()
+    assert where == "body:$.a" and len(mine) == len(theirs) == 120 and mine.endswith("…")
+
+
+@pytest.mark.parametrize("path, ok", [("$.ts", True), ("ts", True), ("$.items[*].id", True), ("meta.x", True),
+                                      ("", False), ("[0]", False), (".x", False)])
+def test_json_pattern_check(path, ok):
+    assert (json_pattern_error(path) is None) is ok
+
+
+@pytest.mark.parametrize(
+    "raw, is_request, expected",
+    [
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi", False, (200, b"hi")),
+        (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 1\r\n\r\nx", False, (201, b"x")),
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r\n3;x=1\r\ncde\r\n0\r\nt: 1\r\n\r\n", False, (200, b"abcde")),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhi", False, None),  # cut short
+        (b"HTTP/1.1 200 OK\r\n\r\nuntil close", False, (200, b"until close")),
+        (b"POST /x HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\nabc", True, ("/x", b"abc")),
+        (b"garbage", False, None),
+    ],
+)
+def test_parse_message(raw, is_request, expected):
+    parsed = parse_message(raw, is_request)
+    if expected is None:
+        assert parsed is None
+    else:
+        head, body = parsed
+        assert ((head.target.decode() if is_request else head.status), body) == expected
+
+
+def test_dechunk_drops_extensions_and_trailers():
+    assert dechunk(b"1\r\na\r\n1;e=v\r\nb\r\n0\r\nx-t: 1\r\n\r\n") == b"ab"
+
+
+@pytest.mark.parametrize(
+    "raw, method, target, wanted",
+    [
+        (True, b"GET", b"/a", True),
+        (True, b"POST", b"/a", False),
+        ({"unsafe": True}, b"POST", b"/a", True),
+        ({"path": "/api"}, b"GET", b"/a", False),
+        ({"path": "/api"}, b"GET", b"/api/x", True),
+        ({"path": "/api"}, b"DELETE", b"/api/x", False),
+    ],
+)
+def test_compare_spec_decides_which_requests(raw, method, target, wanted):
+    spec = compare_spec(raw, "mirror.compare")
+    assert isinstance(spec, CompareSpec) and spec.wants(method, target) is wanted
+
+
+@pytest.mark.parametrize("raw, message", [("yes", "expected true or a mapping"), ({"path": "api"}, "starting with /"),
+                                          ({"reference_percent": 101}, "from 0 to 100")])
+def test_compare_spec_errors(raw, message):
+    with pytest.raises(ValueError, match=message):
+        compare_spec(raw, "mirror.compare")
+
+
+def _result(diffs: dict, noise: list | None = None, failed: str | None = None, path: str = "/item/1") -> dict:
+    return {"service": "item", "version": "v2", "method": "GET", "path": path, "failed": failed,
+            "diffs": diffs, "noise": noise, "primary_ms": 2.0, "shadow_ms": 3.0, "tag": None}
+
+
+def test_tally_counts_fields_and_learns_noise():
+    tally = ShadowTally("item", "v2")
+    tally.add(_result({"body:$.price": ["10", "12"], "body:$.started": ["1", "2"]}, path="/item/1"))
+    tally.add(_result({"body:$.started": ["1", "3"]}, noise=["body:$.started"], path="/item/2"))
+    tally.add(_result({}, path="/item/3"))
+    tally.add(_result({}, failed="no response within 2s"))
+    for index in range(4, 8):
+        tally.add(_result({"body:$.price": ["10", "12"]}, path=f"/item/{index}"))
+    report = tally.report()
+    assert (report["compared"], report["identical"], report["different"], report["failed"]) == (7, 2, 5, 1)
+    [price] = report["fields"]
+    assert price["where"] == "body:$.price" and price["count"] == 5
+    assert [e["path"] for e in price["examples"]] == ["/item/1", "/item/4", "/item/5"]
+    assert price["examples"][0] == {"method": "GET", "path": "/item/1", "primary": "10", "shadow": "12"}
+    assert report["noise"] == [{"where": "body:$.started", "count": 2, "between_primaries": 1}]
+    assert report["failures"] == [{"reason": "no response within 2s", "count": 1}]
+    assert report["latency"]["primary"] == {"p50_ms": 2.0, "p99_ms": 2.0}
+    assert report["latency"]["shadow"]["p50_ms"] == 3.0
+
+
+# -- the live override -----------------------------------------------------------------------
+
+ITEM = ServiceSpec("item", (VersionSpec("v1", ("x",), replicas=2), VersionSpec("v2", ("x",))),
+                   traffic={"split": {"v1": 100}, "versions": ["v1", "v2"], "routes": []})
+MANIFEST = Manifest("m", (ITEM,))
+
+
+@pytest.mark.parametrize(
+    "shadow, message",
+    [
+        (ovr.Shadow("v9"), "has no version 'v9'"),
+        (ovr.Shadow("v1"), "all its traffic to v1 already"),
+        (ovr.Shadow("v2", percent=0), "more than 0"),
+        (ovr.Shadow("v2", path="api"), "starts with /"),
+        (ovr.Shadow("v2", ignore_headers=("bad header",)), "not a valid header name"),
+        (ovr.Shadow("v2", ignore_json=("[0]",)), "expected a JSON path"),
+    ],
+)
+def test_shadow_override_validation(shadow, message):
+    with pytest.raises(ovr.OverrideError, match=message):
+        ovr.with_shadow(ovr.MeshOverrides(), MANIFEST, "item", shadow)
+
+
+def test_shadow_override_round_trip_traffic_and_diff():
+    shadow = ovr.Shadow("v2", 50.0, "/item", False, ("x-api-version",), ("$.started",))
+    ov = ovr.with_shadow(ovr.MeshOverrides(), MANIFEST, "item", shadow)
+    assert ovr.MeshOverrides.from_json(json.loads(json.dumps(ov.to_json()))) == ov
+    keys = ovr.traffic_overrides(MANIFEST, ov)["item"]
+    assert keys == {"shadow": {"version": "v2", "percent": 50.0, "compare": {
+        "path": "/item", "unsafe": False, "ignore_headers": ["x-api-version"], "ignore_json": ["$.started"]}}}
+    assert [d["what"] for d in ovr.diff(MANIFEST, ov)] == ["shadow"]
+    with pytest.raises(ovr.BadScale, match="still receives traffic"):
+        ovr.with_replicas(ov, MANIFEST, "item", "v2", 0)
+    assert ovr.without_shadow(ov, MANIFEST, "item") == ovr.MeshOverrides()
+    assert ovr.without(ov, MANIFEST, "item") == ovr.MeshOverrides()
+    with pytest.raises(ovr.BadShadow, match="no live shadow"):
+        ovr.without_shadow(ovr.MeshOverrides(), MANIFEST, "item")
