@@ -181,3 +181,110 @@ def test_shadow_override_round_trip_traffic_and_diff():
     assert ovr.without(ov, MANIFEST, "item") == ovr.MeshOverrides()
     with pytest.raises(ovr.BadShadow, match="no live shadow"):
         ovr.without_shadow(ovr.MeshOverrides(), MANIFEST, "item")
+
+
+# -- a real mesh -----------------------------------------------------------------------------
+
+MESH = """
+mesh: shadowtest
+services:
+  item:
+    health: {{http: /healthz, period: 100ms}}
+    timeout: 2s
+    split: {{v1: 100}}
+    versions:
+      v1: {{command: {PY} {APPS}/shadowapp.py, replicas: 2}}
+      v2: {{command: {PY} {APPS}/shadowapp.py, env: {{PRICE: "12", API_VERSION: "2"}}}}
+      v3: {{command: {PY} {APPS}/shadowapp.py, env: {{BLOCK: "1"}}}}
+ingress:
+  port: {port}
+  routes: [{{path: /, service: item}}]
+"""
+GETS = 40
+
+
+def _post(url: str, timeout: float = 10.0) -> int:
+    request = urllib.request.Request(url, data=b'{"sku": 1}', method="POST", headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
+        return resp.status
+
+
+def _report(mesh, service: str = "item") -> dict:
+    return json.loads(mesh.cli("shadow", "report", service, "-o", "json", check=True).stdout)
+
+
+def _posts_at(base: str, version: str, mesh) -> int:
+    """POST /orders that `version` took, asked through a header rule sending x-to: VERSION there."""
+    mesh.cli("route", "set", "item", "--header", f"x-to={version}", "--to", version, check=True)
+    status, _, body = http_get(f"{base}/orders/count", headers={"x-to": version})
+    assert status == 200, body
+    return json.loads(body)["posts"]
+
+
+def test_shadow_reports_exactly_the_differing_fields_and_learns_noise(mesh):
+    port = free_port()
+    mesh.write_manifest(MESH.format(port=port, PY="{PY}", APPS="{APPS}"))
+    mesh.up()
+    base = f"http://127.0.0.1:{port}"
+
+    started = mesh.cli("shadow", "item", "v2", check=True)
+    assert "shadowed to v2 (safe methods only)" in started.stdout
+    shown = json.loads(mesh.cli("route", "show", "item", "-o", "json", check=True).stdout)
+    assert shown["services"]["item"]["live"]["shadow"]["version"] == "v2" and shown["services"]["item"]["overridden"]
+    assert "shadow 100% of requests to v2" in mesh.cli("diff", check=True).stdout
+
+    for index in range(GETS):
+        status, _, body = http_get(f"{base}/item/{index}")
+        assert status == 200 and json.loads(body)["price"] == 10  # the client always gets the primary's answer
+    for _ in range(5):
+        assert _post(f"{base}/orders") == 201
+
+    report = wait_for(lambda: (r := _report(mesh))["compared"] >= GETS and r, timeout=20, what="40 compared requests")
+    assert (report["service"], report["version"]) == ("item", "v2")
+    assert (report["compared"], report["identical"], report["different"], report["failed"]) == (GETS, 0, GETS, 0)
+    assert {f["where"]: f["count"] for f in report["fields"]} == {"body:$.price": GETS, "header:x-api-version": GETS}
+    price = next(f for f in report["fields"] if f["where"] == "body:$.price")
+    assert len(price["examples"]) == 3 and price["examples"][0]["primary"] == "10" and price["examples"][0]["shadow"] == "12"
+    assert all(e["method"] == "GET" and e["path"].startswith("/item/") for e in price["examples"])
+    # The replicas of v1 differ in their start time: noise, not a difference of v2.
+    assert [n["where"] for n in report["noise"]] == ["body:$.started"] and report["references"] > 0
+    assert report["latency"]["shadow"]["p50_ms"] is not None and report["latency"]["primary"]["p99_ms"] is not None
+
+    table = mesh.cli("shadow", "report", "item", check=True).stdout
+    assert "40 compared, 0 identical, 40 different, 0 failed" in table and "body:$.price" in table and "noise" in table
+    # POSTs were answered but not copied: v2 took none of them.
+    assert _posts_at(base, "v2", mesh) == 0
+
+    # Ignoring the header and the field makes every request identical.
+    mesh.cli("shadow", "item", "v2", "--ignore-header", "X-Api-Version", "--ignore-json", "$.price", "--unsafe", check=True)
+    for index in range(10):
+        assert http_get(f"{base}/item/{index}")[0] == 200
+    assert _post(f"{base}/orders") == 201
+    report = wait_for(lambda: (r := _report(mesh))["compared"] >= 11 and r, timeout=20, what="11 compared requests")
+    assert (report["compared"], report["identical"], report["fields"]) == (11, 11, [])
+    assert report["ignored"] == ["header:x-api-version", "body:$.price"]
+    assert _posts_at(base, "v2", mesh) == 1  # with --unsafe the POST was copied
+
+    mesh.cli("shadow", "stop", "item", check=True)
+    assert json.loads(mesh.cli("route", "show", "item", "-o", "json", check=True).stdout)["services"]["item"]["live"]["shadow"] is None
+    assert _report(mesh)["live"] is False
+
+
+def test_a_hanging_shadow_never_holds_the_client(mesh):
+    port = free_port()
+    mesh.write_manifest(MESH.format(port=port, PY="{PY}", APPS="{APPS}"))
+    mesh.up()
+    base = f"http://127.0.0.1:{port}"
+    mesh.cli("shadow", "item", "v3", "--unsafe", check=True)
+    # v3 holds every request for 60 s; each client request must still get its 200 well within
+    # its own 5 s timeout, including POSTs, and more requests than the 64 copies allowed out.
+    for index in range(80):
+        status, _, _ = http_get(f"{base}/item/{index}", timeout=5)
+        assert status == 200
+    assert _post(f"{base}/orders", timeout=5) == 201
+    report = wait_for(lambda: (r := _report(mesh))["failed"] >= 1 and r, timeout=20, what="failed shadow copies")
+    assert report["compared"] == 0 and report["failures"][0]["reason"].startswith("no response within")
+
+    # A route reset drops the shadow like any live override.
+    mesh.cli("route", "reset", "item", check=True)
+    assert "no live overrides" in mesh.cli("diff", check=True).stdout
