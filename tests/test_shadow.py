@@ -8,6 +8,10 @@ hangs on every request (a slow shadow).
 from __future__ import annotations
 
 import json
+import os
+import stat
+import subprocess
+import sys
 import urllib.request
 
 import pytest
@@ -288,3 +292,107 @@ def test_a_hanging_shadow_never_holds_the_client(mesh):
     # A route reset drops the shadow like any live override.
     mesh.cli("route", "reset", "item", check=True)
     assert "no live overrides" in mesh.cli("diff", check=True).stdout
+
+
+# -- the manifest's mirror: {compare: ...} ---------------------------------------------------
+
+COMPARING_MANIFEST = """\
+mesh: m
+services:
+  item:
+    command: x
+    versions: {v1: {}, v2: {}}
+    routes:
+      - match: {path: {prefix: /item}}
+        mirror: {version: v2, compare: %s}
+"""
+
+
+@pytest.mark.parametrize(
+    "compare, expected",
+    [
+        ("true", {"unsafe": False, "ignore_headers": [], "ignore_json": []}),
+        ("false", None),
+        ("{unsafe: true, ignore_headers: [X-Api-Version], ignore_json: [$.started]}",
+         {"unsafe": True, "ignore_headers": ["x-api-version"], "ignore_json": ["$.started"]}),
+    ],
+)
+def test_manifest_mirror_compare(tmp_path, compare, expected):
+    from meshctl.agent.manifest import load_manifest
+    from meshctl.proxy.routing import Router
+
+    path = tmp_path / "mesh.yaml"
+    path.write_text(COMPARING_MANIFEST % compare)
+    traffic = load_manifest(str(path)).service("item").traffic
+    mirror = traffic["routes"][0]["mirror"]
+    assert mirror.get("compare") == expected
+    # What the agent writes is what the sidecar compiles.
+    action = Router("item", traffic).route("GET", "/item/1")
+    assert (action.mirror["compare"] is None) is (expected is None)
+
+
+@pytest.mark.parametrize(
+    "compare, message",
+    [
+        ("{ignore_json: ['[0]']}", "services.item.routes[0].mirror.compare.ignore_json[0]: '[0]': expected a JSON path"),
+        ("{ignore_headers: ['a b']}", "services.item.routes[0].mirror.compare.ignore_headers[0]: 'a b' is not a valid header name"),
+        ("{nope: 1}", "services.item.routes[0].mirror.compare"),
+        ("yes please", "services.item.routes[0].mirror.compare"),
+    ],
+)
+def test_manifest_mirror_compare_errors(tmp_path, compare, message):
+    from meshctl.agent.errors import ManifestError
+    from meshctl.agent.manifest import load_manifest
+
+    path = tmp_path / "mesh.yaml"
+    path.write_text(COMPARING_MANIFEST % compare)
+    with pytest.raises(ManifestError) as info:
+        load_manifest(str(path))
+    assert message in str(info.value)
+
+
+def test_record_then_replay_gives_the_shadow_report(mesh):
+    port = free_port()
+    mesh.write_manifest(MESH.format(port=port, PY="{PY}", APPS="{APPS}"))
+    mesh.up()
+    base = f"http://127.0.0.1:{port}"
+    recording = mesh.tmp / "item.jsonl"
+    record = subprocess.Popen(
+        [sys.executable, "-m", "meshctl.cli", "record", "item", "--duration", "60s", "--limit", "22", "-o", str(recording)],
+        env=mesh.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+    )
+    try:
+        assert "recording item" in record.stderr.readline()  # the sidecars record from here on
+        for index in range(20):
+            assert http_get(f"{base}/item/{index}", headers={"Authorization": "Bearer s3cret", "Cookie": "a=b"})[0] == 200
+        for _ in range(2):
+            assert _post(f"{base}/orders") == 201
+        out, err = record.communicate(timeout=60)
+    finally:
+        if record.poll() is None:
+            record.kill()
+            record.communicate()
+    assert record.returncode == 0, err
+    assert "recorded 22 requests to item" in out
+    assert stat.S_IMODE(os.stat(recording).st_mode) == 0o600
+    lines = [json.loads(line) for line in recording.read_text().splitlines()]
+    assert sorted((e["method"], e["status"]) for e in lines) == [("GET", 200)] * 20 + [("POST", 201)] * 2
+    get = next(e for e in lines if e["method"] == "GET")
+    headers = dict(get["headers"])
+    assert headers["authorization"] == "<redacted>" and headers["cookie"] == "<redacted>" and "s3cret" not in recording.read_text()
+    assert "traceparent" not in headers and "content-length" not in headers
+    assert next(e for e in lines if e["method"] == "POST")["body"] == '{"sku": 1}'
+
+    replayed = json.loads(mesh.cli("replay", str(recording), "--to", "item@v2", "--compare", "v1", "-o", "json", check=True).stdout)
+    assert (replayed["compared"], replayed["different"], replayed["failed"]) == (20, 20, 0)
+    assert {f["where"]: f["count"] for f in replayed["fields"]} == {"body:$.price": 20, "header:x-api-version": 20}
+    assert [n["where"] for n in replayed["noise"]] == ["body:$.started"]
+    assert replayed["replay"]["skipped_unsafe"] == 2 and replayed["replay"]["unanswered"] == 0
+    assert _posts_at(base, "v2", mesh) == 0  # the POSTs were not sent again without --unsafe
+
+    # Without --compare, each answer's status is compared with the recorded one.
+    by_status = json.loads(mesh.cli("replay", str(recording), "--to", "item@v2", "--unsafe", "-o", "json", check=True).stdout)
+    assert (by_status["compared"], by_status["identical"], by_status["fields"]) == (22, 22, [])
+    assert _posts_at(base, "v2", mesh) == 2
+    table = mesh.cli("replay", str(recording), "--to", "item@v2", "--compare", "v1", check=True).stdout
+    assert "replayed 20 requests" in table and "2 unsafe requests skipped" in table and "body:$.price" in table

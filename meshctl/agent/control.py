@@ -21,6 +21,7 @@ from typing import Any
 from meshctl.agent import overrides as ovr
 from meshctl.agent import promote
 from meshctl.agent.control_obs import observability_ops
+from meshctl.agent.control_replay import replay_ops
 from meshctl.agent.control_security import security_ops
 from meshctl.agent.control_shadow import ShadowResults, shadow_ops
 from meshctl.agent.errors import AgentError
@@ -103,6 +104,7 @@ class ControlServer:
         self.shadow_results = ShadowResults()
         self.observability.on_shadow_results = self.shadow_results.on_results
         self._ops.update(shadow_ops(supervisor, self.shadow_results))
+        self._ops.update(replay_ops(supervisor, self.observability, self.shadow_results))
         self.stats: promote.StatsSource = self.observability  # live per-version numbers
         self.promotions: dict[str, promote.Promotion] = {}
 

@@ -3,7 +3,8 @@
 Every second the hub sends `{"type": "stats?"}` on each sidecar's config channel; the
 answers go into one `agent.stats.SnapshotRing` per instance. Sidecars also send, unasked,
 `spans` batches (into one `agent.traces.TraceStore`), `access` lines (into a bounded
-ring, streamed by `meshctl logs --access`) and `tap-event`s for the taps the hub opened.
+ring, streamed by `meshctl logs --access`), `tap-event`s and `record-event`s for the taps
+and recordings opened, and `shadow-results` (handed to agent.control_shadow).
 
 All sidecars' metrics are served merged at `http://127.0.0.1:PORT/metrics` (PORT from the
 manifest's `metrics.port`, else a free port chosen when the agent starts): each sidecar's
@@ -184,7 +185,7 @@ class Observability:
                     follower(event)
         elif kind == "shadow-results":
             self.on_shadow_results(message.get("results") or [])
-        elif kind == "tap-event":
+        elif kind == "tap-event" or kind == "record-event":
             listener = self.taps.get(message.get("id"))
             if listener is not None:
                 listener(message["event"])
@@ -219,9 +220,17 @@ class Observability:
         newest = [ring.window(0)[1] for ring in self.rings.values()]
         return merge_expositions(metrics_from_snapshot(snapshot).exposition() for snapshot in newest if snapshot is not None)
 
-    def open_tap(self, filter_: dict, listener: Listener) -> int:
+    def open_listener(self, listener: Listener) -> int:
+        """An id whose `tap-event`s and `record-event`s go to `listener` (a tap, a recording)."""
         tap_id = next(self._tap_ids)
         self.taps[tap_id] = listener
+        return tap_id
+
+    def close_listener(self, tap_id: int) -> None:
+        self.taps.pop(tap_id, None)
+
+    def open_tap(self, filter_: dict, listener: Listener) -> int:
+        tap_id = self.open_listener(listener)
         for _name, handle in self._sidecars():
             handle.send({"type": "tap", "id": tap_id, "filter": filter_})
         return tap_id

@@ -44,21 +44,22 @@ Differences = dict[Where, tuple[str, str]]
 
 
 class Response:
-    """One captured answer; `body` None means it was too large to keep."""
+    """One captured answer; `body` None means it was too large to keep (or is not known),
+    `headers` None that they are not known (a recorded answer keeps its status only)."""
 
     __slots__ = ("status", "headers", "body")
 
-    def __init__(self, status: int, headers: Iterable[tuple[str, str]], body: bytes | None) -> None:
+    def __init__(self, status: int, headers: Iterable[tuple[str, str]] | None, body: bytes | None) -> None:
         self.status = status
-        self.headers = list(headers)
+        self.headers = None if headers is None else list(headers)
         self.body = body
 
     def __repr__(self) -> str:
         size = "too large" if self.body is None else "%d bytes" % len(self.body)
-        return "<Response %d, %d headers, %s>" % (self.status, len(self.headers), size)
+        return "<Response %d, %s headers, %s>" % (self.status, "?" if self.headers is None else len(self.headers), size)
 
     def header(self, name: str) -> str | None:
-        values = [value for key, value in self.headers if key == name]
+        values = [value for key, value in self.headers or () if key == name]
         return ", ".join(values) if values else None
 
 
@@ -98,7 +99,8 @@ def differences(primary: Response, other: Response, ignore: Ignore) -> Differenc
     found: Differences = {}
     if primary.status != other.status:
         found["status"] = (str(primary.status), str(other.status))
-    names = {name for name, _ in primary.headers} | {name for name, _ in other.headers}
+    known = primary.headers is not None and other.headers is not None
+    names = {name for name, _ in primary.headers or ()} | {name for name, _ in other.headers or ()} if known else set()
     for name in sorted(names - ignore.headers):
         mine, theirs = primary.header(name), other.header(name)
         if mine != theirs:

@@ -103,7 +103,7 @@ class Comparison:
         self.no_body = method == b"HEAD"
         self.sink = sink
         self.answers: dict[str, Response | str] = {}
-        self.elapsed: dict[str, float] = {}
+        self.elapsed: dict[str, float | None] = {}
         self.waiting = {"primary", "shadow"}
         self.abandoned = False
         self.tag = tag  # a replay's id, so the agent can tell its results apart
@@ -118,28 +118,34 @@ class Comparison:
     def send_copies(self, pool: Pool, service: Service, replay: list[bytes], timeout: float, now: float,
                     primary: Endpoint | None) -> None:
         """The shadow copy, and for a share of requests a reference copy to another primary."""
-        shadow = self._mirror_to(pool, service, self.shadow_version, "shadow", replay, timeout, now, frozenset())
+        shadow = self.mirror_to(pool, service, self.shadow_version, "shadow", replay, timeout, now, frozenset())
         if shadow is None:
             self.abandoned = True  # too many copies in flight: this request is not compared
             return
-        if primary is None or random.random() * 100 >= self.spec.reference_percent:
+        if primary is not None:
+            self.send_reference(pool, service, primary, replay, timeout, now)
+
+    def send_reference(self, pool: Pool, service: Service, primary: Endpoint, replay: list[bytes], timeout: float,
+                       now: float) -> None:
+        """For `reference_percent` of requests, a copy to another instance of the primary's version."""
+        if random.random() * 100 >= self.spec.reference_percent:
             return
         self.primary_version = primary.version
         self.waiting.add("reference")
-        if self._mirror_to(pool, service, primary.version, "reference", replay, timeout, now, frozenset({primary.id})) is None:
+        if self.mirror_to(pool, service, primary.version, "reference", replay, timeout, now, frozenset({primary.id})) is None:
             self.waiting.discard("reference")
 
-    def _mirror_to(self, pool: Pool, service: Service, version: str, role: str, replay: list[bytes], timeout: float,
-                   now: float, avoid: frozenset[str]) -> Mirror | None:
+    def mirror_to(self, pool: Pool, service: Service, version: str, role: str, replay: list[bytes], timeout: float,
+                  now: float, avoid: frozenset[str]) -> Endpoint | None:
+        """Send one copy to an endpoint of `version` not in `avoid`; the endpoint, or None when skipped."""
         if service.mirrors_in_flight >= MAX_MIRRORS_IN_FLIGHT:
             return None
         endpoint = service.balancer.pick(version, None, avoid, now)
         if endpoint is None or endpoint.id in avoid:
             return None
         data = [shadow_head(replay[0]), *replay[1:]]
-        mirror = Mirror(pool, service, endpoint.address, data, self.no_body, self._copy_ended, role)
-        mirror.start(timeout, service.connect_timeout)
-        return mirror
+        Mirror(pool, service, endpoint.address, data, self.no_body, self._copy_ended, role).start(timeout, service.connect_timeout)
+        return endpoint
 
     def _copy_ended(self, role: str, capture: Capture, problem: str | None, seconds: float) -> None:
         answer: Response | str | None = problem
@@ -147,18 +153,25 @@ class Comparison:
             answer = capture.response(self.no_body) or "invalid or too large response"
         self.arrive(role, answer, seconds)  # type: ignore[arg-type]
 
-    def arrive(self, role: str, answer: Response | str, seconds: float) -> None:
-        """One answer ended: a Response, or a string saying why there is none."""
+    def arrive(self, role: str, answer: Response | str, seconds: float | None) -> None:
+        """One answer ended: a Response, or a string saying why there is none (seconds None: not timed)."""
         if self.abandoned or role not in self.waiting:
             return
         if role == "primary" and not isinstance(answer, Response):
             self.abandoned = True  # the client got an error or nothing: nothing to compare with
+            if self.tag is not None:  # a replay counts every request it sent
+                self.sink(self.failure("the primary answered nothing: %s" % answer))
             return
         self.waiting.discard(role)
         self.answers[role] = answer
         self.elapsed[role] = seconds
         if not self.waiting:
             self.sink(self.result())
+
+    def failure(self, reason: str) -> dict[str, Any]:
+        return {"service": self.service, "version": self.shadow_version, "method": self.method.decode("latin-1"),
+                "path": self.path.decode("latin-1"), "failed": reason, "diffs": {}, "noise": None,
+                "primary_ms": None, "shadow_ms": None, "tag": self.tag}
 
     def result(self) -> dict[str, Any]:
         primary, shadow = self.answers["primary"], self.answers["shadow"]
@@ -174,10 +187,14 @@ class Comparison:
             "failed": failed,
             "diffs": {where: list(values) for where, values in diffs.items()},
             "noise": noise,
-            "primary_ms": round(self.elapsed["primary"] * 1000, 3),
-            "shadow_ms": round(self.elapsed["shadow"] * 1000, 3),
+            "primary_ms": _ms(self.elapsed["primary"]),
+            "shadow_ms": _ms(self.elapsed["shadow"]),
             "tag": self.tag,
         }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
 
 
 def begin(exchange: Exchange, spec: CompareSpec, shadow_version: str) -> Comparison | None:
