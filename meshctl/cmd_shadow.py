@@ -25,7 +25,7 @@ import typer
 from meshctl import render
 from meshctl.cmd_route import EXIT_USAGE, OutputOption, WaitOption, agent_or_exit, report_change, seconds
 
-ACTIONS = ("stop", "report")
+NOISE_SHOWN = 8
 
 
 def shadow(
@@ -87,10 +87,12 @@ def print_report(result: dict[str, Any]) -> None:
                          f"{example.get('method', '')} {example.get('path', '')}".strip(),
                          str(example.get("primary")), str(example.get("shadow"))])
         out.out(render.plain_table(("DIFFERS", "COUNT", "E.G. REQUEST", "PRIMARY", "SHADOW"), rows))
-    if result.get("noise"):
+    noise = result.get("noise") or []
+    if noise:
         out.out("")
-        out.out("noise (differs between two primaries too, not counted): "
-                + ", ".join(f"{n['where']} ({n['count']})" for n in result["noise"]))
+        shown = ", ".join(n["where"] for n in noise[:NOISE_SHOWN]) + (f" and {len(noise) - NOISE_SHOWN} more (-o json lists them)"
+                                                                     if len(noise) > NOISE_SHOWN else "")
+        out.out(f"noise, not counted (differs between two primaries too): {shown}")
     for failure in result.get("failures") or []:
         out.out(f"failed {failure['count']}x: {failure['reason']}")
 

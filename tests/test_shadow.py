@@ -396,3 +396,13 @@ def test_record_then_replay_gives_the_shadow_report(mesh):
     assert _posts_at(base, "v2", mesh) == 2
     table = mesh.cli("replay", str(recording), "--to", "item@v2", "--compare", "v1", check=True).stdout
     assert "replayed 20 requests" in table and "2 unsafe requests skipped" in table and "body:$.price" in table
+
+
+def test_a_field_that_rarely_differs_between_primaries_is_still_a_difference():
+    tally = ShadowTally("item", "v2")
+    for index in range(50):
+        noise = ["body:$.flavor", "body:$.ts"] if index == 0 else ["body:$.ts"]
+        tally.add(_result({"body:$.flavor": ['"standard"', '"discount"'], "body:$.ts": ["1", "2"]}, noise=noise))
+    report = tally.report()
+    assert [f["where"] for f in report["fields"]] == ["body:$.flavor"] and report["different"] == 50
+    assert report["noise"] == [{"where": "body:$.ts", "count": 50, "between_primaries": 50}]

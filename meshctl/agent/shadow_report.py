@@ -5,10 +5,14 @@ and send one result per request: the fields that differ between the primary's an
 shadow's answers (`diffs`), and for some requests the fields that differ between two
 primaries (`noise`). A `ShadowTally` adds them up per service (or per replay):
 
-* a field that has ever differed between two primaries is noise (Diffy's rule): it is
-  reported under `noise`, not under `fields`, and a request whose only differences are
-  noise counts as identical. Noise is learned as results come in, so the decision is
-  made when the report is read, from the set of differing fields of each request;
+* a field that differs between two primaries about as often as between the primary and
+  the shadow is noise (Diffy's rule, with its thresholds: the shadow's rate must exceed
+  the primaries' by more than ABSOLUTE_THRESHOLD and by more than RELATIVE_THRESHOLD of
+  itself to be a difference). Noise is reported under `noise`, not under `fields`, and
+  a request whose only differences are noise counts as identical. It is learned as
+  results come in, so the decision is made when the report is read, from the set of
+  differing fields of each request. A rare difference between primaries (one answered
+  an error, so every field of the other is "absent") does not make a field noise;
 * each differing field keeps its count and the first EXAMPLES examples;
 * `failed` counts requests whose shadow errored or timed out.
 """
@@ -19,6 +23,8 @@ from collections import Counter, deque
 from typing import Any
 
 EXAMPLES = 3
+ABSOLUTE_THRESHOLD = 0.03
+RELATIVE_THRESHOLD = 0.2
 MAX_FIELD_SETS = 4096  # distinct sets of differing fields kept; beyond, a request counts as different
 LATENCY_SAMPLES = 10_000
 _OVERFLOW = frozenset({"(too many kinds of difference to tell noise apart)"})
@@ -79,9 +85,17 @@ class ShadowTally:
             self.references += 1
             self.noise_counts.update(noise)
 
+    def is_noise(self, where: str) -> bool:
+        between = self.noise_counts.get(where, 0)
+        if not between:
+            return False
+        shadow_rate = self.field_counts.get(where, 0) / self.compared if self.compared else 0.0
+        excess = shadow_rate - between / self.references
+        return excess <= ABSOLUTE_THRESHOLD or excess <= RELATIVE_THRESHOLD * shadow_rate
+
     def report(self, ignored: tuple[str, ...] = ()) -> dict[str, Any]:
         """The JSON of `meshctl shadow report`."""
-        noise = set(self.noise_counts)
+        noise = {where for where in self.noise_counts if self.is_noise(where)}
         identical = sum(count for fields, count in self.field_sets.items() if not (fields - noise))
         fields = [
             {"where": where, "count": count, "examples": self.examples.get(where, [])}
@@ -98,7 +112,7 @@ class ShadowTally:
             "fields": fields,
             "noise": [
                 {"where": where, "count": self.field_counts.get(where, 0), "between_primaries": count}
-                for where, count in sorted(self.noise_counts.items())
+                for where, count in sorted(self.noise_counts.items()) if where in noise
             ],
             "references": self.references,
             "ignored": list(ignored),

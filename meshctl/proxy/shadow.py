@@ -198,8 +198,12 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def begin(exchange: Exchange, spec: CompareSpec, shadow_version: str) -> Comparison | None:
-    """A Comparison for this request, or None when it is not one to compare."""
-    if not spec.wants(exchange.method, exchange.head.target):
+    """A Comparison for this request, or None when it is not one to compare.
+
+    A request the split already sends to the shadow's version is not compared: its
+    answer would be compared with itself.
+    """
+    if not spec.wants(exchange.method, exchange.head.target) or exchange.action.version == shadow_version:  # type: ignore[union-attr]
         return None
     observer = exchange.client.state.observer
     if observer is None:
