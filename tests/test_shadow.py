@@ -2,7 +2,7 @@
 
 The mesh: ingress -> item (tests/apps/shadowapp.py). v1 runs two replicas that differ only
 in their start time (noise); v2 differs from v1 in one JSON field and one header; v3
-hangs on every request (a slow shadow).
+hangs on every request (a slow shadow); v4 answers 500 (a failing one).
 """
 
 from __future__ import annotations
@@ -200,6 +200,7 @@ services:
       v1: {{command: {PY} {APPS}/shadowapp.py, replicas: 2}}
       v2: {{command: {PY} {APPS}/shadowapp.py, env: {{PRICE: "12", API_VERSION: "2"}}}}
       v3: {{command: {PY} {APPS}/shadowapp.py, env: {{BLOCK: "1"}}}}
+      v4: {{command: {PY} {APPS}/shadowapp.py, env: {{STATUS: "500"}}}}
 ingress:
   port: {port}
   routes: [{{path: /, service: item}}]
@@ -274,7 +275,7 @@ def test_shadow_reports_exactly_the_differing_fields_and_learns_noise(mesh):
     assert _report(mesh)["live"] is False
 
 
-def test_a_hanging_shadow_never_holds_the_client(mesh):
+def test_a_hanging_or_failing_shadow_never_changes_what_the_client_gets(mesh):
     port = free_port()
     mesh.write_manifest(MESH.format(port=port, PY="{PY}", APPS="{APPS}"))
     mesh.up()
@@ -288,6 +289,14 @@ def test_a_hanging_shadow_never_holds_the_client(mesh):
     assert _post(f"{base}/orders", timeout=5) == 201
     report = wait_for(lambda: (r := _report(mesh))["failed"] >= 1 and r, timeout=20, what="failed shadow copies")
     assert report["compared"] == 0 and report["failures"][0]["reason"].startswith("no response within")
+
+    # A failing shadow: the client still gets v1's 200, the report shows the status.
+    mesh.cli("shadow", "item", "v4", check=True)
+    for index in range(10):
+        assert http_get(f"{base}/item/{index}", timeout=5)[0] == 200
+    report = wait_for(lambda: (r := _report(mesh))["compared"] >= 10 and r, timeout=20, what="10 compared requests")
+    status = next(f for f in report["fields"] if f["where"] == "status")
+    assert status["count"] == 10 and (status["examples"][0]["primary"], status["examples"][0]["shadow"]) == ("200", "500")
 
     # A route reset drops the shadow like any live override.
     mesh.cli("route", "reset", "item", check=True)

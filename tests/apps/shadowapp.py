@@ -8,6 +8,7 @@ GET /orders/count     JSON {"posts": how many POST /orders this process took}
 Behaviour by environment:
 PRICE (default 10)    the item's price: v2 sets 12, so `body:$.price` differs
 API_VERSION (1)       the x-api-version header: v2 sets 2, so `header:x-api-version` differs
+STATUS=N              every /item answer has status N (a failing version)
 BLOCK=1               every request but /healthz and /orders/count hangs for BLOCK_S seconds (default 60)
 "started" is the time this replica started: two replicas of one version differ in it,
 which makes it noise.
@@ -56,7 +57,7 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply(200, {"posts": posts[0]})
         if self.path.startswith("/item/"):
             number = int(self.path.rsplit("/", 1)[1])
-            return self.reply(200, {"id": number, "name": "item %d" % number,
+            return self.reply(int(os.environ.get("STATUS", "200")), {"id": number, "name": "item %d" % number,
                                     "price": int(os.environ.get("PRICE", "10")), "started": STARTED})
         self.reply(404, {"error": "no such path"})
 
