@@ -4,8 +4,10 @@ A live shadow is an override like a split (agent.overrides.Shadow): persisted, s
 `route-show` and `diff`, dropped by `route-reset`. Its results arrive from the callers'
 sidecars as `shadow-results` batches and are added up in one agent.shadow_report
 .ShadowTally per service, which `shadow-report` reads; starting a shadow starts a new
-tally, stopping one keeps the last tally readable. Results tagged with a replay id go to
-that replay's tally instead (agent.control_replay).
+tally, stopping one keeps the last tally readable. A manifest's `mirror: {compare: ...}`
+has its own tally per service (its results are not `live`), which the report shows when
+no live shadow runs and it is the newer. Results tagged with a replay id go to that
+replay's tally instead (agent.control_replay).
 """
 
 from __future__ import annotations
@@ -48,14 +50,16 @@ def shadow_from_request(request: dict) -> ovr.Shadow:
     if not isinstance(path, str):
         raise BadShadowRequest('"path" must be a string')
     return ovr.Shadow(version, float(percent), path, request.get("unsafe") is True,
-                      tuple(h.lower() for h in _strings(request, "ignore_headers")), _strings(request, "ignore_json"))
+                      tuple(h.lower() for h in _strings(request, "ignore_headers")),
+                      tuple(p if p.startswith("$") else "$." + p for p in _strings(request, "ignore_json")))
 
 
 class ShadowResults:
     """The tallies of live shadows (by service) and of replays (by id)."""
 
     def __init__(self) -> None:
-        self.by_service: dict[str, ShadowTally] = {}
+        self.by_service: dict[str, ShadowTally] = {}  # live shadows
+        self.from_manifest: dict[str, ShadowTally] = {}
         self.by_tag: dict[str, ShadowTally] = {}
 
     def __repr__(self) -> str:
@@ -72,9 +76,10 @@ class ShadowResults:
                     tally.add(result)
                 continue
             service, version = str(result.get("service")), str(result.get("version"))
-            tally = self.by_service.get(service)
+            tallies = self.by_service if result.get("live") else self.from_manifest
+            tally = tallies.get(service)
             if tally is None or tally.version != version:
-                tally = self.by_service[service] = ShadowTally(service, version)
+                tally = tallies[service] = ShadowTally(service, version)
             tally.add(result)
 
 
@@ -101,11 +106,15 @@ def shadow_ops(sup: Supervisor, results: ShadowResults) -> dict[str, Handler]:
     async def report(request: dict, writer: asyncio.StreamWriter) -> dict:
         service = service_of(request)
         ovr.service_spec(sup.require_manifest(), service)
-        tally = results.by_service.get(service)
         live = sup.overrides.service(service).shadow
+        tally = results.by_service.get(service)
+        manifest_tally = results.from_manifest.get(service)
+        if live is None and manifest_tally is not None and (tally is None or manifest_tally.updated > tally.updated):
+            tally = manifest_tally
         if tally is None:
             if live is None:
-                raise NoShadow(f"{service} has no shadow and no results yet; start one with `meshctl shadow {service} VERSION`")
+                raise NoShadow(f"{service} has no shadow and no results yet; start one with `meshctl shadow {service} VERSION`"
+                               " or give a route's mirror `compare: true` in the manifest")
             tally = results.by_service[service] = ShadowTally(service, live.version)
         ignored = () if live is None else tuple(f"header:{h}" for h in live.ignore_headers) + tuple(
             f"body:{p}" for p in live.ignore_json)

@@ -86,7 +86,7 @@ class Shadow:
     def to_mirror(self) -> dict[str, Any]:
         """The sidecar's `shadow` traffic key: a comparing mirror laid over every route."""
         return {"version": self.version, "percent": self.percent,
-                "compare": {"path": self.path, "unsafe": self.unsafe, "ignore_headers": list(self.ignore_headers),
+                "compare": {"live": True, "path": self.path, "unsafe": self.unsafe, "ignore_headers": list(self.ignore_headers),
                             "ignore_json": list(self.ignore_json)}}
 
     def to_json(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ primaries (`noise`). A `ShadowTally` adds them up per service (or per replay):
 
 from __future__ import annotations
 
+import time
 from collections import Counter, deque
 from typing import Any
 
@@ -53,11 +54,13 @@ class ShadowTally:
         self.failures: Counter[str] = Counter()
         self.primary_ms: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.shadow_ms: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self.updated = time.monotonic()
 
     def __repr__(self) -> str:
         return "<ShadowTally %s@%s %d compared, %d failed>" % (self.service, self.version, self.compared, self.failed)
 
     def add(self, result: dict[str, Any]) -> None:
+        self.updated = time.monotonic()
         if isinstance(result.get("primary_ms"), (int, float)):
             self.primary_ms.append(float(result["primary_ms"]))
         if result.get("failed"):

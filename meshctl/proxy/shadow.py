@@ -42,9 +42,10 @@ RESULTS_BATCH_MAX = 128
 class CompareSpec:
     """The validated `compare` part of a mirror: which requests, and what is noise."""
 
-    __slots__ = ("unsafe", "path_prefix", "ignore", "reference_percent")
+    __slots__ = ("unsafe", "path_prefix", "ignore", "reference_percent", "live")
 
-    def __init__(self, unsafe: bool, path_prefix: bytes, ignore: Ignore, reference_percent: float) -> None:
+    def __init__(self, unsafe: bool, path_prefix: bytes, ignore: Ignore, reference_percent: float, live: bool = False) -> None:
+        self.live = live  # from `meshctl shadow` rather than the manifest: the agent keeps them apart
         self.unsafe = unsafe
         self.path_prefix = path_prefix
         self.ignore = ignore
@@ -77,7 +78,8 @@ def compare_spec(raw: Any, where: str) -> CompareSpec | None:
         raise ValueError("%s: ignore_headers and ignore_json are lists of strings" % where)
     if isinstance(reference, bool) or not isinstance(reference, (int, float)) or not 0 <= reference <= 100:
         raise ValueError("%s.reference_percent: expected a number from 0 to 100, got %r" % (where, reference))
-    return CompareSpec(raw.get("unsafe") is True, path.encode("latin-1"), Ignore(headers, json_paths), float(reference))
+    return CompareSpec(raw.get("unsafe") is True, path.encode("latin-1"), Ignore(headers, json_paths), float(reference),
+                       raw.get("live") is True)
 
 
 # -- one compared request ------------------------------------------------------------------
@@ -190,6 +192,7 @@ class Comparison:
             "primary_ms": _ms(self.elapsed["primary"]),
             "shadow_ms": _ms(self.elapsed["shadow"]),
             "tag": self.tag,
+            "live": self.spec.live,
         }
 
 
