@@ -7,6 +7,7 @@ hangs on every request (a slow shadow); v4 answers 500 (a failing one).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -17,11 +18,14 @@ import urllib.request
 import pytest
 
 from meshctl.agent import overrides as ovr
+from meshctl.agent.errors import ManifestError
+from meshctl.agent.manifest import load_manifest
 from meshctl.agent.model import Manifest, ServiceSpec, VersionSpec
 from meshctl.agent.shadow_report import ShadowTally
 from meshctl.proxy.capture import dechunk, parse_message
 from meshctl.proxy.compare import ABSENT, Ignore, Response, differences, json_pattern_error
-from meshctl.proxy.shadow import CompareSpec, compare_spec
+from meshctl.proxy.routing import Router
+from meshctl.proxy.shadow import CompareSpec, Comparison, ResponseTap, compare_spec
 from tests.meshharness import free_port, http_get, wait_for
 
 JSON = [("content-type", "application/json")]
@@ -54,8 +58,8 @@ def _json(body: object, headers=JSON, status: int = 200) -> Response:
         (Response(200, [], b"one\ntwo\n"), Response(200, [], b"one\nTWO\n"), Ignore(), {"body": ("line 2: two", "line 2: TWO")}),
         (Response(200, [], b"one\n"), Response(200, [], b"one\ntwo"), Ignore(), {"body": ("line 2: " + ABSENT, "line 2: two")}),
         (Response(200, [], b"\xff\x00"), Response(200, [], b"\xff\x01"), Ignore(), {"body": (
-            "2 bytes sha256:" + __import__("hashlib").sha256(b"\xff\x00").hexdigest()[:12],
-            "2 bytes sha256:" + __import__("hashlib").sha256(b"\xff\x01").hexdigest()[:12])}),
+            "2 bytes sha256:" + hashlib.sha256(b"\xff\x00").hexdigest()[:12],
+            "2 bytes sha256:" + hashlib.sha256(b"\xff\x01").hexdigest()[:12])}),
         (_json({"a": 1}), Response(200, JSON, b"not json"), Ignore(), {"body": ('line 1: {"a": 1}', "line 1: not json")}),
         (Response(200, JSON, None), _json({"a": 2}), Ignore(), {}),  # a body too large to keep is not compared
     ],
@@ -346,9 +350,6 @@ services:
     ],
 )
 def test_manifest_mirror_compare(tmp_path, compare, expected):
-    from meshctl.agent.manifest import load_manifest
-    from meshctl.proxy.routing import Router
-
     path = tmp_path / "mesh.yaml"
     path.write_text(COMPARING_MANIFEST % compare)
     traffic = load_manifest(str(path)).service("item").traffic
@@ -369,8 +370,6 @@ def test_manifest_mirror_compare(tmp_path, compare, expected):
     ],
 )
 def test_manifest_mirror_compare_errors(tmp_path, compare, message):
-    from meshctl.agent.errors import ManifestError
-    from meshctl.agent.manifest import load_manifest
 
     path = tmp_path / "mesh.yaml"
     path.write_text(COMPARING_MANIFEST % compare)
@@ -434,3 +433,76 @@ def test_a_field_that_rarely_differs_between_primaries_is_still_a_difference():
     report = tally.report()
     assert [f["where"] for f in report["fields"]] == ["body:$.flavor"] and report["different"] == 50
     assert report["noise"] == [{"where": "body:$.ts", "count": 50, "between_primaries": 50}]
+
+
+# -- the driver pieces, without sockets --------------------------------------------------------
+
+RESPONSE = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 9\r\n\r\n{"a": 1}\n'
+
+
+def _comparison(tag=None):
+    sent = []
+    spec = compare_spec(True, "mirror.compare")
+    return Comparison(spec, "item", "v2", b"GET", b"/item/1", sent.append, tag), sent
+
+
+def test_a_comparison_reports_once_every_answer_has_ended_in_any_order():
+    comparison, sent = _comparison()
+    comparison.arrive("shadow", Response(200, JSON, b'{"a": 2}'), 0.002)
+    assert sent == []
+    comparison.arrive("primary", Response(200, JSON, b'{"a": 1}'), 0.001)
+    [result] = sent
+    assert result["diffs"] == {"body:$.a": ["1", "2"]} and result["noise"] is None
+    assert (result["primary_ms"], result["shadow_ms"], result["failed"], result["live"]) == (1.0, 2.0, None, False)
+    comparison.arrive("shadow", "late", 0.0)
+    assert len(sent) == 1
+
+
+def test_a_failed_primary_is_not_compared_but_a_replay_counts_it():
+    comparison, sent = _comparison()
+    comparison.arrive("primary", "no complete answer", 0.001)
+    comparison.arrive("shadow", Response(200, JSON, b"{}"), 0.001)
+    assert sent == []
+    comparison, sent = _comparison(tag="r1")
+    comparison.arrive("primary", "connection refused", 0.001)
+    assert [r["failed"] for r in sent] == ["the primary answered nothing: connection refused"] and sent[0]["tag"] == "r1"
+
+
+class _FakeExchange:
+    """What ResponseTap reads of an exchange: the answer ends when `upstream` is let go."""
+
+    def __init__(self, conn):
+        self.upstream = conn
+        self.answered = False
+        self.last_endpoint = None
+        self.started = 0.0
+        self.client = type("Client", (), {"state": type("State", (), {"loop": type("Loop", (), {"time": lambda self: 0.005})()})()})()
+        self.seen = []
+
+    def upstream_data(self, data):
+        self.seen.append(data)
+        if data.endswith(b"\n"):
+            self.upstream = None
+            self.answered = True
+
+
+def test_the_response_tap_forwards_first_and_hands_over_the_whole_answer():
+    comparison, sent = _comparison()
+    conn = object()
+    exchange = _FakeExchange(conn)
+    tap = ResponseTap(exchange, conn, comparison)
+    tap.upstream_data(RESPONSE[:30])
+    assert exchange.seen == [RESPONSE[:30]] and "primary" in comparison.waiting
+    tap.upstream_data(RESPONSE[30:])
+    assert b"".join(exchange.seen) == RESPONSE and "primary" not in comparison.waiting
+    comparison.arrive("shadow", Response(200, JSON, b'{"a": 1}\n'), 0.001)
+    assert sent[0]["diffs"] == {} and sent[0]["primary_ms"] == 5.0
+
+
+def test_a_tap_whose_try_was_discarded_for_a_retry_hands_over_nothing():
+    comparison, _ = _comparison()
+    conn = object()
+    exchange = _FakeExchange(conn)
+    exchange.upstream_data = lambda data: setattr(exchange, "upstream", None)  # the try ended, not answered
+    ResponseTap(exchange, conn, comparison).upstream_data(RESPONSE)
+    assert "primary" in comparison.waiting and not comparison.abandoned
