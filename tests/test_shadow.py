@@ -506,3 +506,4 @@ def test_a_tap_whose_try_was_discarded_for_a_retry_hands_over_nothing():
     exchange.upstream_data = lambda data: setattr(exchange, "upstream", None)  # the try ended, not answered
     ResponseTap(exchange, conn, comparison).upstream_data(RESPONSE)
     assert "primary" in comparison.waiting and not comparison.abandoned
+
