@@ -189,6 +189,7 @@ class Exchange:
         service = self.target.service
         service.budget.record_request(self.client.state.loop.time())  # type: ignore[union-attr]
         mirror = action.mirror  # type: ignore[union-attr]
+        compared = False
         if mirror is not None and random.random() * 100 < mirror["percent"]:
             compare = mirror["compare"]
             if compare is None:
@@ -199,15 +200,18 @@ class Exchange:
                 self.comparison = begin_comparison(self, compare, mirror["version"])
                 if self.comparison is not None:
                     self.mirror_version = mirror["version"]
+                    compared = True
         fault = action.fault  # type: ignore[union-attr]
         if fault is not None:
             delay = fault["delay"]
             if delay is not None and random.random() * 100 < delay["percent"]:
                 self.client.deadline = self.deadline
                 self.client.state.loop.call_later(delay["fixed"], self._try)
+                if compared and self.request_done:
+                    self._send_mirror()  # the delay is the primary's, not the copies'
                 return
         self._try()
-        if self.comparison is not None and self.request_done and self.mirror_version is not None and not self.answered:
+        if compared and self.request_done and not self.answered:
             self._send_mirror()  # after the first try, so that the reference copy can avoid its endpoint
 
     def _send_mirror(self) -> None:
