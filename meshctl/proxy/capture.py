@@ -15,7 +15,6 @@ from meshctl.proxy.retry import MAX_REPLAY_BODY_BYTES
 MAX_CAPTURE_BYTES = MAX_REPLAY_BODY_BYTES + 16 * 1024  # the body limit plus room for the head
 
 
-
 class Capture:
     """The first MAX_CAPTURE_BYTES of one answer's raw bytes; `whole` until it overflows."""
 

@@ -23,8 +23,8 @@ import asyncio
 import random
 from typing import TYPE_CHECKING, Any, Callable
 
-from meshctl.proxy.compare import Ignore, Response, differences
 from meshctl.proxy.capture import Capture
+from meshctl.proxy.compare import Ignore, Response, differences
 from meshctl.proxy.mirror import MAX_MIRRORS_IN_FLIGHT, Mirror, shadow_head
 
 if TYPE_CHECKING:
