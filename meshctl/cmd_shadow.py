@@ -146,7 +146,8 @@ def replay(
         render.print_error(render.make_console(stderr=True), f"{file}: no such file", "write one with `meshctl record SERVICE -o FILE`")
         raise typer.Exit(EXIT_USAGE)
     client = agent_or_exit()
-    lines = sum(1 for line in file.open(encoding="utf-8", errors="replace") if line.strip())
+    with file.open(encoding="utf-8", errors="replace") as f:
+        lines = sum(1 for line in f if line.strip())
     client.timeout = lines / rate + 60.0
     result = client.request("replay", path=str(file.resolve()), service=service, version=version, compare=compare,
                             rate=rate, unsafe=unsafe)
