@@ -162,7 +162,8 @@ class Observer:
         sampler = self.sampler
         wanted = (self.metrics_on or self.taps or self.recordings or self.access_log != "off"
                   or (sampler is not None and sampler.rate > 0.0))
-        self.state.on_exchange_done = self.exchange_done if wanted else None
+        # While recording, a hook that also records: no check on the hot path otherwise.
+        self.state.on_exchange_done = (self._done_and_recorded if self.recordings else self.exchange_done) if wanted else None
         self.state.pool.observer = self if self.metrics_on else None
 
     # -- channel requests ------------------------------------------------------------------
@@ -307,8 +308,12 @@ class Observer:
                 ))
         if self.taps or self.access_log == "on" or (self.access_log == "errors" and (mesh_error or status >= 500)):
             self._emit(exchange, inbound, source, destination, version, status, duration, outcome if mesh_error else None)
-        if self.recordings and inbound:
-            record_events(self.recordings, exchange, status, self.send)
+
+    def _done_and_recorded(self, exchange: Exchange, outcome: str) -> None:
+        self.exchange_done(exchange, outcome)
+        if exchange.client.listener.kind == "inbound":
+            mesh_error = outcome not in _NOT_MESH_ERRORS
+            record_events(self.recordings, exchange, exchange.status if exchange.response_started or mesh_error else 0, self.send)
 
     def count_ejection(self, destination: str, version: str) -> None:
         if self.metrics_on:
