@@ -28,6 +28,7 @@ from meshctl import (
     cmd_ops,
     cmd_route,
     cmd_security,
+    cmd_shadow,
     completion,
     render,
     resources,
@@ -422,6 +423,7 @@ cmd_security.register(app)
 cmd_obs.register(app)
 cmd_export.register(app)
 completion.register(app)
+cmd_shadow.register(app)
 
 
 # --- entry point ---------------------------------------------------------------------------

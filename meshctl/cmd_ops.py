@@ -43,6 +43,8 @@ def describe(entry: dict[str, Any]) -> str:
         return f"split {format_split(manifest)} (manifest) -> {format_split(live)} (live)"
     if what == "rule":
         return f"rule {live['header']}={live['value']} -> {live['version']} (not in the manifest)"
+    if what == "shadow":
+        return f"shadow {live['percent']:g}% of requests to {live['version']}, compared (not in the manifest)"
     return f"{what}: {manifest} (manifest) -> {live} (live)"
 
 

@@ -77,6 +77,9 @@ def show(
     for name, entry in result["services"].items():
         live = entry["live"]
         rules = "; ".join(format_rule(r) for r in live["routes"]) or "-"
+        if live.get("shadow"):
+            rules = f"shadow {live['shadow']['percent']:g}% -> {live['shadow']['version']} (compared)" + (
+                "" if rules == "-" else "; " + rules)
         source = "override" if entry["overridden"] else "manifest"
         promotion = entry.get("promotion")
         if promotion:

@@ -416,6 +416,13 @@ def test_untranslatable_settings_are_named(mesh, expected):
         assert name in notes.names()
 
 
+def test_istio_names_a_mirror_comparison_it_cannot_translate():
+    text = SHOP.replace("\n  payments:\n", "\n  payments:\n    command: pay\n", 1).replace(
+        "mirror: {version: v2, percent: 10}", "mirror: {version: v2, percent: 10, compare: true}")
+    _, notes = export_objects(parse_manifest(text, "/tmp/shop.yaml"), ExportInput(namespace="prod", mesh="istio"))
+    assert "cart.routes[1].mirror.compare" in notes.names()
+
+
 def test_missing_images_are_all_listed_unless_placeholders_are_allowed():
     text = "mesh: m\nservices:\n  a: {command: x}\n  b: {command: x, versions: {v1: {image: 'r/b:1'}, v2: {}}}\n"
     manifest = parse_manifest(text, "/tmp/m.yaml")

@@ -152,7 +152,21 @@ def test_fault_and_mirror_are_normalised():
     )
     action = router.route("GET", "/")
     assert action.fault == {"delay": {"fixed": 0.1, "percent": 10.0}, "abort": {"status": 503, "percent": 5.0}}
-    assert action.mirror == {"version": "v2", "percent": 10.0}
+    assert action.mirror == {"version": "v2", "percent": 10.0, "compare": None}
+
+
+def test_a_shadow_is_the_mirror_of_every_route_with_its_comparison():
+    cfg = service(to("v1", None, mirror={"version": "v1", "percent": 5}))
+    cfg["shadow"] = {"version": "v2", "percent": 50, "compare": {"path": "/api", "ignore_json": ["$.ts"]}}
+    router = Router("cart", cfg)
+    for action in (router.route("GET", "/"), router.route("GET", "/other")):
+        assert action.mirror["version"] == "v2" and action.mirror["percent"] == 50.0
+        assert action.mirror["compare"].path_prefix == b"/api" and action.mirror["compare"].ignore.json_patterns == ("$.ts",)
+
+
+def test_a_bad_comparison_names_its_key():
+    with pytest.raises(RouterError, match=r"services.cart.routes\[0\].mirror.compare.path: expected a path prefix"):
+        Router("cart", service(to("v1", None, mirror={"version": "v2", "compare": {"path": "x"}})))
 
 
 def test_route_version_shorthand():

@@ -21,7 +21,9 @@ from typing import Any
 from meshctl.agent import overrides as ovr
 from meshctl.agent import promote
 from meshctl.agent.control_obs import observability_ops
+from meshctl.agent.control_replay import replay_ops
 from meshctl.agent.control_security import security_ops
+from meshctl.agent.control_shadow import ShadowResults, shadow_ops
 from meshctl.agent.errors import AgentError
 from meshctl.agent.logs import LogLine
 from meshctl.agent.manifest import load_manifest
@@ -99,6 +101,10 @@ class ControlServer:
         self.observability = Observability(supervisor.sidecars)
         supervisor.on_sidecar_message = self.observability.on_message
         self._ops.update(observability_ops(supervisor, self.observability))
+        self.shadow_results = ShadowResults()
+        self.observability.on_shadow_results = self.shadow_results.on_results
+        self._ops.update(shadow_ops(supervisor, self.shadow_results))
+        self._ops.update(replay_ops(supervisor, self.observability, self.shadow_results))
         self.stats: promote.StatsSource = self.observability  # live per-version numbers
         self.promotions: dict[str, promote.Promotion] = {}
 
@@ -235,7 +241,7 @@ class ControlServer:
             services[name] = {
                 "versions": [v.name for v in spec.versions],
                 "manifest": {"split": base.get("split"), "routes": base.get("routes") or []},
-                "live": {"split": live.get("split"), "routes": live.get("routes") or []},
+                "live": {"split": live.get("split"), "routes": live.get("routes") or [], "shadow": live.get("shadow")},
                 "overridden": not self.sup.overrides.service(name).empty or name in self.sup.unchecked_traffic,
                 "promotion": self.promotions[name].to_json() if name in self.promotions else None,
             }

@@ -74,12 +74,14 @@ from meshctl.agent.model import (
     ServiceSpec,
     VersionSpec,
 )
+from meshctl.agent.overrides import HEADER_NAME
 from meshctl.agent.schema import manifest_json_schema, structural_problems
 from meshctl.agent.schema_export import version_image
 from meshctl.agent.schema_observability import metrics_enabled, metrics_port, observability_settings, otlp_export, otlp_problems
 from meshctl.agent.schema_protocols import protocol_of, protocol_problems
 from meshctl.agent.schema_security import normal_authorization, source_problems
 from meshctl.agent.yamllines import YamlReader
+from meshctl.proxy.compare import json_pattern_error
 
 __all__ = ["ManifestError", "Problem", "load_manifest", "parse_manifest"]
 
@@ -228,6 +230,15 @@ class _Checker:
         mirror = _dict(route.get("mirror"))
         if self.clean(path + ("mirror",)) and mirror and mirror["version"] not in versions:
             yield path + ("mirror", "version"), _unknown("version", mirror["version"], versions), None
+        compare = _dict(mirror.get("compare")) if mirror else {}
+        if self.clean(path + ("mirror", "compare")):
+            for index, pattern in enumerate(compare.get("ignore_json") or ()):
+                problem = json_pattern_error(pattern)
+                if problem is not None:
+                    yield path + ("mirror", "compare", "ignore_json", index), problem, None
+            for index, name in enumerate(compare.get("ignore_headers") or ()):
+                if not HEADER_NAME.match(name):
+                    yield path + ("mirror", "compare", "ignore_headers", index), f"{name!r} is not a valid header name", None
 
     def _commands(self, path: tuple, service: dict) -> Iterator:
         if self.clean(path + ("command",)) and "command" in service:
@@ -478,8 +489,18 @@ def _normal_route(raw: dict, service_split: dict) -> dict:
         "timeout": _seconds(raw, "timeout", None),
         "retries": _retries(raw.get("retries")),
         "fault": None if fault is None else _fault(fault),
-        "mirror": None if mirror is None else {"version": mirror["version"], "percent": _percent(mirror)},
+        "mirror": None if mirror is None else {"version": mirror["version"], "percent": _percent(mirror),
+                                               **_compare(mirror.get("compare"))},
     }
+
+
+def _compare(raw: bool | dict | None) -> dict:
+    """A mirror's `compare`, only when on: the sidecar's shape (proxy.shadow.compare_spec)."""
+    if not raw:
+        return {}
+    raw = raw if isinstance(raw, dict) else {}
+    return {"compare": {"unsafe": raw.get("unsafe") is True, "ignore_headers": [h.lower() for h in raw.get("ignore_headers") or ()],
+                        "ignore_json": list(raw.get("ignore_json") or ())}}
 
 
 def _string_match(raw: dict) -> dict:

@@ -3,7 +3,8 @@
 Every second the hub sends `{"type": "stats?"}` on each sidecar's config channel; the
 answers go into one `agent.stats.SnapshotRing` per instance. Sidecars also send, unasked,
 `spans` batches (into one `agent.traces.TraceStore`), `access` lines (into a bounded
-ring, streamed by `meshctl logs --access`) and `tap-event`s for the taps the hub opened.
+ring, streamed by `meshctl logs --access`), `tap-event`s and `record-event`s for the taps
+and recordings opened, and `shadow-results` (handed to agent.control_shadow).
 
 All sidecars' metrics are served merged at `http://127.0.0.1:PORT/metrics`, once a manifest
 is applied: PORT is the manifest's `observability.metrics.port`, by default 9464 (taken by
@@ -121,6 +122,8 @@ class Observability:
         self.scrape_targets: Callable[[], list[dict]] = list
         self.file_sd_path: str | None = None
         self._written_targets: list[dict] | None = None
+        # Where `shadow-results` batches go (agent.control_shadow sets it).
+        self.on_shadow_results: Callable[[list[dict]], None] = lambda results: None
 
     def __repr__(self) -> str:
         return "<Observability %d sidecars, %r, %d taps>" % (len(self.rings), self.traces, len(self.taps))
@@ -245,7 +248,9 @@ class Observability:
                 self.access.append(event)
                 for follower in list(self.access_followers):
                     follower(event)
-        elif kind == "tap-event":
+        elif kind == "shadow-results":
+            self.on_shadow_results(message.get("results") or [])
+        elif kind == "tap-event" or kind == "record-event":
             listener = self.taps.get(message.get("id"))
             if listener is not None:
                 listener(message["event"])
@@ -280,9 +285,17 @@ class Observability:
         newest = [ring.window(0)[1] for ring in self.rings.values()]
         return merge_expositions(metrics_from_snapshot(snapshot).exposition() for snapshot in newest if snapshot is not None)
 
-    def open_tap(self, filter_: dict, listener: Listener) -> int:
+    def open_listener(self, listener: Listener) -> int:
+        """An id whose `tap-event`s and `record-event`s go to `listener` (a tap, a recording)."""
         tap_id = next(self._tap_ids)
         self.taps[tap_id] = listener
+        return tap_id
+
+    def close_listener(self, tap_id: int) -> None:
+        self.taps.pop(tap_id, None)
+
+    def open_tap(self, filter_: dict, listener: Listener) -> int:
+        tap_id = self.open_listener(listener)
         for _name, handle in self._sidecars():
             handle.send({"type": "tap", "id": tap_id, "filter": filter_})
         return tap_id

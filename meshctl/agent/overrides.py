@@ -1,6 +1,6 @@
 """Live overrides: route changes and replica counts made at run time on top of the manifest.
 
-Pure rules first: `with_split`, `with_rule`, `without`, `with_replicas` validate a change
+Pure rules first: `with_split`, `with_rule`, `with_shadow`, `without`, `with_replicas` validate a change
 against the manifest and return new `MeshOverrides`; `traffic_overrides` turns them into
 the traffic keys `compile_sidecar` lays over each service's normalised traffic. An
 override never edits the manifest's own rules: a header rule is inserted before them, and
@@ -21,6 +21,7 @@ from typing import Any
 
 from meshctl.agent.errors import AgentError
 from meshctl.agent.model import Manifest, ServiceSpec
+from meshctl.proxy.compare import json_pattern_error
 
 STORE_NAME = "overrides.json"
 MAX_REPLICAS = 64
@@ -47,6 +48,10 @@ class BadScale(OverrideError):
     code = "bad-scale"
 
 
+class BadShadow(OverrideError):
+    code = "bad-shadow"
+
+
 @dataclass(frozen=True)
 class HeaderRule:
     """Requests whose header `name` equals `value` go to `version`."""
@@ -68,13 +73,40 @@ class HeaderRule:
 
 
 @dataclass(frozen=True)
+class Shadow:
+    """`meshctl shadow`: `percent` of the service's requests copied to `version` and compared."""
+
+    version: str
+    percent: float = 100.0
+    path: str = "/"
+    unsafe: bool = False
+    ignore_headers: tuple[str, ...] = ()
+    ignore_json: tuple[str, ...] = ()
+
+    def to_mirror(self) -> dict[str, Any]:
+        """The sidecar's `shadow` traffic key: a comparing mirror laid over every route."""
+        return {"version": self.version, "percent": self.percent,
+                "compare": {"live": True, "path": self.path, "unsafe": self.unsafe, "ignore_headers": list(self.ignore_headers),
+                            "ignore_json": list(self.ignore_json)}}
+
+    def to_json(self) -> dict[str, Any]:
+        return {**vars(self), "ignore_headers": list(self.ignore_headers), "ignore_json": list(self.ignore_json)}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Shadow:
+        return cls(str(raw["version"]), float(raw.get("percent", 100.0)), str(raw.get("path") or "/"),
+                   raw.get("unsafe") is True, tuple(raw.get("ignore_headers") or ()), tuple(raw.get("ignore_json") or ()))
+
+
+@dataclass(frozen=True)
 class ServiceOverride:
     split: dict[str, int] | None = None
     rules: tuple[HeaderRule, ...] = ()
+    shadow: Shadow | None = None
 
     @property
     def empty(self) -> bool:
-        return self.split is None and not self.rules
+        return self.split is None and not self.rules and self.shadow is None
 
 
 @dataclass(frozen=True)
@@ -88,7 +120,8 @@ class MeshOverrides:
     def to_json(self) -> dict[str, Any]:
         return {
             "services": {
-                name: {"split": ov.split, "rules": [vars(rule) for rule in ov.rules]}
+                name: {"split": ov.split, "rules": [vars(rule) for rule in ov.rules],
+                       "shadow": ov.shadow.to_json() if ov.shadow is not None else None}
                 for name, ov in self.services.items()
             },
             "replicas": dict(self.replicas),
@@ -102,7 +135,8 @@ class MeshOverrides:
         for name, entry in (raw.get("services") or {}).items():
             split = entry.get("split")
             rules = tuple(HeaderRule(r["name"], r["value"], r["version"]) for r in entry.get("rules") or ())
-            services[name] = ServiceOverride({k: int(v) for k, v in split.items()} if split else None, rules)
+            shadow = Shadow.from_json(entry["shadow"]) if isinstance(entry.get("shadow"), dict) else None
+            services[name] = ServiceOverride({k: int(v) for k, v in split.items()} if split else None, rules, shadow)
         replicas = {key: int(count) for key, count in (raw.get("replicas") or {}).items()}
         return cls(services, replicas)
 
@@ -180,6 +214,36 @@ def with_rule(
     return _with_service(ov, service, replace(ov.service(service), rules=(rule, *others)))
 
 
+def with_shadow(ov: MeshOverrides, manifest: Manifest, service: str, shadow: Shadow) -> MeshOverrides:
+    """Start (or replace) the live shadow of `service`."""
+    spec = service_spec(manifest, service)
+    check_version(spec, shadow.version)
+    if spec.protocol != "http":
+        raise BadShadow(f"{service} speaks {spec.protocol}; shadow comparison works on HTTP/1 services")
+    if not 0 < shadow.percent <= 100:
+        raise BadShadow(f"--percent must be more than 0 and at most 100, not {shadow.percent:g}")
+    if not shadow.path.startswith("/"):
+        raise BadShadow(f"--path {shadow.path!r}: a path prefix starts with /")
+    for name in shadow.ignore_headers:
+        if not HEADER_NAME.match(name):
+            raise BadShadow(f"--ignore-header {name!r} is not a valid header name")
+    for path in shadow.ignore_json:
+        problem = json_pattern_error(path)
+        if problem is not None:
+            raise BadShadow(f"--ignore-json {problem}")
+    split = effective_traffic(spec, ov.service(service)).get("split") or {}
+    if split.get(shadow.version, 0) >= 100:
+        raise BadShadow(f"{service} sends all its traffic to {shadow.version} already; shadow another version")
+    return _with_service(ov, service, replace(ov.service(service), shadow=shadow))
+
+
+def without_shadow(ov: MeshOverrides, manifest: Manifest, service: str) -> MeshOverrides:
+    service_spec(manifest, service)
+    if ov.service(service).shadow is None:
+        raise BadShadow(f"{service} has no live shadow (start one with `meshctl shadow {service} VERSION`)")
+    return _with_service(ov, service, replace(ov.service(service), shadow=None))
+
+
 def without(ov: MeshOverrides, manifest: Manifest, service: str) -> MeshOverrides:
     """Back to the manifest's routing for `service` (replica counts are kept)."""
     service_spec(manifest, service)
@@ -239,6 +303,8 @@ def service_keys(spec: ServiceSpec, service: ServiceOverride) -> dict[str, Any]:
         keys["split"] = dict(service.split)
     if service.rules:
         keys["routes"] = [rule.to_route() for rule in service.rules] + list(base_traffic(spec).get("routes") or [])
+    if service.shadow is not None:
+        keys["shadow"] = service.shadow.to_mirror()
     return keys
 
 
@@ -260,6 +326,8 @@ def versions_in_use(traffic: dict[str, Any]) -> set[str]:
         used.update(v for v, w in (route.get("split") or {}).items() if w > 0)
         if route.get("mirror"):
             used.add(route["mirror"]["version"])
+    if traffic.get("shadow"):
+        used.add(traffic["shadow"]["version"])
     return used
 
 
@@ -273,6 +341,8 @@ def reconcile(manifest: Manifest, ov: MeshOverrides) -> tuple[MeshOverrides, lis
                 kept = with_split(kept, manifest, name, service.split)
             for rule in reversed(service.rules):
                 kept = with_rule(kept, manifest, name, rule.name, rule.value, rule.version)
+            if service.shadow is not None:
+                kept = with_shadow(kept, manifest, name, service.shadow)
         except OverrideError as exc:
             dropped.append(f"route override of {name}: {exc}")
             kept = _with_service(kept, name, ServiceOverride())
@@ -295,6 +365,8 @@ def diff(manifest: Manifest, ov: MeshOverrides) -> list[dict[str, Any]]:
         for rule in service.rules:
             out.append({"service": name, "what": "rule", "manifest": None,
                         "live": {"header": rule.name, "value": rule.value, "version": rule.version}})
+        if service.shadow is not None:
+            out.append({"service": name, "what": "shadow", "manifest": None, "live": service.shadow.to_json()})
     for key, count in ov.replicas.items():
         service, _, version = key.partition("@")
         out.append({"service": service, "what": f"replicas {version}",

@@ -274,8 +274,21 @@ _DEFS: dict[str, dict] = {
                 {
                     "version": _ref("name", "The version that receives copies."),
                     "percent": _described(_PERCENT, "Percent of requests copied [100]."),
+                    "compare": {
+                        "type": ["boolean", "object"],
+                        "description": "Keep the copy's answer and compare it with the primary's "
+                                       "(`meshctl shadow report`): true, or unsafe/ignore_headers/ignore_json [false].",
+                        "properties": {
+                            "unsafe": {"type": "boolean", "description": "Also copy POST, PUT, PATCH, DELETE [false]."},
+                            "ignore_headers": {"type": "array", "items": {"type": "string"},
+                                               "description": "Headers that are noise."},
+                            "ignore_json": {"type": "array", "items": {"type": "string"},
+                                            "description": "JSON paths that are noise, e.g. $.ts, $.items[*].id."},
+                        },
+                        "additionalProperties": False,
+                    },
                 },
-                "Send a copy of matching requests to a version; its responses are discarded.",
+                "Send a copy of matching requests to a version; its responses are discarded unless `compare`.",
                 required=("version",),
             ),
         },

@@ -63,6 +63,8 @@ def virtual_service(service: ServiceSpec, given: ExportInput, notes: Notes) -> d
         if mirror:
             entry["mirror"] = {"host": host, "subset": mirror["version"], "port": {"number": SERVICE_PORT}}
             entry["mirrorPercentage"] = {"value": mirror["percent"]}
+            if mirror.get("compare"):
+                notes.add(where, "mirror.compare", "Istio discards the mirror's answers; compare them with meshctl shadow")
         http.append(entry)
     http.append({
         "name": "default",

@@ -45,6 +45,7 @@ async def _serve(control_fd: int) -> int:
     code = await state.done
     if state.observer is not None:
         state.observer.flush_access()
+        state.observer.shadow_results.flush()
     return code
 
 

@@ -28,6 +28,7 @@ from meshctl.proxy.http1 import END, Data, Head, rebuild_head
 from meshctl.proxy.limits import ADMITTED, QUEUED
 from meshctl.proxy.mirror import send_mirror
 from meshctl.proxy.retry import MAX_REPLAY_BODY_BYTES
+from meshctl.proxy.shadow import begin as begin_comparison
 from meshctl.proxy.upgrade import UpgradeError, check_switch
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from meshctl.proxy.listeners import Target
     from meshctl.proxy.pool import UpstreamConnection
     from meshctl.proxy.routing import RouteAction
+    from meshctl.proxy.shadow import Comparison
     from meshctl.proxy.server import ClientConnection
 
 log = logging.getLogger("proxy.exchange")
@@ -79,6 +81,7 @@ class Exchange:
         "started",
         "status",
         "mirror_version",
+        "comparison",
     )
 
     def __init__(self, client: ClientConnection, target: Target, head: Head, out_head: bytes) -> None:
@@ -113,6 +116,7 @@ class Exchange:
         self.started = 0.0
         self.status = 0
         self.mirror_version: str | None = None
+        self.comparison: Comparison | None = None  # set when the shadow's answer is compared with ours
 
     def __repr__(self) -> str:
         return "<Exchange %s %s -> %s try %d%s%s>" % (
@@ -185,18 +189,30 @@ class Exchange:
         service = self.target.service
         service.budget.record_request(self.client.state.loop.time())  # type: ignore[union-attr]
         mirror = action.mirror  # type: ignore[union-attr]
+        compared = False
         if mirror is not None and random.random() * 100 < mirror["percent"]:
-            self.mirror_version = mirror["version"]
-            if self.request_done:
-                self._send_mirror()
+            compare = mirror["compare"]
+            if compare is None:
+                self.mirror_version = mirror["version"]
+                if self.request_done:
+                    self._send_mirror()
+            else:
+                self.comparison = begin_comparison(self, compare, mirror["version"])
+                if self.comparison is not None:
+                    self.mirror_version = mirror["version"]
+                    compared = True
         fault = action.fault  # type: ignore[union-attr]
         if fault is not None:
             delay = fault["delay"]
             if delay is not None and random.random() * 100 < delay["percent"]:
                 self.client.deadline = self.deadline
                 self.client.state.loop.call_later(delay["fixed"], self._try)
+                if compared and self.request_done:
+                    self._send_mirror()  # the delay is the primary's, not the copies'
                 return
         self._try()
+        if compared and self.request_done and not self.answered:
+            self._send_mirror()  # after the first try, so that the reference copy can avoid its endpoint
 
     def _send_mirror(self) -> None:
         version, self.mirror_version = self.mirror_version, None
@@ -205,6 +221,9 @@ class Exchange:
             return
         service = self.target.service
         state = self.client.state
+        if self.comparison is not None:
+            self.comparison.send_copies(state.pool, service, replay, self.action.timeout, state.loop.time(), self.last_endpoint)  # type: ignore[arg-type, union-attr]
+            return
         send_mirror(state.pool, service, version, replay, self.action.timeout, service.connect_timeout, state.loop.time())  # type: ignore[arg-type, union-attr]
 
     def _try(self) -> None:
@@ -266,7 +285,7 @@ class Exchange:
             self.flush()
 
     def _attach(self, conn: UpstreamConnection, reused: bool) -> None:
-        conn.owner = self
+        conn.owner = self if self.comparison is None else self.comparison.tap(self, conn)
         conn.requests += 1
         self.upstream = conn
         self.reused = reused

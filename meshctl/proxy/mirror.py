@@ -14,6 +14,9 @@ endpoint of the mirror version, as Istio does:
 * at most MAX_MIRRORS_IN_FLIGHT copies per service are outstanding; beyond that new
   copies are skipped rather than queued, so a dead mirror cannot pile up memory.
 
+A copy made for a shadow comparison (proxy.shadow) is given `on_end`: it then keeps a
+bounded copy of the answer (proxy.capture) and hands it over when the copy ends.
+
 `shadow_head()` is the pure part; `Mirror` is the small driver.
 """
 
@@ -23,10 +26,13 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from meshctl.proxy.capture import Capture
 from meshctl.proxy.errors import ProtocolError
 from meshctl.proxy.http1 import END, NEED_DATA, Head
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from meshctl.proxy.pool import Pool, UpstreamConnection
     from meshctl.proxy.snapshot import Service
 
@@ -69,9 +75,13 @@ def send_mirror(pool: Pool, service: Service, version: str, request: list[bytes]
 class Mirror:
     """Sends one copy and reads its response to the end, then returns the connection."""
 
-    __slots__ = ("pool", "service", "address", "data", "no_body", "upstream", "timer", "done", "interim", "keep_alive")
+    __slots__ = ("pool", "service", "address", "data", "no_body", "upstream", "timer", "done", "interim", "keep_alive",
+                 "on_end", "role", "capture", "started")
 
-    def __init__(self, pool: Pool, service: Service, address: tuple[str, int], data: list[bytes], no_body: bool) -> None:
+    def __init__(
+        self, pool: Pool, service: Service, address: tuple[str, int], data: list[bytes], no_body: bool,
+        on_end: Callable[[str, Capture, str | None, float], None] | None = None, role: str = "",
+    ) -> None:
         self.pool = pool
         self.service = service
         self.address = address
@@ -82,6 +92,10 @@ class Mirror:
         self.done = False
         self.interim = False
         self.keep_alive = False
+        self.on_end = on_end  # (role, capture, problem or None, seconds) when the copy ends
+        self.role = role
+        self.capture = Capture() if on_end is not None else None
+        self.started = 0.0
 
     def __repr__(self) -> str:
         return "<Mirror %s to %s:%d>" % (self.service.name, self.address[0], self.address[1])
@@ -89,6 +103,7 @@ class Mirror:
     def start(self, timeout: float, connect_timeout: float) -> None:
         self.service.mirrors_in_flight += 1
         loop = self.pool.loop
+        self.started = loop.time()
         self.timer = loop.call_later(timeout, self._give_up, "no response within %gs" % timeout)
         conn = self.pool.take(self.address)
         if conn is not None:
@@ -134,6 +149,8 @@ class Mirror:
             self.timer = None
         if problem is not None:
             log.debug("%r: %s", self, problem)
+        if self.on_end is not None:
+            self.on_end(self.role, self.capture, problem, self.pool.loop.time() - self.started)  # type: ignore[arg-type]
 
     # -- the UpstreamConnection owner interface -----------------------------------------
 
@@ -141,6 +158,8 @@ class Mirror:
         conn = self.upstream
         if conn is None:
             return
+        if self.capture is not None:
+            self.capture.add(data)
         parser = conn.parser
         parser.feed(data)
         while True:

@@ -7,6 +7,8 @@ only when someone asks over the config channel (docs/observability.md):
 
 * `{"type": "stats?"}` -> `{"type": "stats", "data": Metrics.snapshot()}`;
 * `{"type": "tap", "id", "filter"}` / `{"type": "untap", "id"}` -> `tap-event` lines;
+* `record` / `unrecord` -> `record-event` lines (proxy.record); `replay` sends one
+  recorded request again and compares (proxy.replay); `shadow-results` batches (proxy.shadow);
 * `spans` batches once a second while any are buffered; `access` batches of access lines
   when the snapshot's `access_log` is `on` (every request) or `errors` (status >= 500 or
   mesh error), sent ACCESS_FLUSH_INTERVAL after the first line of a batch or at once when
@@ -27,6 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 from meshctl.proxy.http1 import HOP_BY_HOP, Head
 from meshctl.proxy.metrics import INBOUND, OUTBOUND, Metrics, path_template
+from meshctl.proxy.record import Recording, record_events
+from meshctl.proxy.replay import replay_request
+from meshctl.proxy.shadow import ShadowResults
 from meshctl.proxy.tracing import B3_SINGLE, TRACE_HEADERS, Hop, Sampler, Span, SpanBuffer, extract, next_hop
 
 if TYPE_CHECKING:
@@ -114,6 +119,7 @@ class Observer:
         self.sampler: Sampler | None = None
         self.access_log = "off"
         self.taps: dict[int, TapFilter] = {}
+        self.recordings: dict[int, Recording] = {}  # open `meshctl record`s (proxy.record)
         self.hops: dict[int, Hop] = {}  # id(exchange) -> its span, only while tracing
         self.identity: str | None = None
         self.service_identities: dict[str, str | None] = {}
@@ -125,6 +131,7 @@ class Observer:
         self._flusher: asyncio.TimerHandle | None = None
         self._access_lines: list[dict[str, Any]] = []
         self._access_flusher: asyncio.TimerHandle | None = None
+        self.shadow_results = ShadowResults(state.loop, send)  # compared requests (proxy.shadow)
 
     def __repr__(self) -> str:
         return "<Observer %r, %d taps, %r>" % (self.metrics, len(self.taps), self.spans)
@@ -153,8 +160,10 @@ class Observer:
     def _hook(self) -> None:
         """Unhook exchange_done when nothing would record (metrics off, no spans, taps or access lines)."""
         sampler = self.sampler
-        wanted = self.metrics_on or self.taps or self.access_log != "off" or (sampler is not None and sampler.rate > 0.0)
-        self.state.on_exchange_done = self.exchange_done if wanted else None
+        wanted = (self.metrics_on or self.taps or self.recordings or self.access_log != "off"
+                  or (sampler is not None and sampler.rate > 0.0))
+        # While recording, a hook that also records: no check on the hot path otherwise.
+        self.state.on_exchange_done = (self._done_and_recorded if self.recordings else self.exchange_done) if wanted else None
         self.state.pool.observer = self if self.metrics_on else None
 
     # -- channel requests ------------------------------------------------------------------
@@ -170,6 +179,15 @@ class Observer:
         elif kind == "untap":
             self.taps.pop(int(message.get("id", 0)), None)
             self._hook()
+        elif kind == "record":
+            recording = Recording(message)
+            self.recordings[recording.id] = recording
+            self._hook()
+        elif kind == "unrecord":
+            self.recordings.pop(int(message.get("id", 0)), None)
+            self._hook()
+        elif kind == "replay":
+            replay_request(self.state, message, self.shadow_results.add)
         else:
             return False
         return True
@@ -290,6 +308,12 @@ class Observer:
                 ))
         if self.taps or self.access_log == "on" or (self.access_log == "errors" and (mesh_error or status >= 500)):
             self._emit(exchange, inbound, source, destination, version, status, duration, outcome if mesh_error else None)
+
+    def _done_and_recorded(self, exchange: Exchange, outcome: str) -> None:
+        self.exchange_done(exchange, outcome)
+        if exchange.client.listener.kind == "inbound":
+            mesh_error = outcome not in _NOT_MESH_ERRORS
+            record_events(self.recordings, exchange, exchange.status if exchange.response_started or mesh_error else 0, self.send)
 
     def count_ejection(self, destination: str, version: str) -> None:
         if self.metrics_on:

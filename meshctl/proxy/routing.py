@@ -32,6 +32,7 @@ from typing import Any, Callable
 from urllib.parse import parse_qsl
 
 from meshctl.proxy.retry import RetryConfigError, RetryPolicy
+from meshctl.proxy.shadow import compare_spec
 
 DEFAULT_TIMEOUT = 15.0
 _MATCH_KINDS = ("exact", "prefix", "regex")
@@ -134,7 +135,9 @@ class Router:
         split = cfg.get("split")
         if split is None:
             split = {self.versions[0]: 100}
-        self._default = self._compile_split(split, "%s.split" % prefix, -1, timeout, retries, retry_policy, None, None, rng)
+        # A live shadow (`meshctl shadow`) is the mirror of every request, whatever route it takes.
+        shadow = self._mirror(cfg.get("shadow"), "%s.shadow" % prefix)
+        self._default = self._compile_split(split, "%s.split" % prefix, -1, timeout, retries, retry_policy, None, shadow, rng)
 
         routes = cfg.get("routes")
         if routes is None:
@@ -142,7 +145,7 @@ class Router:
         if not isinstance(routes, list):
             raise RouterError("%s.routes: expected a list, got %r" % (prefix, routes))
         self._rules: tuple[_Rule, ...] = tuple(
-            self._compile_route(route, "%s.routes[%d]" % (prefix, index), index, timeout, retries, retry_policy, rng)
+            self._compile_route(route, "%s.routes[%d]" % (prefix, index), index, timeout, retries, retry_policy, shadow, rng)
             for index, route in enumerate(routes)
         )
         self.needs_request_details = bool(self._rules)
@@ -198,6 +201,7 @@ class Router:
         service_timeout: float,
         service_retries: dict | None,
         service_retry_policy: RetryPolicy | None,
+        shadow: dict | None,
         rng: random.Random,
     ) -> _Rule:
         if not isinstance(route, dict):
@@ -210,7 +214,7 @@ class Router:
         else:
             retry_policy = _retry_policy(retries, "%s.retries" % where)
         fault = _fault(route.get("fault"), "%s.fault" % where)
-        mirror = self._mirror(route.get("mirror"), "%s.mirror" % where)
+        mirror = shadow or self._mirror(route.get("mirror"), "%s.mirror" % where)
         split = route.get("split")
         if split is None and route.get("version") is not None:
             split = {route["version"]: 100}
@@ -230,7 +234,11 @@ class Router:
         version = mirror.get("version")
         if version not in self.versions:
             raise RouterError("%s.version: unknown version %r (service %s has %s)" % (where, version, self.service, ", ".join(self.versions)))
-        return {"version": version, "percent": _percent(mirror.get("percent", 100), "%s.percent" % where)}
+        try:
+            compare = compare_spec(mirror.get("compare"), "%s.compare" % where)
+        except ValueError as exc:
+            raise RouterError(str(exc)) from None
+        return {"version": version, "percent": _percent(mirror.get("percent", 100), "%s.percent" % where), "compare": compare}
 
 
 def _versions(cfg: dict, prefix: str) -> tuple[str, ...]:

@@ -1,0 +1,297 @@
+"""Shadow traffic with a response diff: mirrored copies whose answers are kept and compared.
+
+A route's mirror with a `compare` block (from the manifest's `mirror: {compare: true}` or
+the live `meshctl shadow` override, which lays one over every route of the service) makes
+the exchange a `Comparison` of up to three answers to the same request:
+
+* `primary`: the client's own answer, read off the upstream connection by a `ResponseTap`
+  that forwards every callback to the exchange unchanged and keeps a bounded copy;
+* `shadow`: a `proxy.mirror.Mirror` copy to the shadow version (mirror's limits: bodies up
+  to 64 KiB, MAX_MIRRORS_IN_FLIGHT copies, the client never waits for it);
+* `reference`: for `reference_percent` of them, one more copy to another instance of
+  the primary's version (Diffy's second primary): what differs between two primaries is
+  noise, not a difference of the shadow.
+
+Once all have ended (each after the client's answer went out, or the copy's timeout),
+the answers are compared (proxy.compare) and a result joins the batch `ShadowResults`
+sends to the agent, as access lines do. Unsafe methods are compared only with `unsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import TYPE_CHECKING, Any, Callable
+
+from meshctl.proxy.capture import Capture
+from meshctl.proxy.compare import Ignore, Response, differences
+from meshctl.proxy.mirror import MAX_MIRRORS_IN_FLIGHT, Mirror, shadow_head
+
+if TYPE_CHECKING:
+    from meshctl.proxy.balance import Endpoint
+    from meshctl.proxy.exchange import Exchange
+    from meshctl.proxy.pool import Pool, UpstreamConnection
+    from meshctl.proxy.snapshot import Service
+
+UNSAFE_METHODS = frozenset({b"POST", b"PUT", b"PATCH", b"DELETE"})
+DEFAULT_REFERENCE_PERCENT = 25.0
+RESULTS_FLUSH_INTERVAL = 0.25
+RESULTS_BATCH_MAX = 128
+
+
+class CompareSpec:
+    """The validated `compare` part of a mirror: which requests, and what is noise."""
+
+    __slots__ = ("unsafe", "path_prefix", "ignore", "reference_percent", "live")
+
+    def __init__(self, unsafe: bool, path_prefix: bytes, ignore: Ignore, reference_percent: float, live: bool = False) -> None:
+        self.live = live  # from `meshctl shadow` rather than the manifest: the agent keeps them apart
+        self.unsafe = unsafe
+        self.path_prefix = path_prefix
+        self.ignore = ignore
+        self.reference_percent = reference_percent
+
+    def __repr__(self) -> str:
+        return "<CompareSpec%s path %r %r>" % (" unsafe" if self.unsafe else "", self.path_prefix, self.ignore)
+
+    def wants(self, method: bytes, target: bytes) -> bool:
+        if method in UNSAFE_METHODS and not self.unsafe:
+            return False
+        return target.startswith(self.path_prefix)
+
+
+def compare_spec(raw: Any, where: str) -> CompareSpec | None:
+    """A mirror's `compare` value (true, false/absent, or a mapping) as a CompareSpec."""
+    if raw is None or raw is False:
+        return None
+    if raw is True:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError("%s: expected true or a mapping, got %r" % (where, raw))
+    path = raw.get("path") or "/"
+    headers = raw.get("ignore_headers") or []
+    json_paths = raw.get("ignore_json") or []
+    reference = raw.get("reference_percent", DEFAULT_REFERENCE_PERCENT)
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ValueError("%s.path: expected a path prefix starting with /, got %r" % (where, path))
+    if not all(isinstance(h, str) for h in headers) or not all(isinstance(p, str) for p in json_paths):
+        raise ValueError("%s: ignore_headers and ignore_json are lists of strings" % where)
+    if isinstance(reference, bool) or not isinstance(reference, (int, float)) or not 0 <= reference <= 100:
+        raise ValueError("%s.reference_percent: expected a number from 0 to 100, got %r" % (where, reference))
+    return CompareSpec(raw.get("unsafe") is True, path.encode("latin-1"), Ignore(headers, json_paths), float(reference),
+                       raw.get("live") is True)
+
+
+# -- one compared request ------------------------------------------------------------------
+
+
+Sink = Callable[[dict], None]
+
+
+class Comparison:
+    """Collects the answers to one request; compares and reports once all have ended."""
+
+    __slots__ = ("spec", "service", "primary_version", "shadow_version", "method", "path", "no_body", "sink",
+                 "answers", "elapsed", "waiting", "abandoned", "tag")
+
+    def __init__(self, spec: CompareSpec, service: str, shadow_version: str, method: bytes, path: bytes, sink: Sink,
+                 tag: str | None = None) -> None:
+        self.spec = spec
+        self.service = service
+        self.primary_version = ""
+        self.shadow_version = shadow_version
+        self.method = method
+        self.path = path
+        self.no_body = method == b"HEAD"
+        self.sink = sink
+        self.answers: dict[str, Response | str] = {}
+        self.elapsed: dict[str, float | None] = {}
+        self.waiting = {"primary", "shadow"}
+        self.abandoned = False
+        self.tag = tag  # a replay's id, so the agent can tell its results apart
+
+    def __repr__(self) -> str:
+        return "<Comparison %s %s %s waiting %s>" % (self.service, self.method.decode("latin-1"),
+                                                    self.path[:60].decode("latin-1"), sorted(self.waiting))
+
+    def tap(self, exchange: Exchange, conn: UpstreamConnection) -> ResponseTap:
+        return ResponseTap(exchange, conn, self)
+
+    def send_copies(self, pool: Pool, service: Service, replay: list[bytes], timeout: float, now: float,
+                    primary: Endpoint | None) -> None:
+        """The shadow copy, and for a share of requests a reference copy to another primary."""
+        shadow = self.mirror_to(pool, service, self.shadow_version, "shadow", replay, timeout, now, frozenset())
+        if shadow is None:
+            self.abandoned = True  # too many copies in flight: this request is not compared
+            return
+        if primary is not None:
+            self.send_reference(pool, service, primary, replay, timeout, now)
+
+    def send_reference(self, pool: Pool, service: Service, primary: Endpoint, replay: list[bytes], timeout: float,
+                       now: float) -> None:
+        """For `reference_percent` of requests, a copy to another instance of the primary's version."""
+        if random.random() * 100 >= self.spec.reference_percent:
+            return
+        self.primary_version = primary.version
+        self.waiting.add("reference")
+        if self.mirror_to(pool, service, primary.version, "reference", replay, timeout, now, frozenset({primary.id})) is None:
+            self.waiting.discard("reference")
+
+    def mirror_to(self, pool: Pool, service: Service, version: str, role: str, replay: list[bytes], timeout: float,
+                  now: float, avoid: frozenset[str]) -> Endpoint | None:
+        """Send one copy to an endpoint of `version` not in `avoid`; the endpoint, or None when skipped."""
+        if service.mirrors_in_flight >= MAX_MIRRORS_IN_FLIGHT:
+            return None
+        endpoint = service.balancer.pick(version, None, avoid, now)
+        if endpoint is None or endpoint.id in avoid:
+            return None
+        data = [shadow_head(replay[0]), *replay[1:]]
+        Mirror(pool, service, endpoint.address, data, self.no_body, self._copy_ended, role).start(timeout, service.connect_timeout)
+        return endpoint
+
+    def _copy_ended(self, role: str, capture: Capture, problem: str | None, seconds: float) -> None:
+        answer: Response | str | None = problem
+        if problem is None:
+            answer = capture.response(self.no_body) or "invalid or too large response"
+        self.arrive(role, answer, seconds)  # type: ignore[arg-type]
+
+    def arrive(self, role: str, answer: Response | str, seconds: float | None) -> None:
+        """One answer ended: a Response, or a string saying why there is none (seconds None: not timed)."""
+        if self.abandoned or role not in self.waiting:
+            return
+        if role == "primary" and not isinstance(answer, Response):
+            self.abandoned = True  # the client got an error or nothing: nothing to compare with
+            if self.tag is not None:  # a replay counts every request it sent
+                self.sink(self.failure("the primary answered nothing: %s" % answer))
+            return
+        self.waiting.discard(role)
+        self.answers[role] = answer
+        self.elapsed[role] = seconds
+        if not self.waiting:
+            self.sink(self.result())
+
+    def failure(self, reason: str) -> dict[str, Any]:
+        return {"service": self.service, "version": self.shadow_version, "method": self.method.decode("latin-1"),
+                "path": self.path.decode("latin-1"), "failed": reason, "diffs": {}, "noise": None,
+                "primary_ms": None, "shadow_ms": None, "tag": self.tag}
+
+    def result(self) -> dict[str, Any]:
+        primary, shadow = self.answers["primary"], self.answers["shadow"]
+        reference = self.answers.get("reference")
+        failed = shadow if isinstance(shadow, str) else None
+        diffs = {} if failed else differences(primary, shadow, self.spec.ignore)  # type: ignore[arg-type]
+        noise = sorted(differences(primary, reference, self.spec.ignore)) if isinstance(reference, Response) else None
+        return {
+            "service": self.service,
+            "version": self.shadow_version,
+            "method": self.method.decode("latin-1"),
+            "path": self.path.decode("latin-1"),
+            "failed": failed,
+            "diffs": {where: list(values) for where, values in diffs.items()},
+            "noise": noise,
+            "primary_ms": _ms(self.elapsed["primary"]),
+            "shadow_ms": _ms(self.elapsed["shadow"]),
+            "tag": self.tag,
+            "live": self.spec.live,
+        }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def begin(exchange: Exchange, spec: CompareSpec, shadow_version: str) -> Comparison | None:
+    """A Comparison for this request, or None when it is not one to compare.
+
+    A request the split already sends to the shadow's version is not compared: its
+    answer would be compared with itself.
+    """
+    if not spec.wants(exchange.method, exchange.head.target) or exchange.action.version == shadow_version:  # type: ignore[union-attr]
+        return None
+    observer = exchange.client.state.observer
+    if observer is None:
+        return None
+    return Comparison(spec, exchange.target.service.name, shadow_version, exchange.method, exchange.head.target,  # type: ignore[union-attr]
+                      observer.shadow_results.add)
+
+
+class ResponseTap:
+    """The owner of the primary's upstream connection while it answers a compared request.
+
+    Every callback goes to the exchange first, unchanged; the copy and the end of the
+    answer are noted after, so the client's bytes are never held back.
+    """
+
+    __slots__ = ("exchange", "conn", "comparison", "capture", "ended")
+
+    def __init__(self, exchange: Exchange, conn: UpstreamConnection, comparison: Comparison) -> None:
+        self.exchange = exchange
+        self.conn = conn
+        self.comparison = comparison
+        self.capture = Capture()
+        self.ended = False
+
+    def __repr__(self) -> str:
+        return "<ResponseTap %r>" % (self.exchange,)
+
+    def upstream_data(self, data: bytes) -> None:
+        self.exchange.upstream_data(data)
+        self.capture.add(data)
+        self._maybe_ended()
+
+    def upstream_eof(self) -> None:
+        self.exchange.upstream_eof()
+        self._maybe_ended()
+
+    def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
+        self.exchange.upstream_lost(conn, exc)
+        self._maybe_ended()
+
+    def upstream_write_paused(self) -> None:
+        self.exchange.upstream_write_paused()
+
+    def upstream_write_resumed(self) -> None:
+        self.exchange.upstream_write_resumed()
+
+    def _maybe_ended(self) -> None:
+        exchange = self.exchange
+        if self.ended or exchange.upstream is self.conn:
+            return
+        self.ended = True
+        if not exchange.answered:
+            return  # this try's answer was discarded for a retry: the next try brings a new tap
+        endpoint = exchange.last_endpoint
+        comparison = self.comparison
+        if endpoint is not None and not comparison.primary_version:
+            comparison.primary_version = endpoint.version
+        response = self.capture.response(comparison.no_body)
+        elapsed = exchange.client.state.loop.time() - exchange.started
+        comparison.arrive("primary", response if response is not None else "no complete answer", elapsed)
+
+
+class ShadowResults:
+    """Compared requests waiting to go to the agent, sent in batches like access lines."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, send: Sink) -> None:
+        self.loop = loop
+        self.send = send
+        self.results: list[dict] = []
+        self.flusher: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        return "<ShadowResults %d waiting>" % len(self.results)
+
+    def add(self, result: dict) -> None:
+        self.results.append(result)
+        if len(self.results) >= RESULTS_BATCH_MAX:
+            self.flush()
+        elif self.flusher is None:
+            self.flusher = self.loop.call_later(RESULTS_FLUSH_INTERVAL, self.flush)
+
+    def flush(self) -> None:
+        if self.flusher is not None:
+            self.flusher.cancel()
+            self.flusher = None
+        if self.results:
+            results, self.results = self.results, []
+            self.send({"type": "shadow-results", "results": results})
