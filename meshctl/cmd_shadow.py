@@ -23,7 +23,14 @@ from typing import Annotated, Any
 import typer
 
 from meshctl import render
-from meshctl.cmd_route import EXIT_USAGE, OutputOption, WaitOption, agent_or_exit, report_change, seconds
+from meshctl.cmd_route import report_change
+from meshctl.common import (
+    EXIT_USAGE,
+    OutputOption,
+    WaitOption,
+    agent_or_exit,
+    duration_seconds,
+)
 
 NOISE_SHOWN = 8
 
@@ -105,7 +112,7 @@ def record(
     include_secrets: Annotated[bool, typer.Option("--include-secrets", help="Keep authorization, cookie and set-cookie values.")] = False,
 ) -> None:
     """Write the requests SERVICE receives (method, path, headers, body up to 64 KiB, status) to a file."""
-    wait_s = seconds(duration)
+    wait_s = duration_seconds(duration, "--duration")
     client = agent_or_exit()
     client.timeout = wait_s + 30.0
     fields: dict[str, Any] = {"service": service, "duration": wait_s, "include_secrets": include_secrets}
