@@ -36,16 +36,20 @@ status: $(STAMP)
 test: $(STAMP) test-deps
 	$(BIN)/python -m pytest -n 2 tests
 
-# Optional system tools some tests use (a real Redis through the mesh). Installed from
-# Debian when running as root with apt-get; a failed install never fails the run, the
-# test that needs the tool skips and says why.
+# Optional system tools some tests use (a real Redis through the mesh, nginx behind the
+# ingress for the connection-burst test). Installed from Debian when running as root with
+# apt-get; a failed install never fails the run, the test that needs the tool skips and
+# says why.
+TEST_TOOLS := redis-server:redis-server nginx:nginx-light
+
 test-deps:
-	@command -v redis-server >/dev/null 2>&1 || { \
+	@for pair in $(TEST_TOOLS); do tool=$${pair%%:*}; package=$${pair#*:}; \
+	  command -v $$tool >/dev/null 2>&1 && continue; \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    mkdir -p .state; \
-	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; } \
-	      >.state/test-deps.log 2>&1 || echo "redis-server could not be installed (.state/test-deps.log); its test will skip"; \
-	  else echo "redis-server is missing and cannot be installed here (needs root and apt-get); its test will skip"; fi; }
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$package; } \
+	      >>.state/test-deps.log 2>&1 || echo "$$package could not be installed (.state/test-deps.log); its test will skip"; \
+	  else echo "$$tool is missing and cannot be installed here (needs root and apt-get); its test will skip"; fi; done
 
 clean:
 	rm -rf $(VENV) .state .pytest_cache .hypothesis
