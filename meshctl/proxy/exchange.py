@@ -13,8 +13,8 @@ decides (route, endpoint, retry) with the pure policy modules, then moves raw by
   reused keep-alive connection turns out to have been closed by the peer;
 * a request that finds no idle connection waits in the pool's line for the next one
   (proxy.pool), within its deadline; a failed connect sent nothing, so it is retried (the
-  route's retries, or `CONNECT_RETRIES` when the route has none) on another endpoint or
-  after a backoff, within the service's retry budget.
+  route's retries, or `CONNECT_RETRIES` when the route has none, as for the app) on another
+  endpoint or after a backoff, within the service's retry budget.
 
 Every error the exchange generates goes through proxy.errors; once response bytes have
 been sent to the client, a failure can only abort the client connection.
@@ -569,18 +569,20 @@ class Exchange:
         self.fail(_CONNECT_FAILURE_CODE[outcome], "%s: %s" % (self.label, detail))
 
     def _may_retry(self, outcome: str) -> RetryPolicy | None:
-        """The policy that allows another try after `outcome`, with a retry taken from the budget."""
+        """The policy that allows another try after `outcome`, with a retry taken from the service's budget.
+
+        A request to the app or an egress host (no service, no route) retries failed connects only.
+        """
         action = self.action
-        if action is None:
-            return None
-        policy = action.retry_policy or CONNECT_RETRIES
+        policy = (action.retry_policy if action is not None else None) or CONNECT_RETRIES
         if self.pending is not None:
             body_size = 0  # nothing was sent: the queued bytes are the whole replay so far
         else:
             body_size = self.replay_size - len(self.replay[0]) if self.request_done and self.replay else None  # type: ignore[index]
         if not policy.should_retry(self.attempt, self.method.decode("latin-1"), outcome, None, body_size):
             return None
-        if not self.target.service.budget.try_spend(self.client.state.loop.time()):  # type: ignore[union-attr]
+        service = self.target.service
+        if service is not None and not service.budget.try_spend(self.client.state.loop.time()):
             return None
         return policy
 

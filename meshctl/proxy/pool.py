@@ -237,7 +237,7 @@ class Pool:
         idle.append(conn)
 
     def add_idle(self, conn: UpstreamConnection) -> None:
-        """Keep a fresh, never used connection (its requester no longer needed it)."""
+        """A fresh, never used connection: to the longest waiting request, else kept idle."""
         conn.owner = None
         if conn.closed:
             return
@@ -273,21 +273,20 @@ class Pool:
 
     async def _establish(self, address: tuple[str, int], dial: Dial, timeout: float, tls: ClientTLS | None, peer: str,
                          handshake_timeout: float) -> None:
-        """Open connections for `dial`'s line until it is served; `dial.establishing` counts this one."""
-        while True:
-            try:
-                conn = await self.connect(address, timeout, tls, peer, handshake_timeout)
-            except ConnectFailed as exc:
-                self._failed(dial, exc)
-            else:
-                if dial.waiters:
-                    dial.waiters.popleft().pooled(conn, False)
+        """Open connections for `dial`'s line until it is served; `dial.establishing` counts this task."""
+        try:
+            while True:
+                try:
+                    conn = await self.connect(address, timeout, tls, peer, handshake_timeout)
+                except ConnectFailed as exc:
+                    self._failed(dial, exc)
                 else:
-                    self.add_idle(conn)
-            # Still more waiting than being opened for (the line grew, or this attempt failed): go on.
-            if len(dial.waiters) < dial.establishing:
-                dial.establishing -= 1
-                return
+                    self.add_idle(conn)  # to the longest waiting request, if one still waits
+                # Others in flight serve establishing - 1 of those waiting; more than that: go on.
+                if len(dial.waiters) < dial.establishing:
+                    return
+        finally:
+            dial.establishing -= 1
 
     @staticmethod
     def _failed(dial: Dial, exc: ConnectFailed) -> None:
@@ -297,6 +296,7 @@ class Pool:
             # The peer is serving other connections: this attempt failed, not the peer.
             dial.waiters.popleft().connect_failed(exc.outcome, exc.detail)
             return
+        # Each may retry elsewhere and queue again; a copy, so the retries are not failed here too.
         waiters = list(dial.waiters)
         dial.waiters.clear()
         for waiter in waiters:
