@@ -417,7 +417,7 @@ _SERVICE = _object(
         "timeout": _ref("duration", "Time allowed for a whole call, retries included; then 504 [15s]."),
         "connect_timeout": _ref("duration", "Time allowed for the TCP connect to an instance [1s]."),
         "handshake_timeout": _ref("duration", "Time allowed for the mTLS handshake after the connect [10s]."),
-        "retries": _ref("retries", "Retry policy for calls to this service [none]."),
+        "retries": _ref("retries", "Retry policy for calls to this service [failed connects only, twice]."),
         "load_balancer": _ref("load_balancer", "How calls pick an instance [least_request]."),
         "outlier_detection": _ref("outlier_detection", "Ejection of failing instances [on]."),
         "limits": _ref("limits", "Circuit breaking limits [1024 connections, 1024 pending]."),
