@@ -36,6 +36,7 @@ def burst(port: int, requests: int, concurrency: int, path: str = "/") -> dict:
     return json.loads(done.stdout)
 
 
+@pytest.mark.timeout(600)
 @pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (make test-deps installs nginx-light when run as root)")
 def test_bursts_of_new_connections_through_the_ingress_to_nginx_all_succeed(mesh: Mesh, tmp_path: Path) -> None:
     manifest = {
@@ -53,6 +54,7 @@ def test_bursts_of_new_connections_through_the_ingress_to_nginx_all_succeed(mesh
     assert not failed, "failed requests by concurrency: %s" % failed
 
 
+@pytest.mark.timeout(600)
 def test_a_burst_on_the_demo_shop_gets_no_mesh_generated_error(mesh: Mesh) -> None:
     port = free_port()
     text = TEMPLATE.read_text().replace("port: 8080", "port: %d" % port).replace("workdir: ..", "workdir: %s" % ROOT)
@@ -60,7 +62,9 @@ def test_a_burst_on_the_demo_shop_gets_no_mesh_generated_error(mesh: Mesh) -> No
     mesh.write_manifest(text)
     mesh.up()
 
-    result = burst(port, 500, 500)
+    # The shop's JSON API (frontend, then catalog): every hop a burst meets, at a fraction of the
+    # front page's Python cost, so a loaded test machine keeps it well inside the 15 s timeout.
+    result = burst(port, 500, 500, "/api/products")
 
     from_mesh = {reason: count for reason, count in result["failures"].items() if "not from the mesh" not in reason}
     assert not from_mesh, "mesh-generated failures: %s (all: %s)" % (from_mesh, result)
