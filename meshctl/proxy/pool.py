@@ -141,6 +141,7 @@ class UpstreamConnection(asyncio.Protocol):
         if dial is not None:
             self.dial = None
             dial.open -= 1
+            self.pool.drop_unused(self.address, dial)
         if self.reported:
             self.reported = False
             observer = self.pool.observer
@@ -287,6 +288,12 @@ class Pool:
                     return
         finally:
             dial.establishing -= 1
+            self.drop_unused(address, dial)
+
+    def drop_unused(self, address: tuple[str, int], dial: Dial) -> None:
+        """Forget an address's line once nothing waits, opens or is open (endpoints come and go)."""
+        if not dial.waiters and not dial.establishing and not dial.open and self._dials.get(address) is dial:
+            del self._dials[address]
 
     @staticmethod
     def _failed(dial: Dial, exc: ConnectFailed) -> None:
