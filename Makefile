@@ -39,7 +39,7 @@ test: $(STAMP) test-deps
 # Optional system tools some tests use, as command:debian-package pairs. Installed from
 # Debian when running as root with apt-get; a failed install never fails the run, the
 # tests that need a tool skip and say why.
-TEST_TOOLS := redis-server:redis-server prometheus:prometheus
+TEST_TOOLS := redis-server:redis-server prometheus:prometheus nginx:nginx-light
 test-deps:
 	@missing=; for pair in $(TEST_TOOLS); do \
 	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \

@@ -92,6 +92,7 @@ def _mark(passed: bool | None) -> str:
 
 
 H2_TITLE = "## HTTP/2 through the mesh"
+BURST_TITLE = "## Bursts of new connections"
 
 
 def _h2_rows(table: dict[str, Any]) -> list[list[str]]:
@@ -137,15 +138,59 @@ def render_h2(h2: dict[str, Any] | str) -> list[str]:
     return out
 
 
-def replace_h2_section(page: str, h2: dict[str, Any]) -> str:
-    """`page` with its HTTP/2 section replaced by a fresh one (for `run.py --h2-only`); the rest kept as it is."""
+def replace_section(page: str, section: list[str], before: str | None = None) -> str:
+    """`page` with the section titled `section[0]` replaced by `section`, the rest kept as it is.
+
+    A page without that section gets it before the section titled `before`, or at the end.
+    """
     lines = page.rstrip("\n").split("\n")
-    section = render_h2(h2)
-    if H2_TITLE not in lines:
+    title = section[0]
+    if title in lines:
+        start = lines.index(title)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    elif before in lines:
+        start = end = lines.index(before)  # type: ignore[arg-type]
+    else:
         return "\n".join(lines + [""] + section).rstrip() + "\n"
-    start = lines.index(H2_TITLE)
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
     return "\n".join(lines[:start] + section + lines[end:]).rstrip() + "\n"
+
+
+def replace_h2_section(page: str, h2: dict[str, Any]) -> str:
+    """`page` with its HTTP/2 section replaced by a fresh one (for `run.py --h2-only`)."""
+    return replace_section(page, render_h2(h2))
+
+
+def render_burst(table: dict[str, Any], paths: list[str], params: dict[str, Any], measured_apart: str = "") -> list[str]:
+    """Bursts of new connections (bench/burst.py): failures and wall time per concurrency level.
+
+    `measured_apart` names the run when the section was measured alone (`run.py --burst-only`).
+    """
+    out = [BURST_TITLE, "",
+           "bench/burst.py: %d requests per level, each on a new client connection (`connection: close`), "
+           "from that many concurrent clients at once (asyncio, two processes), through the ingress to nginx "
+           "and through the HAProxy pair to nginx. Failed: any answer but a 200, or a connect, reset or 60 s "
+           "timeout on the client's side; wall: first connect to last response. The paths interleave per "
+           "level; in `make bench` the bursts come after the runs above, so the proxies' pools are warm." % params["burst_requests"], ""]
+    header = ["concurrency"]
+    for path in paths:
+        header += ["%s failed" % path, "%s wall s" % path]
+    rows, reasons = [], []
+    for concurrency, entry in table.items():
+        row = ["{:,}".format(int(concurrency))]
+        for path in paths:
+            result = entry[path]
+            row += ["{:,} of {:,}".format(result["failed"], result["requests"]), "%.2f" % result["wall_s"]]
+            if result["failures"]:
+                listed = ", ".join("%s x%d" % item for item in result["failures"].items())
+                reasons.append("%s at %s: %s" % (path, concurrency, listed))
+        rows.append(row)
+    out += _table(header, rows)
+    if reasons:
+        out += ["Failures: " + "; ".join(reasons) + ".", ""]
+    if measured_apart:
+        out += ["Measured separately (`bench/run.py --burst-only`, the proxies freshly started, so the first "
+                "level also grows their pools) on %s; the other sections are from the run named at the top." % measured_apart, ""]
+    return out
 
 
 def render(results: dict[str, Any], notes: str = "") -> str:
@@ -227,6 +272,9 @@ def render(results: dict[str, Any], notes: str = "") -> str:
         rows.append([path, "%d/%d" % (entry["completed"], entry["sent"]), str(entry["failed"]),
                      _ms(entry["p50"]), _ms(entry["p90"]), _ms(entry["p99"]), _ms(entry["p99.9"]), _ms(entry["max"])])
     out += _table(["path", "completed/sent", "failed", "p50", "p90", "p99", "p99.9", "max"], rows)
+
+    if results.get("burst"):
+        out += render_burst(results["burst"], [labels["mesh"], labels["haproxy"]], params)
 
     mem = results["memory"]
     out += ["## Memory", "",

@@ -35,6 +35,7 @@ from typing import Any
 
 import psutil
 
+import burst
 import controlplane
 import http2
 import pyspy
@@ -88,6 +89,18 @@ def latency(target: targets.Target, rate: float, seconds: float, warmup: float, 
     if done.returncode != 0:
         raise BenchError("openloop.py failed: %s" % done.stderr[-1000:])
     return json.loads(done.stdout)
+
+
+def bursts(paths: list[targets.Target], levels: list[int], requests: int) -> dict[str, Any]:
+    """bench/burst.py per concurrency level and path, interleaved: {concurrency: {path: result}}."""
+    table: dict[str, Any] = {}
+    for concurrency in levels:
+        table[str(concurrency)] = {}
+        for target in paths:
+            result = burst.run_burst("127.0.0.1", target.port, requests, concurrency)
+            table[str(concurrency)][target.name] = result
+            print("  -c%-5d %-40s %5d of %d failed  %.2f s" % (concurrency, target.name, result["failed"], requests, result["wall_s"]), flush=True)
+    return table
 
 
 def profile(target: targets.Target, service_sidecar: int, seconds: float, connections: int, workdir: str, rate: int = 250) -> dict[str, Any]:
@@ -257,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extras-only", action="store_true", help="only the observability costs and the control plane, printed as JSON")
     parser.add_argument("--h2-only", action="store_true",
                         help="only HTTP/2 and gRPC through the mesh vs direct; replaces that section of --output")
+    parser.add_argument("--burst-only", action="store_true",
+                        help="only the bursts of new connections, mesh vs HAProxy; replaces that section of --output")
     parser.add_argument("--h2-requests", type=int, default=20_000, help="requests per h2load run")
     parser.add_argument("--route-changes", type=int, default=200, help="route changes timed in the control-plane step")
     args = parser.parse_args(argv)
@@ -264,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = args.seconds or (3.0 if args.quick else 5.0)
     runs = args.runs or (1 if args.quick else 3)
     params = {"connections": 32, "runs": runs, "seconds": seconds, "warmup": 1.0,
-              "latency_rate": 1000, "latency_seconds": 10.0, "latency_warmup": 2.0, "latency_connections": 32}
+              "latency_rate": 1000, "latency_seconds": 10.0, "latency_warmup": 2.0, "latency_connections": 32,
+              "burst_requests": 4000, "burst_levels": [500, 1000, 2000]}
 
     workdir = tempfile.mkdtemp(prefix="meshctl-bench-")
     try:
@@ -294,12 +310,33 @@ def _h2_only(args: argparse.Namespace, workdir: str) -> int:
     return 0
 
 
+def _burst_only(args: argparse.Namespace, params: dict[str, Any], workdir: str) -> int:
+    """Measure the bursts only and splice their section into the existing page, keeping its other figures."""
+    with contextlib.ExitStack() as stack:
+        direct = stack.enter_context(targets.nginx_app(workdir))
+        haproxy = stack.enter_context(targets.haproxy_pair(workdir, direct.port))
+        mesh = targets.mesh_target(stack.enter_context(targets.mesh(workdir, [targets.NGINX_APP])))
+        measured = bursts([mesh, haproxy], params["burst_levels"], params["burst_requests"])
+    when = "%s, mesh code %s" % (datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), code_version(args.ref))
+    page = open(args.output).read() if os.path.exists(args.output) else "# Benchmarks\n"
+    section = report.render_burst(measured, [mesh.name, haproxy.name], params, measured_apart=when)
+    with open(args.output, "w") as out:
+        out.write(report.replace_section(page, section, before="## Memory"))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(measured, out, indent=1)
+    print("wrote the burst section of %s" % args.output)
+    return 0
+
+
 def _bench(args: argparse.Namespace, params: dict[str, Any], workdir: str) -> int:
     results: dict[str, Any] = {"parameters": params}
     source = export_ref(args.ref, workdir) if args.ref else REPO
     print("mesh code: %s" % code_version(args.ref), flush=True)
     if args.h2_only:
         return _h2_only(args, workdir)
+    if args.burst_only:
+        return _burst_only(args, params, workdir)
     machine, versions = machine_and_versions(args.ref)  # the load average before the bench's own load
     with contextlib.ExitStack() as stack:
         direct = stack.enter_context(targets.nginx_app(workdir))
@@ -352,6 +389,9 @@ def _bench(args: argparse.Namespace, params: dict[str, Any], workdir: str) -> in
 
         print("profile of the service's sidecar ...", flush=True)
         results["profile"] = profile(mesh, mesh.proxy_pids[1], 10.0, params["connections"], workdir)
+
+        print("bursts of new connections, %d requests per level ..." % params["burst_requests"], flush=True)
+        results["burst"] = bursts([mesh, haproxy], params["burst_levels"], params["burst_requests"])
 
     print("observability on/off ...", flush=True)
     results["observability"] = observability_costs(workdir, params)

@@ -1,4 +1,4 @@
-"""Pure units of the harness: wrk's report, py-spy's collapsed stacks, percentiles, TLS detection.
+"""Pure units of the harness: wrk's report, py-spy's collapsed stacks, percentiles, TLS detection, bursts.
 
     .venv/bin/python -m pytest bench/test_units.py
 """
@@ -12,7 +12,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import burst  # noqa: E402
 import openloop  # noqa: E402
+import report  # noqa: E402
 import pyspy  # noqa: E402
 import targets  # noqa: E402
 import wrk  # noqa: E402
@@ -92,3 +94,25 @@ def test_profile_own_and_total():
 )
 def test_status_tls_detection(status, expected):
     assert targets._reported_tls(status) is expected
+
+
+@pytest.mark.parametrize(
+    ("response", "reason"),
+    [
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", None),
+        (b"HTTP/1.1 502 Bad Gateway\r\nX-Mesh-Error: upstream-connect-failed\r\n\r\n", "status 502 upstream-connect-failed"),
+        (b"HTTP/1.1 503 Service Unavailable\r\n\r\n", "status 503 (not from the mesh)"),
+        (b"", "reset before a response (eof)"),
+    ],
+)
+def test_burst_classifies_each_response(response, reason):
+    assert burst.classify(response, None) == reason
+
+
+def test_burst_table_lists_failures_and_wall_time_per_level():
+    ok = {"requests": 4000, "failed": 0, "failures": {}, "wall_s": 1.5}
+    bad = {"requests": 4000, "failed": 3, "failures": {"status 502 upstream-connect-failed": 3}, "wall_s": 2.25}
+    lines = report.render_burst({"500": {"mesh": ok, "haproxy": bad}}, ["mesh", "haproxy"], {"burst_requests": 4000})
+
+    assert "| 500 | 0 of 4,000 | 1.50 | 3 of 4,000 | 2.25 |" in lines
+    assert "Failures: haproxy at 500: status 502 upstream-connect-failed x3." in lines

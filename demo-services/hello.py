@@ -37,9 +37,13 @@ class HelloHandler(BaseHTTPRequestHandler):
         print("%s %s" % (INSTANCE, format % args), flush=True)
 
 
+class HelloServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 2048  # gunicorn's and uvicorn's listen backlog, not socketserver's 5
+
+
 def main():
-    server = ThreadingHTTPServer(("127.0.0.1", int(os.environ.get("PORT", "8000"))), HelloHandler)
-    server.daemon_threads = True
+    server = HelloServer(("127.0.0.1", int(os.environ.get("PORT", "8000"))), HelloHandler)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

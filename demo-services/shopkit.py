@@ -56,6 +56,8 @@ IDLE_CONNECTION_TIMEOUT_S = 120.0
 DRAIN_TIMEOUT_S = 5.0
 # How often the accept loop checks for shutdown; bounds how long SIGTERM takes to act.
 SHUTDOWN_POLL_S = 0.1
+# Connections the kernel queues for accept(): gunicorn's and uvicorn's default.
+LISTEN_BACKLOG = 2048
 
 access_log = logging.getLogger("shopfast.access")
 diagnostics = logging.getLogger("shopfast")
@@ -358,6 +360,9 @@ class InFlight:
 
 class ShopServer(ThreadingHTTPServer):
     daemon_threads = True  # idle keep-alive connections must not hold up exit
+    # Not socketserver's 5: a burst of new connections waits in the kernel instead of
+    # having its SYNs dropped, as behind a real app server.
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, address: tuple[str, int], app: Callable[[Request], Response], identity: Identity) -> None:
         self.app = app

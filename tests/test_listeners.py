@@ -7,7 +7,7 @@ import pytest
 from meshctl.proxy.errors import MeshError
 from meshctl.proxy.http1 import Parser
 from meshctl.proxy.listeners import resolve
-from meshctl.proxy.snapshot import compile_snapshot
+from meshctl.proxy.snapshot import SnapshotError, compile_snapshot
 
 SERVICE = {
     "endpoints": [{"id": "web@v1#0", "version": "v1", "address": ["127.0.0.1", 9]}],
@@ -17,12 +17,12 @@ SERVICE = {
 }
 
 
-def _snapshot():
+def _snapshot(service: dict = SERVICE):
     listener = {"name": "ingress", "kind": "ingress", "fd": -1,
                 "routes": [{"path": "/api", "service": "api"}, {"path": "/", "service": "web"}]}
     config = {
         "instance": "ingress", "service": "None", "version": "v1", "drain_timeout": 5.0, "listeners": [listener],
-        "services": {"web": SERVICE, "api": SERVICE}, "egress": [],
+        "services": {"web": service, "api": SERVICE}, "egress": [],
         "http": {"max_header_bytes": 65536, "max_body_bytes": None, "header_timeout": 10.0, "idle_timeout": 60.0},
         "tracing": {"sampling": 0.0}, "access_log": "off",
     }
@@ -51,3 +51,11 @@ def test_ingress_without_a_matching_route_is_route_not_found():
     with pytest.raises(MeshError) as info:
         resolve(snapshot.listeners["ingress"], snapshot, _head(b"/web"))
     assert info.value.code == "route-not-found"
+
+
+def test_the_tcp_connect_and_the_tls_handshake_have_their_own_limits():
+    assert (_snapshot().services["web"].connect_timeout, _snapshot().services["web"].handshake_timeout) == (1.0, 10.0)
+    assert _snapshot(dict(SERVICE, handshake_timeout=2.5)).services["web"].handshake_timeout == 2.5
+    for bad in (0, -1, "10s", True):
+        with pytest.raises(SnapshotError, match="services.web.handshake_timeout: expected a number of seconds > 0"):
+            _snapshot(dict(SERVICE, handshake_timeout=bad))

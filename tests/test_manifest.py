@@ -445,6 +445,7 @@ DEFAULT_TRAFFIC = {
     "routes": [],
     "timeout": 15.0,
     "connect_timeout": 1.0,
+    "handshake_timeout": 10.0,
     "retries": None,
     "load_balancer": {"kind": "least_request"},
     "outlier_detection": {
@@ -531,6 +532,7 @@ services:
       - split: {v1: 50, v2: 50}
     timeout: 1m
     connect_timeout: 250ms
+    handshake_timeout: 3s
     retries: {per_try_timeout: 0.5, non_idempotent: true, budget: {ratio: 0.1}}
     load_balancer: {kind: consistent_hash, header: X-User}
     outlier_detection: false
@@ -619,6 +621,7 @@ def test_traffic_policy_is_normalised_for_the_sidecar(full: Manifest) -> None:
     assert traffic["versions"] == ["v1", "v2"]
     assert traffic["timeout"] == 60.0
     assert traffic["connect_timeout"] == 0.25
+    assert traffic["handshake_timeout"] == 3.0
     assert traffic["retries"] == {
         "attempts": 3,
         "per_try_timeout": 0.5,

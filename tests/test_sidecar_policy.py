@@ -127,6 +127,20 @@ def test_retry_budget_stops_retries(sidecars, upstreams):
     assert 50 <= len(failing.requests) <= 50 + 10, len(failing.requests)
 
 
+def test_failed_connects_are_retried_on_another_endpoint_without_a_retries_block(sidecars, upstreams):
+    live = upstreams("live")
+    block = service([("v1", ["127.0.0.1", refused_port()]), ("v1", live.address)])  # round robin, retries: None
+    port = sidecars([{"name": "out", "kind": "outbound", "service": "svc"}], {"svc": block}).start().ports["out"]
+    post = b"POST /order HTTP/1.1\r\nhost: svc\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+
+    answers = [get(port) for _ in range(10)] + [raw_exchange(port, post)[0] for _ in range(10)]
+
+    # Half the picks are the refused endpoint: nothing was sent there, so even a POST goes to the other.
+    assert [status for status, _, _ in answers] == [200] * 20
+    assert {who(body) for _, _, body in answers} == {"live"}
+    assert [method for method, _, _, _ in live.requests].count("POST") == 10
+
+
 def test_limits_queue_in_order_then_answer_circuit_open(sidecars, upstreams):
     slow = upstreams("slow")
     port = outbound(sidecars, [("v1", slow)], limits={"max_connections": 1, "max_pending": 2})

@@ -62,6 +62,7 @@ def default_traffic(service: ServiceSpec) -> dict[str, Any]:
         "routes": [],
         "timeout": 15.0,
         "connect_timeout": 1.0,
+        "handshake_timeout": 10.0,
         "retries": None,
         "load_balancer": {"kind": "least_request"},
         "outlier_detection": None,

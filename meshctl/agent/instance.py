@@ -41,6 +41,9 @@ log = logging.getLogger("agent.supervisor")
 
 SIDECAR_RESTART_DELAY_S = 0.2
 SIDECAR_STABLE_S = 10.0  # a sidecar restart sooner than this after the last one is a crash loop
+# The kernel caps it at net.core.somaxconn (4096 since Linux 5.4): 2,000 clients connecting
+# at once to the ingress overflowed 1024, and each dropped SYN waits a second to be resent.
+LISTEN_BACKLOG = 4096
 
 
 def owner_key(owner: Instance | Ingress) -> str:
@@ -81,7 +84,7 @@ def listening_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(1024)
+        sock.listen(LISTEN_BACKLOG)
     except OSError:
         sock.close()
         raise

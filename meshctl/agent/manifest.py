@@ -19,7 +19,8 @@ The normalised traffic policy of a service (`ServiceSpec.traffic`)::
     {"split": {"v1": 90, "v2": 10},          # ints summing to 100; [100 to the first version]
      "versions": ["v1", "v2"],                # manifest order
      "routes": [route, ...],                  # first match wins; see below
-     "timeout": 15.0, "connect_timeout": 1.0, # seconds
+     "timeout": 15.0, "connect_timeout": 1.0, # seconds; connect_timeout: the TCP connect
+     "handshake_timeout": 10.0,               # seconds: the mTLS handshake after the connect
      "retries": None | retries,               # see below
      "load_balancer": {"kind": "least_request"}   # or round_robin, random, or
          # {"kind": "consistent_hash", "header": "x-user" | "cookie": "s" | "source_ip": True}
@@ -88,7 +89,7 @@ __all__ = ["ManifestError", "Problem", "load_manifest", "parse_manifest"]
 DEFAULT_VERSION = "v1"
 _HEALTH_TIMES = (("health", "period"), ("health", "timeout"))
 _ROUTE_TIMEOUTS = (("timeout",), ("retries", "per_try_timeout"))
-_SERVICE_TIMEOUTS = _ROUTE_TIMEOUTS + _HEALTH_TIMES + (("connect_timeout",),)
+_SERVICE_TIMEOUTS = _ROUTE_TIMEOUTS + _HEALTH_TIMES + (("connect_timeout",), ("handshake_timeout",))
 _KNOWN_KEYS = {name: frozenset(manifest_json_schema()["$defs"][name]["properties"]) for name in ("service", "version")}
 
 
@@ -456,6 +457,7 @@ def _traffic(raw: dict, versions: list[str]) -> dict:
         "routes": [_normal_route(route, split) for route in raw.get("routes", ())],
         "timeout": _seconds(raw, "timeout", 15.0),
         "connect_timeout": _seconds(raw, "connect_timeout", 1.0),
+        "handshake_timeout": _seconds(raw, "handshake_timeout", 10.0),
         "retries": _retries(raw.get("retries")),
         "load_balancer": _load_balancer(raw.get("load_balancer", "least_request")),
         "outlier_detection": _outlier(outlier if isinstance(outlier, dict) else {}, enabled=outlier is not False),

@@ -10,7 +10,11 @@ decides (route, endpoint, retry) with the pure policy modules, then moves raw by
 * backpressure both ways: a full write buffer on one side pauses reading on the other;
 * a copy of the request (`replay`) is kept while it is at most 64 KiB, so a failed try
   can be sent again: after a retriable outcome (proxy.retry), and always once when a
-  reused keep-alive connection turns out to have been closed by the peer.
+  reused keep-alive connection turns out to have been closed by the peer;
+* a request that finds no idle connection waits in the pool's line for the next one
+  (proxy.pool), within its deadline; a failed connect sent nothing, so it is retried (the
+  route's retries, or `CONNECT_RETRIES` when the route has none, as for the app) on another
+  endpoint or after a backoff, within the service's retry budget.
 
 Every error the exchange generates goes through proxy.errors; once response bytes have
 been sent to the client, a failure can only abort the client connection.
@@ -18,7 +22,6 @@ been sent to the client, a failure can only abort the client connection.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 from typing import TYPE_CHECKING
@@ -27,7 +30,8 @@ from meshctl.proxy.errors import STATUS_BY_CODE, ProtocolError, error_response
 from meshctl.proxy.http1 import END, Data, Head, rebuild_head
 from meshctl.proxy.limits import ADMITTED, QUEUED
 from meshctl.proxy.mirror import send_mirror
-from meshctl.proxy.retry import MAX_REPLAY_BODY_BYTES
+from meshctl.proxy.pool import DEFAULT_HANDSHAKE_TIMEOUT
+from meshctl.proxy.retry import CONNECT_RETRIES, MAX_REPLAY_BODY_BYTES
 from meshctl.proxy.shadow import begin as begin_comparison
 from meshctl.proxy.upgrade import UpgradeError, check_switch
 
@@ -35,6 +39,7 @@ if TYPE_CHECKING:
     from meshctl.proxy.balance import Endpoint
     from meshctl.proxy.listeners import Target
     from meshctl.proxy.pool import UpstreamConnection
+    from meshctl.proxy.retry import RetryPolicy
     from meshctl.proxy.routing import RouteAction
     from meshctl.proxy.shadow import Comparison
     from meshctl.proxy.server import ClientConnection
@@ -73,7 +78,7 @@ class Exchange:
         "try_deadline",
         "interim",
         "discarding",
-        "connect_task",
+        "waiting_on",
         "hash_key",
         "counted",
         "reused",
@@ -108,7 +113,7 @@ class Exchange:
         self.try_deadline = 0.0
         self.interim = False
         self.discarding = False
-        self.connect_task: asyncio.Task | None = None
+        self.waiting_on: tuple[str, int] | None = None  # the address whose pool line this waits in
         self.hash_key: str | None = None
         self.counted = False
         self.reused = False
@@ -251,38 +256,34 @@ class Exchange:
             if not self.client.processing:
                 self.flush()
             return
-        connect_timeout = service.connect_timeout if service is not None else 1.0
-        self.connect_task = state.loop.create_task(self._connect(self.address, connect_timeout))  # type: ignore[arg-type]
+        self.waiting_on = self.address
+        if service is not None:
+            state.pool.wait(self, self.address, service.connect_timeout, service.tls, service.name, service.handshake_timeout)  # type: ignore[arg-type]
+        else:
+            peer = "app" if self.client.listener.kind == "inbound" else self.target.label
+            state.pool.wait(self, self.address, 1.0, None, peer, DEFAULT_HANDSHAKE_TIMEOUT)  # type: ignore[arg-type]
 
     def _next_deadline(self) -> float:
         if self.try_deadline and (not self.deadline or self.try_deadline < self.deadline):
             return self.try_deadline
         return self.deadline
 
-    async def _connect(self, address: tuple[str, int], timeout: float) -> None:
-        pool = self.client.state.pool
-        try:
-            service = self.target.service
-            if service is not None:
-                conn = await pool.connect(address, timeout, service.tls, service.name)
-            else:
-                conn = await pool.connect(address, timeout, None, "app" if self.client.listener.kind == "inbound" else self.target.label)
-        except TimeoutError:
-            self.connect_task = None
-            self._try_failed("connect-failure", "connect timed out after %gs" % timeout, None)
-        except ConnectionRefusedError:
-            self.connect_task = None
-            self._try_failed("refused", "connection refused", None)
-        except OSError as exc:
-            self.connect_task = None
-            self._try_failed("connect-failure", exc.strerror or str(exc), None)
-        else:
-            self.connect_task = None
-            if self.answered:
-                pool.add_idle(conn)
-                return
-            self._attach(conn, reused=False)
+    def pooled(self, conn: UpstreamConnection, reused: bool) -> None:
+        """The pool's line gave this exchange a connection (proxy.pool)."""
+        self.waiting_on = None
+        self._attach(conn, reused)
+        if not self.client.processing:
             self.flush()
+
+    def connect_failed(self, outcome: str, detail: str) -> None:
+        self.waiting_on = None
+        self._try_failed(outcome, detail, None)
+
+    def _stop_waiting(self) -> None:
+        address = self.waiting_on
+        if address is not None:
+            self.waiting_on = None
+            self.client.state.pool.cancel(self, address)
 
     def _attach(self, conn: UpstreamConnection, reused: bool) -> None:
         conn.owner = self if self.comparison is None else self.comparison.tap(self, conn)
@@ -347,9 +348,7 @@ class Exchange:
         if conn is not None:
             self.upstream = None
             conn.abort()
-        if self.connect_task is not None:
-            self.connect_task.cancel()
-            self.connect_task = None
+        self._stop_waiting()
         self._release_endpoint()
         self._release_service()
 
@@ -565,9 +564,7 @@ class Exchange:
     def _try_failed(self, outcome: str, detail: str, exc: Exception | None, final: bool = False, stale_connection: bool = False) -> None:
         if self.answered:
             return
-        if self.connect_task is not None:
-            self.connect_task.cancel()
-            self.connect_task = None
+        self._stop_waiting()
         conn = self.upstream
         if conn is not None:
             self.upstream = None
@@ -579,31 +576,42 @@ class Exchange:
         if endpoint is not None and not stale_connection:
             self._record(endpoint, False)
         self._release_endpoint()
-        if not final and self.replay is not None:
+        if not final and (self.replay is not None or self.pending is not None):
             if stale_connection:
                 # The peer closed a pooled connection as we reused it: not the endpoint's fault.
                 self._retry(0.0, count_attempt=False)
                 return
-            if self._may_retry(outcome):
-                self._retry(self.action.retry_policy.backoff(self.attempt), count_attempt=True)  # type: ignore[union-attr]
+            policy = self._may_retry(outcome)
+            if policy is not None:
+                self._retry(policy.backoff(self.attempt), count_attempt=True)
                 return
         self.fail(_CONNECT_FAILURE_CODE[outcome], "%s: %s" % (self.label, detail))
 
-    def _may_retry(self, outcome: str) -> bool:
+    def _may_retry(self, outcome: str) -> RetryPolicy | None:
+        """The policy that allows another try after `outcome`, with a retry taken from the service's budget.
+
+        A request to the app or an egress host (no service, no route) retries failed connects only.
+        """
         action = self.action
-        if action is None or action.retry_policy is None:
-            return False
-        body_size = self.replay_size - len(self.replay[0]) if self.request_done and self.replay else None  # type: ignore[index]
-        if not action.retry_policy.should_retry(self.attempt, self.method.decode("latin-1"), outcome, None, body_size):
-            return False
-        return self.target.service.budget.try_spend(self.client.state.loop.time())  # type: ignore[union-attr]
+        policy = (action.retry_policy if action is not None else None) or CONNECT_RETRIES
+        if self.pending is not None:
+            body_size = 0  # nothing was sent: the queued bytes are the whole replay so far
+        else:
+            body_size = self.replay_size - len(self.replay[0]) if self.request_done and self.replay else None  # type: ignore[index]
+        if not policy.should_retry(self.attempt, self.method.decode("latin-1"), outcome, None, body_size):
+            return None
+        service = self.target.service
+        if service is not None and not service.budget.try_spend(self.client.state.loop.time()):
+            return None
+        return policy
 
     def _retry(self, delay: float, count_attempt: bool) -> None:
         """Send the replay copy again, to another endpoint when there is one."""
         if count_attempt:
             self.attempt += 1
-        self.pending = list(self.replay)  # type: ignore[arg-type]
-        self.pending_size = self.replay_size
+        if self.pending is None:  # else nothing was sent and the queued bytes still wait
+            self.pending = list(self.replay)  # type: ignore[arg-type]
+            self.pending_size = self.replay_size
         self.try_deadline = 0.0
         if delay > 0:
             self.client.state.loop.call_later(delay, self._try)
@@ -637,6 +645,7 @@ class Exchange:
         """Answer the client with a sidecar-generated error (never after response bytes)."""
         if self.answered:
             return
+        self._stop_waiting()
         conn = self.upstream
         if conn is not None:
             self.upstream = None

@@ -28,6 +28,7 @@ from meshctl.proxy.http1 import Head
 from meshctl.proxy.snapshot import Listener, Service, Snapshot
 
 MESH_DOMAIN = b".mesh"
+LISTEN_BACKLOG = 4096  # as the agent listens (meshctl/agent/instance.py); create_server listens again
 
 
 class Target:
@@ -187,5 +188,5 @@ async def open_listeners(
         elif listener.kind == "ingress" and snapshot.ingress_tls is not None:
             servers.append(InboundAcceptor(loop, sock, factory(listener), current_ingress_tls))
         else:
-            servers.append(await loop.create_server(factory(listener), sock=sock, backlog=1024))
+            servers.append(await loop.create_server(factory(listener), sock=sock, backlog=LISTEN_BACKLOG))
     return servers

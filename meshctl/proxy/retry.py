@@ -28,6 +28,10 @@ unless ``non_idempotent`` is set, except after ``connect-failure`` and ``refused
 the request provably never reached the upstream, so retrying any method is safe.
 A request whose body size is unknown (streamed) or above 64 KiB is never retried, as in
 Linkerd: the sidecar does not buffer more than that for a replay.
+
+A route without a ``retries`` block still retries what provably sent nothing:
+``CONNECT_RETRIES``, two more tries after ``connect-failure`` or ``refused`` (Istio's default
+policy retries ``connect-failure`` and ``refused-stream`` twice), within the budget.
 """
 
 from __future__ import annotations
@@ -221,6 +225,9 @@ class RetryPolicy:
             self.per_try_timeout,
             self.non_idempotent,
         )
+
+
+CONNECT_RETRIES = RetryPolicy(attempts=DEFAULT_ATTEMPTS, retry_on=frozenset({"connect-failure"}))
 
 
 class RetryBudget:

@@ -15,6 +15,7 @@ from typing import Any
 from meshctl.proxy.balance import Balancer, BalancerConfigError, Endpoint, make_balancer
 from meshctl.proxy.limits import CircuitLimits, LimitsConfigError
 from meshctl.proxy.outlier import OutlierConfigError, OutlierDetector
+from meshctl.proxy.pool import DEFAULT_HANDSHAKE_TIMEOUT
 from meshctl.proxy.retry import RetryBudget, RetryPolicy
 from meshctl.proxy.routing import Router, RouterError
 from meshctl.proxy.authz import PolicyError
@@ -86,6 +87,7 @@ class Service:
         "balancer",
         "endpoints",
         "connect_timeout",
+        "handshake_timeout",
         "limits",
         "mirrors_in_flight",
         "budget",
@@ -111,7 +113,8 @@ class Service:
         self.router = router
         self.balancer = balancer
         self.endpoints = endpoints
-        self.connect_timeout = connect_timeout
+        self.connect_timeout = connect_timeout  # the TCP connect
+        self.handshake_timeout = DEFAULT_HANDSHAKE_TIMEOUT  # the mTLS handshake after it
         self.limits = limits
         self.mirrors_in_flight = 0
         self.budget = budget
@@ -215,6 +218,10 @@ def _compile_service(name: str, cfg: Any, previous: Service | None, known: dict[
     outlier.apply(endpoints)
     service = Service(name, router, balancer, endpoints, float(connect_timeout), limits, budget, outlier)
     service.raw = cfg
+    handshake_timeout = cfg.get("handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT)
+    if isinstance(handshake_timeout, bool) or not isinstance(handshake_timeout, (int, float)) or not handshake_timeout > 0:
+        raise SnapshotError("%s.handshake_timeout: expected a number of seconds > 0, got %r" % (where, handshake_timeout))
+    service.handshake_timeout = float(handshake_timeout)
     service.protocol = _protocol(cfg, where)
     return service
 
