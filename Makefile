@@ -25,6 +25,7 @@ demo: $(STAMP)
 	@echo "  meshctl status               every instance, its state and ports"
 	@echo "  meshctl logs -f              all logs, interleaved"
 	@echo "  python demo-services/loadgen.py --url http://127.0.0.1:8080 --rps 20"
+	@echo "  curl -N http://127.0.0.1:8080/api/orders/feed   the live order feed, streamed through the mesh"
 	@echo "  meshctl down                 stop everything"
 
 down: $(STAMP)

@@ -46,7 +46,7 @@ RESPONSE = (
 )
 SERVICE = {
     "endpoints": [{"id": "web@v1#0", "version": "v1", "address": list(APP)}],
-    "versions": ["v1"], "split": {"v1": 100}, "routes": [], "timeout": 15.0, "connect_timeout": 1.0,
+    "versions": ["v1"], "split": {"v1": 100}, "routes": [], "timeout": None, "stream_idle_timeout": 300.0, "connect_timeout": 1.0,
     "retries": None, "load_balancer": {"kind": "round_robin"}, "outlier_detection": None,
     "limits": {"max_connections": 1024, "max_pending": 1024},
 }

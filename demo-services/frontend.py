@@ -7,6 +7,8 @@
     GET  /api/cart             the shopper's cart
     POST /api/cart/items       {"sku": "mug-01", "qty": 1}
     POST /api/checkout
+    GET  /api/orders/feed      the live order feed: server-sent events, one per order paid
+                               here (demo-services/orderfeed.py); the page shows it live
 
 The shopper is the `x-user` header, else the `user` cookie, else "guest"; it is passed to
 cart as `x-user`, which is also what a consistent-hash load balancer can key on.
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from html import escape
 from typing import Any
 
+from orderfeed import OrderFeed
 from recommend_client import RecommendClient, Recommendations
 from shopkit import (
     Identity,
@@ -39,6 +42,7 @@ from shopkit import (
     Upstream,
     UpstreamReply,
     UpstreamUnavailable,
+    event_stream,
     html_response,
     redirect,
     serve,
@@ -112,6 +116,8 @@ tr.off td{color:#e8590c}
 .muted{color:#868e96}
 .recs{margin-top:22px}.recs h2{font-size:17px;margin:0 0 10px}.recs .card{padding:12px}
 footer{padding:8px 28px 24px;color:#868e96;font-size:12px}
+.feed{margin-top:18px}.feed h2{font-size:17px;margin:0 0 6px}.feed ol{margin:0;padding-left:20px;font-size:13px}
+.feed .live{font-size:12px;color:#2b8a3e}
 """
 
 
@@ -151,10 +157,26 @@ def render_page(page: ShopPage) -> str:
     if page.recommended:
         parts.append("<div class=recs><h2>✨ Recommended for you</h2>%s</div>" % _render_products(page.recommended))
     parts.append("</section>")
-    parts.append(_render_cart(cart, discounted))
+    parts.append("<div>%s%s</div>" % (_render_cart(cart, discounted), ORDER_FEED_BOX))
     parts.append("</main><footer>ShopFast is a meshctl demo. Every request crossed a sidecar.</footer>")
     parts.append("</body></html>")
     return "".join(parts)
+
+
+# The live order feed: an EventSource on /api/orders/feed, a stream through the ingress
+# and the frontend's sidecar that stays open as long as the page does.
+ORDER_FEED_BOX = """<aside class=feed><h2>📦 Live orders <span class=live id=feed-state>connecting…</span></h2>
+<ol id=orders reversed></ol><p class=muted id=no-orders>No orders yet: check out, or run the load generator.</p></aside>
+<script>
+(function(){var list=document.getElementById("orders"),state=document.getElementById("feed-state");
+var feed=new EventSource("/api/orders/feed");
+feed.onopen=function(){state.textContent="● live"};
+feed.onerror=function(){state.textContent="reconnecting…"};
+feed.addEventListener("order",function(e){var o=JSON.parse(e.data),li=document.createElement("li");
+document.getElementById("no-orders").style.display="none";
+li.textContent=o.order_id+" · "+o.user+" · "+o.items+" item(s) · "+o.total;
+list.insertBefore(li,list.firstChild);while(list.children.length>8){list.removeChild(list.lastChild)}});})();
+</script>"""
 
 
 def _render_products(products: Sequence[Mapping[str, Any]] | None) -> str:
@@ -238,6 +260,7 @@ class Frontend:
         self.catalog = upstreams["catalog"]
         self.cart = upstreams["cart"]
         self.recommend = recommend or RecommendClient(None)
+        self.orders = OrderFeed()
         self.router = Router()
         self.router.add("GET", "/", self.page)
         self.router.add("POST", "/cart/add", self.form_add)
@@ -246,6 +269,7 @@ class Frontend:
         self.router.add("GET", "/api/cart", self.api_cart)
         self.router.add("POST", "/api/cart/items", self.api_add_item)
         self.router.add("POST", "/api/checkout", self.api_checkout)
+        self.router.add("GET", "/api/orders/feed", self.api_order_feed)
 
     def _cart_call(self, method: str, path: str, request: Request, payload: Any = None) -> UpstreamReply:
         return self.cart.call(method, path, cause=request, payload=payload, headers={"x-user": shopper_of(request)})
@@ -299,6 +323,7 @@ class Frontend:
         data, note = self._fetch(lambda: self._cart_call("POST", "/checkout", request))
         if note:
             return _back_to_shop(alert="Checkout failed: " + note)
+        self._paid(request, data)
         return _back_to_shop(notice="Paid %s, order %s. Thank you!" % (money(data["total_cents"]), data["order_id"]))
 
     def api_products(self, request: Request) -> Response:
@@ -311,7 +336,19 @@ class Frontend:
         return self._cart_call("POST", "/cart/items", request, request.json()).relay()
 
     def api_checkout(self, request: Request) -> Response:
-        return self._cart_call("POST", "/checkout", request).relay()
+        reply = self._cart_call("POST", "/checkout", request)
+        if reply.ok:
+            self._paid(request, reply.data)
+        return reply.relay()
+
+    def api_order_feed(self, request: Request) -> Response:
+        return event_stream(self.orders.events(request.headers.get("last-event-id")))
+
+    def _paid(self, request: Request, order: Mapping[str, Any]) -> None:
+        self.orders.publish({
+            "order_id": order.get("order_id"), "user": shopper_of(request),
+            "items": order.get("item_count", 0), "total": money(order.get("total_cents", 0)),
+        })
 
 
 def _back_to_shop(**flash: str) -> Response:

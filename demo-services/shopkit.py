@@ -19,6 +19,8 @@ Parts:
   ``UpstreamUnavailable``, replies of any status become an ``UpstreamReply``.
 * ``serve()``: runs the service on a ThreadingHTTPServer (HTTP/1.1, keep-alive) until
   SIGTERM or SIGINT, writing one access-log line per request to stdout.
+* ``event_stream()``: a response whose body is written as an iterator yields it, chunk
+  by chunk (server-sent events); an empty chunk writes nothing but lets shutdown stop it.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -176,6 +178,11 @@ class Response:
     body: bytes
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = ()
+    stream: Iterator[bytes] | None = None  # the body, written chunked as it comes, instead of `body`
+
+
+def event_stream(events: Iterator[bytes]) -> Response:
+    return Response(200, b"", "text/event-stream", (("Cache-Control", "no-cache"),), events)
 
 
 def json_response(status: int, payload: Any, headers: tuple[tuple[str, str], ...] = ()) -> Response:
@@ -368,6 +375,7 @@ class ShopServer(ThreadingHTTPServer):
         self.app = app
         self.identity = identity
         self.in_flight = InFlight()
+        self.stopping = threading.Event()  # ends the streams in progress
         super().__init__(address, _ShopRequestHandler)
 
 
@@ -453,6 +461,9 @@ class _ShopRequestHandler(BaseHTTPRequestHandler):
             self.rfile.readline(16)
 
     def _write(self, response: Response, send_body: bool) -> None:
+        if response.stream is not None:
+            self._write_stream(response, send_body)
+            return
         self.send_response(response.status)
         self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(len(response.body)))
@@ -463,6 +474,25 @@ class _ShopRequestHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if send_body:
             self.wfile.write(response.body)
+
+    def _write_stream(self, response: Response, send_body: bool) -> None:
+        self.send_response(response.status)
+        self.send_header("Content-Type", response.content_type)
+        self.send_header("Transfer-Encoding", "chunked")
+        for name, value in response.headers:
+            self.send_header(name, value)
+        self.end_headers()
+        try:
+            if send_body:
+                for chunk in response.stream:  # type: ignore[union-attr]
+                    if self.server.stopping.is_set():
+                        break
+                    if chunk:
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            self.close_connection = True  # the client (or its sidecar) went away mid-stream
 
 
 def configure_logging() -> None:
@@ -486,6 +516,7 @@ def serve(app: Callable[[Request], Response], identity: Identity) -> int:
     threading.Thread(target=server.serve_forever, args=(SHUTDOWN_POLL_S,), name="http-accept", daemon=True).start()
     diagnostics.info("%s listening on http://127.0.0.1:%d", identity, server.server_port)
     stop.wait()
+    server.stopping.set()
     server.shutdown()
     server.server_close()
     if not server.in_flight.wait_idle(DRAIN_TIMEOUT_S):

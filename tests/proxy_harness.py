@@ -162,7 +162,8 @@ def service(endpoints: list[tuple[str, list]], **policy: Any) -> dict:
         "versions": versions,
         "split": {versions[0]: 100},
         "routes": [],
-        "timeout": 15.0,
+        "timeout": None,  # the mesh's defaults (agent.compile.default_traffic)
+        "stream_idle_timeout": 300.0,
         "connect_timeout": 1.0,
         "retries": None,
         "load_balancer": {"kind": "round_robin"},

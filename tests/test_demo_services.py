@@ -60,6 +60,7 @@ def load_demo_module(name: str) -> ModuleType:
 shopkit = load_demo_module("shopkit")
 cart_module = load_demo_module("cart")
 loadgen = load_demo_module("loadgen")
+orderfeed = load_demo_module("orderfeed")
 
 
 def free_port() -> int:
@@ -386,6 +387,52 @@ def test_frontend_forms_add_and_check_out_then_redirect(shop: Shop) -> None:
     assert added.status == 303 and added.headers["location"].startswith("/?notice=")
     assert "Added to cart" in page.text and "Load Balancer Bottle ×" in page.text
     assert paid.status == 303 and "Paid" in paid.headers["location"]
+
+
+def read_sse_events(sock: socket.socket, wanted: int) -> tuple[bytes, list[dict]]:
+    """Read a chunked text/event-stream until `wanted` order events came: (head, their data)."""
+    buffer = b""
+    while b"\r\n\r\n" not in buffer:
+        chunk = sock.recv(65536)
+        assert chunk, "closed before the head: %r" % buffer
+        buffer += chunk
+    head, _, body = buffer.partition(b"\r\n\r\n")
+    orders: list[dict] = []
+    while len(orders) < wanted:
+        chunk = sock.recv(65536)
+        assert chunk, "the feed closed after %r" % body
+        body += chunk
+        orders = [json.loads(line[6:]) for line in body.split(b"\n") if line.startswith(b"data: ")]
+    return head, orders
+
+
+def test_frontend_order_feed_streams_each_paid_order(launcher: Launcher, shop: Shop) -> None:
+    with socket.create_connection(("127.0.0.1", shop.frontend.port), timeout=15) as feed:
+        feed.sendall(b"GET /api/orders/feed HTTP/1.1\r\nHost: shop\r\nAccept: text/event-stream\r\n\r\n")
+        for user in ("ivy", "jo"):
+            request("POST", shop.frontend.url + "/api/cart/items", {"sku": "mug-01", "qty": 2}, {"x-user": user})
+            assert request("POST", shop.frontend.url + "/api/checkout", headers={"x-user": user}).status == 200
+        head, orders = read_sse_events(feed, 2)
+        page = request("GET", shop.frontend.url + "/")
+        assert launcher.stop(shop.frontend) == 0  # an open feed does not hold up a clean stop
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"content-type: text/event-stream" in head.lower() and b"transfer-encoding: chunked" in head.lower()
+    assert [(order["user"], order["items"]) for order in orders] == [("ivy", 2), ("jo", 2)]
+    assert "Live orders" in page.text and 'new EventSource("/api/orders/feed")' in page.text
+
+
+def test_order_feed_replays_kept_orders_resumes_and_keeps_alive() -> None:
+    feed = orderfeed.OrderFeed(kept=2)
+    for number in range(3):
+        feed.publish({"order_id": "o%d" % number})
+    events = feed.events(heartbeat_s=0.0)
+    assert next(events).startswith(b"retry: ")
+    assert [next(events), next(events)] == [orderfeed.sse_event(2, "order", {"order_id": "o1"}),
+                                            orderfeed.sse_event(3, "order", {"order_id": "o2"})]
+    assert next(events) == b": still here\n\n"  # nothing new: a comment keeps the stream visibly alive
+    resumed = feed.events(last_event_id="2")
+    next(resumed)
+    assert next(resumed) == orderfeed.sse_event(3, "order", {"order_id": "o2"})
 
 
 def test_frontend_switches_shopper_with_a_cookie(shop: Shop) -> None:

@@ -69,6 +69,7 @@ services:
       v2: {command: cart, image: ghcr.io/shop/cart:2}
     split: {v1: 90, v2: 10}
     timeout: 3s
+    stream_idle_timeout: 1m
     retries: {attempts: 3, per_try_timeout: 1s, retry_on: [5xx, 503]}
     routes:
       - match: {headers: {x-canary: "true"}, method: [GET, HEAD]}
@@ -76,6 +77,7 @@ services:
       - match: {path: {prefix: /api}, query: {beta: "1"}}
         split: {v1: 50, v2: 50}
         timeout: 1s
+        stream_idle_timeout: 10s
         fault: {abort: {status: 503, percent: 5}}
         mirror: {version: v2, percent: 10}
     authorization:
@@ -357,6 +359,10 @@ def test_gateway_routes_round_trip_the_manifest():
     assert annotations["retry.linkerd.io/limit"] == "2"
     assert annotations["retry.linkerd.io/timeout"] == "1s"
     assert annotations["timeout.linkerd.io/request"] == "3s"
+    assert annotations["timeout.linkerd.io/idle"] == "60s"
+    # No timeout set: none in Linkerd either; the default stream idle timeout (5m) is written out.
+    frontend = find(objects, "HTTPRoute", "frontend", "gateway.networking.k8s.io")["metadata"]["annotations"]
+    assert "timeout.linkerd.io/request" not in frontend and frontend["timeout.linkerd.io/idle"] == "300s"
 
 
 def test_istio_routes_round_trip_the_manifest():
@@ -370,6 +376,8 @@ def test_istio_routes_round_trip_the_manifest():
     assert http[1]["mirrorPercentage"] == {"value": 10.0}
     assert http[2]["retries"] == {"attempts": 2, "retryOn": "5xx,503", "perTryTimeout": "1s"}
     assert find(objects, "VirtualService", "frontend")["spec"]["http"][0]["retries"] == {"attempts": 0}
+    assert "timeout" not in find(objects, "VirtualService", "frontend")["spec"]["http"][0]  # none by default, as Istio
+    assert [entry.get("timeout") for entry in http] == ["3s", "1s", "3s"]
     rule = find(objects, "DestinationRule", "payments")["spec"]
     assert rule["trafficPolicy"]["loadBalancer"] == {"consistentHash": {"httpCookie": {"name": "session", "ttl": "0s"}}}
     assert [subset["name"] for subset in find(objects, "DestinationRule", "cart")["spec"]["subsets"]] == ["v1", "v2"]
@@ -407,8 +415,8 @@ def test_linkerd_authorization_objects():
 
 @pytest.mark.parametrize("mesh, expected", [
     ("linkerd", ["cart.routes[1].fault", "cart.routes[1].mirror", "payments.load_balancer.consistent_hash.cookie",
-                 "payments.egress", "cart.routes order"]),
-    ("istio", ["payments.egress", "cart.retries.idempotent-only"]),
+                 "payments.egress", "cart.routes order", "cart.routes[1].stream_idle_timeout"]),
+    ("istio", ["payments.egress", "cart.retries.idempotent-only", "cart.stream_idle_timeout", "cart.routes[1].stream_idle_timeout"]),
 ])
 def test_untranslatable_settings_are_named(mesh, expected):
     _, notes = export(mesh)

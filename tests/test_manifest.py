@@ -298,7 +298,24 @@ BAD_MANIFESTS = [
         """\
         mesh: shop
         services:
-          a: {command: x, timeout: 0, egress: ["bad host"]}
+          a:
+            command: x
+            stream_idle_timeout: 5 minutes
+            timeout: -1
+            routes: [{version: v1, stream_idle_timeout: true}]
+        """,
+        "mesh.yaml:5: services.a.stream_idle_timeout: invalid duration '5 minutes': "
+        "expected a duration such as '250ms', '2s', '1m' or a number of seconds\n"
+        "mesh.yaml:6: services.a.timeout: must be >= 0\n"
+        "mesh.yaml:7: services.a.routes[0].stream_idle_timeout: "
+        "expected a duration such as '250ms', '2s', '1m' or a number of seconds, got boolean",
+        id="stream-timeouts",
+    ),
+    pytest.param(
+        """\
+        mesh: shop
+        services:
+          a: {command: x, connect_timeout: 0, egress: ["bad host"]}
         ingress:
           port: 8080
           routes:
@@ -306,8 +323,8 @@ BAD_MANIFESTS = [
             - {path: /, service: a}
             - {path: api, service: a}
         """,
+        "mesh.yaml:3: services.a.connect_timeout: must be more than 0\n"
         "mesh.yaml:3: services.a.egress[0]: invalid host name 'bad host'\n"
-        "mesh.yaml:3: services.a.timeout: must be more than 0\n"
         "mesh.yaml:7: ingress.routes[0].service: unknown service 'b'\n"
         "mesh.yaml:8: ingress.routes[1].path: duplicate path '/'\n"
         "mesh.yaml:9: ingress.routes[2].path: path 'api' must start with '/'",
@@ -443,7 +460,8 @@ DEFAULT_TRAFFIC = {
     "split": {"v1": 100},
     "versions": ["v1"],
     "routes": [],
-    "timeout": 15.0,
+    "timeout": None,
+    "stream_idle_timeout": 300.0,
     "connect_timeout": 1.0,
     "handshake_timeout": 10.0,
     "retries": None,
@@ -648,6 +666,7 @@ def test_traffic_policy_is_normalised_for_the_sidecar(full: Manifest) -> None:
             },
             "split": {"v2": 100},
             "timeout": 2.0,
+            "stream_idle_timeout": None,
             "retries": {
                 "attempts": 2,
                 "per_try_timeout": None,
@@ -664,6 +683,7 @@ def test_traffic_policy_is_normalised_for_the_sidecar(full: Manifest) -> None:
             "match": {"path": {"kind": "exact", "value": "/checkout"}, "methods": ["POST", "PUT"], "headers": [], "query": []},
             "split": {"v1": 90, "v2": 10},
             "timeout": None,
+            "stream_idle_timeout": None,
             "retries": None,
             "fault": None,
             "mirror": None,
@@ -672,6 +692,7 @@ def test_traffic_policy_is_normalised_for_the_sidecar(full: Manifest) -> None:
             "match": {"path": None, "methods": None, "headers": [], "query": []},
             "split": {"v1": 50, "v2": 50},
             "timeout": None,
+            "stream_idle_timeout": None,
             "retries": None,
             "fault": None,
             "mirror": None,

@@ -38,6 +38,7 @@ def loaded() -> Metrics:
     metrics.count_retry("catalog", "v2")
     metrics.count_retry("catalog", "v2")
     metrics.count_timeout("catalog", "v2")
+    metrics.count_stream_idle_timeout("catalog", "v1")
     metrics.count_ejection("catalog", "v2")
     metrics.count_authz_denied("web", "cart")
     metrics.set_certificate_expiry("cart", 1764246400.0)
@@ -64,6 +65,7 @@ def test_exposition_parses_with_exact_values(loaded: Metrics) -> None:
     assert _one(samples["mesh_tcp_bytes_total"], byte_direction="received") == 300
     assert _one(samples["mesh_tcp_bytes_total"], byte_direction="sent") == 1200
     assert _one(samples["mesh_retries_total"], destination_service="catalog") == 2
+    assert _one(samples["mesh_stream_idle_timeouts_total"], destination_version="v1") == 1
     assert _one(samples["mesh_timeouts_total"], destination_version="v2") == 1
     assert _one(samples["mesh_ejections_total"], destination_service="catalog") == 1
     assert _one(samples["mesh_authz_denied_total"], source_service="web") == 1
@@ -81,6 +83,7 @@ def test_exposition_declares_every_family_once(loaded: Metrics) -> None:
         "mesh_tcp_bytes": "counter",
         "mesh_retries": "counter",
         "mesh_timeouts": "counter",
+        "mesh_stream_idle_timeouts": "counter",
         "mesh_ejections": "counter",
         "mesh_authz_denied": "counter",
         "mesh_certificate_expiry_timestamp_seconds": "gauge",

@@ -32,6 +32,8 @@ def manifest(extra: str):
         ("    protocol: udp", "protocol"),
         ("    protocol: tcp\n    routes: [{match: {path: {prefix: /}}, version: v1}]", "no requests to route"),
         ("    protocol: tcp\n    retries: {attempts: 2}", "no requests to retry"),
+        ("    protocol: tcp\n    stream_idle_timeout: 10m", "its connections close after 60s without a byte"),
+        ("    protocol: grpc\n    stream_idle_timeout: 10m\n    timeout: 0", None),
         ("    protocol: tcp\n    load_balancer: {kind: consistent_hash, header: x-user}", "no headers or cookies"),
         ("    protocol: grpc\n    health: {http: /healthz}", "does not answer HTTP/1.1 probes"),
         ("    protocol: grpc\n    retries: {attempts: 2}", None),

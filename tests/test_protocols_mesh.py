@@ -230,8 +230,14 @@ def h2_get(port: int, paths: list[str]) -> dict[str, tuple[int, bytes]]:
     return {path: (status, body) for path, (status, body) in results.items()}
 
 
-def h2_app_server(cleanup) -> int:
-    """An h2c server answering each request with its path (stands in for an HTTP/2 app)."""
+def answer_with_path(server: h2.connection.H2Connection, request: h2.events.RequestReceived) -> None:
+    body = dict(request.headers)[":path"].encode()
+    server.send_headers(request.stream_id, [(":status", "200"), ("content-length", str(len(body)))])
+    server.send_data(request.stream_id, body, end_stream=True)
+
+
+def h2_app_server(cleanup, answer=answer_with_path) -> int:
+    """An h2c server calling `answer(connection, request)` for each request (stands in for an HTTP/2 app)."""
     listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
 
@@ -246,9 +252,7 @@ def h2_app_server(cleanup) -> int:
                     return
                 for event in h2conn.receive_data(data):
                     if isinstance(event, h2.events.RequestReceived):
-                        body = dict(event.headers)[":path"].encode()
-                        h2conn.send_headers(event.stream_id, [(":status", "200"), ("content-length", str(len(body)))])
-                        h2conn.send_data(event.stream_id, body, end_stream=True)
+                        answer(h2conn, event)
                 conn.sendall(h2conn.data_to_send())
 
     def accept() -> None:

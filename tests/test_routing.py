@@ -138,6 +138,29 @@ def test_route_policy_overrides_service_policy():
     assert (default.timeout, default.retries, default.rule) == (2.0, service_retries, -1)
 
 
+def test_no_whole_request_timeout_by_default_and_a_five_minute_stream_idle_timeout():
+    action = Router("cart", service()).route("GET", "/")
+    assert (action.timeout, action.idle_timeout) == (None, 300.0)
+
+
+def test_zero_lifts_a_timeout_and_routes_inherit_the_stream_idle_timeout():
+    router = Router(
+        "cart",
+        service(
+            to("v2", {"path": {"prefix": "/events"}}, timeout=0, stream_idle_timeout=0),
+            to("v2", {"path": {"prefix": "/watch"}}, stream_idle_timeout=3600.0),
+            to("v2", {"path": {"prefix": "/inherit"}}),
+            timeout=2.0,
+            stream_idle_timeout=30.0,
+        ),
+    )
+    assert (router.route("GET", "/events").timeout, router.route("GET", "/events").idle_timeout) == (None, None)
+    assert (router.route("GET", "/watch").timeout, router.route("GET", "/watch").idle_timeout) == (2.0, 3600.0)
+    assert (router.route("GET", "/inherit").timeout, router.route("GET", "/inherit").idle_timeout) == (2.0, 30.0)
+    with pytest.raises(RouterError, match=r"^services.cart.stream_idle_timeout: expected a number of seconds"):
+        Router("cart", service(stream_idle_timeout="5m"))
+
+
 def test_fault_and_mirror_are_normalised():
     router = Router(
         "cart",
@@ -220,7 +243,7 @@ BAD_CONFIGS = [
     (service(to("v2", {"host": "x"})), "services.cart.routes[0].match.host: unknown match field"),
     (service(to("v2", {"methods": []})), "services.cart.routes[0].match.methods: expected a method"),
     (service(to("v2", {"headers": [{"kind": "exact", "value": "1"}]})), "services.cart.routes[0].match.headers[0]: expected a mapping with a name"),
-    (service(to("v2", None, timeout=-1)), "services.cart.routes[0].timeout: expected a positive number"),
+    (service(to("v2", None, timeout=-1)), "services.cart.routes[0].timeout: expected a number of seconds, 0 for no limit"),
     (service(to("v2", None, retries={"attempts": 0})), "services.cart.routes[0].retries.attempts: expected an integer >= 1"),
     (service(to("v2", None, retries={"retry_on": ["sometimes"]})), "services.cart.routes[0].retries.retry_on: unknown condition 'sometimes'"),
     (service(retries="yes"), "services.cart.retries: expected a mapping"),

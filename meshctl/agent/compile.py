@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshctl.agent.model import Manifest, ServiceSpec
+from meshctl.agent.model import DEFAULT_STREAM_IDLE_TIMEOUT_S, Manifest, ServiceSpec
 
 INGRESS_ID = "ingress"
 DEFAULT_HTTP = {
@@ -60,7 +60,8 @@ def default_traffic(service: ServiceSpec) -> dict[str, Any]:
         "versions": versions,
         "split": {versions[0]: 100},
         "routes": [],
-        "timeout": 15.0,
+        "timeout": None,
+        "stream_idle_timeout": DEFAULT_STREAM_IDLE_TIMEOUT_S,
         "connect_timeout": 1.0,
         "handshake_timeout": 10.0,
         "retries": None,

@@ -19,7 +19,9 @@ The normalised traffic policy of a service (`ServiceSpec.traffic`)::
     {"split": {"v1": 90, "v2": 10},          # ints summing to 100; [100 to the first version]
      "versions": ["v1", "v2"],                # manifest order
      "routes": [route, ...],                  # first match wins; see below
-     "timeout": 15.0, "connect_timeout": 1.0, # seconds; connect_timeout: the TCP connect
+     "timeout": None | float,                 # seconds; None or 0.0: no limit on the whole request
+     "stream_idle_timeout": 300.0,            # None or 0.0: a silent stream is never cut
+     "connect_timeout": 1.0,                  # seconds: the TCP connect
      "handshake_timeout": 10.0,               # seconds: the mTLS handshake after the connect
      "retries": None | retries,               # see below
      "load_balancer": {"kind": "least_request"}   # or round_robin, random, or
@@ -40,7 +42,8 @@ The normalised traffic policy of a service (`ServiceSpec.traffic`)::
                                     "kind": "exact" | "prefix" | "regex", "value": str}],
                        "query": [{"name": "beta", "value": "1"}]},  # exact values
              "split": {"v2": 100},          # `version: v2` becomes this; [the service's split]
-             "timeout": None | float,       # None: the service's timeout
+             "timeout": None | float,       # None: the service's timeout; 0.0: no limit
+             "stream_idle_timeout": None | float,   # None: the service's; 0.0: never cut
              "retries": None | retries,     # None: the service's retries
              "fault": None | {"delay": None | {"fixed": 0.1, "percent": 10.0},
                               "abort": None | {"status": 503, "percent": 5.0}},
@@ -65,6 +68,7 @@ from meshctl.agent.errors import ManifestError, Problem
 from meshctl.agent.interpolate import substitute
 from meshctl.agent.model import (
     DEFAULT_STOP_GRACE_S,
+    DEFAULT_STREAM_IDLE_TIMEOUT_S,
     Health,
     Ingress,
     IngressRoute,
@@ -88,7 +92,7 @@ __all__ = ["ManifestError", "Problem", "load_manifest", "parse_manifest"]
 
 DEFAULT_VERSION = "v1"
 _HEALTH_TIMES = (("health", "period"), ("health", "timeout"))
-_ROUTE_TIMEOUTS = (("timeout",), ("retries", "per_try_timeout"))
+_ROUTE_TIMEOUTS = (("retries", "per_try_timeout"),)  # `timeout` and `stream_idle_timeout` may be 0: no limit
 _SERVICE_TIMEOUTS = _ROUTE_TIMEOUTS + _HEALTH_TIMES + (("connect_timeout",), ("handshake_timeout",))
 _KNOWN_KEYS = {name: frozenset(manifest_json_schema()["$defs"][name]["properties"]) for name in ("service", "version")}
 
@@ -455,7 +459,8 @@ def _traffic(raw: dict, versions: list[str]) -> dict:
         "split": split,
         "versions": versions,
         "routes": [_normal_route(route, split) for route in raw.get("routes", ())],
-        "timeout": _seconds(raw, "timeout", 15.0),
+        "timeout": _seconds(raw, "timeout", None),
+        "stream_idle_timeout": _seconds(raw, "stream_idle_timeout", DEFAULT_STREAM_IDLE_TIMEOUT_S),
         "connect_timeout": _seconds(raw, "connect_timeout", 1.0),
         "handshake_timeout": _seconds(raw, "handshake_timeout", 10.0),
         "retries": _retries(raw.get("retries")),
@@ -489,6 +494,7 @@ def _normal_route(raw: dict, service_split: dict) -> dict:
         },
         "split": split,
         "timeout": _seconds(raw, "timeout", None),
+        "stream_idle_timeout": _seconds(raw, "stream_idle_timeout", None),
         "retries": _retries(raw.get("retries")),
         "fault": None if fault is None else _fault(fault),
         "mirror": None if mirror is None else {"version": mirror["version"], "percent": _percent(mirror),

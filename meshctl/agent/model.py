@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_STOP_GRACE_S = 10.0
+DEFAULT_STREAM_IDLE_TIMEOUT_S = 300.0  # as Envoy; no whole-request timeout unless asked, as Istio and Linkerd
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class ServiceSpec:
     upstreams: tuple[str, ...] = ()
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     stop_grace_s: float = DEFAULT_STOP_GRACE_S
-    # Traffic policy for calls *to* this service (split, routes, retries, timeout,
+    # Traffic policy for calls *to* this service (split, routes, retries, timeouts,
     # load_balancer, outlier_detection, limits), normalised to plain data: see
     # meshctl/proxy/config.py for the shape. Kept as data so that the sidecar gets it unchanged.
     traffic: Any = None

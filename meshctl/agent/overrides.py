@@ -66,6 +66,7 @@ class HeaderRule:
                       "headers": [{"name": self.name, "kind": "exact", "value": self.value}]},
             "split": {self.version: 100},
             "timeout": None,
+            "stream_idle_timeout": None,
             "retries": None,
             "fault": None,
             "mirror": None,

@@ -5,7 +5,10 @@ over the last interval and the thresholds, it says hold, step (to which weight),
 roll back (with a reason). `Promotion` is the thin driver: one named task per promotion
 that sleeps an interval, asks a `StatsSource`, decides, and applies the split through a
 callback. Stats come from the sidecars' metrics (agent.observability.Observability is the
-`StatsSource`), over the last interval only, so a step is judged on its own traffic.
+`StatsSource`), over the last interval only, so a step is judged on its own traffic. A
+stream's latency there is the time to its response head (docs/observability.md), and a
+stream its caller cancels or the mesh cuts for idling ends as 499 on the version's side,
+so long-lived requests neither raise the canary's p99 nor count as its errors.
 """
 
 from __future__ import annotations

@@ -241,7 +241,8 @@ _DEFS: dict[str, dict] = {
             ),
             "split": _ref("split", "Where matching requests go [the service's split]."),
             "version": _ref("name", "Send matching requests to this version; short for split: {VERSION: 100}."),
-            "timeout": _ref("duration", "Overrides the service's timeout for matching requests."),
+            "timeout": _ref("duration", "Overrides the service's timeout for matching requests; 0: no limit."),
+            "stream_idle_timeout": _ref("duration", "Overrides the service's stream_idle_timeout for matching requests; 0: never."),
             "retries": _ref("retries", "Overrides the service's retries for matching requests."),
             "fault": _object(
                 {
@@ -427,7 +428,12 @@ _SERVICE = _object(
             "items": {"$ref": "#/$defs/route"},
             "description": "Routing rules for calls to this service; first match wins, then the split.",
         },
-        "timeout": _ref("duration", "Time allowed for a whole call, retries included; then 504 [15s]."),
+        "timeout": _ref(
+            "duration", "Time allowed for a whole call, retries and the whole response included; then 504, or a cut "
+            "response once it has begun [no limit]."),
+        "stream_idle_timeout": _ref(
+            "duration", "End a call once no byte has moved either way for this long (504 stream-idle-timeout, "
+            "or a cut stream); 0: never [5m]."),
         "connect_timeout": _ref("duration", "Time allowed for the TCP connect to an instance [1s]."),
         "handshake_timeout": _ref("duration", "Time allowed for the mTLS handshake after the connect [10s]."),
         "retries": _ref("retries", "Retry policy for calls to this service [failed connects only, twice]."),

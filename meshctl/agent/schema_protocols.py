@@ -11,8 +11,8 @@ Per service:
 * `tcp`: opaque bytes, no detection, so server-speaks-first protocols (Redis replies
   only, but MySQL, SMTP, PostgreSQL greet first) never wait for a client byte.
 
-A `tcp` service has no requests to match: no `routes`, `retries`, `fault`, `mirror` or
-header/cookie hashing; `split`, `connect_timeout`, `load_balancer`, `outlier_detection`
+A `tcp` service has no requests to match: no `routes`, `retries`, `stream_idle_timeout`
+(its connections close after 60 s without a byte), `fault`, `mirror` or header/cookie hashing; `split`, `connect_timeout`, `load_balancer`, `outlier_detection`
 (connect failures) and `limits` apply per connection. Services that do not speak
 HTTP/1.1 (`grpc`, `tcp`) are probed by a TCP connect, so `health.http` is refused there.
 """
@@ -24,7 +24,12 @@ from typing import Any
 
 PROTOCOLS = ("http", "grpc", "tcp")
 DEFAULT_PROTOCOL = "http"
-_NOT_FOR_TCP = ("routes", "retries")
+_NOT_FOR_TCP = {
+    "routes": "a tcp service has no requests to route; remove it or use protocol: http",
+    "retries": "a tcp service has no requests to retry; remove it or use protocol: http",
+    "stream_idle_timeout": "a tcp service has no requests; its connections close after 60s without a byte. "
+                           "Remove it, or use protocol: http",
+}
 
 SERVICE_PROPERTIES: dict[str, Any] = {
     "protocol": {
@@ -44,10 +49,9 @@ def protocol_problems(path: tuple, service: dict[str, Any]) -> Iterator[tuple[tu
     if protocol == "http":
         return
     if protocol == "tcp":
-        for key in _NOT_FOR_TCP:
+        for key, message in _NOT_FOR_TCP.items():
             if service.get(key):
-                yield path + (key,), "a tcp service has no requests to %s; remove it or use protocol: http" % (
-                    "route" if key == "routes" else "retry")
+                yield path + (key,), message
         balancer = service.get("load_balancer")
         if isinstance(balancer, dict) and ("header" in balancer or "cookie" in balancer):
             yield path + ("load_balancer",), "a tcp service has no headers or cookies to hash; use source_ip"

@@ -4,7 +4,7 @@ Mesh routes follow GAMMA: an HTTPRoute whose parent is the Service `cart`; each 
 route becomes one rule, the service's split the last rule (PathPrefix /). Weights go to
 per-version Services (`cart-v1`), as backendRefs must name Services. Linkerd reads
 retries and timeouts from annotations on the HTTPRoute (`retry.linkerd.io/*`,
-`timeout.linkerd.io/request`), which apply to the whole object: a route whose retries
+`timeout.linkerd.io/request`, `timeout.linkerd.io/idle`), which apply to the whole object: a route whose retries
 differ from the service's gets an HTTPRoute of its own (`cart-r1`).
 
 Two semantic differences are reported rather than hidden: Gateway API ranks rules by
@@ -55,7 +55,9 @@ def service_routes(service: ServiceSpec, given: ExportInput, notes: Notes) -> li
         where = "%s.routes[%d]" % (service.name, index)
         action: dict = {"backendRefs": backend_refs(service.name, route["split"])}
         if route.get("timeout") is not None:
-            action["timeouts"] = {"request": gateway_duration(route["timeout"])}
+            action["timeouts"] = {"request": gateway_duration(route["timeout"])}  # 0s: none
+        if route.get("stream_idle_timeout") is not None and route["stream_idle_timeout"] != traffic.get("stream_idle_timeout"):
+            notes.add(where, "stream_idle_timeout", "Linkerd's idle timeout annotation applies to a whole HTTPRoute")
         rules = rules_for(http_matches(route["match"], where, notes), action)
         for feature in ("fault", "mirror"):
             if route.get(feature):
@@ -70,11 +72,11 @@ def service_routes(service: ServiceSpec, given: ExportInput, notes: Notes) -> li
     main_rules.append({"matches": [dict(DEFAULT_MATCH)], "backendRefs": backend_refs(service.name, split)})
     annotations = {
         **linkerd.retry_annotations(service_retries, service.name, notes),
-        **linkerd.timeout_annotations(traffic.get("timeout")),
+        **linkerd.timeout_annotations(traffic),
     }
     out = [http_route(name, service.name, part, annotations, given) for name, part in route_parts(service.name, main_rules)]
     for index, rules, retry in separate:
-        own = {**retry, **linkerd.timeout_annotations(traffic.get("timeout"))}
+        own = {**retry, **linkerd.timeout_annotations(traffic)}
         out.append(http_route("%s-r%d" % (service.name, index), service.name, rules, own, given))
     return out
 

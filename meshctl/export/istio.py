@@ -3,9 +3,12 @@
 Routing stays first-match-wins here (VirtualService `http` is ordered), with subsets v1,
 v2 selecting the `version` label. meshctl retries count every try and are off unless
 set; Istio's `attempts` counts retries and defaults to 2, so a service without retries
-gets `attempts: 0`. Authorization keeps meshctl's order: a DENY policy per service, an
-ALLOW policy per service with allow rules (an empty one admits nobody), and, with
-`default_policy: deny`, a namespace-wide `allow-nothing` ALLOW policy with no rules.
+gets `attempts: 0`. A `timeout` becomes the route's timeout (none set: none, as in Istio);
+Envoy's stream idle timeout is 5 minutes like meshctl's default, but Istio sets it only
+mesh-wide, so any other `stream_idle_timeout` is reported as not translated.
+Authorization keeps meshctl's order: a DENY policy per service, an ALLOW policy per
+service with allow rules (an empty one admits nobody), and, with `default_policy: deny`,
+a namespace-wide `allow-nothing` ALLOW policy with no rules.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ RETRY_ON = {"connect-failure": "connect-failure", "refused": "refused-stream", "
 SIMPLE_BALANCERS = {"least_request": "LEAST_REQUEST", "round_robin": "ROUND_ROBIN", "random": "RANDOM"}
 DEFAULT_BACKOFF = (0.025, 0.25)
 DEFAULT_BUDGET = {"ratio": 0.2, "min_per_second": 10.0}
+ENVOY_STREAM_IDLE_TIMEOUT = 300.0
 
 
 def traffic_objects(manifest: Manifest, given: ExportInput, notes: Notes) -> list[dict]:
@@ -54,7 +58,11 @@ def virtual_service(service: ServiceSpec, given: ExportInput, notes: Notes) -> d
         if matches:
             entry["match"] = matches
         entry["route"] = destinations(host, route["split"])
-        entry["timeout"] = duration(route["timeout"] if route.get("timeout") is not None else traffic.get("timeout", 15.0))
+        timeout = route["timeout"] if route.get("timeout") is not None else traffic.get("timeout")
+        if timeout is not None and (timeout or traffic.get("timeout")):
+            entry["timeout"] = duration(timeout)  # 0s: none, lifting the service's
+        if route.get("stream_idle_timeout") is not None:
+            idle_timeout_note(route["stream_idle_timeout"], where, notes)
         entry["retries"] = retry_policy(route.get("retries") or traffic.get("retries"), where, notes)
         fault = route.get("fault")
         if fault:
@@ -66,18 +74,23 @@ def virtual_service(service: ServiceSpec, given: ExportInput, notes: Notes) -> d
             if mirror.get("compare"):
                 notes.add(where, "mirror.compare", "Istio discards the mirror's answers; compare them with meshctl shadow")
         http.append(entry)
-    http.append({
-        "name": "default",
-        "route": destinations(host, split),
-        "timeout": duration(traffic.get("timeout", 15.0)),
-        "retries": retry_policy(traffic.get("retries"), service.name, notes),
-    })
+    default: dict = {"name": "default", "route": destinations(host, split)}
+    if traffic.get("timeout"):
+        default["timeout"] = duration(traffic["timeout"])
+    default["retries"] = retry_policy(traffic.get("retries"), service.name, notes)
+    http.append(default)
+    idle_timeout_note(traffic.get("stream_idle_timeout", ENVOY_STREAM_IDLE_TIMEOUT), service.name, notes)
     return {
         "apiVersion": NETWORKING_API,
         "kind": "VirtualService",
         "metadata": metadata(service.name, given, labels=labels(service.name)),
         "spec": {"hosts": [host], "http": http},
     }
+
+
+def idle_timeout_note(seconds: float | None, where: str, notes: Notes) -> None:
+    if (seconds or 0.0) != ENVOY_STREAM_IDLE_TIMEOUT:
+        notes.add(where, "stream_idle_timeout", "Istio's stream idle timeout (Envoy's, 5m) is set mesh-wide, by an EnvoyFilter")
 
 
 def destinations(host: str, split: dict[str, int]) -> list[dict]:

@@ -1,7 +1,8 @@
 """Linkerd: retry, timeout and failure-accrual annotations, and policy.linkerd.io authorization.
 
 Retries (`retry.linkerd.io/http`, `/limit`, `/timeout`) and timeouts
-(`timeout.linkerd.io/request`) annotate HTTPRoutes; failure accrual (Linkerd's outlier
+(`timeout.linkerd.io/request`, and `timeout.linkerd.io/idle` for `stream_idle_timeout`,
+which Linkerd does not have by default) annotate HTTPRoutes; failure accrual (Linkerd's outlier
 detection) annotates the Service. Authorization: each service gets a Server on its
 port. Without allow rules its `accessPolicy` says what the mesh's default_policy and
 mTLS mode admit; with them it is `deny`, and each allow rule becomes a
@@ -63,8 +64,14 @@ def retry_annotations(retries: dict | None, where: str, notes: Notes) -> dict[st
     return annotations
 
 
-def timeout_annotations(timeout: float | None) -> dict[str, str]:
-    return {} if timeout is None else {"timeout.linkerd.io/request": duration(timeout)}
+def timeout_annotations(traffic: dict) -> dict[str, str]:
+    """A service's `timeout` and `stream_idle_timeout` (None or 0: none, Linkerd's default)."""
+    annotations = {}
+    if traffic.get("timeout"):
+        annotations["timeout.linkerd.io/request"] = duration(traffic["timeout"])
+    if traffic.get("stream_idle_timeout"):
+        annotations["timeout.linkerd.io/idle"] = duration(traffic["stream_idle_timeout"])
+    return annotations
 
 
 def service_annotations(service: ServiceSpec, notes: Notes) -> dict[str, str]:

@@ -89,7 +89,7 @@ def outbound_h2(state: ServerState, listener: Listener) -> H2Proxy:
             tls.h2_context if tls is not None else None, tls.verify if tls is not None else None,
             timeout=action.timeout, retries=policy.attempts - 1 if policy is not None else 0,
             backoff=policy.backoff_base if policy is not None else 0.025, tag=(service.name, endpoint.version),
-            settle=lambda ok: _settle(state, service, endpoint, ok, slot),
+            settle=lambda ok: _settle(state, service, endpoint, ok, slot), idle_timeout=action.idle_timeout,
         )
 
     return state.track(H2Proxy(pick, loop, record=_recorder(state, OUTBOUND, None), on_closed=state.untrack))
@@ -146,7 +146,8 @@ def _recorder(state: ServerState, direction: str, peer: str | None):
         snapshot = state.snapshot
         destination, version = stream.choice.tag if isinstance(stream.choice.tag, tuple) else ("-", "")
         method = header(stream.headers, b":method") or b"POST"
-        duration = state.loop.time() - stream.started
+        # A stream's latency is the time to its response head, not how long it stayed open.
+        duration = (stream.head_at or state.loop.time()) - stream.started
         if direction == INBOUND:
             source = service_of_identity(peer)
             destination, version = snapshot.service, snapshot.service_version  # type: ignore[union-attr]
@@ -156,6 +157,10 @@ def _recorder(state: ServerState, direction: str, peer: str | None):
         observer.metrics.record_request(direction, source, destination, version, method, status, duration, mesh_error, path)
         if mesh_error and status == 403:
             observer.metrics.count_authz_denied(source, destination)
+        if stream.cut == "timeout":
+            observer.metrics.count_timeout(destination, version)
+        elif stream.cut is not None:
+            observer.metrics.count_stream_idle_timeout(destination, version)
 
     return record
 

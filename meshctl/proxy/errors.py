@@ -20,6 +20,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "circuit-open": 503,
     "fault-abort": 503,  # the configured status replaces this one
     "timeout": 504,
+    "stream-idle-timeout": 504,
     "header-timeout": 408,
 }
 

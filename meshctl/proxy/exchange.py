@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from meshctl.proxy.errors import STATUS_BY_CODE, ProtocolError, error_response
 from meshctl.proxy.http1 import END, Data, Head, rebuild_head
+from meshctl.proxy.idle import STREAM_IDLE_TIMEOUT_CODE, IdleCheck, first_check
 from meshctl.proxy.limits import ADMITTED, QUEUED
 from meshctl.proxy.mirror import send_mirror
 from meshctl.proxy.pool import DEFAULT_HANDSHAKE_TIMEOUT
@@ -50,7 +51,10 @@ MAX_PENDING_BYTES = 256 * 1024  # queued while connecting; above it the client i
 MAX_REPLAY_BYTES = MAX_REPLAY_BODY_BYTES + 16 * 1024  # body limit plus room for the head
 _CONNECTION_CLOSE = b"connection: close"
 _CONNECTION_KEEP_ALIVE = b"connection: keep-alive"
-_CONNECT_FAILURE_CODE = {"connect-failure": "upstream-connect-failed", "refused": "upstream-connect-failed", "reset": "upstream-reset", "timeout": "timeout"}
+_CONNECT_FAILURE_CODE = {
+    "connect-failure": "upstream-connect-failed", "refused": "upstream-connect-failed", "reset": "upstream-reset", "timeout": "timeout",
+    STREAM_IDLE_TIMEOUT_CODE: STREAM_IDLE_TIMEOUT_CODE,
+}
 
 
 class Exchange:
@@ -76,6 +80,9 @@ class Exchange:
         "tried",
         "deadline",
         "try_deadline",
+        "idle_due",
+        "idle",
+        "head_at",
         "interim",
         "discarding",
         "waiting_on",
@@ -111,6 +118,9 @@ class Exchange:
         self.tried: frozenset[str] = frozenset()
         self.deadline = 0.0
         self.try_deadline = 0.0
+        self.idle_due = 0.0  # next stream idle check (proxy.idle); 0: none
+        self.idle: IdleCheck | None = None  # made at the first check
+        self.head_at = 0.0  # when a response without a declared length (a stream) began
         self.interim = False
         self.discarding = False
         self.waiting_on: tuple[str, int] | None = None  # the address whose pool line this waits in
@@ -162,7 +172,10 @@ class Exchange:
         else:
             action = router.route("", "")
         self.action = action
-        self.deadline = now + action.timeout
+        if action.timeout is not None:
+            self.deadline = now + action.timeout
+        if action.idle_timeout is not None:
+            self.idle_due = first_check(action.idle_timeout, now)
         if service.balancer.needs_headers:
             self.hash_key = service.balancer.hash_key_for(headers, self.client.client_ip)
         fault = action.fault
@@ -175,7 +188,7 @@ class Exchange:
         if admission is not ADMITTED:
             if admission is QUEUED:
                 self.counted = True
-                self.client.deadline = self.deadline
+                self.client.deadline = self._next_deadline()
                 return
             limits = service.limits
             self.fail(
@@ -210,7 +223,7 @@ class Exchange:
         if fault is not None:
             delay = fault["delay"]
             if delay is not None and random.random() * 100 < delay["percent"]:
-                self.client.deadline = self.deadline
+                self.client.deadline = self._next_deadline()
                 self.client.state.loop.call_later(delay["fixed"], self._try)
                 if compared and self.request_done:
                     self._send_mirror()  # the delay is the primary's, not the copies'
@@ -264,9 +277,12 @@ class Exchange:
             state.pool.wait(self, self.address, 1.0, None, peer, DEFAULT_HANDSHAKE_TIMEOUT)  # type: ignore[arg-type]
 
     def _next_deadline(self) -> float:
-        if self.try_deadline and (not self.deadline or self.try_deadline < self.deadline):
-            return self.try_deadline
-        return self.deadline
+        due = self.deadline
+        if self.try_deadline and (not due or self.try_deadline < due):
+            due = self.try_deadline
+        if self.idle_due and (not due or self.idle_due < due):
+            due = self.idle_due
+        return due
 
     def pooled(self, conn: UpstreamConnection, reused: bool) -> None:
         """The pool's line gave this exchange a connection (proxy.pool)."""
@@ -362,9 +378,30 @@ class Exchange:
 
     def on_deadline(self, now: float) -> None:
         if self.deadline and now >= self.deadline:
-            self._try_failed("timeout", "no response within %gs" % self.action.timeout, None, final=True)  # type: ignore[union-attr]
+            self._try_failed("timeout", "not finished within %gs" % self.action.timeout, None, final=True)  # type: ignore[union-attr]
         elif self.try_deadline and now >= self.try_deadline:
             self._try_failed("timeout", "no response within the per-try timeout", None)
+        elif self.idle_due and now >= self.idle_due:
+            self._idle_check(now)
+
+    def _idle_check(self, now: float) -> None:
+        client = self.client
+        moved = client.bytes_in + client.bytes_out
+        idle = self.idle
+        if self.answered:
+            self.idle_due = 0.0  # only the rest of the request body is awaited; the keep-alive timeout follows
+        elif idle is None:
+            idle = self.idle = IdleCheck(self.action.idle_timeout, moved, now)  # type: ignore[arg-type, union-attr]
+            self.idle_due = idle.due
+        elif idle.expired(moved, now):
+            detail = "no byte moved either way for %gs" % idle.timeout
+            if self.response_started:
+                log.info("%s: %s %s, cutting the response", self.label, STREAM_IDLE_TIMEOUT_CODE, detail)
+            self._try_failed(STREAM_IDLE_TIMEOUT_CODE, detail, None, final=True)
+            return
+        else:
+            self.idle_due = idle.due
+        client.deadline = self._next_deadline()
 
     # -- response side (called by the upstream connection) -------------------------------
 
@@ -462,11 +499,13 @@ class Exchange:
                 return True
         self.response_started = True
         self.status = status
-        self.client.deadline = self.deadline
+        self.client.deadline = self._next_deadline()
         self.upstream_keep_alive = head.keep_alive
         keep = self.client_keep_alive
-        if not (head.content_length is not None or head.chunked or status in (204, 304) or self.method == b"HEAD"):
-            keep = False  # the body runs until the upstream closes, so the client must see a close too
+        if head.content_length is None and status not in (204, 304) and self.method != b"HEAD":
+            self.head_at = self.client.state.loop.time()  # a stream: its latency is the time to this head
+            if not head.chunked:
+                keep = False  # the body runs until the upstream closes, so the client must see a close too
         if self.client.state.draining:
             keep = False
         self.client_keep_alive = keep
@@ -659,7 +698,7 @@ class Exchange:
         self.status = status if status is not None else STATUS_BY_CODE.get(code, 500)
         if self.client.state.draining or self.head.version != b"1.1":
             self.client_keep_alive = False
-        if code == "upstream-connect-failed" or code == "timeout" or code == "upstream-reset":
+        if code == "upstream-connect-failed" or code == "timeout" or code == "upstream-reset" or code == STREAM_IDLE_TIMEOUT_CODE:
             log.info("%s %s", code, detail)
         response = error_response(code, detail, status, close=not self.client_keep_alive)
         self.client.bytes_out += len(response)

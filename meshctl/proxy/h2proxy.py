@@ -7,8 +7,8 @@ to the same upstream are shared by all streams of the downstream connection. Hea
 through without connection-specific fields, data respects both windows, trailers (which
 gRPC needs for grpc-status) and resets are forwarded. An upstream that cannot be reached
 answers 502 (or, to a gRPC client, a trailers-only UNAVAILABLE). Per stream: a deadline
-(route timeout capped by grpc-timeout), retries of trailers-only retriable gRPC answers,
-and one `record` call when it ends. The protocol logic is proxy.h2conn's `H2Endpoint`.
+(route timeout capped by grpc-timeout), a stream idle timeout (proxy.idle), retries of
+trailers-only retriable gRPC answers, and one `record` call when it ends. The protocol logic is proxy.h2conn's `H2Endpoint`.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from meshctl.proxy.h2conn import (
     strip_connection_specific,
 )
 from meshctl.proxy.h2streams import PickUpstream, Record, StreamDenied, StreamRecord, UpstreamChoice, as_choice
+from meshctl.proxy.idle import STREAM_IDLE_TIMEOUT_CODE, IdleCheck, first_check
 
 __all__ = ["H2Proxy"]
 
@@ -61,7 +62,7 @@ _GRPC_BY_HTTP = {403: 7, 404: 12, 504: GRPC_DEADLINE_EXCEEDED}
 class _Pipe:
     """One direction of one proxied stream: items waiting for the target's send window."""
 
-    __slots__ = ("source", "source_stream", "target", "target_stream", "queue", "closed", "grpc", "acknowledges")
+    __slots__ = ("source", "source_stream", "target", "target_stream", "queue", "closed", "grpc", "acknowledges", "moved")
 
     def __init__(self, source: _Side, source_stream: int, target: _Side, target_stream: int) -> None:
         self.source = source
@@ -72,6 +73,7 @@ class _Pipe:
         self.closed = False
         self.grpc = False  # the stream carries gRPC: errors we generate are gRPC statuses
         self.acknowledges = True  # False for a retry's replayed bytes: the source got its window back already
+        self.moved = 0  # bytes received from the source, for the stream idle timeout
 
     def flush(self) -> None:
         """Send what the windows allow; acknowledge to the source only what went out."""
@@ -225,6 +227,8 @@ class H2Proxy(_Side):
                 pipe.target.flush()
                 if record is not None:
                     record.responded = True
+                    if not event.end_stream and header(event.headers, b"content-length") is None:
+                        record.head_at = self.loop.time()  # a stream: its latency is the time to this head
                     if event.end_stream:
                         self._finish(record, event.headers)
         elif isinstance(event, Data):
@@ -234,6 +238,7 @@ class H2Proxy(_Side):
             if pipe is not None and event.data:
                 if side is self:
                     self._keep_for_replay(event.stream_id, event.data)
+                pipe.moved += len(event.data)
                 pipe.queue.append(event.data)
                 pipe.flush()
         elif isinstance(event, Trailers):
@@ -293,6 +298,8 @@ class H2Proxy(_Side):
                 timeout = asked
         if timeout is not None:
             record.timer = self.loop.call_later(timeout, self._expire, event.stream_id)
+        if choice.idle_timeout is not None:
+            record.idle_timer = self.loop.call_at(first_check(choice.idle_timeout, record.started), self._idle_check, event.stream_id)
         self.streams += 1
         self._start_attempt(record, [] if event.end_stream else None)
 
@@ -363,12 +370,32 @@ class H2Proxy(_Side):
         if not record.done and not self.lost:
             self._start_attempt(record, replay)
 
-    def _expire(self, stream_id: int) -> None:
-        """The stream's deadline (route timeout or grpc-timeout) passed: DEADLINE_EXCEEDED."""
+    def _idle_check(self, stream_id: int) -> None:
         record = self.records.get(stream_id)
         if record is None or record.done:
             return
-        record.timer = None
+        moved = sum(pipe.moved for pipe in (self.incoming.get(stream_id), self.outgoing.get(stream_id)) if pipe is not None)
+        now = self.loop.time()
+        if record.idle is None:
+            record.idle = IdleCheck(record.choice.idle_timeout, moved, now)
+        elif record.idle.expired(moved, now):
+            record.idle_timer = None
+            self._expire(stream_id, STREAM_IDLE_TIMEOUT_CODE)
+            return
+        record.idle_timer = self.loop.call_at(record.idle.due, self._idle_check, stream_id)
+
+    def _expire(self, stream_id: int, code: str = "timeout") -> None:
+        """The stream's deadline (route timeout or grpc-timeout) passed, or it fell silent: DEADLINE_EXCEEDED.
+
+        Once the response head went out, a gRPC stream ends with DEADLINE_EXCEEDED trailers
+        and any other stream is reset: either way the client cannot take it for complete.
+        """
+        record = self.records.get(stream_id)
+        if record is None or record.done:
+            return
+        if code == "timeout":
+            record.timer = None
+        record.cut = code
         if record.upstream is not None:
             record.upstream.incoming.pop(record.up_stream, None)
             record.upstream.outgoing.pop(record.up_stream, None)
@@ -378,13 +405,16 @@ class H2Proxy(_Side):
             self.incoming.pop(stream_id, None)
             self.outgoing.pop(stream_id, None)
             if record.grpc:
-                self.endpoint.conn.send_headers(stream_id, [(b"grpc-status", b"4"), (b"grpc-message", b"timeout")], end_stream=True)
+                self.endpoint.conn.send_headers(
+                    stream_id, [(b"grpc-status", b"4"), (b"grpc-message", code.encode("ascii")), (b"x-mesh-error", code.encode("ascii"))],
+                    end_stream=True)
             else:
                 self.endpoint.reset(stream_id, h2.errors.ErrorCodes.CANCEL)
             self.flush()
             self._done(record, 504, GRPC_DEADLINE_EXCEEDED if record.grpc else None)
             return
-        self._answer_error(stream_id, record.grpc, "timeout", "no response within the deadline", 504)
+        detail = "no response within the deadline" if code == "timeout" else "no byte moved either way for %gs" % record.idle.timeout
+        self._answer_error(stream_id, record.grpc, code, detail, 504)
 
     async def _connect(self, upstream: _Side, key: tuple, choice: UpstreamChoice) -> None:
         host, port, context = choice.host, choice.port, choice.context
@@ -460,6 +490,9 @@ class H2Proxy(_Side):
         if record.timer is not None:
             record.timer.cancel()
             record.timer = None
+        if record.idle_timer is not None:
+            record.idle_timer.cancel()
+            record.idle_timer = None
         self.records.pop(record.stream_id, None)
         if status == 499 or status == 504:
             record.choice.settled(None)  # the client left, or a deadline: nothing learnt about the upstream
@@ -487,7 +520,9 @@ class H2Proxy(_Side):
         other.flush()
         record = self.records.get(stream_id if side is self else other_stream)
         if record is not None:
-            self._done(record, 502, GRPC_CANCELLED if record.grpc else None, mesh_error=side is not self)
+            # The client resetting its stream (a cancelled watch, or a caller's sidecar ending an
+            # idle stream) is a 499 as when it leaves: no failure of the upstream, nor of a canary.
+            self._done(record, 499 if side is self else 502, GRPC_CANCELLED if record.grpc else None, mesh_error=side is not self)
 
     def side_lost(self, side: _Side) -> None:
         if side is self:

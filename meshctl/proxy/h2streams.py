@@ -25,25 +25,27 @@ class UpstreamChoice:
 
     `context` is the mesh's TLS context when the upstream is a peer sidecar (whose headers are
     then not validated again, see H2Endpoint); `verify(transport)` checks the upstream's
-    identity after the TLS handshake (raises to refuse it); `timeout` caps the stream together with grpc-timeout; `retries` is how many
+    identity after the TLS handshake (raises to refuse it); `timeout` caps the stream together with grpc-timeout;
+    `idle_timeout` ends it once no byte moved either way for that long (proxy.idle); `retries` is how many
     more tries a trailers-only retriable gRPC answer may get; `tag` comes back to `record`.
     `settle(ok)` runs once when this choice's try ends (the balancer's in-flight count and
     outlier detection): ok False for a failed connect, UNAVAILABLE or a 502/503, None when
     the try says nothing about the upstream (the client went away, a deadline).
     """
 
-    __slots__ = ("host", "port", "context", "verify", "timeout", "retries", "backoff", "tag", "settle")
+    __slots__ = ("host", "port", "context", "verify", "timeout", "idle_timeout", "retries", "backoff", "tag", "settle")
 
     def __init__(
         self, host: str, port: int, context: ssl.SSLContext | None = None, verify: Callable | None = None,
         timeout: float | None = None, retries: int = 0, backoff: float = 0.025, tag: object = None,
-        settle: Callable[[bool | None], None] | None = None,
+        settle: Callable[[bool | None], None] | None = None, idle_timeout: float | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.context = context
         self.verify = verify
         self.timeout = timeout
+        self.idle_timeout = idle_timeout
         self.retries = retries
         self.backoff = backoff
         self.tag = tag
@@ -75,7 +77,7 @@ class StreamRecord:
     """One downstream stream for metrics, retries and its deadline."""
 
     __slots__ = ("stream_id", "headers", "choice", "started", "grpc", "responded", "replay", "replay_size",
-                 "request_complete", "retries_left", "timer", "done", "upstream", "up_stream")
+                 "request_complete", "retries_left", "timer", "done", "upstream", "up_stream", "idle_timer", "idle", "head_at", "cut")
 
     def __init__(self, stream_id: int, headers: HeaderList, choice: UpstreamChoice, started: float) -> None:
         self.stream_id = stream_id
@@ -92,6 +94,10 @@ class StreamRecord:
         self.done = False
         self.upstream: Any = None  # the upstream side of h2proxy carrying the current try
         self.up_stream = 0
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.idle: Any = None  # a proxy.idle.IdleCheck from the first idle check on
+        self.head_at = 0.0  # when a response without a declared length (a stream) began: its latency
+        self.cut: str | None = None  # "timeout" or "stream-idle-timeout" when the proxy ended the stream
 
 
 Record = Callable[[StreamRecord, int, "int | None", bool], None]

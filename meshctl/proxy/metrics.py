@@ -131,6 +131,7 @@ class Metrics:
         self.tcp: dict[tuple[str, str], list[int]] = {}  # [opened, closed, bytes_in, bytes_out]
         self.retries: dict[tuple[str, str], int] = {}
         self.timeouts: dict[tuple[str, str], int] = {}
+        self.stream_idle_timeouts: dict[tuple[str, str], int] = {}
         self.ejections: dict[tuple[str, str], int] = {}
         self.authz_denied: dict[tuple[str, str], int] = {}
         self.certificate_expiry: dict[str, float] = {}
@@ -188,6 +189,10 @@ class Metrics:
         key = (destination_service, destination_version)
         self.timeouts[key] = self.timeouts.get(key, 0) + 1
 
+    def count_stream_idle_timeout(self, destination_service: str, destination_version: str) -> None:
+        key = (destination_service, destination_version)
+        self.stream_idle_timeouts[key] = self.stream_idle_timeouts.get(key, 0) + 1
+
     def count_ejection(self, destination_service: str, destination_version: str) -> None:
         key = (destination_service, destination_version)
         self.ejections[key] = self.ejections.get(key, 0) + 1
@@ -217,6 +222,7 @@ class Metrics:
             "tcp": [[*key, *record] for key, record in self.tcp.items()],
             "retries": [[*key, n] for key, n in self.retries.items()],
             "timeouts": [[*key, n] for key, n in self.timeouts.items()],
+            "stream_idle_timeouts": [[*key, n] for key, n in self.stream_idle_timeouts.items()],
             "ejections": [[*key, n] for key, n in self.ejections.items()],
             "authz_denied": [[*key, n] for key, n in self.authz_denied.items()],
             "certificate_expiry": dict(self.certificate_expiry),
@@ -240,7 +246,7 @@ class Metrics:
         for key, record in self.requests.items():
             lines.append("mesh_requests_total%s %d" % (_labels(_REQUEST_LABELS, request_label_values(key), instance), record[0]))
 
-        family("mesh_request_duration_seconds", "histogram", "Time from the request head to the end of the response.")
+        family("mesh_request_duration_seconds", "histogram", "Time from the request head to the end of the response; for a stream, to its response head.")
         for key, record in self.requests.items():
             values = request_label_values(key)
             cumulative = 0
@@ -271,7 +277,9 @@ class Metrics:
         destination = ("destination_service", "destination_version")
         for name, help_text, series, names in (
             ("mesh_retries_total", "Retries sent after a failed try.", self.retries, destination),
-            ("mesh_timeouts_total", "Requests answered 504 timeout by the mesh.", self.timeouts, destination),
+            ("mesh_timeouts_total", "Requests the mesh ended at their timeout: 504, or cut once the response had begun.", self.timeouts, destination),
+            ("mesh_stream_idle_timeouts_total", "Requests the mesh ended after no byte moved for stream_idle_timeout.",
+             self.stream_idle_timeouts, destination),
             ("mesh_ejections_total", "Endpoints ejected by outlier detection.", self.ejections, destination),
             ("mesh_authz_denied_total", "Requests denied by authorization policy.", self.authz_denied, ("source_service", "destination_service")),
         ):

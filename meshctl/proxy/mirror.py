@@ -10,7 +10,7 @@ endpoint of the mirror version, as Istio does:
   mirror version can tell shadow traffic from real traffic (and skip side effects);
 * it uses its own pooled connection; the response is read and discarded; errors,
   hangs and slowness of the mirror never reach the client. A copy that gets no complete
-  response within the route's timeout is aborted;
+  response within the route's timeout (MIRROR_TIMEOUT_S when it has none) is aborted;
 * at most MAX_MIRRORS_IN_FLIGHT copies per service are outstanding; beyond that new
   copies are skipped rather than queued, so a dead mirror cannot pile up memory.
 
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("proxy.mirror")
 
 MAX_MIRRORS_IN_FLIGHT = 64
+MIRROR_TIMEOUT_S = 15.0  # a copy of a request on a route without timeout: nobody waits for it, so it must end
 SHADOW_SUFFIX = b"-shadow"
 MIRROR_HEADER = b"x-mesh-mirror: 1"
 
@@ -59,7 +60,7 @@ def shadow_head(out_head: bytes) -> bytes:
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-def send_mirror(pool: Pool, service: Service, version: str, request: list[bytes], timeout: float, connect_timeout: float, now: float) -> bool:
+def send_mirror(pool: Pool, service: Service, version: str, request: list[bytes], timeout: float | None, connect_timeout: float, now: float) -> bool:
     """Start one mirrored copy of `request` (head first); False when it was skipped."""
     if service.mirrors_in_flight >= MAX_MIRRORS_IN_FLIGHT:
         return False
@@ -68,7 +69,7 @@ def send_mirror(pool: Pool, service: Service, version: str, request: list[bytes]
         return False
     head_is_head = request[0][:5] == b"HEAD "
     data = [shadow_head(request[0]), *request[1:]]
-    Mirror(pool, service, endpoint.address, data, head_is_head).start(timeout, connect_timeout)
+    Mirror(pool, service, endpoint.address, data, head_is_head).start(timeout or MIRROR_TIMEOUT_S, connect_timeout)
     return True
 
 

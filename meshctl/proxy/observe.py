@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from meshctl.proxy.http1 import HOP_BY_HOP, Head
+from meshctl.proxy.idle import STREAM_IDLE_TIMEOUT_CODE
 from meshctl.proxy.metrics import INBOUND, OUTBOUND, Metrics, path_template
 from meshctl.proxy.record import Recording, record_events
 from meshctl.proxy.replay import replay_request
@@ -270,6 +271,8 @@ class Observer:
         mesh_error = outcome not in _NOT_MESH_ERRORS
         status = exchange.status if exchange.response_started or mesh_error else 0
         duration = self.state.loop.time() - exchange.started
+        # A stream's latency is the time to its response head, not how long it stayed open.
+        latency = exchange.head_at - exchange.started if exchange.head_at else duration
         if inbound:
             source = self._sources.get(client.peer_identity) or self.source_of(client.peer_identity)
             destination = self._own_service
@@ -287,7 +290,7 @@ class Observer:
         metrics = self.metrics
         if self.metrics_on:
             metrics.record_request(
-                OUTBOUND if not inbound else INBOUND, source, destination, version, exchange.method, status, duration,
+                OUTBOUND if not inbound else INBOUND, source, destination, version, exchange.method, status, latency,
                 mesh_error, exchange.head.target if inbound else None,
             )
             if exchange.attempt > 1:
@@ -296,6 +299,8 @@ class Observer:
             if mesh_error:
                 if outcome == "timeout":
                     metrics.count_timeout(destination, version)
+                elif outcome == STREAM_IDLE_TIMEOUT_CODE:
+                    metrics.count_stream_idle_timeout(destination, version)
                 elif outcome == "forbidden":
                     metrics.count_authz_denied(source, destination)
         if self.hops:

@@ -34,7 +34,8 @@ from urllib.parse import parse_qsl
 from meshctl.proxy.retry import RetryConfigError, RetryPolicy
 from meshctl.proxy.shadow import compare_spec
 
-DEFAULT_TIMEOUT = 15.0
+DEFAULT_TIMEOUT = None  # no whole-request limit, as in Istio and Linkerd: streams and long polls live on
+DEFAULT_STREAM_IDLE_TIMEOUT = 300.0  # Envoy's default: cut only when no byte moved either way for this long
 _MATCH_KINDS = ("exact", "prefix", "regex")
 
 
@@ -51,12 +52,13 @@ class RouteAction:
     never mutate them.
     """
 
-    __slots__ = ("version", "timeout", "retries", "retry_policy", "fault", "mirror", "rule")
+    __slots__ = ("version", "timeout", "idle_timeout", "retries", "retry_policy", "fault", "mirror", "rule")
 
     def __init__(
         self,
         version: str,
-        timeout: float,
+        timeout: float | None,
+        idle_timeout: float | None,
         retries: dict | None,
         retry_policy: RetryPolicy | None,
         fault: dict | None,
@@ -64,7 +66,8 @@ class RouteAction:
         rule: int,
     ) -> None:
         self.version = version
-        self.timeout = timeout
+        self.timeout = timeout  # None: no limit on the whole request
+        self.idle_timeout = idle_timeout  # None: a silent stream is never cut
         self.retries = retries  # the raw block, route's or else the service's
         self.retry_policy = retry_policy  # the same block, validated and compiled
         self.fault = fault
@@ -72,7 +75,7 @@ class RouteAction:
         self.rule = rule  # index of the matched route; -1 for the service split
 
     def __repr__(self) -> str:
-        return "RouteAction(version=%r, rule=%d, timeout=%g)" % (self.version, self.rule, self.timeout)
+        return "RouteAction(version=%r, rule=%d, timeout=%r, idle_timeout=%r)" % (self.version, self.rule, self.timeout, self.idle_timeout)
 
 
 class _Split:
@@ -130,6 +133,7 @@ class Router:
         rng = rng or random.Random()
         self.versions = _versions(cfg, prefix)
         timeout = _timeout(cfg.get("timeout"), "%s.timeout" % prefix, DEFAULT_TIMEOUT)
+        idle = _timeout(cfg.get("stream_idle_timeout"), "%s.stream_idle_timeout" % prefix, DEFAULT_STREAM_IDLE_TIMEOUT)
         retries = cfg.get("retries")
         retry_policy = _retry_policy(retries, "%s.retries" % prefix)
         split = cfg.get("split")
@@ -137,7 +141,7 @@ class Router:
             split = {self.versions[0]: 100}
         # A live shadow (`meshctl shadow`) is the mirror of every request, whatever route it takes.
         shadow = self._mirror(cfg.get("shadow"), "%s.shadow" % prefix)
-        self._default = self._compile_split(split, "%s.split" % prefix, -1, timeout, retries, retry_policy, None, shadow, rng)
+        self._default = self._compile_split(split, "%s.split" % prefix, -1, (timeout, idle), retries, retry_policy, None, shadow, rng)
 
         routes = cfg.get("routes")
         if routes is None:
@@ -145,7 +149,7 @@ class Router:
         if not isinstance(routes, list):
             raise RouterError("%s.routes: expected a list, got %r" % (prefix, routes))
         self._rules: tuple[_Rule, ...] = tuple(
-            self._compile_route(route, "%s.routes[%d]" % (prefix, index), index, timeout, retries, retry_policy, shadow, rng)
+            self._compile_route(route, "%s.routes[%d]" % (prefix, index), index, (timeout, idle), retries, retry_policy, shadow, rng)
             for index, route in enumerate(routes)
         )
         self.needs_request_details = bool(self._rules)
@@ -169,7 +173,7 @@ class Router:
         split: Any,
         where: str,
         rule: int,
-        timeout: float,
+        timeouts: tuple[float | None, float | None],
         retries: dict | None,
         retry_policy: RetryPolicy | None,
         fault: dict | None,
@@ -186,7 +190,7 @@ class Router:
                 )
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 100:
                 raise RouterError("%s.%s: weight must be a number from 0 to 100, got %r" % (where, version, weight))
-            actions.append(RouteAction(version, timeout, retries, retry_policy, fault, mirror, rule))
+            actions.append(RouteAction(version, *timeouts, retries, retry_policy, fault, mirror, rule))
             weights.append(weight)
         total = sum(weights)
         if abs(total - 100) > 1e-6:
@@ -198,7 +202,7 @@ class Router:
         route: Any,
         where: str,
         index: int,
-        service_timeout: float,
+        service_timeouts: tuple[float | None, float | None],
         service_retries: dict | None,
         service_retry_policy: RetryPolicy | None,
         shadow: dict | None,
@@ -207,7 +211,10 @@ class Router:
         if not isinstance(route, dict):
             raise RouterError("%s: expected a mapping, got %r" % (where, route))
         predicates = _compile_match(route.get("match"), "%s.match" % where)
-        timeout = _timeout(route.get("timeout"), "%s.timeout" % where, service_timeout)
+        timeouts = (
+            _timeout(route.get("timeout"), "%s.timeout" % where, service_timeouts[0]),
+            _timeout(route.get("stream_idle_timeout"), "%s.stream_idle_timeout" % where, service_timeouts[1]),
+        )
         retries = route.get("retries")
         if retries is None:
             retries, retry_policy = service_retries, service_retry_policy
@@ -223,7 +230,7 @@ class Router:
         split_where = "%s.%s" % (where, "split" if "split" in route else "version")
         return _Rule(
             predicates,
-            self._compile_split(split, split_where, index, timeout, retries, retry_policy, fault, mirror, rng),
+            self._compile_split(split, split_where, index, timeouts, retries, retry_policy, fault, mirror, rng),
         )
 
     def _mirror(self, mirror: Any, where: str) -> dict | None:
@@ -257,12 +264,13 @@ def _versions(cfg: dict, prefix: str) -> tuple[str, ...]:
     return tuple(versions)
 
 
-def _timeout(value: Any, where: str, default: float) -> float:
+def _timeout(value: Any, where: str, default: float | None) -> float | None:
+    """Seconds, or None for no limit: 0 switches a limit off (a route can so lift its service's)."""
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise RouterError("%s: expected a positive number of seconds, got %r" % (where, value))
-    return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise RouterError("%s: expected a number of seconds, 0 for no limit, got %r" % (where, value))
+    return float(value) or None
 
 
 def _retry_policy(retries: Any, where: str) -> RetryPolicy | None:

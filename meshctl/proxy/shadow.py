@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from meshctl.proxy.capture import Capture
 from meshctl.proxy.compare import Ignore, Response, differences
-from meshctl.proxy.mirror import MAX_MIRRORS_IN_FLIGHT, Mirror, shadow_head
+from meshctl.proxy.mirror import MAX_MIRRORS_IN_FLIGHT, MIRROR_TIMEOUT_S, Mirror, shadow_head
 
 if TYPE_CHECKING:
     from meshctl.proxy.balance import Endpoint
@@ -117,7 +117,7 @@ class Comparison:
     def tap(self, exchange: Exchange, conn: UpstreamConnection) -> ResponseTap:
         return ResponseTap(exchange, conn, self)
 
-    def send_copies(self, pool: Pool, service: Service, replay: list[bytes], timeout: float, now: float,
+    def send_copies(self, pool: Pool, service: Service, replay: list[bytes], timeout: float | None, now: float,
                     primary: Endpoint | None) -> None:
         """The shadow copy, and for a share of requests a reference copy to another primary."""
         shadow = self.mirror_to(pool, service, self.shadow_version, "shadow", replay, timeout, now, frozenset())
@@ -127,7 +127,7 @@ class Comparison:
         if primary is not None:
             self.send_reference(pool, service, primary, replay, timeout, now)
 
-    def send_reference(self, pool: Pool, service: Service, primary: Endpoint, replay: list[bytes], timeout: float,
+    def send_reference(self, pool: Pool, service: Service, primary: Endpoint, replay: list[bytes], timeout: float | None,
                        now: float) -> None:
         """For `reference_percent` of requests, a copy to another instance of the primary's version."""
         if random.random() * 100 >= self.spec.reference_percent:
@@ -137,7 +137,7 @@ class Comparison:
         if self.mirror_to(pool, service, primary.version, "reference", replay, timeout, now, frozenset({primary.id})) is None:
             self.waiting.discard("reference")
 
-    def mirror_to(self, pool: Pool, service: Service, version: str, role: str, replay: list[bytes], timeout: float,
+    def mirror_to(self, pool: Pool, service: Service, version: str, role: str, replay: list[bytes], timeout: float | None,
                   now: float, avoid: frozenset[str]) -> Endpoint | None:
         """Send one copy to an endpoint of `version` not in `avoid`; the endpoint, or None when skipped."""
         if service.mirrors_in_flight >= MAX_MIRRORS_IN_FLIGHT:
@@ -146,7 +146,8 @@ class Comparison:
         if endpoint is None or endpoint.id in avoid:
             return None
         data = [shadow_head(replay[0]), *replay[1:]]
-        Mirror(pool, service, endpoint.address, data, self.no_body, self._copy_ended, role).start(timeout, service.connect_timeout)
+        Mirror(pool, service, endpoint.address, data, self.no_body, self._copy_ended, role).start(
+            timeout or MIRROR_TIMEOUT_S, service.connect_timeout)
         return endpoint
 
     def _copy_ended(self, role: str, capture: Capture, problem: str | None, seconds: float) -> None:

@@ -7,6 +7,9 @@ GET /crash            exits with EXIT_CODE (default 1) right away
 GET /spawn            starts a grandchild `sleep` in the same process group; returns its pid
 GET /status/<code>    answers with that status code
 GET /sleep?ms=N       answers 200 after N milliseconds (known latency for metrics tests)
+GET /events?n=N&every_ms=M[&pause_after=K&pause_ms=P]
+                      server-sent events, chunked: N events M ms apart (silent for P ms after
+                      the K-th), then the last chunk; `data: event <i>` each
 
 /call/ forwards the trace headers (traceparent, tracestate, b3, x-b3-*) it received.
 
@@ -75,6 +78,8 @@ class Handler(BaseHTTPRequestHandler):
             query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
             time.sleep(int(query.get("ms", ["0"])[0]) / 1000)  # the latency under test
             return self.reply(200, {"slept_ms": int(query.get("ms", ["0"])[0])})
+        if self.path.startswith("/events"):
+            return self.events(urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query))
         if self.path.startswith("/call/"):
             _, _, upstream, rest = self.path.split("/", 3)
             url = upstream_urls().get(upstream)
@@ -89,6 +94,30 @@ class Handler(BaseHTTPRequestHandler):
             except OSError as exc:
                 return self.reply(502, {"error": str(exc)})
         self.reply(404, {"error": "no such path"})
+
+    def events(self, query):
+        def number(name, default):
+            return int(query.get(name, [str(default)])[0])
+
+        count, every, pause_after, pause = number("n", 40), number("every_ms", 500), number("pause_after", -1), number("pause_ms", 0)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for index in range(count):
+                event = b"data: event %d\n\n" % index
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+                self.wfile.flush()
+                if index == pause_after:
+                    time.sleep(pause / 1000)  # the silence under test
+                elif index < count - 1:
+                    time.sleep(every / 1000)  # the stream's pace
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except OSError:
+            self.close_connection = True  # the mesh or the client cut the stream
 
 
 def main():
