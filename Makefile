@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export MESHCTL_HOME ?= $(CURDIR)/.state/demo
 
-.PHONY: demo test test-deps venv down status clean bench bench-quick bench-deps bench-peer-hop bench-test soak fuzz
+.PHONY: demo test test-deps screenshots venv down status clean bench bench-quick bench-deps bench-peer-hop bench-test soak fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,9 +36,10 @@ status: $(STAMP)
 test: $(STAMP) test-deps
 	$(BIN)/python -m pytest -n 2 tests
 
-# Optional system tools some tests use (a real Redis through the mesh). Installed from
-# Debian when running as root with apt-get; a failed install never fails the run, the
-# test that needs the tool skips and says why.
+# Optional system tools some tests use (a real Redis through the mesh; Chromium and its
+# WebDriver for the dashboard's browser tests). Installed from Debian when running as root
+# with apt-get; a failed install never fails the run, the tests that need a tool skip and
+# say why.
 test-deps:
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -46,6 +47,16 @@ test-deps:
 	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; } \
 	      >.state/test-deps.log 2>&1 || echo "redis-server could not be installed (.state/test-deps.log); its test will skip"; \
 	  else echo "redis-server is missing and cannot be installed here (needs root and apt-get); its test will skip"; fi; }
+	@{ command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    mkdir -p .state; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver; } \
+	      >>.state/test-deps.log 2>&1 || echo "chromium could not be installed (.state/test-deps.log); the dashboard's browser tests will skip"; \
+	  else echo "chromium/chromedriver are missing and cannot be installed here (needs root and apt-get); the dashboard's browser tests will skip"; fi; }
+
+# docs/dashboard-topology.png: ShopFast under load in the dashboard, taken by the browser test.
+screenshots: $(STAMP) test-deps
+	MESHCTL_SCREENSHOTS=$(CURDIR)/docs $(BIN)/python -m pytest -q tests/test_dashboard.py -k shopfast
 
 clean:
 	rm -rf $(VENV) .state .pytest_cache .hypothesis

@@ -22,6 +22,7 @@ from meshctl.agent import overrides as ovr
 from meshctl.agent import promote
 from meshctl.agent.control_obs import observability_ops
 from meshctl.agent.control_security import security_ops
+from meshctl.agent.dashboard import Dashboard
 from meshctl.agent.errors import AgentError
 from meshctl.agent.logs import LogLine
 from meshctl.agent.manifest import load_manifest
@@ -101,6 +102,8 @@ class ControlServer:
         self._ops.update(observability_ops(supervisor, self.observability))
         self.stats: promote.StatsSource = self.observability  # live per-version numbers
         self.promotions: dict[str, promote.Promotion] = {}
+        self.dashboard = Dashboard(self, home)
+        self._ops["dashboard"] = self.dashboard.open
 
     async def start(self, path: str) -> None:
         old_umask = os.umask(0o177)  # the socket is born 0600, never briefly wider
@@ -112,10 +115,18 @@ class ControlServer:
         await self.observability.start()
 
     async def close(self) -> None:
+        await self.dashboard.close()
         await self.observability.close()
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+
+    def has_op(self, op: str) -> bool:
+        return op in self._ops
+
+    async def call(self, op: str, request: dict) -> Any:
+        """Answer one non-streaming op in-process, as a request on the socket would be (the dashboard)."""
+        return await self._ops[op](request, None)  # type: ignore[arg-type]
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
