@@ -6,7 +6,7 @@ M.CHART_SECONDS = 300;
 
 // points: [[epoch, value], ...]; value may be null (no requests then): the line breaks there.
 M.sparkline = function (points, opts) {
-  const width = 300, height = 64, top = 6, bottom = 14;
+  const width = 300, height = 56, top = 4, bottom = 2;
   const now = opts.now;
   const x = (t) => ((t - (now - M.CHART_SECONDS)) / M.CHART_SECONDS) * width;
   const values = points.map((p) => p[1]).filter((v) => v !== null && v !== undefined);
@@ -16,7 +16,6 @@ M.sparkline = function (points, opts) {
   const y = (v) => top + (1 - (v - min) / (max - min)) * (height - top - bottom);
   const svg = M.s("svg", {class: "spark", viewBox: `0 0 ${width} ${height}`, preserveAspectRatio: "none",
                           role: "img", "aria-label": opts.label});
-  svg.append(M.s("line", {class: "axis", x1: 0, x2: width, y1: height - bottom, y2: height - bottom}));
   let segment = [];
   const segments = [];
   for (const [t, v] of points) {
@@ -32,16 +31,16 @@ M.sparkline = function (points, opts) {
     }
     svg.append(M.s("path", {class: "line", d: seg.length > 1 ? line : line + " l0.5 0"}));
   }
-  svg.append(M.s("text", {x: 2, y: height - 3, text: "−5 min"}));
-  svg.append(M.s("text", {x: width - 2, y: height - 3, "text-anchor": "end", text: "now"}));
-  svg.append(M.s("text", {x: width - 2, y: top + 8, "text-anchor": "end", text: opts.format(max)}));
   return svg;
 };
 
 M.chart = function (title, points, now, format, extra) {
   const last = points.length ? points[points.length - 1][1] : null;
+  const values = points.map((p) => p[1]).filter((v) => v !== null && v !== undefined);
+  const peak = values.length ? Math.max(...values) : null;
   return M.h("div", {class: "chart"},
     M.h("h3", {}, title),
     M.h("div", {class: "now"}, format(last)),
-    M.sparkline(points, Object.assign({now, format, label: title}, extra || {})));
+    M.sparkline(points, Object.assign({now, format, label: title}, extra || {})),
+    M.h("div", {class: "chart-axis"}, M.h("span", {}, "−5 min"), M.h("span", {}, "peak " + format(peak)), M.h("span", {}, "now")));
 };

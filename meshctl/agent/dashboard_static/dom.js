@@ -61,6 +61,15 @@ M.health = function (rate) {
   return "bad";
 };
 
+// A padlock for mutual TLS (no emoji: the fonts on the machine may lack them).
+M.lock = function (x, y, title) {
+  return M.s("g", {class: "lock", transform: `translate(${x},${y})`},
+    M.s("title", {text: title || "mutual TLS"}),
+    M.s("rect", {x: 0, y: 4.5, width: 9, height: 7, rx: 1.5}),
+    M.s("path", {d: "M2 4.5 V3 a2.5 2.5 0 0 1 5 0 V4.5", fill: "none", stroke: "currentColor", "stroke-width": 1.6}));
+};
+M.inlineLock = () => M.s("svg", {class: "inline-lock", width: 10, height: 12, viewBox: "0 0 9 12"}, M.lock(0, 0));
+
 M.badge = (cls, text) => M.h("span", {class: "badge " + cls}, text);
 
 // A change: POST /api/do/OP with a JSON body; resolves to {ok, result} or {ok: false, error}.

@@ -114,7 +114,7 @@ M.pages.requests = {
     const row = h("tr", {class: "clickable", "data-path": event.path, "data-request-id": event.request_id || ""},
       h("td", {class: "mono"}, M.fmtTime(event.ts)),
       h("td", {class: "note"}, event.direction === "inbound" ? "in" : "out"),
-      h("td", {}, `${event.source} → ${event.destination}` + (event.version ? "@" + event.version : ""), event.tls ? " 🔒" : ""),
+      h("td", {}, `${event.source} → ${event.destination}` + (event.version ? "@" + event.version : ""), event.tls ? [" ", M.inlineLock()] : ""),
       h("td", {class: "mono"}, `${event.method} ${event.path}`),
       h("td", {}, M.badge(event.status >= 500 || event.mesh_error ? "bad" : event.status >= 400 ? "warn" : "ok", String(event.status))),
       h("td", {class: "num"}, M.fmtMs(event.ms)),

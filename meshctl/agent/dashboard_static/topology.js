@@ -4,7 +4,7 @@
 "use strict";
 window.M = window.M || {};
 
-const BOX_W = 250, HEAD_H = 30, VER_H = 40, VER_GAP = 6, PAD = 24, COL_GAP = 140, ROW_GAP = 26;
+const BOX_W = 250, HEAD_H = 30, VER_H = 40, VER_GAP = 6, PAD = 24, COL_GAP = 120, ROW_GAP = 26;
 
 // Every caller -> callee pair: declared (ingress routes, upstreams) and seen (live edges).
 M.topologyLinks = function (state) {
@@ -87,16 +87,10 @@ M.layout = function (state) {
     const shift = PAD + 20 + (tallest - column.height) / 2;
     for (const node of column) { node.y += shift; node.cy += shift; }
   }
-  return {nodes, links: links.filter((l) => placed[l.source] && placed[l.destination]), placed,
+  for (const node of nodes) node.column = dense.findIndex((column) => column.includes(node));
+  return {nodes, links: links.filter((l) => placed[l.source] && placed[l.destination]), placed, columns: dense,
           width: PAD * 2 + dense.length * BOX_W + (dense.length - 1) * COL_GAP, height: tallest + PAD * 2 + 40};
 };
-
-function lockIcon(x, y) {
-  return M.s("g", {class: "lock", transform: `translate(${x},${y})`},
-    M.s("title", {text: "mutual TLS"}),
-    M.s("rect", {x: 0, y: 4.5, width: 9, height: 7, rx: 1.5}),
-    M.s("path", {d: "M2 4.5 V3 a2.5 2.5 0 0 1 5 0 V4.5", fill: "none", stroke: "currentColor", "stroke-width": 1.6, class: "lock-arc"}));
-}
 
 function versionNode(svc, version, x, y) {
   const stats = version.stats;
@@ -142,9 +136,10 @@ function nodeBox(node) {
 
 function ingressSummary(state, node, svg) {
   const ing = state.ingress;
-  const entry = M.s("text", {class: "svc-meta", x: node.x + 12, y: node.y + 50,
-                             text: `${ing.host || "127.0.0.1"}:${ing.port || "?"} · ${ing.ready ? "ready" : "starting"}`});
-  svg.append(entry);
+  svg.append(M.s("text", {class: "svc-meta", x: node.x + BOX_W - 12, y: node.y + 20, "text-anchor": "end",
+                          text: `${ing.host || "127.0.0.1"}:${ing.port || "?"} · ${ing.ready ? "ready" : "starting"}`}));
+  ing.routes.slice(0, 2).forEach((r, i) => svg.append(M.s("text", {class: "ver-stats", x: node.x + 12, y: node.y + 46 + i * 16,
+                                                                   text: `${r.path} → ${r.service}`})));
 }
 
 // Ports spread along a box's side, so several edges don't start at one point.
@@ -172,8 +167,17 @@ function edgeShape(link, layout, layer, labels) {
   const live = edge && rps > 0;
   const cls = "edge" + (live ? (M.health(edge.success_rate) === "bad" ? " bad" : "") : " idle");
   const x1 = a.x + BOX_W, x2 = b.x - 6;
-  let d;
-  if (x2 > x1) {
+  let d, lx = (x1 + x2) / 2, ly = (link.y1 + link.y2) / 2;
+  if (b.column > a.column + 1) {  // over (or under) the columns in between, never through their boxes
+    const between = layout.columns.slice(a.column + 1, b.column).flat();
+    const top = Math.min(...between.map((n) => n.y)) - 16, bottom = Math.max(...between.map((n) => n.y + n.h)) + 16;
+    const way = Math.abs((link.y1 + link.y2) / 2 - top) <= Math.abs((link.y1 + link.y2) / 2 - bottom) ? top : bottom;
+    const xa = between[0].x - 20, xb = between[0].x + BOX_W + (b.column - a.column - 2) * (BOX_W + COL_GAP) + 20;
+    const m1 = (x1 + xa) / 2, m2 = (xb + x2) / 2;
+    d = `M${x1} ${link.y1} C${m1} ${link.y1} ${m1} ${way} ${xa} ${way} L${xb} ${way} C${m2} ${way} ${m2} ${link.y2} ${x2} ${link.y2}`;
+    lx = (xa + xb) / 2;
+    ly = way;
+  } else if (x2 > x1) {
     const mid = (x1 + x2) / 2;
     d = `M${x1} ${link.y1} C${mid} ${link.y1} ${mid} ${link.y2} ${x2} ${link.y2}`;
   } else {  // a call back to an earlier column: around underneath
@@ -187,13 +191,12 @@ function edgeShape(link, layout, layer, labels) {
                    (edge.mtls ? `mTLS ${edge.client_identity} → ${edge.server_identity}` : "no mTLS") : ": declared, no traffic seen")}));
   layer.append(path);
   if (!edge || x2 <= x1) return;
-  const lx = (x1 + x2) / 2, ly = (link.y1 + link.y2) / 2;
   const text = `${M.fmtRps(rps)} rps` + (edge.success_rate !== null && edge.success_rate < 0.99 ? " · " + M.fmtPct(edge.success_rate) : "");
   const w = text.length * 6.3 + (edge.mtls ? 16 : 0) + 10;
   const g = M.s("g", {class: "edge-label-group"});
   g.append(M.s("rect", {class: "edge-label-bg", x: lx - w / 2, y: ly - 9, width: w, height: 18, rx: 9}));
   let tx = lx - w / 2 + 6;
-  if (edge.mtls) { g.append(lockIcon(tx, ly - 8)); tx += 14; }
+  if (edge.mtls) { g.append(M.lock(tx, ly - 8)); tx += 14; }
   g.append(M.s("text", {class: "edge-label", x: tx, y: ly + 4, text}));
   labels.append(g);
 }
@@ -203,7 +206,7 @@ M.renderTopology = function (state) {
   ports(layout);
   const svg = M.s("svg", {class: "topology", width: layout.width, height: layout.height,
                           viewBox: `0 0 ${layout.width} ${layout.height}`, role: "img", "aria-label": "mesh topology"});
-  svg.append(M.s("defs", {}, M.s("marker", {id: "arrow", viewBox: "0 0 10 10", refX: 8, refY: 5, markerWidth: 7, markerHeight: 7,
+  svg.append(M.s("defs", {}, M.s("marker", {id: "arrow", viewBox: "0 0 10 10", refX: 8, refY: 5, markerWidth: 9, markerHeight: 9, markerUnits: "userSpaceOnUse",
                                             orient: "auto-start-reverse"}, M.s("path", {class: "arrow", d: "M0 1 L9 5 L0 9 z"}))));
   const edges = M.s("g", {class: "edges"}), boxes = M.s("g", {class: "boxes"}), labels = M.s("g", {class: "labels"});
   svg.append(edges, boxes, labels);
