@@ -25,30 +25,20 @@ import yaml
 
 from meshctl.agent.dashboard_http import Request, Verdict, check_access, clean_location, parse_head
 from meshctl.agent.dashboard_views import History
-from tests.meshharness import REPO, Mesh, free_port, http_get, wait_for
+from tests.meshharness import APPS, REPO, Mesh, free_port, http_get, wait_for
+from tests.test_observability import MESH as OBS_MESH
 
 CHROMIUM_FLAGS = ("--headless", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--window-size=1440,900")
 
-MESH = """
-mesh: dash
-observability: {{tracing: {{sampling: 1.0}}}}
-services:
-  back:
-    health: {{http: /healthz}}
-    versions:
-      v1: {{command: {PY} {APPS}/echo.py}}
-      v2: {{command: {PY} {APPS}/echo.py}}
-    split: {{v1: 50, v2: 50}}
-  front:
-    health: {{http: /healthz}}
-    upstreams: [back]
-    versions:
-      v1: {{command: {PY} {APPS}/echo.py}}
-ingress:
-  port: {port}
-  routes: [{{path: /, service: front}}]
-"""
+def dash_manifest(port: int) -> str:
+    """test_observability's two-tier mesh (ingress -> front -> back), back with two versions."""
+    doc = yaml.safe_load(OBS_MESH.format(port=port, PY=sys.executable, APPS=APPS))
+    doc["mesh"] = "dash"
+    back = doc["services"]["back"]
+    back["versions"]["v2"] = dict(back["versions"]["v1"])
+    back["split"] = {"v1": 50, "v2": 50}
+    return yaml.safe_dump(doc, sort_keys=False)
 
 
 # -- pure: who gets in --------------------------------------------------------------------------
@@ -161,7 +151,7 @@ def dash(tmp_path_factory):
     mesh = Mesh(tmp_path_factory.mktemp("dash"))
     try:
         port = free_port()
-        mesh.write_manifest(MESH.format(port=port, PY="{PY}", APPS="{APPS}"))
+        mesh.write_manifest(dash_manifest(port))
         mesh.up()
         yield Dash(mesh, port)
     finally:

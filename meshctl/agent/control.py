@@ -5,8 +5,10 @@ or a stream of event lines for `logs --follow`. Errors carry a stable code.
 
 Live control (`route-*`, `scale`, `restart`, `promote`) changes the overrides on top of
 the manifest (agent.overrides); `proxy-status` and `proxy-config` show what each sidecar
-was pushed and has ACKed. `debug-traffic` pushes traffic keys unvalidated: it exists so
-tests can drive a sidecar's NACK path, and is not part of the CLI.
+was pushed and has ACKed. `dashboard` starts the web dashboard (agent.dashboard), which
+builds its pages from these same ops through `call()`. `debug-traffic` pushes traffic
+keys unvalidated: it exists so tests can drive a sidecar's NACK path, and is not part of
+the CLI.
 """
 
 from __future__ import annotations

@@ -91,7 +91,6 @@ def build_state(manifest: Any, answers: dict[str, Any], promotions: dict[str, di
     """The dashboard's whole picture; `answers` maps each control op's name to its answer."""
     status, routes = answers["status"], answers["route-show"]["services"]
     stats = {key_of(row["service"], row["version"]): row for row in answers["stat"]["services"]}
-    edges = answers["edges"]
     ingress = None
     if manifest.ingress is not None:
         ingress = {**(status["ingress"] or {}), "routes": [{"path": r.path, "service": r.service}
@@ -103,7 +102,7 @@ def build_state(manifest: Any, answers: dict[str, Any], promotions: dict[str, di
         "ingress": ingress,
         "services": [_service_view(spec, routes[spec.name], status["instances"], stats, promotions.get(spec.name),
                                    mtls[spec.name]) for spec in manifest.services],
-        "edges": edges,
+        "edges": answers["edges"],
         "sidecars": answers["proxy-status"]["sidecars"],
         "certs": answers["certs"],
         "default_policy": manifest.security.default_policy,

@@ -4,7 +4,7 @@
 "use strict";
 window.M = window.M || {};
 
-const BOX_W = 250, HEAD_H = 30, VER_H = 40, VER_GAP = 6, PAD = 24, COL_GAP = 120, ROW_GAP = 26;
+const BOX_W = 250, HEAD_H = 30, VER_H = 40, VER_GAP = 6, PAD = 24, COL_GAP = 120, ROW_GAP = 26, LANE = 12;
 
 // Every caller -> callee pair: declared (ingress routes, upstreams) and seen (live edges).
 M.topologyLinks = function (state) {
@@ -160,7 +160,7 @@ function ports(layout) {
   spread(inn, "y2", "source");
 }
 
-function edgeShape(link, layout, layer, labels) {
+function edgeShape(link, layout, layer, labels, lanes) {
   const a = layout.placed[link.source], b = layout.placed[link.destination];
   const edge = link.edge;
   const rps = edge ? edge.rps : 0;
@@ -171,11 +171,15 @@ function edgeShape(link, layout, layer, labels) {
   if (b.column > a.column + 1) {  // over (or under) the columns in between, never through their boxes
     const between = layout.columns.slice(a.column + 1, b.column).flat();
     const top = Math.min(...between.map((n) => n.y)) - 16, bottom = Math.max(...between.map((n) => n.y + n.h)) + 16;
-    const way = Math.abs((link.y1 + link.y2) / 2 - top) <= Math.abs((link.y1 + link.y2) / 2 - bottom) ? top : bottom;
+    const above = Math.abs((link.y1 + link.y2) / 2 - top) <= Math.abs((link.y1 + link.y2) / 2 - bottom);
+    const lane = (lanes[above ? "above" : "below"] = (lanes[above ? "above" : "below"] || 0) + 1) - 1;
+    const way = above ? top - lane * LANE : bottom + lane * LANE;  // one lane each: no two long edges on one line
+    lanes.top = Math.min(lanes.top, way - 14);
+    lanes.bottom = Math.max(lanes.bottom, way + 14);
     const xa = between[0].x - 20, xb = between[0].x + BOX_W + (b.column - a.column - 2) * (BOX_W + COL_GAP) + 20;
     const m1 = (x1 + xa) / 2, m2 = (xb + x2) / 2;
     d = `M${x1} ${link.y1} C${m1} ${link.y1} ${m1} ${way} ${xa} ${way} L${xb} ${way} C${m2} ${way} ${m2} ${link.y2} ${x2} ${link.y2}`;
-    lx = (xa + xb) / 2;
+    lx = xa + ((xb - xa) * ((lane % 4) + 1)) / 5;  // neighbouring lanes' labels side by side, not stacked
     ly = way;
   } else if (x2 > x1) {
     const mid = (x1 + x2) / 2;
@@ -193,12 +197,27 @@ function edgeShape(link, layout, layer, labels) {
   if (!edge || x2 <= x1) return;
   const text = `${M.fmtRps(rps)} rps` + (edge.success_rate !== null && edge.success_rate < 0.99 ? " · " + M.fmtPct(edge.success_rate) : "");
   const w = text.length * 6.3 + (edge.mtls ? 16 : 0) + 10;
-  const g = M.s("g", {class: "edge-label-group"});
+  const g = M.s("g", {class: "edge-label-group", "data-edge": link.source + ">" + link.destination});
   g.append(M.s("rect", {class: "edge-label-bg", x: lx - w / 2, y: ly - 9, width: w, height: 18, rx: 9}));
   let tx = lx - w / 2 + 6;
   if (edge.mtls) { g.append(M.lock(tx, ly - 8)); tx += 14; }
   g.append(M.s("text", {class: "edge-label", x: tx, y: ly + 4, text}));
   labels.append(g);
+}
+
+// Hovering a service keeps its own edges and labels and fades the rest: readable at 30 services.
+function focusOnHover(svg) {
+  for (const group of svg.querySelectorAll(".svc-group")) {
+    const id = group.dataset.service;
+    group.addEventListener("mouseenter", function () {
+      svg.classList.add("focus");
+      for (const el of svg.querySelectorAll("[data-edge]")) {
+        const [source, destination] = el.dataset.edge.split(">");
+        el.classList.toggle("hot", source === id || destination === id);
+      }
+    });
+    group.addEventListener("mouseleave", () => svg.classList.remove("focus"));
+  }
 }
 
 M.renderTopology = function (state) {
@@ -210,7 +229,11 @@ M.renderTopology = function (state) {
                                             orient: "auto-start-reverse"}, M.s("path", {class: "arrow", d: "M0 1 L9 5 L0 9 z"}))));
   const edges = M.s("g", {class: "edges"}), boxes = M.s("g", {class: "boxes"}), labels = M.s("g", {class: "labels"});
   svg.append(edges, boxes, labels);
-  for (const link of layout.links) edgeShape(link, layout, edges, labels);
+  const lanes = {top: 0, bottom: layout.height};
+  for (const link of layout.links) edgeShape(link, layout, edges, labels, lanes);
+  const height = lanes.bottom - lanes.top;  // grown by the lanes of long edges, if any
+  M.setAttrs(svg, {height, viewBox: `0 ${lanes.top} ${layout.width} ${height}`});
+  focusOnHover(svg);
   for (const node of layout.nodes) {
     boxes.append(nodeBox(node));
     if (node.kind === "ingress") ingressSummary(state, node, boxes);
