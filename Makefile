@@ -24,6 +24,7 @@ demo: $(STAMP)
 	@echo "Try next (with $(BIN) on PATH, MESHCTL_HOME=$(MESHCTL_HOME)):"
 	@echo "  meshctl status               every instance, its state and ports"
 	@echo "  meshctl logs -f              all logs, interleaved"
+	@echo "  meshctl dashboard            the mesh in your browser, live"
 	@echo "  python demo-services/loadgen.py --url http://127.0.0.1:8080 --rps 20"
 	@echo "  meshctl down                 stop everything"
 

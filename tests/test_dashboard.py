@@ -238,6 +238,8 @@ def test_a_split_applied_from_the_service_page_reaches_every_sidecar(dash, brows
     v1 = browser.find_element(By.CSS_SELECTOR, "#split-input-v1")
     assert v1.get_attribute("value") == "70"  # the others follow: always 100 in total
     assert browser.find_element(By.CSS_SELECTOR, "#split-sum").text == "total 100%"
+    shares = browser.execute_script('return M.rebalance({v1: 50, v2: 30, v3: 20}, "v1", 80)')
+    assert shares == {"v1": 80, "v2": 12, "v3": 8}  # the others keep their proportions
     browser.find_element(By.CSS_SELECTOR, "#split-apply").click()
     acks = wait_css(browser, "#split-result li[data-ack]", "each sidecar's ACK", timeout=60)
     assert {li.get_attribute("data-ack") for li in acks} == {"ACK"}
@@ -264,6 +266,24 @@ def test_the_live_requests_page_shows_a_request_sent_now(dash, browser):
     wait_css(browser, "#trace-box .waterfall .wf-row", "the request's trace as a waterfall")
     detail = browser.find_element(By.CSS_SELECTOR, "#request-detail").text
     assert request_id in detail and "/call/back/whoami" in detail
+
+
+def test_the_live_requests_filters_reach_the_tap(dash, browser):
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{dash.base}/#/requests")
+    path = browser.find_element(By.CSS_SELECTOR, "#filter-path")
+    path.send_keys("/call/back/status")
+    browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", path)  # reopens the stream, filtered
+    wait_for(lambda: browser.find_element(By.CSS_SELECTOR, ".row .note").text == "listening", timeout=30,
+             interval=0.2, what="the filtered tap stream to open")
+    other, wanted = "dash-" + uuid.uuid4().hex[:12], "dash-" + uuid.uuid4().hex[:12]
+    http_get(dash.ingress + "/call/back/whoami", headers={"x-request-id": other})
+    http_get(dash.ingress + "/call/back/status/503", headers={"x-request-id": wanted})
+    wait_css(browser, f'#requests-body tr[data-request-id="{wanted}"]', "the 503 in the filtered list")
+    rows = browser.find_elements(By.CSS_SELECTOR, "#requests-body tr")
+    assert all(row.get_attribute("data-path").startswith("/call/back/status") for row in rows)
+    assert not browser.find_elements(By.CSS_SELECTOR, f'#requests-body tr[data-request-id="{other}"]')
 
 
 def test_topology_layout_stays_usable_at_30_services(dash, browser):
