@@ -24,7 +24,8 @@ import pytest
 import yaml
 
 from meshctl.agent.dashboard_http import Request, Verdict, check_access, clean_location, parse_head
-from meshctl.agent.dashboard_views import History
+from meshctl.agent.dashboard_views import History, promotion_view
+from meshctl.agent.promote import Promotion, Thresholds
 from tests.meshharness import APPS, REPO, Mesh, free_port, http_get, wait_for
 from tests.test_observability import MESH as OBS_MESH
 
@@ -86,6 +87,13 @@ def test_history_keeps_five_minutes_per_version():
     assert [point[0] for point in history.to_json()["a@v1"]] == [2.0, 3.0, 4.0]
     history.forget_except(set())
     assert history.to_json() == {}
+
+
+def test_promotion_view_shows_the_ladder_it_climbs():
+    promotion = Promotion("cart", "v2", "v1", 50, Thresholds(step=30, interval_s=5.0), source=None, apply_split=None)  # type: ignore[arg-type]
+    view = promotion_view(promotion)
+    assert [(s["weight"], s["reached"]) for s in view["steps"]] == [(0, True), (30, True), (60, False), (90, False), (100, False)]
+    assert (view["canary"], view["baseline"], view["weight"], view["running"]) == ("v2", "v1", 50, False)
 
 
 # -- a real mesh and a real browser ---------------------------------------------------------------
@@ -251,6 +259,27 @@ def test_a_split_applied_from_the_service_page_reaches_every_sidecar(dash, brows
         config = dash.json("proxy-config", sidecar)
         assert config["acked"] >= config["pushed"]
     dash.mesh.cli("route", "reset", "back", check=True)
+
+
+def test_a_promotion_started_from_the_service_page_shows_its_steps_and_cancels(dash, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    browser.get(f"{dash.base}/#/service/back")
+    form = wait_css(browser, "#promote-form", "the promotion form")[0]
+    Select(form.find_element(By.CSS_SELECTOR, "select")).select_by_value("v2")
+    step = form.find_element(By.CSS_SELECTOR, "input[name=step]")
+    step.clear()
+    step.send_keys("25")
+    form.find_element(By.CSS_SELECTOR, "button").click()
+    ladder = wait_css(browser, ".ladder span", "the promotion's steps")
+    assert [span.text for span in ladder] == ["0%", "25%", "50%", "75%", "100%"]
+    assert browser.find_element(By.CSS_SELECTOR, ".ladder span.current").text == "50%"  # back starts at 50/50
+    assert dash.json("route", "show", "back")["services"]["back"]["promotion"]["canary"] == "v2"
+    wait_css(browser, "#promote-cancel", "the cancel button")[0].click()
+    wait_for(lambda: dash.json("route", "show", "back")["services"]["back"]["promotion"] is None, timeout=30,
+             what="the promotion cancelled")
+    wait_css(browser, "#promote-form:not([hidden])", "the form again once the promotion is gone")
 
 
 def test_the_live_requests_page_shows_a_request_sent_now(dash, browser):

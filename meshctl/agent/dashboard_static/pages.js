@@ -146,7 +146,7 @@ function promotionPanel(svc, body) {
     h("div", {class: "ladder"}, p.steps.map((s) => h("span", {class: (s.reached ? "reached" : "") + (s === current ? " current" : "")},
                                                      s.weight + "%"))),
     h("div", {class: "note"}, p.last ? "last step: " + p.last.reason : "first step after one interval"),
-    p.running ? h("div", {class: "row"}, h("button", {class: "danger", onclick: async function () {
+    p.running ? h("div", {class: "row"}, h("button", {class: "danger", id: "promote-cancel", onclick: async function () {
       M.replace(body, ackList(await M.change("route-reset", {service: svc.name})));
     }}, "Cancel (back to the manifest's routing)")) : null);
 }
@@ -154,16 +154,16 @@ function promotionPanel(svc, body) {
 function promoteForm(svc, result) {
   const version = h("select", {}, svc.versions.map((v) => h("option", {value: v.name}, v.name)));
   version.value = svc.versions[svc.versions.length - 1].name;
-  const step = h("input", {type: "number", min: 1, max: 100, value: 10});
-  const interval = h("input", {type: "number", min: 1, value: 30});
-  const maxErr = h("input", {type: "number", min: 0, max: 100, step: 0.1, value: 1});
+  const step = h("input", {type: "number", name: "step", min: 1, max: 100, value: 10});
+  const interval = h("input", {type: "number", name: "interval", min: 1, value: 30});
+  const maxErr = h("input", {type: "number", name: "max-error-rate", min: 0, max: 100, step: 0.1, value: 1});
   const go = h("button", {onclick: async function () {
     const answer = await M.change("promote", {service: svc.name, version: version.value, step: Number(step.value),
                                               interval: Number(interval.value), max_error_rate: Number(maxErr.value) / 100});
     M.replace(result, answer.ok ? h("div", {class: "okay"}, `promoting ${version.value} from ${answer.result.weight}%`)
                                 : h("div", {class: "error"}, answer.error.message));
   }}, "Promote");
-  return h("div", {class: "row"}, "promote", version, "step", step, "% every", interval, "s, max errors", maxErr, "%", go);
+  return h("div", {class: "row", id: "promote-form"}, "promote", version, "step", step, "% every", interval, "s, max errors", maxErr, "%", go);
 }
 
 function scaleForm(svc) {
