@@ -114,7 +114,6 @@ class Dashboard:
         self.connections: set[asyncio.Task] = set()
         self.static: dict[str, tuple[bytes, str]] = {}
         self._ticker: asyncio.Task | None = None
-        self._latest: bytes | None = None
 
     def __repr__(self) -> str:
         return "<Dashboard port=%s, %d viewers>" % (self.port, len(self.viewers))
@@ -162,15 +161,16 @@ class Dashboard:
 
     # -- the picture -------------------------------------------------------------------------
 
-    async def state(self) -> dict[str, Any]:
-        sup = self.control.sup
-        manifest = sup.manifest
+    async def state(self, stat: dict | None = None) -> dict[str, Any]:
+        """The whole picture; `stat`, when the caller has just asked for it, is not asked again."""
+        manifest = self.control.sup.manifest
         if manifest is None:
             return {"mesh": None, "features": self.features()}
         window = {"window": STAT_WINDOW_S}
         answers = {op: await self.control.call(op, fields) for op, fields in (
-            ("status", {}), ("stat", window), ("edges", window), ("route-show", {}), ("proxy-status", {}),
+            ("status", {}), ("edges", window), ("route-show", {}), ("proxy-status", {}),
         )}
+        answers["stat"] = stat if stat is not None else await self.control.call("stat", window)
         try:
             answers["certs"] = await self.control.call("certs", {})
         except AgentError:
@@ -199,11 +199,11 @@ class Dashboard:
         self.history.forget_except({key_of(s.name, v.name) for s in manifest.services for v in s.versions})
         if not self.viewers:
             return
-        self._latest = event_frame("state", await self.state())
+        frame = event_frame("state", await self.state(stat))
         for queue in list(self.viewers):
             if queue.full():
                 continue  # a viewer that does not keep up skips a frame rather than piling them up
-            queue.put_nowait(self._latest)
+            queue.put_nowait(frame)
 
     # -- HTTP --------------------------------------------------------------------------------
 
