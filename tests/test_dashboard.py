@@ -230,7 +230,9 @@ def test_the_page_shows_services_and_edges(dash, browser):
         wait_css(browser, f'svg.topology [data-node="{node}"]', f"the node {node}")
     wait_css(browser, 'svg.topology path[data-edge="front>back"]:not(.idle)', "a live edge front -> back")
     wait_css(browser, 'svg.topology path[data-edge="ingress>front"]:not(.idle)', "a live edge ingress -> front")
-    labels = " ".join(e.text for e in wait_css(browser, "svg.topology .edge-label", "edge labels"))
+    wait_css(browser, "svg.topology .edge-label", "edge labels")
+    labels = browser.execute_script(  # read in one go: the picture is redrawn every second
+        "return [...document.querySelectorAll('svg.topology .edge-label')].map((t) => t.textContent).join(' ')")
     assert "rps" in labels
     assert wait_css(browser, "svg.topology .lock", "mTLS locks on the edges")
     assert not [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
@@ -268,13 +270,15 @@ def test_a_promotion_started_from_the_service_page_shows_its_steps_and_cancels(d
     browser.get(f"{dash.base}/#/service/back")
     form = wait_css(browser, "#promote-form", "the promotion form")[0]
     Select(form.find_element(By.CSS_SELECTOR, "select")).select_by_value("v2")
-    step = form.find_element(By.CSS_SELECTOR, "input[name=step]")
-    step.clear()
-    step.send_keys("25")
+    for name, value in (("step", "25"), ("interval", "3600")):  # no step is taken while the test runs
+        field = form.find_element(By.CSS_SELECTOR, f"input[name={name}]")
+        field.clear()
+        field.send_keys(value)
     form.find_element(By.CSS_SELECTOR, "button").click()
-    ladder = wait_css(browser, ".ladder span", "the promotion's steps")
-    assert [span.text for span in ladder] == ["0%", "25%", "50%", "75%", "100%"]
-    assert browser.find_element(By.CSS_SELECTOR, ".ladder span.current").text == "50%"  # back starts at 50/50
+    ladder = wait_for(lambda: browser.execute_script(
+        "return [...document.querySelectorAll('.ladder span')].map((s) => s.textContent + (s.matches('.current') ? '*' : ''))"),
+        timeout=30, interval=0.2, what="the promotion's steps")
+    assert ladder == ["0%", "25%", "50%*", "75%", "100%"]  # back starts at 50/50
     assert dash.json("route", "show", "back")["services"]["back"]["promotion"]["canary"] == "v2"
     wait_css(browser, "#promote-cancel", "the cancel button")[0].click()
     wait_for(lambda: dash.json("route", "show", "back")["services"]["back"]["promotion"] is None, timeout=30,

@@ -79,7 +79,9 @@ M.rebalance = rebalance;
 
 function splitEditor(svc, onDone) {
   const names = svc.versions.map((v) => v.name);
-  const editor = {dirty: false, weights: {}};
+  // dirty: changed and not applied yet; editing: a field has the focus. Either way the live
+  // split, which arrives every second, must not overwrite what the user is typing.
+  const editor = {dirty: false, editing: false, weights: {}};
   const inputs = {}, sliders = {};
   const sum = h("span", {class: "split-sum", id: "split-sum"});
   const result = h("div", {id: "split-result"});
@@ -97,7 +99,8 @@ function splitEditor(svc, onDone) {
     sliders[n] = h("input", {type: "range", min: 0, max: 100, step: 1, "aria-label": n + " weight",
                              oninput: (e) => changed(n, e.target.value)});
     inputs[n] = h("input", {type: "number", min: 0, max: 100, step: 1, id: "split-input-" + n,
-                            oninput: (e) => changed(n, e.target.value)});
+                            oninput: (e) => changed(n, e.target.value),
+                            onfocus: () => { editor.editing = true; }, onblur: () => { editor.editing = false; }});
     return h("div", {class: "row"}, h("label", {}, n), sliders[n], inputs[n], "%");
   });
   const apply = h("button", {class: "primary", id: "split-apply", onclick: async function () {
@@ -116,7 +119,7 @@ function splitEditor(svc, onDone) {
   editor.update = function (s) {
     editor.live.textContent = `live: ${M.formatSplit(s.split)} · manifest: ${M.formatSplit(s.manifest_split)}` +
       (s.overridden ? " · live override in force" : "");
-    if (!editor.dirty) editor.load(s.split);
+    if (!editor.dirty && !editor.editing) editor.load(s.split);
   };
   editor.load(svc.split);
   return editor;
@@ -166,24 +169,32 @@ function promoteForm(svc, result) {
   return h("div", {class: "row", id: "promote-form"}, "promote", version, "step", step, "% every", interval, "s, max errors", maxErr, "%", go);
 }
 
-function scaleForm(svc) {
+// Scale and restart, built once per page so that a click never lands on a re-rendered button.
+function versionActions(svc) {
   const version = h("select", {}, svc.versions.map((v) => h("option", {value: v.name}, v.name)));
   const count = h("input", {type: "number", min: 0, max: 64, value: svc.versions[0].replicas});
   version.addEventListener("change", () => { count.value = svc.versions.find((v) => v.name === version.value).replicas; });
   const result = h("span", {class: "note"});
-  const go = h("button", {onclick: async function () {
-    go.disabled = true;
-    result.textContent = "scaling (new replicas join once ready)…";
-    const answer = await M.change("scale", {service: svc.name, version: version.value, replicas: Number(count.value)});
-    go.disabled = false;
-    result.textContent = answer.ok ? `${version.value}: ${answer.result.replicas} replicas` : answer.error.message;
+  const act = (button, busy, op, body, done) => async function () {
+    button.disabled = true;
+    result.className = "note";
+    result.textContent = busy;
+    const answer = await M.change(op, Object.assign({service: svc.name, version: version.value}, body()));
+    button.disabled = false;
+    result.textContent = answer.ok ? done(answer.result) : answer.error.message;
     result.className = answer.ok ? "okay" : "error";
-  }}, "Scale");
-  return h("div", {class: "row"}, "replicas of", version, count, go, result);
+  };
+  const scale = h("button", {}, "Scale");
+  scale.addEventListener("click", act(scale, "scaling (new replicas join once ready)…", "scale",
+                                      () => ({replicas: Number(count.value)}), (r) => `${r.version}: ${r.replicas} replicas`));
+  const restart = h("button", {}, "Rolling restart");
+  restart.addEventListener("click", act(restart, "restarting one instance at a time…", "restart", () => ({}),
+                                        (r) => `restarted ${r.restarted.join(", ") || "nothing"}`));
+  return h("div", {class: "row"}, version, "replicas", count, scale, restart, result);
 }
 
 function versionsTable(svc) {
-  return table(["Version", "Weight", "Replicas", "Instances", "RPS", "Success", "p99", ""], svc.versions.map(function (v) {
+  return table(["Version", "Weight", "Replicas", "Instances", "RPS", "Success", "p99"], svc.versions.map(function (v) {
     const s = v.stats || {};
     const ready = v.instances.filter((i) => i.state === "ready").length;
     return h("tr", {},
@@ -196,14 +207,7 @@ function versionsTable(svc) {
         i.message && i.state !== "ready" ? h("div", {class: "note"}, i.message) : ""))),
       h("td", {class: "num"}, M.fmtRps(s.rps)),
       h("td", {class: "num"}, M.badge(M.health(s.success_rate), M.fmtPct(s.success_rate))),
-      h("td", {class: "num"}, M.fmtMs(s.p99_ms)),
-      h("td", {}, h("button", {onclick: async function (e) {
-        e.target.disabled = true;
-        e.target.textContent = "restarting…";
-        await M.change("restart", {service: svc.name, version: v.name});
-        e.target.disabled = false;
-        e.target.textContent = "Restart";
-      }}, "Restart")));
+      h("td", {class: "num"}, M.fmtMs(s.p99_ms)));
   }));
 }
 
@@ -238,7 +242,7 @@ M.pages.service = {
     this.editor = splitEditor(svc, () => {});
     const multi = svc.versions.length > 1;
     M.append(root, [h("h1", {}, svc.name), this.head, this.tabs,
-      h("div", {class: "panel"}, h("h2", {}, "Versions and replicas"), this.versions, scaleForm(svc)),
+      h("div", {class: "panel"}, h("h2", {}, "Versions and replicas"), this.versions, versionActions(svc)),
       h("div", {class: "grid2"},
         h("div", {class: "panel"}, h("h2", {}, "Traffic split"),
           multi ? this.editor.el : h("div", {class: "note"}, `one version: ${svc.versions[0].name} gets every request`)),
@@ -262,9 +266,12 @@ M.pages.service = {
     M.replace(this.rules, svc.routes.length ? h("ol", {}, svc.routes.map((r) => h("li", {class: "mono"}, M.formatRule(r))))
                                             : h("div", {class: "note"}, "no header rules: every request follows the split"));
     if (svc.versions.length > 1) {
-      const panel = promotionPanel(svc, this.promoteResult);
-      M.replace(this.promotion, panel || h("div", {class: "note"}, "no promotion running"));
-      this.promoteForm.hidden = Boolean(panel && svc.promotion.running);
+      const key = JSON.stringify(svc.promotion);
+      if (this.promotion.dataset.key !== key) {  // only when it moves: its Cancel button must stay clickable
+        this.promotion.dataset.key = key;
+        M.replace(this.promotion, promotionPanel(svc, this.promoteResult) || h("div", {class: "note"}, "no promotion running"));
+      }
+      this.promoteForm.hidden = Boolean(svc.promotion && svc.promotion.running);
     }
     M.replace(this.charts, charts(svc));
   },
