@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export MESHCTL_HOME ?= $(CURDIR)/.state/demo
 
-.PHONY: demo test test-deps venv down status clean bench bench-quick bench-deps bench-peer-hop bench-test soak fuzz
+.PHONY: screenshots demo test test-deps screenshots venv down status clean bench bench-quick bench-deps bench-peer-hop bench-test soak fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,7 @@ demo: $(STAMP)
 	@echo "Try next (with $(BIN) on PATH, MESHCTL_HOME=$(MESHCTL_HOME)):"
 	@echo "  meshctl status               every instance, its state and ports"
 	@echo "  meshctl logs -f              all logs, interleaved"
+	@echo "  meshctl dashboard            the mesh in your browser, live"
 	@echo "  python demo-services/loadgen.py --url http://127.0.0.1:8080 --rps 20"
 	@echo "  curl -N http://127.0.0.1:8080/api/orders/feed   the live order feed, streamed through the mesh"
 	@echo "  meshctl down                 stop everything"
@@ -37,10 +38,11 @@ status: $(STAMP)
 test: $(STAMP) test-deps
 	$(BIN)/python -m pytest -n 2 tests
 
-# Optional system tools some tests use, as command:debian-package pairs. Installed from
-# Debian when running as root with apt-get; a failed install never fails the run, the
-# tests that need a tool skip and say why.
-TEST_TOOLS := redis-server:redis-server prometheus:prometheus nginx:nginx-light
+# Optional system tools some tests use, as command:debian-package pairs (a real Redis and
+# Prometheus, nginx behind the ingress for the burst test, Chromium and its WebDriver for
+# the dashboard's browser tests). Installed from Debian when running as root with apt-get;
+# a failed install never fails the run, the tests that need a tool skip and say why.
+TEST_TOOLS := redis-server:redis-server prometheus:prometheus nginx:nginx-light chromium:chromium chromedriver:chromium-driver
 test-deps:
 	@missing=; for pair in $(TEST_TOOLS); do \
 	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
@@ -51,6 +53,10 @@ test-deps:
 	        -o DPkg::Lock::Timeout=300 --no-install-recommends $$missing; } \
 	      >.state/test-deps.log 2>&1 || echo "could not install$$missing (.state/test-deps.log); their tests will skip"; \
 	  else echo "missing$$missing and cannot install here (needs root and apt-get); their tests will skip"; fi; fi
+
+# docs/dashboard-topology.png: ShopFast under load in the dashboard, taken by the browser test.
+screenshots: $(STAMP) test-deps
+	MESHCTL_SCREENSHOTS=$(CURDIR)/docs $(BIN)/python -m pytest -q tests/test_dashboard.py -k shopfast
 
 clean:
 	rm -rf $(VENV) .state .pytest_cache .hypothesis

@@ -23,6 +23,7 @@ import typer
 
 import meshctl
 from meshctl import (
+    cmd_dashboard,
     cmd_export,
     cmd_obs,
     cmd_ops,
@@ -424,6 +425,7 @@ cmd_obs.register(app)
 cmd_export.register(app)
 completion.register(app)
 cmd_shadow.register(app)
+cmd_dashboard.register(app)
 
 
 # --- entry point ---------------------------------------------------------------------------

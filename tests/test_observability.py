@@ -110,11 +110,13 @@ def test_admin_is_unavailable_before_the_first_snapshot():
 def test_edges_from_outbound_rows():
     snapshot = _registry("front@v1#0").snapshot()
     snapshot["requests"] = [["outbound", "front", "back", "v1", "GET", 200, False, 3, 0.1, [3] + [0] * 14]]
+    snapshot["started_at"], snapshot["time"] = 1000.0, 1002.0  # three requests in the sidecar's first 2 s
     pushed = {"front": {"tls": {"identity": "spiffe://obs.local/service/front"},
                         "services": {"back": {"tls": {"identity": "spiffe://obs.local/service/back"}}}}}
     [edge] = edges_from([(None, snapshot)], pushed, "obs.local")
     assert edge == {"source": "front", "destination": "back", "client_identity": "spiffe://obs.local/service/front",
-                    "server_identity": "spiffe://obs.local/service/back", "mtls": True, "requests": 3, "success_rate": 1.0}
+                    "server_identity": "spiffe://obs.local/service/back", "mtls": True, "requests": 3, "rps": 1.5,
+                    "success_rate": 1.0}
 
 
 # -- a real mesh -----------------------------------------------------------------------------

@@ -5,8 +5,10 @@ or a stream of event lines for `logs --follow`. Errors carry a stable code.
 
 Live control (`route-*`, `scale`, `restart`, `promote`) changes the overrides on top of
 the manifest (agent.overrides); `proxy-status` and `proxy-config` show what each sidecar
-was pushed and has ACKed. `debug-traffic` pushes traffic keys unvalidated: it exists so
-tests can drive a sidecar's NACK path, and is not part of the CLI.
+was pushed and has ACKed. `dashboard` starts the web dashboard (agent.dashboard), which
+builds its pages from these same ops through `call()`. `debug-traffic` pushes traffic
+keys unvalidated: it exists so tests can drive a sidecar's NACK path, and is not part of
+the CLI.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from meshctl.agent.control_obs import observability_ops
 from meshctl.agent.control_replay import replay_ops
 from meshctl.agent.control_security import security_ops
 from meshctl.agent.control_shadow import ShadowResults, shadow_ops
+from meshctl.agent.dashboard import Dashboard
 from meshctl.agent.errors import AgentError
 from meshctl.agent.logs import LogLine
 from meshctl.agent.manifest import load_manifest
@@ -107,6 +110,8 @@ class ControlServer:
         self._ops.update(replay_ops(supervisor, self.observability, self.shadow_results))
         self.stats: promote.StatsSource = self.observability  # live per-version numbers
         self.promotions: dict[str, promote.Promotion] = {}
+        self.dashboard = Dashboard(self, home)
+        self._ops["dashboard"] = self.dashboard.open
 
     async def start(self, path: str) -> None:
         old_umask = os.umask(0o177)  # the socket is born 0600, never briefly wider
@@ -118,10 +123,18 @@ class ControlServer:
         await self.observability.start()
 
     async def close(self) -> None:
+        await self.dashboard.close()
         await self.observability.close()
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+
+    def has_op(self, op: str) -> bool:
+        return op in self._ops
+
+    async def call(self, op: str, request: dict) -> Any:
+        """Answer one non-streaming op in-process, as a request on the socket would be (the dashboard)."""
+        return await self._ops[op](request, None)  # type: ignore[arg-type]
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from dataclasses import asdict
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from typing import Any
 
 import psutil
@@ -21,7 +21,7 @@ import psutil
 from meshctl.agent.compile import identity_of
 from meshctl.agent.errors import AgentError
 from meshctl.agent.observability import FILE_SD_NAME, Observability
-from meshctl.agent.stats import ServiceStats, add_process_usage, with_quiet
+from meshctl.agent.stats import ServiceStats, add_process_usage, edge_rates, with_quiet
 from meshctl.agent.supervisor import Supervisor
 
 Handler = Callable[[dict, asyncio.StreamWriter], Awaitable[Any]]
@@ -56,7 +56,11 @@ def _window(request: dict) -> float:
 
 
 def edges_from(windows: list[tuple[dict | None, dict]], snapshots: dict[str, dict], trust_domain: str | None) -> list[dict]:
-    """Who calls whom, from the callers' outbound rows, with both identities and mTLS."""
+    """Who calls whom, from the callers' outbound rows, with both identities and mTLS.
+
+    `requests` counts since the callers' sidecars started; `rps` is the rate over the window.
+    """
+    rates = edge_rates(windows)
     counts: dict[tuple[str, str], list[int]] = {}
     for older, newer in windows:
         del older
@@ -78,6 +82,7 @@ def edges_from(windows: list[tuple[dict | None, dict]], snapshots: dict[str, dic
             "server_identity": tls.get("identity") if tls else None,
             "mtls": tls is not None,
             "requests": requests,
+            "rps": round(rates.get((source, destination), 0.0), 3),
             "success_rate": round(ok / requests, 4) if requests else None,
         })
     return out

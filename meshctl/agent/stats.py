@@ -205,6 +205,20 @@ def service_stats(windows: Iterable[tuple[dict | None, dict]], direction: str = 
     return sorted(out, key=lambda s: (s.service, s.version))
 
 
+def edge_rates(windows: Iterable[tuple[dict | None, dict]]) -> dict[tuple[str, str], float]:
+    """Requests per second from each caller to each service over the window, from the callers' outbound rows."""
+    rates: dict[tuple[str, str], float] = {}
+    for older, newer in windows:
+        interval = _interval(older, newer)
+        if interval <= 0:
+            continue
+        for row in request_deltas(older, newer):
+            if row[_DIRECTION] == "outbound":
+                key = (row[_SOURCE], row[_DESTINATION])
+                rates[key] = rates.get(key, 0.0) + row[_COUNT] / interval
+    return rates
+
+
 def _empty(slots: int) -> dict:
     return {"requests": 0, "ok": 0, "rps": 0.0, "in_flight": 0, "buckets": [0] * (slots + 1)}
 

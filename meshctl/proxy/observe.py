@@ -303,16 +303,19 @@ class Observer:
                     metrics.count_stream_idle_timeout(destination, version)
                 elif outcome == "forbidden":
                     metrics.count_authz_denied(source, destination)
+        trace_id = None
         if self.hops:
             hop = self.hops.pop(id(exchange.head), None)
             if hop is not None:
+                trace_id = hop.trace_id
                 self.spans.add(Span(
                     hop.trace_id, hop.span_id, hop.parent_id, destination if inbound else source, metrics.instance,
                     "%s %s" % (exchange.method.decode("latin-1"), path_template(exchange.head.target)),
                     time.time() - duration, duration, status, INBOUND if inbound else OUTBOUND,
                 ))
         if self.taps or self.access_log == "on" or (self.access_log == "errors" and (mesh_error or status >= 500)):
-            self._emit(exchange, inbound, source, destination, version, status, duration, outcome if mesh_error else None)
+            self._emit(exchange, inbound, source, destination, version, status, duration,
+                       outcome if mesh_error else None, trace_id)
 
     def _done_and_recorded(self, exchange: Exchange, outcome: str) -> None:
         self.exchange_done(exchange, outcome)
@@ -350,7 +353,7 @@ class Observer:
     # -- read-outs of one exchange -----------------------------------------------------------
 
     def _emit(self, exchange: Exchange, inbound: bool, source: str, destination: str, version: str, status: int,
-              duration: float, mesh_error: str | None) -> None:
+              duration: float, mesh_error: str | None, trace_id: str | None) -> None:
         client = exchange.client
         head = exchange.head
         request_id = head.get(b"x-request-id")
@@ -375,6 +378,7 @@ class Observer:
             "ms": round(duration * 1000, 3),
             "request_id": request_id.decode("latin-1") if request_id is not None else None,
             "mesh_error": mesh_error,
+            "trace_id": trace_id,  # None unless this exchange was sampled into a trace
         }
         if self.access_log == "on" or (self.access_log == "errors" and (mesh_error or status >= 500)):
             lines = self._access_lines
