@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from meshctl.proxy import h2proxy
 from meshctl.proxy.h2conn import (
+    CODECS,
     GRPC_RETRIABLE,
     STREAM_WINDOW,
     Data,
-    H2Endpoint,
     Headers,
     StreamEnded,
     StreamReset,
@@ -25,6 +26,14 @@ from meshctl.proxy.h2conn import (
 from meshctl.proxy.h2proxy import H2Proxy
 
 DEADLINE_S = 10.0
+
+
+@pytest.fixture(params=sorted(CODECS))
+def codec(request, monkeypatch):
+    """Each installed HTTP/2 codec in turn (ngh2 and the h2 fallback), also inside H2Proxy."""
+    endpoint = CODECS[request.param]
+    monkeypatch.setattr(h2proxy, "H2Endpoint", endpoint)
+    return endpoint
 
 
 @pytest.mark.parametrize(
@@ -84,7 +93,7 @@ def test_strip_connection_specific():
     assert strip_connection_specific([(b"te", b"gzip")]) == []
 
 
-def pump(a: H2Endpoint, b: H2Endpoint) -> tuple[list, list]:
+def pump(a, b) -> tuple[list, list]:
     """Exchange bytes until both are quiet; the events each side saw."""
     seen_a, seen_b = [], []
     while True:
@@ -98,11 +107,10 @@ def pump(a: H2Endpoint, b: H2Endpoint) -> tuple[list, list]:
 REQUEST = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", b"/svc/M"), (b"content-type", b"application/grpc")]
 
 
-def test_endpoint_exchange_with_trailers_and_backpressure():
-    client, server = H2Endpoint(client_side=True), H2Endpoint(client_side=False)
+def test_endpoint_exchange_with_trailers_and_backpressure(codec):
+    client, server = codec(client_side=True), codec(client_side=False)
     pump(client, server)
-    stream_id = client.next_stream_id()
-    client.send_headers(stream_id, REQUEST)
+    stream_id = client.send_request(REQUEST)
     payload = b"p" * (STREAM_WINDOW * 2)
     sent = client.send_data(stream_id, payload)
     assert sent == STREAM_WINDOW  # the server's stream window, no more
@@ -117,9 +125,9 @@ def test_endpoint_exchange_with_trailers_and_backpressure():
     client.end_stream(stream_id)
     _, events = pump(client, server)
     assert isinstance(events[-1], StreamEnded)
-    server.send_headers(stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+    server.send_response(stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")])
     server.send_data(stream_id, b"\x00\x00\x00\x00\x02hi")
-    server.send_headers(stream_id, [(b"grpc-status", b"0")], end_stream=True)
+    server.send_trailers(stream_id, [(b"grpc-status", b"0")])
     events, _ = pump(client, server)
     kinds = [type(e) for e in events]
     assert kinds[:1] == [Headers] and Trailers in kinds and kinds[-1] is StreamEnded
@@ -127,11 +135,10 @@ def test_endpoint_exchange_with_trailers_and_backpressure():
     assert grpc_status(trailers.headers) == 0
 
 
-def test_endpoint_reset():
-    client, server = H2Endpoint(client_side=True), H2Endpoint(client_side=False)
+def test_endpoint_reset(codec):
+    client, server = codec(client_side=True), codec(client_side=False)
     pump(client, server)
-    stream_id = client.next_stream_id()
-    client.send_headers(stream_id, REQUEST)
+    stream_id = client.send_request(REQUEST)
     pump(client, server)
     client.reset(stream_id, 8)
     _, events = pump(client, server)
@@ -205,7 +212,7 @@ def recommend_server():
 
 
 @pytest.fixture
-def channel(recommend_server):
+def channel(recommend_server, codec):
     with ProxyThread(recommend_server) as proxy:
         channel = grpc.insecure_channel("127.0.0.1:%d" % proxy.port, options=[("grpc.enable_http_proxy", 0)])
         try:
@@ -258,7 +265,7 @@ def test_grpc_status_from_server(channel):
     assert info.value.details() == "recommendations are warming up"
 
 
-def test_grpc_upstream_down_is_unavailable():
+def test_grpc_upstream_down_is_unavailable(codec):
     import socket
 
     with socket.socket() as unused:

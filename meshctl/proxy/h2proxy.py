@@ -19,18 +19,17 @@ import logging
 import ssl
 from collections.abc import Callable
 
-import h2.errors
-import h2.exceptions
-
+from meshctl.proxy.errors import (
+    GRPC_CANCELLED, GRPC_DEADLINE_EXCEEDED, GRPC_UNAVAILABLE, MeshError, grpc_error_head, h2_error_head, http_status,
+)
 from meshctl.proxy.h2conn import (
-    GRPC_CANCELLED,
-    GRPC_DEADLINE_EXCEEDED,
     GRPC_RETRIABLE,
-    GRPC_UNAVAILABLE,
     ConnectionEnded,
     Data,
+    ErrorCodes,
     Event,
     H2Endpoint,
+    H2ProtocolError,
     HeaderList,
     Headers,
     StreamEnded,
@@ -44,7 +43,7 @@ from meshctl.proxy.h2conn import (
     is_grpc,
     strip_connection_specific,
 )
-from meshctl.proxy.h2streams import PickUpstream, Record, StreamDenied, StreamRecord, UpstreamChoice, as_choice
+from meshctl.proxy.h2streams import PickUpstream, Record, StreamRecord, UpstreamChoice, as_choice
 
 __all__ = ["H2Proxy"]
 
@@ -55,7 +54,6 @@ CONNECT_TIMEOUT_S = 2.0
 
 _END = object()
 MAX_REPLAY_BYTES = 64 * 1024  # request bytes kept per stream so that a retry can resend them
-_GRPC_BY_HTTP = {403: 7, 404: 12, 504: GRPC_DEADLINE_EXCEEDED}
 
 
 class _Pipe:
@@ -90,7 +88,7 @@ class _Pipe:
                 endpoint.end_stream(self.target_stream)
                 self.closed = True
             else:
-                endpoint.send_headers(self.target_stream, item, end_stream=True)
+                endpoint.send_trailers(self.target_stream, item)
                 self.closed = True
             self.queue.popleft()
         if self.closed:
@@ -157,7 +155,7 @@ class _Side(asyncio.Protocol):
     def _handle(self, data: bytes) -> None:
         try:
             events = self.endpoint.receive(data)
-        except h2.exceptions.ProtocolError as exc:
+        except H2ProtocolError as exc:
             log.info("%s: HTTP/2 protocol error: %s", self.label, exc)
             self.write_now()
             self.transport.close()  # type: ignore[union-attr]
@@ -188,15 +186,17 @@ class H2Proxy(_Side):
     same (host, port, context) share one upstream connection per downstream connection.
     `record(stream, status, grpc_code, mesh_error)` runs once per stream when it ends, however
     it ends; for gRPC `status` is the HTTP equivalent of grpc-status (`grpc_as_http`).
+    `service` names the destination in errors answered before a stream has one (proxy.errors).
     """
 
     def __init__(
         self, pick_upstream: PickUpstream, loop: asyncio.AbstractEventLoop | None = None, record: Record | None = None,
-        on_closed: Callable[[H2Proxy], None] | None = None, peer_sidecar: bool = False,
+        on_closed: Callable[[H2Proxy], None] | None = None, peer_sidecar: bool = False, service: str = "-",
     ) -> None:
         self.dirty: dict[_Side, None] | None = None  # sides to write once the current read is handled
         super().__init__(self, client_side=False, label="downstream", peer_sidecar=peer_sidecar)
         self.on_closed = on_closed
+        self.service = service
         self.draining = False
         self.pick_upstream = pick_upstream
         self.loop = loop or asyncio.get_running_loop()
@@ -219,7 +219,7 @@ class H2Proxy(_Side):
                 if record is not None and event.end_stream and self._retry_trailers_only(record, side, event):
                     return
                 # end_stream here is a trailers-only response: it must stay one HEADERS frame.
-                pipe.target.endpoint.send_headers(pipe.target_stream, strip_connection_specific(event.headers), event.end_stream)
+                pipe.target.endpoint.send_response(pipe.target_stream, strip_connection_specific(event.headers), event.end_stream)
                 pipe.closed = event.end_stream
                 pipe.target.forget(pipe.target_stream)
                 pipe.target.flush()
@@ -265,23 +265,24 @@ class H2Proxy(_Side):
             if side is not self:
                 for stream_id in list(side.incoming):
                     if stream_id > event.last_stream_id:
-                        self._reset_peer(side, stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                        self._reset_peer(side, stream_id, ErrorCodes.REFUSED_STREAM)
                 self.upstreams = {key: up for key, up in self.upstreams.items() if up is not side}
 
     # -- opening streams and retrying them ------------------------------------------------
 
     def _open_stream(self, event: Headers) -> None:
         if self.draining:  # safe for the client to send again elsewhere (RFC 9113 8.7)
-            self.endpoint.reset(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            self.endpoint.reset(event.stream_id, ErrorCodes.REFUSED_STREAM)
             return
         headers = strip_connection_specific(event.headers)
         try:
             choice = as_choice(self.pick_upstream(headers))
-        except StreamDenied as exc:
+        except MeshError as exc:
             self._answer_error(event.stream_id, is_grpc(headers), exc.code, exc.detail, exc.status)
             return
-        except Exception as exc:  # a routing error: answer it on this stream only
-            self._answer_error(event.stream_id, is_grpc(headers), "route-not-found" if isinstance(exc, LookupError) else "upstream-connect-failed", str(exc))
+        except Exception as exc:  # a bug in routing: answer it on this stream only
+            log.exception("routing an HTTP/2 stream failed")
+            self._answer_error(event.stream_id, is_grpc(headers), "upstream-connect-failed", str(exc))
             return
         record = StreamRecord(event.stream_id, headers, choice, self.loop.time())
         record.request_complete = event.end_stream
@@ -306,9 +307,8 @@ class H2Proxy(_Side):
             upstream = self.upstreams[key] = _Side(
                 self, client_side=True, label="upstream %s:%d" % (host, port), peer_sidecar=context is not None)
             self.loop.create_task(self._connect(upstream, key, choice))
-        up_stream = upstream.endpoint.next_stream_id()
         ends_now = replay is not None and not replay
-        upstream.endpoint.send_headers(up_stream, record.headers, end_stream=ends_now)
+        up_stream = upstream.endpoint.send_request(record.headers, end_stream=ends_now)
         request = _Pipe(self, record.stream_id, upstream, up_stream)
         response = _Pipe(upstream, up_stream, self, record.stream_id)
         response.grpc = record.grpc
@@ -372,19 +372,19 @@ class H2Proxy(_Side):
         if record.upstream is not None:
             record.upstream.incoming.pop(record.up_stream, None)
             record.upstream.outgoing.pop(record.up_stream, None)
-            record.upstream.endpoint.reset(record.up_stream, h2.errors.ErrorCodes.CANCEL)
+            record.upstream.endpoint.reset(record.up_stream, ErrorCodes.CANCEL)
             record.upstream.flush()
         if record.responded:
             self.incoming.pop(stream_id, None)
             self.outgoing.pop(stream_id, None)
             if record.grpc:
-                self.endpoint.conn.send_headers(stream_id, [(b"grpc-status", b"4"), (b"grpc-message", b"timeout")], end_stream=True)
+                self.endpoint.send_trailers(stream_id, [(b"grpc-status", b"%d" % GRPC_DEADLINE_EXCEEDED), (b"grpc-message", b"timeout")])
             else:
-                self.endpoint.reset(stream_id, h2.errors.ErrorCodes.CANCEL)
+                self.endpoint.reset(stream_id, ErrorCodes.CANCEL)
             self.flush()
             self._done(record, 504, GRPC_DEADLINE_EXCEEDED if record.grpc else None)
             return
-        self._answer_error(stream_id, record.grpc, "timeout", "no response within the deadline", 504)
+        self._answer_error(stream_id, record.grpc, "timeout", "no response within the deadline")
 
     async def _connect(self, upstream: _Side, key: tuple, choice: UpstreamChoice) -> None:
         host, port, context = choice.host, choice.port, choice.context
@@ -409,34 +409,23 @@ class H2Proxy(_Side):
     # -- answers of our own, and the end of a stream ---------------------------------------
 
     def _answer_error(self, stream_id: int, grpc: bool, code: str, detail: str, status: int | None = None) -> None:
-        """Answer one downstream stream ourselves (x-mesh-error, or a gRPC status)."""
+        """Answer one downstream stream ourselves: x-mesh-error, or a gRPC trailers-only status (proxy.errors)."""
         self.outgoing.pop(stream_id, None)
         self.incoming.pop(stream_id, None)
         if status is None:
-            status = 404 if code == "route-not-found" else 502
-        message = ("%s: %s" % (code, detail)).encode("utf-8", "replace")[:200]
-        grpc_code = None
-        try:
-            if grpc:
-                # Trailers-only: gRPC clients map a bare HTTP error status to a vaguer code.
-                grpc_code = _GRPC_BY_HTTP.get(status, GRPC_UNAVAILABLE)
-                self.endpoint.send_headers(
-                    stream_id,
-                    [(b":status", b"200"), (b"content-type", b"application/grpc"), (b"grpc-status", b"%d" % grpc_code),
-                     (b"grpc-message", message), (b"x-mesh-error", code.encode("ascii"))],
-                    end_stream=True,
-                )
-            else:
-                body = message + b"\n"
-                self.endpoint.send_headers(
-                    stream_id, [(b":status", b"%d" % status), (b"x-mesh-error", code.encode("ascii")), (b"content-length", b"%d" % len(body))]
-                )
-                self.endpoint.send_data(stream_id, body)
-                self.endpoint.end_stream(stream_id)
-        except h2.exceptions.StreamClosedError:
-            pass  # the client gave up on this stream meanwhile
-        self.flush()
+            status = http_status(code)
         record = self.records.get(stream_id)
+        service = record.choice.tag[0] if record is not None and isinstance(record.choice.tag, tuple) else self.service
+        grpc_code = None
+        if grpc:
+            head, grpc_code = grpc_error_head(code, detail, status, service)
+            self.endpoint.send_response(stream_id, head, end_stream=True)
+        else:
+            head, body = h2_error_head(code, detail, status, service)
+            self.endpoint.send_response(stream_id, head)
+            self.endpoint.send_data(stream_id, body)
+            self.endpoint.end_stream(stream_id)
+        self.flush()
         if record is not None:
             self._done(record, status, grpc_code, mesh_error=True)
         elif self.record is not None:
@@ -502,7 +491,7 @@ class H2Proxy(_Side):
                 self.on_closed(self)
             return
         for stream_id in list(side.incoming) + list(side.outgoing):
-            self._reset_peer(side, stream_id, h2.errors.ErrorCodes.CANCEL)
+            self._reset_peer(side, stream_id, ErrorCodes.CANCEL)
         self.upstreams = {key: up for key, up in self.upstreams.items() if up is not side}
 
     def drain(self) -> None:

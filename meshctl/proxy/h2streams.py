@@ -1,7 +1,7 @@
 """What an H2Proxy and its caller tell each other about one stream.
 
 The caller (proxy.dispatch) decides where each stream goes: its `pick_upstream(headers)`
-returns an `UpstreamChoice` or raises `StreamDenied`; the proxy keeps a `StreamRecord` per
+returns an `UpstreamChoice` or raises proxy.errors.MeshError (answered on that stream); the proxy keeps a `StreamRecord` per
 downstream stream and hands it to the caller's `record` callback once, when the stream ends.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 from meshctl.proxy.h2conn import HeaderList, is_grpc
 
-__all__ = ["PickUpstream", "Record", "StreamDenied", "StreamRecord", "UpstreamChoice", "as_choice"]
+__all__ = ["PickUpstream", "Record", "StreamRecord", "UpstreamChoice", "as_choice"]
 
 log = logging.getLogger("proxy.h2proxy")
 
@@ -56,16 +56,6 @@ class UpstreamChoice:
                 settle(ok)
             except Exception:
                 log.exception("settling an HTTP/2 upstream choice failed")
-
-
-class StreamDenied(Exception):
-    """Raised by `pick_upstream` to answer a stream itself: `status` 403/404/..., stable `code`."""
-
-    def __init__(self, code: str, detail: str, status: int) -> None:
-        super().__init__(detail)
-        self.code = code
-        self.detail = detail
-        self.status = status
 
 
 PickUpstream = Callable[[HeaderList], "UpstreamChoice | tuple"]
