@@ -65,7 +65,7 @@ def _pick_endpoint(state: ServerState, service_name: str, headers: list[tuple[by
     """Where one HTTP/2 stream to `service_name` goes: route, fault abort, limits, balancer."""
     service = state.snapshot.services.get(service_name)  # type: ignore[union-attr]
     if service is None:
-        raise MeshError("route-not-found", "no service %r in this sidecar's config" % service_name)
+        raise MeshError("route-not-found", "no service %r in this sidecar's config" % service_name, service=service_name)
     method = (header(headers, b":method") or b"").decode("latin-1")
     path, _, query = (header(headers, b":path") or b"/").decode("latin-1").partition("?")
     fields = None
@@ -75,17 +75,17 @@ def _pick_endpoint(state: ServerState, service_name: str, headers: list[tuple[by
     action = router.route(method, path, query, fields) if router.needs_request_details else router.route("", "")
     fault = action.fault
     if fault is not None and fault["abort"] is not None and random.random() * 100 < fault["abort"]["percent"]:
-        raise MeshError("fault-abort", "%s: injected fault" % service.name, fault["abort"]["status"])
+        raise MeshError("fault-abort", "injected fault", fault["abort"]["status"], service.name)
     hash_key = service.balancer.hash_key_for(fields, "127.0.0.1") if service.balancer.needs_headers else None
     slot = object()  # this try's connection slot in the service's limits, until settle()
     if not service.limits.hold(slot):
-        raise MeshError("circuit-open", "%s: %d connections and streams in use, limits reached" % (
-            service.name, service.limits.connections.in_use))
+        raise MeshError("circuit-open", "%d connections and streams in use, limits reached" % (
+            service.limits.connections.in_use), service=service.name)
     loop = state.loop
     endpoint = service.balancer.pick(action.version, hash_key, frozenset(), loop.time())
     if endpoint is None:
         _leave_limits(state, service.limits, slot)
-        raise MeshError("no-healthy-endpoints", "%s@%s: no endpoints" % (service.name, action.version))
+        raise MeshError("no-healthy-endpoints", "no endpoints of version %s" % action.version, service=service.name)
     policy = action.retry_policy
     tls = service.tls
     endpoint.active += 1  # least_request sees the stream until settle()

@@ -86,15 +86,20 @@ def grpc_code(code: str, status: int | None = None) -> int:
 
 
 class MeshError(Exception):
-    """An error the sidecar answers itself; `code` is stable, `status` follows from it."""
+    """An error the sidecar answers itself; `code` is stable, `status` follows from it.
+
+    `service` names the destination the error is about, where the raiser knows it better
+    than the answering connection does (HTTP/2 and gRPC answers name it).
+    """
 
     code = "internal"
 
-    def __init__(self, code: str, detail: str, status: int | None = None) -> None:
+    def __init__(self, code: str, detail: str, status: int | None = None, service: str | None = None) -> None:
         super().__init__(detail)
         self.code = code
         self.detail = detail
         self.status = status if status is not None else http_status(code)
+        self.service = service
 
 
 class ProtocolError(MeshError):

@@ -278,7 +278,7 @@ class H2Proxy(_Side):
         try:
             choice = as_choice(self.pick_upstream(headers))
         except MeshError as exc:
-            self._answer_error(event.stream_id, is_grpc(headers), exc.code, exc.detail, exc.status)
+            self._answer_error(event.stream_id, is_grpc(headers), exc.code, exc.detail, exc.status, exc.service)
             return
         except Exception as exc:  # a bug in routing: answer it on this stream only
             log.exception("routing an HTTP/2 stream failed")
@@ -408,14 +408,17 @@ class H2Proxy(_Side):
 
     # -- answers of our own, and the end of a stream ---------------------------------------
 
-    def _answer_error(self, stream_id: int, grpc: bool, code: str, detail: str, status: int | None = None) -> None:
+    def _answer_error(
+        self, stream_id: int, grpc: bool, code: str, detail: str, status: int | None = None, service: str | None = None,
+    ) -> None:
         """Answer one downstream stream ourselves: x-mesh-error, or a gRPC trailers-only status (proxy.errors)."""
         self.outgoing.pop(stream_id, None)
         self.incoming.pop(stream_id, None)
         if status is None:
             status = http_status(code)
         record = self.records.get(stream_id)
-        service = record.choice.tag[0] if record is not None and isinstance(record.choice.tag, tuple) else self.service
+        if service is None:
+            service = record.choice.tag[0] if record is not None and isinstance(record.choice.tag, tuple) else self.service
         grpc_code = None
         if grpc:
             head, grpc_code = grpc_error_head(code, detail, status, service)
