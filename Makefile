@@ -33,8 +33,13 @@ down: $(STAMP)
 status: $(STAMP)
 	$(BIN)/meshctl status
 
+# The HTTP/2 and gRPC tests run twice: with the fast codec (ngh2) in the full run, then with
+# the pure-Python fallback (h2) that serves where ngh2 cannot be installed.
+H2_TESTS := tests/test_h2conn.py tests/test_ingress_h2.py tests/test_protocols_mesh.py
+
 test: $(STAMP) test-deps
 	$(BIN)/python -m pytest -n 2 tests
+	MESHCTL_H2_CODEC=h2 $(BIN)/python -m pytest -n 2 $(H2_TESTS)
 
 # Optional system tools some tests use (a real Redis through the mesh). Installed from
 # Debian when running as root with apt-get; a failed install never fails the run, the
@@ -46,6 +51,12 @@ test-deps:
 	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; } \
 	      >.state/test-deps.log 2>&1 || echo "redis-server could not be installed (.state/test-deps.log); its test will skip"; \
 	  else echo "redis-server is missing and cannot be installed here (needs root and apt-get); its test will skip"; fi; }
+	@command -v h2load >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    mkdir -p .state; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nghttp2-client; } \
+	      >>.state/test-deps.log 2>&1 || echo "nghttp2-client could not be installed (.state/test-deps.log); the h2load test will skip"; \
+	  else echo "h2load is missing and cannot be installed here (needs root and apt-get); its test will skip"; fi; }
 
 clean:
 	rm -rf $(VENV) .state .pytest_cache .hypothesis

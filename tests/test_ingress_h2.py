@@ -10,10 +10,13 @@ from __future__ import annotations
 import datetime as dt
 import http.client
 import ipaddress
+import json
 import shutil
 import socket
 import ssl
 import subprocess
+import sys
+from pathlib import Path
 
 import grpc
 import h2.config
@@ -30,6 +33,7 @@ from tests.proxy_harness import Sidecar, Upstream, service
 from tests.test_protocols_mesh import GrpcServer, load_recommend
 from tests.tlspeers import TRUST_DOMAIN, tls_block
 
+ROOT = Path(__file__).resolve().parent.parent
 DEADLINE_S = 10.0
 GRPC_ROUTE = "/recommend.Recommend/"
 
@@ -207,3 +211,120 @@ def test_mesh_errors_reach_grpc_clients_as_statuses(cleanup, ca, recommend):
     assert_mesh_status(error, grpc.StatusCode.DEADLINE_EXCEEDED, "timeout", "slow")
     error = call_error(channel.method("ForItem", service_name="empty.Recommend"))
     assert_mesh_status(error, grpc.StatusCode.UNAVAILABLE, "no-healthy-endpoints", "empty")
+
+
+# -- HTTP/2 clients to an HTTP/1.1 app -------------------------------------------------------
+
+
+def test_curl_http2_prior_knowledge_through_the_ingress(shop):
+    front, app = shop
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    done = subprocess.run(
+        ["curl", "-sS", "--http2-prior-knowledge", "-D", "-", "-X", "POST", "--data-binary", "hello body",
+         "http://127.0.0.1:%d/echo?q=1" % front.ports["ingress"]],
+        capture_output=True, timeout=DEADLINE_S, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("HTTP/2 200"), done.stdout
+    method, path, headers, body = app.requests[-1]  # the app got HTTP/1.1, body and all
+    assert (method, path, body) == ("POST", "/echo?q=1", b"hello body")
+    assert headers["host"] == "127.0.0.1:%d" % front.ports["ingress"]
+
+
+def test_h2load_through_the_ingress(shop):
+    front, app = shop
+    if shutil.which("h2load") is None:
+        pytest.skip("h2load is not installed (make test-deps installs nghttp2-client)")
+    done = subprocess.run(["h2load", "-n", "200", "-c", "4", "-m", "10", "http://127.0.0.1:%d/h2load" % front.ports["ingress"]],
+                          capture_output=True, timeout=60, text=True, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "200 succeeded, 0 failed, 0 errored" in done.stdout, done.stdout
+    assert sum(1 for request in app.requests if request[1] == "/h2load") == 200
+
+
+# -- TLS on the ingress: ALPN h2 beside http/1.1 ---------------------------------------------------
+
+
+def localhost_certificate() -> tuple[str, str]:
+    """A self-signed certificate for localhost and 127.0.0.1, as a user would bring: (cert_pem, key_pem)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                       critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem.decode()
+
+
+def test_tls_ingress_offers_h2_by_alpn_and_keeps_http1(cleanup, ca, recommend):
+    app = Upstream("web")
+    cleanup(app)
+    cert_pem, key_pem = localhost_certificate()
+    rec = service_sidecar(cleanup, ca, "recommend", ["127.0.0.1", recommend], "grpc")
+    web = service_sidecar(cleanup, ca, "web", list(app.address), "http")
+    front = ingress(cleanup, ca, {"recommend": (rec, "grpc", {}), "web": (web, "http", {})},
+                    [{"path": GRPC_ROUTE, "service": "recommend"}, {"path": "/", "service": "web"}],
+                    ingress_tls={"cert_pem": cert_pem, "key_pem": key_pem})
+    port = front.ports["ingress"]
+    context = ssl.create_default_context(cadata=cert_pem)
+    for offered, chosen in ((["h2", "http/1.1"], "h2"), (["http/1.1"], "http/1.1")):
+        context.set_alpn_protocols(offered)
+        with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                assert tls.selected_alpn_protocol() == chosen
+    channel = Channel(grpc.secure_channel("localhost:%d" % port, grpc.ssl_channel_credentials(cert_pem.encode()),
+                                          options=[("grpc.enable_http_proxy", 0)]))
+    cleanup(channel)
+    assert channel.method("ForItem")(b"tls", timeout=DEADLINE_S) == b"tls-a,tls-b,tls-c"
+    assert list(channel.method("Stream", "unary_stream")(b"3", timeout=DEADLINE_S)) == [b"rec-0", b"rec-1", b"rec-2"]
+    conn = http.client.HTTPSConnection("localhost", port, timeout=DEADLINE_S, context=ssl.create_default_context(cadata=cert_pem))
+    try:
+        conn.request("GET", "/over-tls")
+        assert conn.getresponse().status == 200
+    finally:
+        conn.close()
+    if shutil.which("curl") is not None:
+        done = subprocess.run(["curl", "-sS", "--http2", "--cacert", "/dev/stdin", "-o", "/dev/null", "-w", "%{http_version} %{http_code}",
+                               "https://localhost:%d/curl-h2" % port], input=cert_pem, capture_output=True, text=True, timeout=DEADLINE_S)
+        assert done.stdout == "2 200", done.stdout + done.stderr
+    assert [request[1] for request in app.requests] == ["/over-tls"] + (["/curl-h2"] if shutil.which("curl") else [])
+
+
+# -- the demo: a gRPC client outside the mesh, through a real mesh's ingress ---------------------------
+
+DEMO = """
+mesh: {name}
+services:
+  recommend:
+    command: {PY} %s
+    protocol: grpc
+  web:
+    command: {PY} {APPS}/echo.py
+    health: {{http: /healthz}}
+ingress:
+  port: {port}
+  routes: [{{path: /, service: web}}, {{path: /recommend.Recommend/, service: recommend}}]
+""" % (ROOT / "demo-services" / "recommend.py")
+
+
+def test_recommend_client_reaches_recommend_through_the_ingress(mesh):
+    from tests.meshharness import free_port
+
+    port = free_port()
+    mesh.write_manifest(DEMO.format(name="grpcingress", port=port, PY="{PY}", APPS="{APPS}"))
+    mesh.up()
+    done = subprocess.run([sys.executable, str(ROOT / "demo-services" / "recommend_client.py"), "--url", "http://127.0.0.1:%d" % port,
+                           "mug-01"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "served by recommend@v1#0" in done.stdout and done.stdout.count(",") == 2, done.stdout
+    if shutil.which("curl") is not None:  # HTTP/2 on the same port reaches an HTTP/1.1 app
+        plain = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "http://127.0.0.1:%d/whoami" % port],
+                               capture_output=True, text=True, timeout=30)
+        assert plain.returncode == 0 and json.loads(plain.stdout)["service"] == "web", plain.stdout + plain.stderr

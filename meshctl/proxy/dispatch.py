@@ -136,12 +136,14 @@ def _settle(state: ServerState, service: Any, endpoint: Any, ok: bool | None, sl
 def inbound_h2(state: ServerState, listener: Listener, peer: str | None) -> H2Proxy:
     """An H2Proxy for a peer sidecar's h2 connection (or a plaintext h2c client) to the app."""
     host, port = listener.app  # type: ignore[misc]
+    http1_app = listener.protocol == "http"  # an `http` app speaks HTTP/1.1: each stream is bridged (proxy.h1bridge)
 
     def pick(headers: list[tuple[bytes, bytes]]) -> UpstreamChoice:
         policy = state.snapshot.authz  # type: ignore[union-attr]
         if policy is not None:
             _authorize_stream(policy, peer, headers)
-        return UpstreamChoice(host, port, None, tag=(state.snapshot.service, state.snapshot.service_version))  # type: ignore[union-attr]
+        return UpstreamChoice(host, port, None, tag=(state.snapshot.service, state.snapshot.service_version),  # type: ignore[union-attr]
+                              http1=http1_app)
 
     return state.track(H2Proxy(
         pick, state.loop, record=_recorder(state, INBOUND, peer), on_closed=state.untrack, peer_sidecar=peer is not None,

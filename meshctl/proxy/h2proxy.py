@@ -18,6 +18,7 @@ import collections
 import logging
 import ssl
 from collections.abc import Callable
+from typing import Any
 
 from meshctl.proxy.errors import (
     GRPC_CANCELLED, GRPC_DEADLINE_EXCEEDED, GRPC_UNAVAILABLE, MeshError, grpc_error_head, h2_error_head, http_status,
@@ -43,6 +44,7 @@ from meshctl.proxy.h2conn import (
     is_grpc,
     strip_connection_specific,
 )
+from meshctl.proxy.h1bridge import H1Endpoint
 from meshctl.proxy.h2streams import PickUpstream, Record, StreamRecord, UpstreamChoice, as_choice
 
 __all__ = ["H2Proxy"]
@@ -103,10 +105,10 @@ class _Pipe:
 class _Side(asyncio.Protocol):
     """A connection of the proxy (downstream, or one upstream) with its endpoint and pipes."""
 
-    def __init__(self, proxy: H2Proxy, client_side: bool, label: str, peer_sidecar: bool = False) -> None:
+    def __init__(self, proxy: H2Proxy, client_side: bool, label: str, peer_sidecar: bool = False, endpoint: Any = None) -> None:
         self.proxy = proxy
         self.label = label
-        self.endpoint = H2Endpoint(client_side, peer_sidecar)
+        self.endpoint = endpoint if endpoint is not None else H2Endpoint(client_side, peer_sidecar)
         self.transport: asyncio.Transport | None = None
         self.outgoing: dict[int, _Pipe] = {}  # our stream id -> the pipe writing to it
         self.incoming: dict[int, _Pipe] = {}  # our stream id -> the pipe reading from it
@@ -177,6 +179,29 @@ class _Side(asyncio.Protocol):
         pipes = self.outgoing.values() if stream_id == 0 else [p for p in (self.outgoing.get(stream_id),) if p]
         for pipe in list(pipes):
             pipe.flush()
+
+
+class _H1Side(_Side):
+    """An upstream HTTP/1.1 connection carrying one stream to an app that speaks only HTTP/1.1 (proxy.h1bridge)."""
+
+    def __init__(self, proxy: H2Proxy, label: str) -> None:
+        super().__init__(proxy, client_side=True, label=label, endpoint=H1Endpoint())
+
+    def write_now(self) -> None:
+        super().write_now()
+        if self.endpoint.finished and self.transport is not None and not self.lost:
+            self.transport.close()  # one exchange per connection: what is written still goes out
+
+    def eof_received(self) -> bool:
+        try:
+            events = self.endpoint.receive_eof()
+        except H2ProtocolError as exc:
+            log.info("%s: %s", self.label, exc)
+            events = []
+        for event in events:
+            self.proxy.on_event(self, event)
+        self.proxy.flush()
+        return False
 
 
 class H2Proxy(_Side):
@@ -302,8 +327,11 @@ class H2Proxy(_Side):
         choice = record.choice
         host, port, context = choice.host, choice.port, choice.context
         key = (host, port, id(context))
-        upstream = self.upstreams.get(key)
-        if upstream is None:
+        upstream = self.upstreams.get(key) if not choice.http1 else None
+        if choice.http1:
+            upstream = _H1Side(self, "app %s:%d (HTTP/1.1)" % (host, port))
+            self.loop.create_task(self._connect(upstream, key, choice))
+        elif upstream is None:
             upstream = self.upstreams[key] = _Side(
                 self, client_side=True, label="upstream %s:%d" % (host, port), peer_sidecar=context is not None)
             self.loop.create_task(self._connect(upstream, key, choice))

@@ -29,15 +29,16 @@ class UpstreamChoice:
     more tries a trailers-only retriable gRPC answer may get; `tag` comes back to `record`.
     `settle(ok)` runs once when this choice's try ends (the balancer's in-flight count and
     outlier detection): ok False for a failed connect, UNAVAILABLE or a 502/503, None when
-    the try says nothing about the upstream (the client went away, a deadline).
+    the try says nothing about the upstream (the client went away, a deadline). `http1`: the
+    upstream is an app that speaks only HTTP/1.1, reached through proxy.h1bridge.
     """
 
-    __slots__ = ("host", "port", "context", "verify", "timeout", "retries", "backoff", "tag", "settle")
+    __slots__ = ("host", "port", "context", "verify", "timeout", "retries", "backoff", "tag", "settle", "http1")
 
     def __init__(
         self, host: str, port: int, context: ssl.SSLContext | None = None, verify: Callable | None = None,
         timeout: float | None = None, retries: int = 0, backoff: float = 0.025, tag: object = None,
-        settle: Callable[[bool | None], None] | None = None,
+        settle: Callable[[bool | None], None] | None = None, http1: bool = False,
     ) -> None:
         self.host = host
         self.port = port
@@ -48,6 +49,7 @@ class UpstreamChoice:
         self.backoff = backoff
         self.tag = tag
         self.settle = settle
+        self.http1 = http1
 
     def settled(self, ok: bool | None) -> None:
         settle, self.settle = self.settle, None

@@ -1,0 +1,131 @@
+"""One HTTP/2 stream carried as one HTTP/1.1 exchange, sans-IO: the h2-to-h1 bridge.
+
+An HTTP/2 client (curl --http2-prior-knowledge, a browser that chose h2 by ALPN) may call
+a service whose app speaks HTTP/1.1 only (`protocol: http`). The sidecar in front of that
+app (proxy.dispatch.inbound_h2) then sends each stream to the app as an HTTP/1.1 request
+on a connection of its own. `H1Endpoint` has the client-side surface of
+proxy.h2conn.H2Endpoint, so proxy.h2proxy drives it like any upstream endpoint: the
+request's header list becomes a request head (the body chunked unless content-length is
+known; request trailers have no HTTP/1.1 equivalent an app would read and are dropped),
+and the response head, body and end come back as `Headers`, `Data` and `StreamEnded`
+events of the one stream. `finished` says when the connection has nothing more to carry
+(the response ended, the stream was reset, or the exchange failed): the driver closes it.
+"""
+
+from __future__ import annotations
+
+from meshctl.proxy import http1
+from meshctl.proxy.errors import MeshError
+from meshctl.proxy.h2conn import Data, Event, H2ProtocolError, HeaderList, Headers, StreamEnded
+
+__all__ = ["H1Endpoint", "STREAM_ID"]
+
+STREAM_ID = 1  # the one stream of the bridge's connection
+# Fields of an HTTP/1.1 response that describe its connection or framing, never forwarded in HTTP/2.
+_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te", b"trailer"})
+_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+
+
+class H1Endpoint:
+    """The client side of one HTTP/1.1 exchange that stands for HTTP/2 stream STREAM_ID."""
+
+    __slots__ = ("out", "parser", "chunked", "finished", "max_header_bytes")
+
+    def __init__(self, max_header_bytes: int = 65536) -> None:
+        self.out: list[bytes] = []
+        self.parser = http1.Parser(False, max_header_bytes)
+        self.chunked = False
+        self.finished = False
+
+    def __repr__(self) -> str:
+        return "<H1Endpoint%s>" % (" finished" if self.finished else "")
+
+    def data_to_send(self) -> bytes:
+        out, self.out = self.out, []
+        return b"".join(out)
+
+    def send_request(self, headers: HeaderList, end_stream: bool = False) -> int:
+        method, path, authority = b"GET", b"/", b""
+        fields: list[bytes] = []
+        has_length = False
+        for name, value in headers:
+            if name[:1] == b":":
+                if name == b":method":
+                    method = value
+                elif name == b":path":
+                    path = value
+                elif name == b":authority":
+                    authority = value
+            elif name != b"te" and name != b"host":
+                has_length = has_length or name == b"content-length"
+                fields.append(b"%s: %s\r\n" % (name, value))
+        if authority:
+            fields.insert(0, b"host: %s\r\n" % authority)
+        if not end_stream and not has_length:
+            fields.append(b"transfer-encoding: chunked\r\n")
+            self.chunked = True
+        elif end_stream and not has_length and method in _BODY_METHODS:
+            fields.append(b"content-length: 0\r\n")
+        if method == b"HEAD":
+            self.parser.expect_no_body()
+        self.out.append(b"%s %s HTTP/1.1\r\n%s\r\n" % (method, path, b"".join(fields)))
+        return STREAM_ID
+
+    def send_data(self, stream_id: int, data: bytes) -> int:
+        if self.finished:
+            return 0
+        if self.chunked:
+            self.out.append(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            self.out.append(data)
+        return len(data)  # the socket's own buffer and the app's reading pace hold the rest
+
+    def end_stream(self, stream_id: int) -> None:
+        if self.chunked and not self.finished:
+            self.out.append(b"0\r\n\r\n")
+
+    def send_trailers(self, stream_id: int, headers: HeaderList) -> None:
+        self.end_stream(stream_id)
+
+    def acknowledge(self, stream_id: int, flow_length: int) -> None:
+        """Nothing to reopen: TCP's own window paces the app."""
+
+    def reset(self, stream_id: int, error_code: int = 0) -> None:
+        self.finished = True
+
+    def close(self, error_code: int = 0) -> None:
+        self.finished = True
+
+    def receive(self, data: bytes) -> list[Event]:
+        self.parser.feed(data)
+        return self._events()
+
+    def receive_eof(self) -> list[Event]:
+        self.parser.feed_eof()
+        return self._events()
+
+    def _events(self) -> list[Event]:
+        """The response so far as stream events; raises H2ProtocolError on a malformed response."""
+        out: list[Event] = []
+        parser = self.parser
+        try:
+            while not self.finished:
+                event = parser.next_event()
+                if isinstance(event, http1.Head):
+                    if 100 <= event.status < 200:
+                        parser.start_next_cycle()  # 100-continue and friends: the final head follows
+                        continue
+                    headers = [(b":status", b"%d" % event.status)]
+                    headers.extend((name, value) for name, value in event.headers if name not in _HOP_BY_HOP)
+                    out.append(Headers(STREAM_ID, headers, False))
+                elif isinstance(event, http1.Data):
+                    out.append(Data(STREAM_ID, event.data, len(event.data)))
+                elif event is http1.END:
+                    out.append(StreamEnded(STREAM_ID))
+                    self.finished = True
+                else:
+                    break  # NEED_DATA, or CLOSED before a response: the driver's connection_lost resets
+        except MeshError as exc:
+            self.finished = True
+            raise H2ProtocolError("HTTP/1.1 response: %s" % exc.detail) from None
+        return out
