@@ -211,10 +211,20 @@ def machine_facts() -> dict[str, Any]:
     import h2
     import uvloop
 
+    from meshctl.proxy.h2conn import CODEC
+
     return {"nproc": os.cpu_count(), "cpu": cpu, "memory": psutil.virtual_memory().total,
             "kernel": "%s %s" % (platform.system(), platform.release()), "loadavg": "%.2f %.2f %.2f" % os.getloadavg(),
             "meshctl": run.code_version(None), "python": platform.python_version(), "uvloop": uvloop.__version__,
-            "h2": h2.__version__, "openssl": ssl.OPENSSL_VERSION}
+            "h2": h2.__version__, "h2_codec": _codec_version(CODEC), "openssl": ssl.OPENSSL_VERSION}
+
+
+def _codec_version(codec: str) -> str:
+    if codec == "ngh2":
+        import ngh2
+
+        return "ngh2 %s" % ngh2.__version__
+    return "h2 (fallback)"
 
 
 def table_rows(result: dict[str, Any]) -> list[list[str]]:
@@ -283,6 +293,7 @@ def render_section(result: dict[str, Any]) -> str:
         "| load average before the run | %s |" % machine["loadavg"],
         "| meshctl | %s |" % machine["meshctl"],
         "| Python / uvloop / h2 | %s / %s / %s |" % (machine["python"], machine["uvloop"], machine["h2"]),
+        "| HTTP/2 codec (proxy.h2conn) | %s |" % machine.get("h2_codec", "h2"),
         "| TLS | %s |" % machine["openssl"],
         "",
     ]

@@ -10,8 +10,12 @@ bytes (proxy.detect) decide (docs/protocols-l7.md):
 * outbound `grpc`: an `H2Proxy` from the first byte; `tcp`: a `Relay` from the first byte
   (no detection, so a server-speaks-first protocol gets its banner at once);
 * inbound: a `tcp` app gets a Relay after the caller's identity is authorized; ALPN `h2`
-  (or an h2c preface in plaintext) gets an H2Proxy to the app (h2c), each stream
-  authorized by identity, method and path; anything else is HTTP/1.1 as before.
+  (or an h2c preface in plaintext) gets an H2Proxy to the app, each stream authorized by
+  identity, method and path: h2c to a `grpc` app, one HTTP/1.1 exchange per stream to an
+  `http` app (proxy.h1bridge); anything else is HTTP/1.1 as before;
+* ingress: ALPN `h2` on a TLS ingress, or the h2c preface on a plain one, gets an H2Proxy
+  whose streams are routed by :path prefix like HTTP/1.1 requests; HTTP/1.1 stays with
+  ClientConnection on the same port.
 
 The functions here build those protocols and their hooks (balancing, identity checks,
 metrics); proxy.server decides when to call them and swaps the transport's protocol.
