@@ -13,7 +13,9 @@ from meshctl.proxy.h2conn import (
     CODECS,
     GRPC_RETRIABLE,
     STREAM_WINDOW,
+    ConnectionEnded,
     Data,
+    H2ProtocolError,
     Headers,
     StreamEnded,
     StreamReset,
@@ -143,6 +145,34 @@ def test_endpoint_reset(codec):
     client.reset(stream_id, 8)
     _, events = pump(client, server)
     assert [(type(e), e.error_code) for e in events if isinstance(e, StreamReset)] == [(StreamReset, 8)]
+
+
+def test_endpoint_refuses_a_connection_specific_header(codec):
+    """RFC 9113 8.2.2: ngh2 resets the one stream, h2 ends the connection; neither passes it on."""
+    if "ngh2" not in CODECS:
+        pytest.skip("the raw client is ngh2, which sends header fields as it is given them")
+    server = codec(client_side=False)
+    raw = CODECS["ngh2"](client_side=True)
+    pump(raw, server)
+    stream_id = raw.send_request(REQUEST + [(b"connection", b"keep-alive")], end_stream=True)
+    try:
+        client_events, server_events = pump(raw, server)
+    except H2ProtocolError:
+        return
+    assert not any(isinstance(e, Headers) for e in server_events)
+    assert [e.stream_id for e in client_events if isinstance(e, StreamReset)] == [stream_id]
+
+
+def test_goaway_ends_the_connection_without_a_protocol_error(codec):
+    client, server = codec(client_side=True), codec(client_side=False)
+    pump(client, server)
+    stream_id = client.send_request(REQUEST, end_stream=True)
+    pump(client, server)
+    server.send_response(stream_id, [(b":status", b"200")], end_stream=True)
+    server.close()
+    events, _ = pump(client, server)
+    assert any(isinstance(e, ConnectionEnded) for e in events)
+    assert client.receive(b"") == []
 
 
 # -- the proxy driver with grpcio --------------------------------------------------------------

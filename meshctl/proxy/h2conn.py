@@ -360,13 +360,14 @@ class _NgEndpoint:
     `_open_submitted` forces. Window updates are manual, as in h2, for the same backpressure.
     """
 
-    __slots__ = ("conn", "client_side", "early")
+    __slots__ = ("conn", "client_side", "early", "goaway")
     codec = "ngh2"
 
     def __init__(self, client_side: bool, peer_sidecar: bool = False) -> None:
         # ngh2 (nghttp2) validates inbound header blocks itself at a cost too small to skip.
         self.client_side = client_side
         self.early = b""  # frames serialised ahead of data_to_send (see _open_submitted)
+        self.goaway = False  # the peer said GOAWAY: the session winding down is no error
         self.conn = conn = ngh2.Connection(
             ngh2.Role.CLIENT if client_side else ngh2.Role.SERVER, ngh2.Configuration(auto_window_update=False))
         settings = {ngh2.Setting.INITIAL_WINDOW_SIZE: STREAM_WINDOW, ngh2.Setting.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS}
@@ -419,8 +420,9 @@ class _NgEndpoint:
             elif kind is _NG_SETTINGS:
                 append(WindowOpened(0))
             elif kind is _NG_GOAWAY:
+                self.goaway = True
                 append(ConnectionEnded(event.error_code, event.last_stream_id))
-        if not conn.want_read and not any(isinstance(event, ConnectionEnded) for event in out):
+        if not conn.want_read and not self.goaway:
             raise H2ProtocolError("the HTTP/2 session ended on a protocol error")
         return out
 
