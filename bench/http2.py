@@ -266,12 +266,17 @@ asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))
 '''
 
 
-def grpc_run(port: int, calls: int, concurrency: int) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-c", GRPC_CLIENT, str(port), str(calls), str(concurrency)],
-                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+def _client_json(script: str, args: list[int], what: str, timeout: float) -> dict[str, Any]:
+    """Run a client `script` (its own process, so it does not share this one's CPU) and read its JSON line."""
+    done = subprocess.run([sys.executable, "-c", script, *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     if done.returncode != 0:
-        raise BenchError("the grpc client failed: %s" % done.stderr[-1000:])
-    raw = json.loads(done.stdout)
+        raise BenchError("the %s failed: %s" % (what, done.stderr[-1000:]))
+    return json.loads(done.stdout)
+
+
+def grpc_run(port: int, calls: int, concurrency: int) -> dict[str, Any]:
+    raw = _client_json(GRPC_CLIENT, [port, calls, concurrency], "grpc client", 300)
     ordered = sorted(raw["latencies"])
     return {"rps": len(ordered) / raw["seconds"], "requests": len(ordered) + raw["errors"], "errors": raw["errors"],
             "mean": statistics.fmean(ordered) if ordered else None, "p50": _percentile(ordered, 0.5), "p99": _percentile(ordered, 0.99)}
@@ -296,11 +301,7 @@ with grpc.insecure_channel("127.0.0.1:%d" % port, options=[("grpc.max_receive_me
 
 
 def bulk_run(port: int, count: int, size: int) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-c", BULK_CLIENT, str(port), str(count), str(size)],
-                          capture_output=True, text=True, timeout=330, stdin=subprocess.DEVNULL)
-    if done.returncode != 0:
-        raise BenchError("the streaming grpc client failed: %s" % done.stderr[-1000:])
-    raw = json.loads(done.stdout)
+    raw = _client_json(BULK_CLIENT, [port, count, size], "streaming grpc client", 330)
     complete = raw["bytes"] == count * size
     return {"rps": raw["bytes"] / raw["seconds"] / 1e6, "requests": count, "errors": 0 if complete else 1, "seconds": raw["seconds"]}
 

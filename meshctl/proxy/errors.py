@@ -147,14 +147,18 @@ def h2_error_head(code: str, detail: str, status: int, service: str) -> tuple[li
     return head, body
 
 
+def grpc_error_trailers(code: str, detail: str, status: int, service: str) -> tuple[list[tuple[bytes, bytes]], int]:
+    """(trailer fields, gRPC status) of a generated error: grpc-status, grpc-message, x-mesh-error."""
+    grpc = grpc_code(code, status)
+    message = _percent_encode(_one_line(code, "%s: %s" % (service, detail))[:_MESSAGE_LIMIT])
+    return [(b"grpc-status", b"%d" % grpc), (b"grpc-message", message), (b"x-mesh-error", code.encode("ascii"))], grpc
+
+
 def grpc_error_head(code: str, detail: str, status: int, service: str) -> tuple[list[tuple[bytes, bytes]], int]:
     """(trailers-only response head, gRPC status) of a generated error on a gRPC stream.
 
     Trailers-only with :status 200: a bare HTTP error status would reach the client as a
     vaguer code (gRPC maps 502 and 504 alike to UNAVAILABLE).
     """
-    grpc = grpc_code(code, status)
-    message = _percent_encode(_one_line(code, "%s: %s" % (service, detail))[:_MESSAGE_LIMIT])
-    head = [(b":status", b"200"), (b"content-type", b"application/grpc"), (b"grpc-status", b"%d" % grpc),
-            (b"grpc-message", message), (b"x-mesh-error", code.encode("ascii"))]
-    return head, grpc
+    trailers, grpc = grpc_error_trailers(code, detail, status, service)
+    return [(b":status", b"200"), (b"content-type", b"application/grpc"), *trailers], grpc

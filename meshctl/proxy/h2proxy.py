@@ -21,7 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 from meshctl.proxy.errors import (
-    GRPC_CANCELLED, GRPC_DEADLINE_EXCEEDED, GRPC_UNAVAILABLE, MeshError, grpc_error_head, h2_error_head, http_status,
+    GRPC_CANCELLED, GRPC_DEADLINE_EXCEEDED, GRPC_UNAVAILABLE, MeshError, grpc_error_head, grpc_error_trailers, h2_error_head,
+    http_status,
 )
 from meshctl.proxy.h2conn import (
     GRPC_RETRIABLE,
@@ -405,8 +406,9 @@ class H2Proxy(_Side):
         if record.responded:
             self.incoming.pop(stream_id, None)
             self.outgoing.pop(stream_id, None)
-            if record.grpc:
-                self.endpoint.send_trailers(stream_id, [(b"grpc-status", b"%d" % GRPC_DEADLINE_EXCEEDED), (b"grpc-message", b"timeout")])
+            if record.grpc:  # the response head went out: the status goes in its trailers
+                trailers, _ = grpc_error_trailers("timeout", "no response within the deadline", 504, self._service_of(record))
+                self.endpoint.send_trailers(stream_id, trailers)
             else:
                 self.endpoint.reset(stream_id, ErrorCodes.CANCEL)
             self.flush()
@@ -446,7 +448,7 @@ class H2Proxy(_Side):
             status = http_status(code)
         record = self.records.get(stream_id)
         if service is None:
-            service = record.choice.tag[0] if record is not None and isinstance(record.choice.tag, tuple) else self.service
+            service = self._service_of(record)
         grpc_code = None
         if grpc:
             head, grpc_code = grpc_error_head(code, detail, status, service)
@@ -461,6 +463,10 @@ class H2Proxy(_Side):
             self._done(record, status, grpc_code, mesh_error=True)
         elif self.record is not None:
             self.record(StreamRecord(stream_id, [], UpstreamChoice("", 0), self.loop.time()), status, grpc_code, True)
+
+    def _service_of(self, record: StreamRecord | None) -> str:
+        """The destination a stream's errors name: its choice's service, else this proxy's."""
+        return record.choice.tag[0] if record is not None and isinstance(record.choice.tag, tuple) else self.service
 
     def _finish(self, record: StreamRecord, final_headers: HeaderList | None) -> None:
         if record.done:
