@@ -249,10 +249,10 @@ def conclusion(result: dict[str, Any]) -> str:
     cheaper = pooled_label if pooled["cpu_us"] <= best_h2["cpu_us"] else h2_label
     other = h2_label if cheaper == pooled_label else pooled_label
     return (
-        "**%s** wins on this machine: %.0f requests/s against %.0f for %s (the best h2 variant), %.2fx. "
+        "**%s** wins on this machine: %.0f requests/s against %.0f for %s, %.2fx (%s is the best h2 variant). "
         "CPU for the hop, both ends together: %.1f us per request pooled, %.1f us over h2 (%s), so %s costs "
         "%.1f us (%.0f %%) less per request than %s."
-        % (faster, modes[faster]["rps"], modes[slower]["rps"], slower if faster == pooled_label else pooled_label, ratio,
+        % (faster, modes[faster]["rps"], modes[slower]["rps"], slower, ratio, h2_label,
            pooled["cpu_us"], best_h2["cpu_us"], h2_label, cheaper, modes[other]["cpu_us"] - modes[cheaper]["cpu_us"],
            (1 - modes[cheaper]["cpu_us"] / modes[other]["cpu_us"]) * 100, other)
     )

@@ -146,7 +146,7 @@ def startup(workdir: str, sizes: list[int], source: str) -> dict[str, Any]:
     result: dict[str, Any] = {
         "import_runs": runs,
         "python_bare": _timed([sys.executable, "-c", "pass"], runs, source),
-        "python_import_proxy": _timed([sys.executable, "-c", "import uvloop, proxy.__main__"], runs, source),
+        "python_import_proxy": _timed([sys.executable, "-c", "import uvloop, meshctl.proxy.__main__"], runs, source),
         "up": {},
     }
     fleet = None

@@ -14,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -23,6 +24,7 @@ import h2.events
 import pytest
 
 from meshctl.agent.ca import spiffe_id
+from meshctl.proxy.detect import DETECT_TIMEOUT_S
 from tests.proxy_harness import Sidecar, Upstream, service
 from tests.test_protocols_mesh import GrpcServer, load_recommend
 from tests.tlspeers import TRUST_DOMAIN, tls_block, user_certificate
@@ -166,6 +168,20 @@ def test_http1_still_works_on_the_ingress_port(shop):
     finally:
         conn.close()
     assert [request[1] for request in app.requests] == ["/hello", "/world?x=1"]
+
+
+def test_a_slow_http1_client_is_not_mistaken_for_another_protocol(shop):
+    """Bytes that arrive slower than the detection wait are still parsed as HTTP/1.1 on the ingress."""
+    front, app = shop
+    with socket.create_connection(("127.0.0.1", front.ports["ingress"]), timeout=DEADLINE_S) as sock:
+        sock.sendall(b"GE")
+        time.sleep(DETECT_TIMEOUT_S + 0.2)  # the client is this slow on purpose: detection gives up waiting meanwhile
+        sock.sendall(b"T /patient-client HTTP/1.1\r\nhost: shop\r\nconnection: close\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert app.requests[-1][1] == "/patient-client"
 
 
 # -- the mesh's own errors, as gRPC statuses -------------------------------------------------

@@ -321,6 +321,9 @@ class ClientConnection(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.client_data(data)
             return
+        self._parse(data)
+
+    def _parse(self, data: bytes) -> None:
         self.parser.feed(data)
         if self.exchange is None and not self.head_started:
             self.head_started = True
@@ -551,8 +554,7 @@ class ClientConnection(asyncio.Protocol):
             # (on the ingress: a slow HTTP/1 client, whose bytes so far are parsed).
             pending = self._decided(detect.on_timeout(self.prefix), self.prefix)
             if pending:
-                self.parser.feed(pending)
-                self._process()
+                self._parse(pending)
             return
         exchange = self.exchange
         if exchange is not None:
