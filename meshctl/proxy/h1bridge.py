@@ -29,13 +29,14 @@ _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 class H1Endpoint:
     """The client side of one HTTP/1.1 exchange that stands for HTTP/2 stream STREAM_ID."""
 
-    __slots__ = ("out", "parser", "chunked", "finished", "max_header_bytes")
+    __slots__ = ("out", "parser", "chunked", "finished", "dechunk")
 
     def __init__(self, max_header_bytes: int = 65536) -> None:
         self.out: list[bytes] = []
         self.parser = http1.Parser(False, max_header_bytes)
         self.chunked = False
         self.finished = False
+        self.dechunk: _Dechunk | None = None  # a chunked response: its body without the framing
 
     def __repr__(self) -> str:
         return "<H1Endpoint%s>" % (" finished" if self.finished else "")
@@ -112,14 +113,19 @@ class H1Endpoint:
             while not self.finished:
                 event = parser.next_event()
                 if isinstance(event, http1.Head):
-                    if 100 <= event.status < 200:
-                        parser.start_next_cycle()  # 100-continue and friends: the final head follows
+                    if 100 <= event.status < 200:  # 100-continue and friends: the final head follows
+                        parser.next_event()  # the interim message's END
+                        parser.start_next_cycle()
                         continue
                     headers = [(b":status", b"%d" % event.status)]
                     headers.extend((name, value) for name, value in event.headers if name not in _HOP_BY_HOP)
                     out.append(Headers(STREAM_ID, headers, False))
+                    if event.chunked:
+                        self.dechunk = _Dechunk()
                 elif isinstance(event, http1.Data):
-                    out.append(Data(STREAM_ID, event.data, len(event.data)))
+                    data = event.data if self.dechunk is None else self.dechunk.feed(event.data)
+                    if data:
+                        out.append(Data(STREAM_ID, data, len(data)))
                 elif event is http1.END:
                     out.append(StreamEnded(STREAM_ID))
                     self.finished = True
@@ -129,3 +135,51 @@ class H1Endpoint:
             self.finished = True
             raise H2ProtocolError("HTTP/1.1 response: %s" % exc.detail) from None
         return out
+
+
+class _Dechunk:
+    """The payload of a chunked body whose framing proxy.http1 has already validated.
+
+    http1's Data events carry the raw wire bytes, split anywhere; HTTP/2 has its own
+    framing, so the chunk sizes, CRLFs and trailer lines are taken out here.
+    """
+
+    __slots__ = ("pending", "remaining", "state")
+
+    _SIZE, _DATA, _CRLF, _TRAILER, _DONE = range(5)
+
+    def __init__(self) -> None:
+        self.pending = b""
+        self.remaining = 0
+        self.state = self._SIZE
+
+    def feed(self, raw: bytes) -> bytes:
+        buf = self.pending + raw if self.pending else raw
+        out: list[bytes] = []
+        pos, size, state = 0, len(buf), self.state
+        while pos < size and state != self._DONE:
+            if state == self._DATA:
+                take = min(self.remaining, size - pos)
+                out.append(buf[pos : pos + take])
+                pos += take
+                self.remaining -= take
+                if not self.remaining:
+                    state = self._CRLF
+            elif state == self._CRLF:
+                if size - pos < 2:
+                    break
+                pos += 2
+                state = self._SIZE
+            else:  # a size line, or a trailer line (dropped; an empty one ends the body)
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    break
+                if state == self._SIZE:
+                    self.remaining = int(buf[pos:eol].split(b";", 1)[0].strip(), 16)
+                    state = self._DATA if self.remaining else self._TRAILER
+                elif eol == pos:
+                    state = self._DONE
+                pos = eol + 2
+        self.state = state
+        self.pending = buf[pos:]
+        return b"".join(out)
