@@ -239,6 +239,9 @@ def test_curl_http2_prior_knowledge_through_the_ingress(shop):
     method, path, headers, body = app.requests[-1]  # the app got HTTP/1.1, body and all
     assert (method, path, body) == ("POST", "/echo?q=1", b"hello body")
     assert headers["host"] == "127.0.0.1:%d" % front.ports["ingress"]
+    chunked = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "http://127.0.0.1:%d/chunked-response" % front.ports["ingress"]],
+                             capture_output=True, timeout=DEADLINE_S)
+    assert chunked.stdout == b"hello world", chunked.stdout + chunked.stderr  # the chunk framing stays in HTTP/1.1
 
 
 def test_h2load_through_the_ingress(shop):
