@@ -3,7 +3,7 @@
 import pytest
 
 from meshctl.proxy.h1bridge import STREAM_ID, H1Endpoint
-from meshctl.proxy.h2conn import Data, H2ProtocolError, Headers, StreamEnded
+from meshctl.proxy.h2conn import STREAM_WINDOW, Data, H2ProtocolError, Headers, StreamEnded
 
 GET = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"shop:8080"), (b":path", b"/a?b=1"), (b"x-user", b"ida")]
 
@@ -75,3 +75,19 @@ def test_a_chunked_body_split_anywhere_loses_only_its_framing():
             events += endpoint.receive(wire[start : start + step])
         assert b"".join(e.data for e in events if isinstance(e, Data)) == b"hello" + b"z" * 26, step
         assert isinstance(events[-1], StreamEnded) and endpoint.finished
+
+
+def test_a_response_not_passed_on_holds_the_app_at_one_window():
+    resumed = []
+    endpoint = H1Endpoint()
+    endpoint.resume = lambda: resumed.append(True)
+    endpoint.send_request(GET, end_stream=True)
+    big = b"x" * (STREAM_WINDOW + 10)
+    events = endpoint.receive(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(big), big))
+    assert sum(len(e.data) for e in events if isinstance(e, Data)) == len(big)
+    assert endpoint.over_window
+    endpoint.paused = True  # as the driver does when it stops reading
+    endpoint.acknowledge(STREAM_ID, 5)
+    assert resumed == [] and endpoint.over_window
+    endpoint.acknowledge(STREAM_ID, 5)
+    assert resumed == [True] and not endpoint.paused and not endpoint.over_window

@@ -242,6 +242,9 @@ def test_curl_http2_prior_knowledge_through_the_ingress(shop):
     chunked = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "http://127.0.0.1:%d/chunked-response" % front.ports["ingress"]],
                              capture_output=True, timeout=DEADLINE_S)
     assert chunked.stdout == b"hello world", chunked.stdout + chunked.stderr  # the chunk framing stays in HTTP/1.1
+    big = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "http://127.0.0.1:%d/big?n=3000000" % front.ports["ingress"]],
+                         capture_output=True, timeout=DEADLINE_S)
+    assert len(big.stdout) == 3000000, big.stderr  # many stream windows: the bridge pauses and resumes the app
 
 
 def test_h2load_through_the_ingress(shop):

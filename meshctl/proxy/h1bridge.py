@@ -14,9 +14,11 @@ events of the one stream. `finished` says when the connection has nothing more t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from meshctl.proxy import http1
 from meshctl.proxy.errors import MeshError
-from meshctl.proxy.h2conn import Data, Event, H2ProtocolError, HeaderList, Headers, StreamEnded
+from meshctl.proxy.h2conn import STREAM_WINDOW, Data, Event, H2ProtocolError, HeaderList, Headers, StreamEnded
 
 __all__ = ["H1Endpoint", "STREAM_ID"]
 
@@ -29,7 +31,7 @@ _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 class H1Endpoint:
     """The client side of one HTTP/1.1 exchange that stands for HTTP/2 stream STREAM_ID."""
 
-    __slots__ = ("out", "parser", "chunked", "finished", "dechunk")
+    __slots__ = ("out", "parser", "chunked", "finished", "dechunk", "unacknowledged", "paused", "resume")
 
     def __init__(self, max_header_bytes: int = 65536) -> None:
         self.out: list[bytes] = []
@@ -37,6 +39,11 @@ class H1Endpoint:
         self.chunked = False
         self.finished = False
         self.dechunk: _Dechunk | None = None  # a chunked response: its body without the framing
+        # Response bytes handed out but not yet passed on downstream: over one stream window,
+        # the driver stops reading the app (`over_window`) until `acknowledge` calls `resume`.
+        self.unacknowledged = 0
+        self.paused = False
+        self.resume: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return "<H1Endpoint%s>" % (" finished" if self.finished else "")
@@ -89,7 +96,16 @@ class H1Endpoint:
         self.end_stream(stream_id)
 
     def acknowledge(self, stream_id: int, flow_length: int) -> None:
-        """Nothing to reopen: TCP's own window paces the app."""
+        """`flow_length` response bytes went on downstream; reading the app resumes below one window."""
+        self.unacknowledged -= flow_length
+        if self.paused and self.unacknowledged <= STREAM_WINDOW:
+            self.paused = False
+            if self.resume is not None:
+                self.resume()
+
+    @property
+    def over_window(self) -> bool:
+        return self.unacknowledged > STREAM_WINDOW
 
     def reset(self, stream_id: int, error_code: int = 0) -> None:
         self.finished = True
@@ -125,6 +141,7 @@ class H1Endpoint:
                 elif isinstance(event, http1.Data):
                     data = event.data if self.dechunk is None else self.dechunk.feed(event.data)
                     if data:
+                        self.unacknowledged += len(data)
                         out.append(Data(STREAM_ID, data, len(data)))
                 elif event is http1.END:
                     out.append(StreamEnded(STREAM_ID))

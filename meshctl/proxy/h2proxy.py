@@ -187,6 +187,18 @@ class _H1Side(_Side):
 
     def __init__(self, proxy: H2Proxy, label: str) -> None:
         super().__init__(proxy, client_side=True, label=label, endpoint=H1Endpoint())
+        self.endpoint.resume = self._resume_reading
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        endpoint = self.endpoint
+        if endpoint.over_window and not endpoint.paused and self.transport is not None and not self.lost:
+            endpoint.paused = True  # the HTTP/2 client reads slower than the app answers
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.resume_reading()
 
     def write_now(self) -> None:
         super().write_now()
