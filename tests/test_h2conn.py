@@ -309,3 +309,33 @@ def test_grpc_upstream_down_is_unavailable(codec):
                 assert "upstream-connect-failed" in info.value.details()
             finally:
                 ch.close()
+
+
+def test_a_stream_held_back_by_the_peers_concurrency_limit_gets_its_body_once_it_goes_out():
+    """ngh2 queues a request beyond the peer's MAX_CONCURRENT_STREAMS silently; streams_opened() tells the driver."""
+    ngh2 = pytest.importorskip("ngh2")
+    client = CODECS["ngh2"](client_side=True)
+    server = ngh2.Connection(ngh2.Role.SERVER)
+    server.initiate_connection({ngh2.Setting.MAX_CONCURRENT_STREAMS: 1})
+
+    def exchange() -> list:
+        server.receive_data(client.data_to_send())
+        events = client.receive(server.data_to_send())
+        server.receive_data(client.data_to_send())
+        return events + server.events()
+
+    exchange()
+    first = client.send_request(REQUEST)
+    second = client.send_request(REQUEST)
+    assert client.send_data(first, b"one") == 3
+    assert client.send_data(second, b"two") == 0 and client.waiting == {second}  # held back: no window yet
+    exchange()
+    assert not client.streams_opened()
+    server.send_response(first, [(b":status", b"200")], end_stream=True)
+    client.end_stream(first)
+    exchange()  # the first stream closes, so ngh2 sends the second's head
+    assert client.streams_opened() and not client.waiting
+    assert client.send_data(second, b"two") == 3
+    client.end_stream(second)
+    received = exchange()
+    assert b"".join(e.data for e in received if isinstance(e, ngh2.DataReceived) and e.stream_id == second) == b"two"

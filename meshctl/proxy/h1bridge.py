@@ -32,6 +32,7 @@ class H1Endpoint:
     """The client side of one HTTP/1.1 exchange that stands for HTTP/2 stream STREAM_ID."""
 
     __slots__ = ("out", "parser", "chunked", "finished", "dechunk", "unacknowledged", "paused", "resume")
+    waiting: frozenset[int] = frozenset()  # one stream, never held back (see h2conn's streams_opened)
 
     def __init__(self, max_header_bytes: int = 65536) -> None:
         self.out: list[bytes] = []

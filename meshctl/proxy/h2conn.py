@@ -220,6 +220,7 @@ class _H2LibEndpoint:
 
     __slots__ = ("conn", "client_side")
     codec = "h2"
+    waiting: frozenset[int] = frozenset()  # h2 never holds a stream back (see _NgEndpoint.streams_opened)
 
     def __init__(self, client_side: bool, peer_sidecar: bool = False) -> None:
         import h2.config
@@ -360,7 +361,7 @@ class _NgEndpoint:
     `_open_submitted` forces. Window updates are manual, as in h2, for the same backpressure.
     """
 
-    __slots__ = ("conn", "client_side", "early", "goaway")
+    __slots__ = ("conn", "client_side", "early", "goaway", "waiting")
     codec = "ngh2"
 
     def __init__(self, client_side: bool, peer_sidecar: bool = False) -> None:
@@ -368,6 +369,9 @@ class _NgEndpoint:
         self.client_side = client_side
         self.early = b""  # frames serialised ahead of data_to_send (see _open_submitted)
         self.goaway = False  # the peer said GOAWAY: the session winding down is no error
+        # Streams ngh2 holds back (the peer's MAX_CONCURRENT_STREAMS is reached) whose body
+        # waits: see streams_opened().
+        self.waiting: set[int] = set()
         self.conn = conn = ngh2.Connection(
             ngh2.Role.CLIENT if client_side else ngh2.Role.SERVER, ngh2.Configuration(auto_window_update=False))
         settings = {ngh2.Setting.INITIAL_WINDOW_SIZE: STREAM_WINDOW, ngh2.Setting.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS}
@@ -460,7 +464,9 @@ class _NgEndpoint:
             try:
                 room = self._room(stream_id)
             except ngh2.NGH2Error:
-                return 0  # closed, or still waiting for a concurrency slot at the peer
+                if stream_id < self.conn.next_stream_id:
+                    self.waiting.add(stream_id)  # submitted, not yet sent: a concurrency slot at the peer
+                return 0
         if room <= 0:
             return 0
         if room < len(data):
@@ -470,6 +476,24 @@ class _NgEndpoint:
         except ngh2.NGH2Error:
             return 0
         return len(data)
+
+    def streams_opened(self) -> bool:
+        """Whether a stream held back for a concurrency slot went out since: its body may follow now.
+
+        The driver asks after each write (only while `waiting` is not empty): ngh2 sends a
+        held-back stream's head when another stream closes, and says nothing about it.
+        """
+        opened = False
+        for stream_id in list(self.waiting):
+            try:
+                self.conn.stream_remote_window_size(stream_id)
+            except ngh2.StreamUnavailableError:
+                continue
+            except ngh2.NGH2Error:
+                pass  # closed meanwhile: nothing to wait for
+            self.waiting.discard(stream_id)
+            opened = True
+        return opened
 
     def end_stream(self, stream_id: int) -> None:
         try:

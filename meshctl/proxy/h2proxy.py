@@ -137,9 +137,12 @@ class _Side(asyncio.Protocol):
 
     def write_now(self) -> None:
         if self.transport is not None and not self.lost:
-            data = self.endpoint.data_to_send()
+            endpoint = self.endpoint
+            data = endpoint.data_to_send()
             if data:
                 self.transport.write(data)
+            if endpoint.waiting and endpoint.streams_opened():
+                self.window_opened(0)  # a held-back stream went out: its queued body may follow
 
     def data_received(self, data: bytes) -> None:
         proxy = self.proxy
