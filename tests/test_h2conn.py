@@ -339,3 +339,15 @@ def test_a_stream_held_back_by_the_peers_concurrency_limit_gets_its_body_once_it
     client.end_stream(second)
     received = exchange()
     assert b"".join(e.data for e in received if isinstance(e, ngh2.DataReceived) and e.stream_id == second) == b"two"
+
+
+def test_the_codec_is_chosen_once_and_a_wrong_name_says_what_to_do(monkeypatch):
+    from meshctl.proxy import h2conn
+
+    assert h2conn._choose_codec("") == ("ngh2" if "ngh2" in CODECS else "h2")
+    assert h2conn._choose_codec("h2") == "h2"
+    with pytest.raises(RuntimeError, match="expected h2 or ngh2"):
+        h2conn._choose_codec("nghttp2")
+    monkeypatch.setattr(h2conn, "CODECS", {"h2": CODECS["h2"]})
+    with pytest.raises(RuntimeError, match="pip install ngh2"):
+        h2conn._choose_codec("ngh2")
