@@ -35,14 +35,19 @@ down: $(STAMP)
 status: $(STAMP)
 	$(BIN)/meshctl status
 
+# The HTTP/2 and gRPC tests run twice: with the fast codec (ngh2) in the full run, then with
+# the pure-Python fallback (h2) that serves where ngh2 cannot be installed.
+H2_TESTS := tests/test_h2conn.py tests/test_ingress_h2.py tests/test_protocols_mesh.py
+
 test: $(STAMP) test-deps
 	$(BIN)/python -m pytest -n 2 tests
+	MESHCTL_H2_CODEC=h2 $(BIN)/python -m pytest -n 2 $(H2_TESTS)
 
 # Optional system tools some tests use, as command:debian-package pairs (a real Redis and
 # Prometheus, nginx behind the ingress for the burst test, Chromium and its WebDriver for
 # the dashboard's browser tests). Installed from Debian when running as root with apt-get;
 # a failed install never fails the run, the tests that need a tool skip and say why.
-TEST_TOOLS := redis-server:redis-server prometheus:prometheus nginx:nginx-light chromium:chromium chromedriver:chromium-driver
+TEST_TOOLS := redis-server:redis-server prometheus:prometheus nginx:nginx-light chromium:chromium chromedriver:chromium-driver h2load:nghttp2-client
 test-deps:
 	@missing=; for pair in $(TEST_TOOLS); do \
 	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \

@@ -1,6 +1,6 @@
 """HTTP/2 through the mesh against direct: h2load against an h2c nginx, and gRPC unary calls.
 
-HTTP/2 enters the mesh at a caller's outbound listener (the ingress speaks HTTP/1.1 only),
+HTTP/2 enters the mesh here at a caller's outbound listener (the ingress hands HTTP/2 to the same H2Proxy),
 so the mesh here has two services: `web`, the h2c app, declared `protocol: grpc` (h2c
 prior knowledge on the outbound listener, h2 over mTLS between the sidecars, h2c to the
 app; an `http` service would reach its app over HTTP/1.1, which an h2c-only nginx does not
@@ -11,9 +11,13 @@ speak), and `client`, a placeholder app whose sidecar gives it an outbound port 
   --log-file; CPU of the two sidecars per request from /proc.
 * gRPC: N unary `recommend.Recommend/ForItem` calls with C in flight from one grpc.aio
   client process, against demo-services/recommend.py direct and through the mesh.
+* gRPC server streaming: one call answered by BULK_MESSAGES messages of BULK_MESSAGE_BYTES
+  (a grpcio server of this file, `serve-bulk`), MB/s received by the client, direct and
+  through the mesh.
 
-    python bench/http2.py                 # both, printed as JSON
+    python bench/http2.py                 # all three, printed as JSON
     python bench/http2.py serve-nginx     # the h2c app (reads PORT and BENCH_TMP), used by the above
+    python bench/http2.py serve-bulk      # the streaming gRPC app (reads PORT), used by the above
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ H2_SCRIPT = os.path.abspath(__file__)
 RECOMMEND = os.path.join(os.path.dirname(targets.BENCH_DIR), "demo-services", "recommend.py")
 CONNECTIONS = 16
 STREAMS = (10, 1)
+BULK_MESSAGES = 4096
+BULK_MESSAGE_BYTES = 16 * 1024  # 64 MiB per streaming call
 
 _NGINX_H2C = """\
 {user_line}
@@ -75,6 +81,27 @@ def serve_nginx() -> None:
     with open(config, "w") as out:
         out.write(_NGINX_H2C.format(user_line=user_line, dir=directory, port=os.environ["PORT"]))
     os.execvp("nginx", ["nginx", "-c", config, "-p", directory, "-g", "daemon off;"])
+
+
+def serve_bulk() -> None:
+    """A grpcio server on 127.0.0.1:$PORT whose `bench.Bulk/Stream` answers count messages of size bytes."""
+    from concurrent import futures
+
+    import grpc
+
+    def stream(request: bytes, context: Any) -> Iterator[bytes]:
+        count, size = (int(part) for part in request.split(b","))
+        message = b"b" * size
+        for _ in range(count):
+            yield message
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    identity = {"request_deserializer": None, "response_serializer": None}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "bench.Bulk", {"Stream": grpc.unary_stream_rpc_method_handler(stream, **identity)}),))
+    server.add_insecure_port("127.0.0.1:%s" % os.environ["PORT"])
+    server.start()
+    server.wait_for_termination()
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 10.0) -> None:
@@ -239,12 +266,17 @@ asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))
 '''
 
 
-def grpc_run(port: int, calls: int, concurrency: int) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-c", GRPC_CLIENT, str(port), str(calls), str(concurrency)],
-                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+def _client_json(script: str, args: list[int], what: str, timeout: float) -> dict[str, Any]:
+    """Run a client `script` (its own process, so it does not share this one's CPU) and read its JSON line."""
+    done = subprocess.run([sys.executable, "-c", script, *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     if done.returncode != 0:
-        raise BenchError("the grpc client failed: %s" % done.stderr[-1000:])
-    raw = json.loads(done.stdout)
+        raise BenchError("the %s failed: %s" % (what, done.stderr[-1000:]))
+    return json.loads(done.stdout)
+
+
+def grpc_run(port: int, calls: int, concurrency: int) -> dict[str, Any]:
+    raw = _client_json(GRPC_CLIENT, [port, calls, concurrency], "grpc client", 300)
     ordered = sorted(raw["latencies"])
     return {"rps": len(ordered) / raw["seconds"], "requests": len(ordered) + raw["errors"], "errors": raw["errors"],
             "mean": statistics.fmean(ordered) if ordered else None, "p50": _percentile(ordered, 0.5), "p99": _percentile(ordered, 0.99)}
@@ -254,9 +286,48 @@ def grpc_table(paths: list[targets.Target], calls: int, concurrency: int, runs: 
     return interleaved_table(paths, runs, lambda target: grpc_run(target.port, calls, concurrency), dict)
 
 
+BULK_CLIENT = r'''
+import json, sys, time
+import grpc
+
+port, count, size = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+with grpc.insecure_channel("127.0.0.1:%d" % port, options=[("grpc.max_receive_message_length", 1 << 24)]) as channel:
+    call = channel.unary_stream("/bench.Bulk/Stream", request_serializer=None, response_deserializer=None)
+    list(call(b"1,1", timeout=30))  # connected and warm
+    started = time.perf_counter()
+    received = sum(len(message) for message in call(b"%d,%d" % (count, size), timeout=300))
+    print(json.dumps({"seconds": time.perf_counter() - started, "bytes": received}))
+'''
+
+
+def bulk_run(port: int, count: int, size: int) -> dict[str, Any]:
+    raw = _client_json(BULK_CLIENT, [port, count, size], "streaming grpc client", 330)
+    complete = raw["bytes"] == count * size
+    return {"rps": raw["bytes"] / raw["seconds"] / 1e6, "requests": count, "errors": 0 if complete else 1, "seconds": raw["seconds"]}
+
+
+def bulk_table(paths: list[targets.Target], runs: int) -> dict[str, Any]:
+    """MB/s of one server-streaming call per run (the `rps` key carries MB/s); sidecar CPU per MB."""
+    table = interleaved_table(paths, runs, lambda target: bulk_run(target.port, BULK_MESSAGES, BULK_MESSAGE_BYTES),
+                              lambda median: {"rps": median["rps"]})
+    megabytes = BULK_MESSAGES * BULK_MESSAGE_BYTES / 1e6
+    for entry in table.values():
+        cpu_per_message = entry.pop("proxy_cpu_us")
+        entry["proxy_cpu_ms_per_mb"] = None if cpu_per_message is None else cpu_per_message * BULK_MESSAGES / megabytes / 1e3
+    return table
+
+
+def sidecar_codec() -> str:
+    """The HTTP/2 codec the sidecars pick (meshctl/proxy/h2conn.py: MESHCTL_H2_CODEC, else ngh2 if installed)."""
+    forced = os.environ.get("MESHCTL_H2_CODEC")
+    if forced:
+        return "%s (MESHCTL_H2_CODEC)" % forced
+    return "ngh2" if importlib.util.find_spec("ngh2") is not None else "h2 (ngh2 not installed)"
+
+
 def measure(workdir: str, requests: int = 20_000, runs: int = 3, grpc_calls: int = 5000, grpc_concurrency: int = 16) -> dict[str, Any]:
     """Both scenarios; the dict bench/report.py renders as the HTTP/2 section."""
-    result: dict[str, Any] = {"connections": CONNECTIONS, "requests": requests, "runs": runs, "h2load": {}}
+    result: dict[str, Any] = {"connections": CONNECTIONS, "requests": requests, "runs": runs, "h2load": {}, "codec": sidecar_codec()}
     nginx = [sys.executable, H2_SCRIPT, "serve-nginx"]
     with direct_app(workdir, nginx, "nginx-h2c") as direct, mesh_app(workdir, nginx, "bench-h2") as mesh:
         result["mesh_label"] = mesh.name
@@ -275,17 +346,27 @@ def measure(workdir: str, requests: int = 20_000, runs: int = 3, grpc_calls: int
                           "table": grpc_table([direct, mesh], grpc_calls, grpc_concurrency, runs)}
         for name, entry in result["grpc"]["table"].items():
             print("  %-40s %9.0f calls/s  errors %d" % (name, entry["rps"], entry["errors"]), flush=True)
+    bulk = [sys.executable, H2_SCRIPT, "serve-bulk"]
+    print("grpc server streaming, %d x %d bytes ..." % (BULK_MESSAGES, BULK_MESSAGE_BYTES), flush=True)
+    with direct_app(workdir, bulk, "bulk") as direct, mesh_app(workdir, bulk, "bench-bulk") as mesh:
+        result["grpc_stream"] = {"messages": BULK_MESSAGES, "message_bytes": BULK_MESSAGE_BYTES, "runs": runs,
+                                 "table": bulk_table([direct, mesh], runs)}
+        for name, entry in result["grpc_stream"]["table"].items():
+            print("  %-40s %9.1f MB/s  errors %d" % (name, entry["rps"], entry["errors"]), flush=True)
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", nargs="?", choices=["measure", "serve-nginx"], default="measure")
+    parser.add_argument("mode", nargs="?", choices=["measure", "serve-nginx", "serve-bulk"], default="measure")
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args(argv)
     if args.mode == "serve-nginx":
         serve_nginx()
+    if args.mode == "serve-bulk":
+        serve_bulk()
+        return 0
     exit_on_termination()
     workdir = tempfile.mkdtemp(prefix="meshctl-bench-h2-")
     try:

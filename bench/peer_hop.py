@@ -211,10 +211,20 @@ def machine_facts() -> dict[str, Any]:
     import h2
     import uvloop
 
+    from meshctl.proxy.h2conn import CODEC
+
     return {"nproc": os.cpu_count(), "cpu": cpu, "memory": psutil.virtual_memory().total,
             "kernel": "%s %s" % (platform.system(), platform.release()), "loadavg": "%.2f %.2f %.2f" % os.getloadavg(),
             "meshctl": run.code_version(None), "python": platform.python_version(), "uvloop": uvloop.__version__,
-            "h2": h2.__version__, "openssl": ssl.OPENSSL_VERSION}
+            "h2": h2.__version__, "h2_codec": _codec_version(CODEC), "openssl": ssl.OPENSSL_VERSION}
+
+
+def _codec_version(codec: str) -> str:
+    if codec == "ngh2":
+        import ngh2
+
+        return "ngh2 %s" % ngh2.__version__
+    return "h2 (fallback)"
 
 
 def table_rows(result: dict[str, Any]) -> list[list[str]]:
@@ -239,10 +249,10 @@ def conclusion(result: dict[str, Any]) -> str:
     cheaper = pooled_label if pooled["cpu_us"] <= best_h2["cpu_us"] else h2_label
     other = h2_label if cheaper == pooled_label else pooled_label
     return (
-        "**%s** wins on this machine: %.0f requests/s against %.0f for %s (the best h2 variant), %.2fx. "
+        "**%s** wins on this machine: %.0f requests/s against %.0f for %s, %.2fx (%s is the best h2 variant). "
         "CPU for the hop, both ends together: %.1f us per request pooled, %.1f us over h2 (%s), so %s costs "
         "%.1f us (%.0f %%) less per request than %s."
-        % (faster, modes[faster]["rps"], modes[slower]["rps"], slower if faster == pooled_label else pooled_label, ratio,
+        % (faster, modes[faster]["rps"], modes[slower]["rps"], slower, ratio, h2_label,
            pooled["cpu_us"], best_h2["cpu_us"], h2_label, cheaper, modes[other]["cpu_us"] - modes[cheaper]["cpu_us"],
            (1 - modes[cheaper]["cpu_us"] / modes[other]["cpu_us"]) * 100, other)
     )
@@ -283,6 +293,7 @@ def render_section(result: dict[str, Any]) -> str:
         "| load average before the run | %s |" % machine["loadavg"],
         "| meshctl | %s |" % machine["meshctl"],
         "| Python / uvloop / h2 | %s / %s / %s |" % (machine["python"], machine["uvloop"], machine["h2"]),
+        "| HTTP/2 codec (proxy.h2conn) | %s |" % machine.get("h2_codec", "h2"),
         "| TLS | %s |" % machine["openssl"],
         "",
     ]

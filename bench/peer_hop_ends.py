@@ -191,7 +191,7 @@ class H2Inbound(asyncio.Protocol):
                 endpoint.acknowledge(event.stream_id, event.flow_length)  # type: ignore[union-attr]
             elif kind is StreamEnded:
                 stream_id = event.stream_id  # type: ignore[union-attr]
-                endpoint.send_headers(stream_id, h2_response_fields(self.app_head))
+                endpoint.send_response(stream_id, h2_response_fields(self.app_head))
                 endpoint.send_data(stream_id, RESPONSE_BODY)
                 endpoint.end_stream(stream_id)
         out = endpoint.data_to_send()
@@ -394,9 +394,8 @@ class H2Lane(Lane):
 
     def _open(self, number: int) -> None:
         endpoint = self.endpoint
-        stream_id = endpoint.next_stream_id()
         add = [*FORWARDED_FIELDS, (b"x-request-id", b"%s%012x" % (REQUEST_ID_PREFIX, number))]
-        endpoint.send_headers(stream_id, h2_request_fields(self.request_head, add), end_stream=True)
+        stream_id = endpoint.send_request(h2_request_fields(self.request_head, add), end_stream=True)
         self.responses[stream_id] = [False, False, []]
         self.in_flight += 1
 

@@ -78,6 +78,49 @@ def judge_targets(results: dict[str, Any]) -> list[Verdict]:
         "n/a" if prop is None else "p99 %s ms over %d changes (p50 %s ms)" % (_ms(prop["p99"]), prop["changes"], _ms(prop["p50"])),
         None if prop is None else prop["p99"] < 0.1 and prop["problems"] == 0,
     ))
+    if results.get("h2") and not isinstance(results["h2"], str):
+        verdicts += judge_h2_targets(results["h2"], small[mesh]["proxy_cpu_us"])
+    return verdicts
+
+
+def _mesh_entry(table: dict[str, Any]) -> dict[str, Any]:
+    return next(entry for path, entry in table.items() if path != "direct")
+
+
+def judge_h2_targets(h2: dict[str, Any], http1_cpu_us: float | None) -> list[Verdict]:
+    """Issue #17's targets: HTTP/2 at about HTTP/1.1's cost; `http1_cpu_us` from the same run (None: not measured)."""
+    verdicts = []
+    h2load = h2["h2load"].get("10")
+    if h2load is not None:
+        mesh = _mesh_entry(h2load)
+        cpu = mesh["proxy_cpu_us"]
+        ratio = _ratio(cpu, http1_cpu_us)
+        verdicts.append(Verdict(
+            "sidecar CPU per HTTP/2 request <= 1.5x the HTTP/1.1 path's (h2load -m10 vs wrk, both sidecars)",
+            "n/a" if ratio is None else "%.1f vs %.1f us = %.2fx" % (cpu, http1_cpu_us, ratio),
+            None if ratio is None else ratio <= 1.5,
+        ))
+        ratio = _ratio(mesh["rps"], h2load["direct"]["rps"])
+        verdicts.append(Verdict(
+            "`h2load -m10` through the mesh >= 0.25x direct",
+            "%.0f vs %.0f rps = %.3fx" % (mesh["rps"], h2load["direct"]["rps"], ratio), ratio >= 0.25,
+        ))
+    grpc = h2.get("grpc")
+    if grpc:
+        mesh = _mesh_entry(grpc["table"])
+        ratio = _ratio(mesh["rps"], grpc["table"]["direct"]["rps"])
+        verdicts.append(Verdict(
+            "gRPC unary through the mesh >= 0.5x direct grpcio calls/s",
+            "%.0f vs %.0f calls/s = %.2fx" % (mesh["rps"], grpc["table"]["direct"]["rps"], ratio), ratio >= 0.5,
+        ))
+    stream = h2.get("grpc_stream")
+    if stream:
+        mesh = _mesh_entry(stream["table"])
+        verdicts.append(Verdict(
+            "gRPC server streaming MB/s, mesh vs direct (reported)",
+            "%.1f vs %.1f MB/s = %.2fx" % (mesh["rps"], stream["table"]["direct"]["rps"],
+                                          _ratio(mesh["rps"], stream["table"]["direct"]["rps"])), None,
+        ))
     return verdicts
 
 
@@ -110,8 +153,8 @@ def render_h2(h2: dict[str, Any] | str) -> list[str]:
     out = [H2_TITLE, ""]
     if isinstance(h2, str):
         return out + [h2, ""]
-    out += ["bench/http2.py. HTTP/2 enters the mesh at a caller's outbound listener (the ingress speaks "
-            "HTTP/1.1 only), so the mesh has two services: `web`, the app, declared `protocol: grpc`, and "
+    out += ["bench/http2.py. HTTP/2 enters the mesh here at a caller's outbound listener (the ingress hands "
+            "HTTP/2 to the same H2Proxy), so the mesh has two services: `web`, the app, declared `protocol: grpc`, and "
             "`client`, a placeholder app that lists web as an upstream. The mesh path: h2load -> client's "
             "sidecar (outbound listener, h2c prior knowledge) -> h2 over mTLS (ALPN h2) -> web's sidecar "
             "(inbound) -> the app over h2c. Direct: the same app, its own process, no proxy. Runs "
@@ -135,6 +178,23 @@ def render_h2(h2: dict[str, Any] | str) -> list[str]:
                     grpc["calls"], grpc["concurrency"], grpc["runs"]), ""]
         out += _table(["path", "calls/s", "runs (min .. max)", "x direct", "mean ms", "p50 ms", "p99 ms",
                        "sidecar CPU us/call", "errors"], _h2_rows(grpc["table"]))
+    stream = h2.get("grpc_stream")
+    if stream:
+        direct_mbs = stream["table"]["direct"]["rps"]
+        out += ["### gRPC server streaming (bench/http2.py `serve-bulk`)", "",
+                "One call answered by %d messages of %d bytes (%.0f MiB), %d runs per path; MB/s as the client "
+                "received them." % (stream["messages"], stream["message_bytes"],
+                                    stream["messages"] * stream["message_bytes"] / MB, stream["runs"]), ""]
+        out += _table(["path", "MB/s", "runs (min .. max)", "x direct", "sidecar CPU ms/MB", "errors"], [
+            [path, "%.1f" % entry["rps"], "%.1f .. %.1f" % (min(entry["runs"]), max(entry["runs"])), "%.2f" % (entry["rps"] / direct_mbs),
+             "n/a" if entry["proxy_cpu_ms_per_mb"] is None else "%.2f" % entry["proxy_cpu_ms_per_mb"], str(entry["errors"])]
+            for path, entry in stream["table"].items()])
+    if h2.get("codec"):
+        out += ["HTTP/2 codec in the sidecars (proxy.h2conn): %s." % h2["codec"], ""]
+    http1_cpu = h2.get("http1_cpu_us")
+    out += ["### HTTP/2 targets", ""]
+    out += _table(["target", "measured", "verdict"],
+                  [[v.target, v.measured, _mark(v.passed)] for v in judge_h2_targets(h2, http1_cpu)])
     return out
 
 

@@ -60,3 +60,15 @@ def test_replace_h2_section_keeps_the_rest(page: str, kept: list[str]) -> None:
         assert line in text
     if "## B" in page:
         assert text.index(report.H2_TITLE) < text.index("## B")
+
+
+def test_h2_targets_judged_against_the_http1_path_of_the_same_run() -> None:
+    results = dict(H2_RESULTS, grpc={"calls": 1, "concurrency": 1, "runs": 1,
+                                     "table": {"direct": _entry(1000.0, None), "mesh": _entry(400.0, 900.0)}},
+                   grpc_stream={"messages": 1, "message_bytes": 1, "runs": 1,
+                                "table": {"direct": {"rps": 100.0, "runs": [100.0], "proxy_cpu_ms_per_mb": None, "errors": 0},
+                                          "mesh": {"rps": 50.0, "runs": [50.0], "proxy_cpu_ms_per_mb": 3.0, "errors": 0}}})
+    assert [v.passed for v in report.judge_h2_targets(results, 400.0)] == [True, True, False, None]
+    assert [v.passed for v in report.judge_h2_targets(results, 300.0)][0] is False  # 500 us vs 300 us: 1.67x
+    assert report.judge_h2_targets(results, None)[0].passed is None  # --h2-only: no HTTP/1.1 figure to compare
+    assert "0.250x" in report.judge_h2_targets(results, 400.0)[1].measured

@@ -1,5 +1,10 @@
 """The frontend's gRPC client for `recommend.Recommend/ForItem` (demo-services/recommend.py).
 
+Also a command for a gRPC client outside the mesh, through the ingress (which routes
+`/recommend.Recommend/` to recommend in templates/shopfast.yaml):
+
+    python demo-services/recommend_client.py --url http://127.0.0.1:8080 mug-01
+
 The mesh gives the frontend RECOMMEND_URL (`http://127.0.0.1:<port>`, its sidecar's
 outbound listener for `recommend`, which speaks h2c because the service is declared
 `protocol: grpc`); gRPC wants `host:port` and an insecure channel, the sidecar encrypts.
@@ -63,3 +68,29 @@ class RecommendClient:
     def close(self) -> None:
         if self._channel is not None:
             self._channel.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="Ask recommend.Recommend/ForItem for recommendations.")
+    parser.add_argument("--url", default="http://127.0.0.1:8080", help="the ingress (or a sidecar's outbound listener)")
+    parser.add_argument("sku", nargs="?", default="mug-01")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)  # why a call failed
+    if grpc is None:
+        print("grpcio is not installed: pip install grpcio", file=sys.stderr)
+        return 2
+    client = RecommendClient(args.url)
+    try:
+        answer = client.for_item(args.sku, {})
+    finally:
+        client.close()
+    if answer is None:
+        return 1
+    print("%s (served by %s)" % (", ".join(answer.skus), answer.served_by or "?"))
+    return 0
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from meshctl.proxy import h2proxy
 from meshctl.proxy.h2conn import (
+    CODECS,
     GRPC_RETRIABLE,
     STREAM_WINDOW,
+    ConnectionEnded,
     Data,
-    H2Endpoint,
+    H2ProtocolError,
     Headers,
     StreamEnded,
     StreamReset,
@@ -25,6 +28,14 @@ from meshctl.proxy.h2conn import (
 from meshctl.proxy.h2proxy import H2Proxy
 
 DEADLINE_S = 10.0
+
+
+@pytest.fixture(params=sorted(CODECS))
+def codec(request, monkeypatch):
+    """Each installed HTTP/2 codec in turn (ngh2 and the h2 fallback), also inside H2Proxy."""
+    endpoint = CODECS[request.param]
+    monkeypatch.setattr(h2proxy, "H2Endpoint", endpoint)
+    return endpoint
 
 
 @pytest.mark.parametrize(
@@ -84,7 +95,7 @@ def test_strip_connection_specific():
     assert strip_connection_specific([(b"te", b"gzip")]) == []
 
 
-def pump(a: H2Endpoint, b: H2Endpoint) -> tuple[list, list]:
+def pump(a, b) -> tuple[list, list]:
     """Exchange bytes until both are quiet; the events each side saw."""
     seen_a, seen_b = [], []
     while True:
@@ -98,11 +109,10 @@ def pump(a: H2Endpoint, b: H2Endpoint) -> tuple[list, list]:
 REQUEST = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", b"/svc/M"), (b"content-type", b"application/grpc")]
 
 
-def test_endpoint_exchange_with_trailers_and_backpressure():
-    client, server = H2Endpoint(client_side=True), H2Endpoint(client_side=False)
+def test_endpoint_exchange_with_trailers_and_backpressure(codec):
+    client, server = codec(client_side=True), codec(client_side=False)
     pump(client, server)
-    stream_id = client.next_stream_id()
-    client.send_headers(stream_id, REQUEST)
+    stream_id = client.send_request(REQUEST)
     payload = b"p" * (STREAM_WINDOW * 2)
     sent = client.send_data(stream_id, payload)
     assert sent == STREAM_WINDOW  # the server's stream window, no more
@@ -117,9 +127,9 @@ def test_endpoint_exchange_with_trailers_and_backpressure():
     client.end_stream(stream_id)
     _, events = pump(client, server)
     assert isinstance(events[-1], StreamEnded)
-    server.send_headers(stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+    server.send_response(stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")])
     server.send_data(stream_id, b"\x00\x00\x00\x00\x02hi")
-    server.send_headers(stream_id, [(b"grpc-status", b"0")], end_stream=True)
+    server.send_trailers(stream_id, [(b"grpc-status", b"0")])
     events, _ = pump(client, server)
     kinds = [type(e) for e in events]
     assert kinds[:1] == [Headers] and Trailers in kinds and kinds[-1] is StreamEnded
@@ -127,15 +137,42 @@ def test_endpoint_exchange_with_trailers_and_backpressure():
     assert grpc_status(trailers.headers) == 0
 
 
-def test_endpoint_reset():
-    client, server = H2Endpoint(client_side=True), H2Endpoint(client_side=False)
+def test_endpoint_reset(codec):
+    client, server = codec(client_side=True), codec(client_side=False)
     pump(client, server)
-    stream_id = client.next_stream_id()
-    client.send_headers(stream_id, REQUEST)
+    stream_id = client.send_request(REQUEST)
     pump(client, server)
     client.reset(stream_id, 8)
     _, events = pump(client, server)
     assert [(type(e), e.error_code) for e in events if isinstance(e, StreamReset)] == [(StreamReset, 8)]
+
+
+def test_endpoint_refuses_a_connection_specific_header(codec):
+    """RFC 9113 8.2.2: ngh2 resets the one stream, h2 ends the connection; neither passes it on."""
+    if "ngh2" not in CODECS:
+        pytest.skip("the raw client is ngh2, which sends header fields as it is given them")
+    server = codec(client_side=False)
+    raw = CODECS["ngh2"](client_side=True)
+    pump(raw, server)
+    stream_id = raw.send_request(REQUEST + [(b"connection", b"keep-alive")], end_stream=True)
+    try:
+        client_events, server_events = pump(raw, server)
+    except H2ProtocolError:
+        return
+    assert not any(isinstance(e, Headers) for e in server_events)
+    assert [e.stream_id for e in client_events if isinstance(e, StreamReset)] == [stream_id]
+
+
+def test_goaway_ends_the_connection_without_a_protocol_error(codec):
+    client, server = codec(client_side=True), codec(client_side=False)
+    pump(client, server)
+    stream_id = client.send_request(REQUEST, end_stream=True)
+    pump(client, server)
+    server.send_response(stream_id, [(b":status", b"200")], end_stream=True)
+    server.close()
+    events, _ = pump(client, server)
+    assert any(isinstance(e, ConnectionEnded) for e in events)
+    assert client.receive(b"") == []
 
 
 # -- the proxy driver with grpcio --------------------------------------------------------------
@@ -205,7 +242,7 @@ def recommend_server():
 
 
 @pytest.fixture
-def channel(recommend_server):
+def channel(recommend_server, codec):
     with ProxyThread(recommend_server) as proxy:
         channel = grpc.insecure_channel("127.0.0.1:%d" % proxy.port, options=[("grpc.enable_http_proxy", 0)])
         try:
@@ -258,7 +295,7 @@ def test_grpc_status_from_server(channel):
     assert info.value.details() == "recommendations are warming up"
 
 
-def test_grpc_upstream_down_is_unavailable():
+def test_grpc_upstream_down_is_unavailable(codec):
     import socket
 
     with socket.socket() as unused:
@@ -272,3 +309,45 @@ def test_grpc_upstream_down_is_unavailable():
                 assert "upstream-connect-failed" in info.value.details()
             finally:
                 ch.close()
+
+
+def test_a_stream_held_back_by_the_peers_concurrency_limit_gets_its_body_once_it_goes_out():
+    """ngh2 queues a request beyond the peer's MAX_CONCURRENT_STREAMS silently; streams_opened() tells the driver."""
+    ngh2 = pytest.importorskip("ngh2")
+    client = CODECS["ngh2"](client_side=True)
+    server = ngh2.Connection(ngh2.Role.SERVER)
+    server.initiate_connection({ngh2.Setting.MAX_CONCURRENT_STREAMS: 1})
+
+    def exchange() -> list:
+        server.receive_data(client.data_to_send())
+        events = client.receive(server.data_to_send())
+        server.receive_data(client.data_to_send())
+        return events + server.events()
+
+    exchange()
+    first = client.send_request(REQUEST)
+    second = client.send_request(REQUEST)
+    assert client.send_data(first, b"one") == 3
+    assert client.send_data(second, b"two") == 0 and client.waiting == {second}  # held back: no window yet
+    exchange()
+    assert not client.streams_opened()
+    server.send_response(first, [(b":status", b"200")], end_stream=True)
+    client.end_stream(first)
+    exchange()  # the first stream closes, so ngh2 sends the second's head
+    assert client.streams_opened() and not client.waiting
+    assert client.send_data(second, b"two") == 3
+    client.end_stream(second)
+    received = exchange()
+    assert b"".join(e.data for e in received if isinstance(e, ngh2.DataReceived) and e.stream_id == second) == b"two"
+
+
+def test_the_codec_is_chosen_once_and_a_wrong_name_says_what_to_do(monkeypatch):
+    from meshctl.proxy import h2conn
+
+    assert h2conn._choose_codec("") == ("ngh2" if "ngh2" in CODECS else "h2")
+    assert h2conn._choose_codec("h2") == "h2"
+    with pytest.raises(RuntimeError, match="expected h2 or ngh2"):
+        h2conn._choose_codec("nghttp2")
+    monkeypatch.setattr(h2conn, "CODECS", {"h2": CODECS["h2"]})
+    with pytest.raises(RuntimeError, match="pip install ngh2"):
+        h2conn._choose_codec("ngh2")

@@ -10,7 +10,7 @@ import sys
 import urllib.request
 
 from tests.meshharness import free_port, http_get, wait_for
-from tests.tlspeers import plain_get
+from tests.tlspeers import plain_get, user_certificate
 from tests.traffic import ContinuousLoad
 
 SECURE = """
@@ -131,29 +131,11 @@ def test_rotations_from_the_cli_under_load_lose_nothing(mesh):
 
 
 def self_signed(directory) -> tuple[str, str]:
-    """A certificate for 127.0.0.1, as a user would bring for the ingress."""
-    import datetime as dt
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "shop.example")])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
+    """A certificate for 127.0.0.1, as a user would bring for the ingress, in two files."""
+    cert_pem, key_pem = user_certificate("shop.example")
     cert_path, key_path = directory / "shop.crt", directory / "shop.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    cert_path.write_text(cert_pem)
+    key_path.write_text(key_pem)
     return str(cert_path), str(key_path)
 
 

@@ -57,6 +57,29 @@ def expired_leaf(ca: CertificateAuthority, identity: str) -> tuple[str, str]:
     return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem.decode()
 
 
+def user_certificate(common_name: str, dns_names: tuple[str, ...] = (), ips: tuple[str, ...] = ("127.0.0.1",)) -> tuple[str, str]:
+    """A self-signed certificate, as a user would bring for the ingress: (cert_pem, key_pem).
+
+    Marked as its own CA, so that clients (curl, grpcio, Python's ssl) accept it as their trust anchor.
+    """
+    import ipaddress
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = dt.datetime.now(dt.timezone.utc)
+    names = [x509.DNSName(dns) for dns in dns_names] + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem.decode()
+
+
 class PemFiles:
     """Cert and key written to a private temp dir, because ssl loads chains from paths."""
 

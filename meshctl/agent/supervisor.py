@@ -37,6 +37,9 @@ from meshctl.agent.plan import desired_instances, plan_apply
 from meshctl.agent.sidecar import SidecarHandle
 
 log = logging.getLogger(__name__)
+# Settings of the sidecar that pass from the agent's environment to the sidecars it starts
+# (MESHCTL_H2_CODEC=h2 forces the pure-Python HTTP/2 codec, meshctl/proxy/h2conn.py).
+SIDECAR_SETTINGS = frozenset({"MESHCTL_H2_CODEC"})
 
 
 class Supervisor(LiveChanges):
@@ -71,7 +74,7 @@ class Supervisor(LiveChanges):
 
     def base_env(self) -> dict[str, str]:
         env = dict(os.environ)
-        for key in [k for k in env if k.startswith("MESHCTL_")]:
+        for key in [k for k in env if k.startswith("MESHCTL_") and k not in SIDECAR_SETTINGS]:
             env.pop(key)
         # Commands like `python app.py` run with meshctl's own Python first on PATH.
         bindir = os.path.dirname(sys.executable)

@@ -1,7 +1,7 @@
 """The sidecar: meshctl's data plane, one lean process per instance.
 
-It imports only the standard library, uvloop, httptools and h2, never the agent or the
-CLI: its configuration arrives as plain data over the config channel
+It imports only the standard library, uvloop, httptools, ngh2 (the HTTP/2 codec, with h2
+as the fallback where ngh2 is not installed) and h2, never the agent or the CLI: its configuration arrives as plain data over the config channel
 (docs/protocols.md, part 1). Traffic policy shapes are in meshctl/proxy/policy.md.
 
 Parts:
@@ -10,8 +10,9 @@ Parts:
   (HTTP/1, HTTP/2 or opaque), `server` (client connections, drain);
 - HTTP/1.1: `http1` (sans-IO parser), `exchange` (one request), `pool`, `mirror`,
   `tunnel` (CONNECT), `upgrade` (WebSocket);
-- HTTP/2 and TCP: `h2conn` (sans-IO), `h2proxy`, `opaque`;
+- HTTP/2 and TCP: `h2conn` (sans-IO, over ngh2 or h2), `h1bridge` (an h2 stream to an
+  HTTP/1.1 app), `h2proxy`, `opaque`;
 - decisions, pure: `routing`, `balance`, `retry`, `outlier`, `limits`, `authz`; `errors`
-  maps every generated error to a response;
+  maps every generated error to its HTTP/1.1, HTTP/2 and gRPC answer;
 - observability: `observe` (the per-request hook), `metrics`, `tracing`, `admin`.
 """

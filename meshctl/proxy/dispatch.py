@@ -10,8 +10,12 @@ bytes (proxy.detect) decide (docs/protocols-l7.md):
 * outbound `grpc`: an `H2Proxy` from the first byte; `tcp`: a `Relay` from the first byte
   (no detection, so a server-speaks-first protocol gets its banner at once);
 * inbound: a `tcp` app gets a Relay after the caller's identity is authorized; ALPN `h2`
-  (or an h2c preface in plaintext) gets an H2Proxy to the app (h2c), each stream
-  authorized by identity, method and path; anything else is HTTP/1.1 as before.
+  (or an h2c preface in plaintext) gets an H2Proxy to the app, each stream authorized by
+  identity, method and path: h2c to a `grpc` app, one HTTP/1.1 exchange per stream to an
+  `http` app (proxy.h1bridge); anything else is HTTP/1.1 as before;
+* ingress: ALPN `h2` on a TLS ingress, or the h2c preface on a plain one, gets an H2Proxy
+  whose streams are routed by :path prefix like HTTP/1.1 requests; HTTP/1.1 stays with
+  ClientConnection on the same port.
 
 The functions here build those protocols and their hooks (balancing, identity checks,
 metrics); proxy.server decides when to call them and swaps the transport's protocol.
@@ -21,14 +25,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import ssl
 from typing import TYPE_CHECKING, Any
 
 from meshctl.proxy.authz import Policy
 from meshctl.proxy.h2conn import header
 from meshctl.proxy.h2proxy import H2Proxy
-from meshctl.proxy.h2streams import StreamDenied, StreamRecord, UpstreamChoice
+from meshctl.proxy.errors import MeshError
+from meshctl.proxy.h2streams import StreamRecord, UpstreamChoice
 from meshctl.proxy.limits import CircuitLimits
+from meshctl.proxy.listeners import ingress_service
 from meshctl.proxy.metrics import INBOUND, OUTBOUND
 from meshctl.proxy.observe import service_of_identity
 from meshctl.proxy.opaque import Relay
@@ -58,41 +65,59 @@ def _source_service(state: ServerState) -> str:
     return service if service not in ("None", "?") else "ingress"
 
 
+def _pick_endpoint(state: ServerState, service_name: str, headers: list[tuple[bytes, bytes]]) -> UpstreamChoice:
+    """Where one HTTP/2 stream to `service_name` goes: route, fault abort, limits, balancer."""
+    service = state.snapshot.services.get(service_name)  # type: ignore[union-attr]
+    if service is None:
+        raise MeshError("route-not-found", "no service %r in this sidecar's config" % service_name, service=service_name)
+    method = (header(headers, b":method") or b"").decode("latin-1")
+    path, _, query = (header(headers, b":path") or b"/").decode("latin-1").partition("?")
+    fields = None
+    if service.needs_headers:
+        fields = {name.decode("latin-1"): value.decode("latin-1") for name, value in headers if not name.startswith(b":")}
+    router = service.router
+    action = router.route(method, path, query, fields) if router.needs_request_details else router.route("", "")
+    fault = action.fault
+    if fault is not None and fault["abort"] is not None and random.random() * 100 < fault["abort"]["percent"]:
+        raise MeshError("fault-abort", "injected fault", fault["abort"]["status"], service.name)
+    hash_key = service.balancer.hash_key_for(fields, "127.0.0.1") if service.balancer.needs_headers else None
+    slot = object()  # this try's connection slot in the service's limits, until settle()
+    if not service.limits.hold(slot):
+        raise MeshError("circuit-open", "%d connections and streams in use, limits reached" % (
+            service.limits.connections.in_use), service=service.name)
+    loop = state.loop
+    endpoint = service.balancer.pick(action.version, hash_key, frozenset(), loop.time())
+    if endpoint is None:
+        _leave_limits(state, service.limits, slot)
+        raise MeshError("no-healthy-endpoints", "no endpoints of version %s" % action.version, service=service.name)
+    policy = action.retry_policy
+    tls = service.tls
+    endpoint.active += 1  # least_request sees the stream until settle()
+    return UpstreamChoice(
+        endpoint.address[0], endpoint.address[1],
+        tls.h2_context if tls is not None else None, tls.verify if tls is not None else None,
+        timeout=action.timeout, retries=policy.attempts - 1 if policy is not None else 0,
+        backoff=policy.backoff_base if policy is not None else 0.025, tag=(service.name, endpoint.version),
+        settle=lambda ok: _settle(state, service, endpoint, ok, slot), idle_timeout=action.idle_timeout,
+    )
+
+
 def outbound_h2(state: ServerState, listener: Listener) -> H2Proxy:
     """An H2Proxy for an app's HTTP/2 (or gRPC) connection to `listener.service`."""
-    loop = state.loop
+    service_name: str = listener.service  # type: ignore[assignment]
+    return state.track(H2Proxy(
+        lambda headers: _pick_endpoint(state, service_name, headers), state.loop,
+        record=_recorder(state, OUTBOUND, None), on_closed=state.untrack, service=service_name))
+
+
+def ingress_h2(state: ServerState, listener: Listener) -> H2Proxy:
+    """An H2Proxy for an outside client's HTTP/2 or gRPC connection to the ingress: routes by :path prefix."""
 
     def pick(headers: list[tuple[bytes, bytes]]) -> UpstreamChoice:
-        service = state.snapshot.services[listener.service]  # type: ignore[union-attr, index]
-        method = (header(headers, b":method") or b"").decode("latin-1")
-        path, _, query = (header(headers, b":path") or b"/").decode("latin-1").partition("?")
-        fields = None
-        if service.needs_headers:
-            fields = {name.decode("latin-1"): value.decode("latin-1") for name, value in headers if not name.startswith(b":")}
-        router = service.router
-        action = router.route(method, path, query, fields) if router.needs_request_details else router.route("", "")
-        hash_key = service.balancer.hash_key_for(fields, "127.0.0.1") if service.balancer.needs_headers else None
-        slot = object()  # this try's connection slot in the service's limits, until settle()
-        if not service.limits.hold(slot):
-            limits = service.limits
-            raise StreamDenied(
-                "circuit-open", "%s: %d connections and streams in use, limits reached" % (service.name, limits.connections.in_use), 503)
-        endpoint = service.balancer.pick(action.version, hash_key, frozenset(), loop.time())
-        if endpoint is None:
-            _leave_limits(state, service.limits, slot)
-            raise StreamDenied("no-healthy-endpoints", "%s@%s: no endpoints" % (service.name, action.version), 503)
-        policy = action.retry_policy
-        tls = service.tls
-        endpoint.active += 1  # least_request sees the stream until settle()
-        return UpstreamChoice(
-            endpoint.address[0], endpoint.address[1],
-            tls.h2_context if tls is not None else None, tls.verify if tls is not None else None,
-            timeout=action.timeout, retries=policy.attempts - 1 if policy is not None else 0,
-            backoff=policy.backoff_base if policy is not None else 0.025, tag=(service.name, endpoint.version),
-            settle=lambda ok: _settle(state, service, endpoint, ok, slot), idle_timeout=action.idle_timeout,
-        )
+        path = header(headers, b":path") or b"/"
+        return _pick_endpoint(state, ingress_service(listener, path), headers)
 
-    return state.track(H2Proxy(pick, loop, record=_recorder(state, OUTBOUND, None), on_closed=state.untrack))
+    return state.track(H2Proxy(pick, state.loop, record=_recorder(state, OUTBOUND, None), on_closed=state.untrack, service="ingress"))
 
 
 def _leave_limits(state: ServerState, limits: CircuitLimits, holder: object) -> None:
@@ -115,15 +140,18 @@ def _settle(state: ServerState, service: Any, endpoint: Any, ok: bool | None, sl
 def inbound_h2(state: ServerState, listener: Listener, peer: str | None) -> H2Proxy:
     """An H2Proxy for a peer sidecar's h2 connection (or a plaintext h2c client) to the app."""
     host, port = listener.app  # type: ignore[misc]
+    http1_app = listener.protocol == "http"  # an `http` app speaks HTTP/1.1: each stream is bridged (proxy.h1bridge)
 
     def pick(headers: list[tuple[bytes, bytes]]) -> UpstreamChoice:
         policy = state.snapshot.authz  # type: ignore[union-attr]
         if policy is not None:
             _authorize_stream(policy, peer, headers)
-        return UpstreamChoice(host, port, None, tag=(state.snapshot.service, state.snapshot.service_version))  # type: ignore[union-attr]
+        return UpstreamChoice(host, port, None, tag=(state.snapshot.service, state.snapshot.service_version),  # type: ignore[union-attr]
+                              http1=http1_app)
 
     return state.track(H2Proxy(
-        pick, state.loop, record=_recorder(state, INBOUND, peer), on_closed=state.untrack, peer_sidecar=peer is not None))
+        pick, state.loop, record=_recorder(state, INBOUND, peer), on_closed=state.untrack, peer_sidecar=peer is not None,
+        service=state.snapshot.service))  # type: ignore[union-attr]
 
 
 def _authorize_stream(policy: Policy, peer: str | None, headers: list[tuple[bytes, bytes]]) -> None:
@@ -134,8 +162,8 @@ def _authorize_stream(policy: Policy, peer: str | None, headers: list[tuple[byte
         fields = {name.decode("latin-1"): value.decode("latin-1") for name, value in headers if not name.startswith(b":")}
     decision = policy.check(peer, method, path, fields)
     if not decision.allowed:
-        raise StreamDenied("forbidden", "%s may not call %s %s (decided by %s)" % (
-            peer or "an unauthenticated caller", method, path.split("?", 1)[0][:200], decision.rule), 403)
+        raise MeshError("forbidden", "%s may not call %s %s (decided by %s)" % (
+            peer or "an unauthenticated caller", method, path.split("?", 1)[0][:200], decision.rule))
 
 
 def _recorder(state: ServerState, direction: str, peer: str | None):

@@ -26,7 +26,7 @@ import logging
 import random
 from typing import TYPE_CHECKING
 
-from meshctl.proxy.errors import STATUS_BY_CODE, ProtocolError, error_response
+from meshctl.proxy.errors import ProtocolError, error_response, http_status
 from meshctl.proxy.http1 import END, Data, Head, rebuild_head
 from meshctl.proxy.idle import STREAM_IDLE_TIMEOUT_CODE, IdleCheck, first_check
 from meshctl.proxy.limits import ADMITTED, QUEUED
@@ -695,7 +695,7 @@ class Exchange:
         self._release_endpoint()
         self.pending = None
         self.response_started = True
-        self.status = status if status is not None else STATUS_BY_CODE.get(code, 500)
+        self.status = status if status is not None else http_status(code)
         if self.client.state.draining or self.head.version != b"1.1":
             self.client_keep_alive = False
         if code == "upstream-connect-failed" or code == "timeout" or code == "upstream-reset" or code == STREAM_IDLE_TIMEOUT_CODE:

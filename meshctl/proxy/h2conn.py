@@ -1,6 +1,8 @@
-"""HTTP/2 (and gRPC) for the sidecar: a sans-IO endpoint over `h2`, and the gRPC helpers.
+"""HTTP/2 (and gRPC) for the sidecar: a sans-IO endpoint over a codec, and the gRPC helpers.
 
-`H2Endpoint` wraps one `h2` connection behind the same kind of boundary as proxy.http1:
+`H2Endpoint` wraps one connection of the HTTP/2 codec (ngh2, libnghttp2's sans-IO
+wrapper, where installed; the pure-Python `h2` otherwise; MESHCTL_H2_CODEC=h2 forces the
+fallback) behind the same kind of boundary as proxy.http1:
 `receive(bytes)` returns events, `data_to_send()` returns bytes for the socket. Header
 lists are `(name, value)` byte pairs, pseudo-headers included. Flow control is explicit:
 a `Data` event carries `flow_length`, and the window reopens only when the consumer calls
@@ -13,22 +15,34 @@ gRPC semantics for metrics and retries: `grpc_status()`, `is_grpc()`, `grpc_time
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Union
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
+from meshctl.proxy.errors import (
+    GRPC_CANCELLED,
+    GRPC_DEADLINE_EXCEEDED,
+    GRPC_OK,
+    GRPC_RESOURCE_EXHAUSTED,
+    GRPC_UNAVAILABLE,
+    GRPC_UNIMPLEMENTED,
+)
+
+try:
+    import ngh2
+except ImportError:  # the h2 fallback serves (slower)
+    ngh2 = None
 
 __all__ = [
     "CONNECTION_SPECIFIC",
     "GRPC_RETRIABLE",
+    "CODEC",
+    "CODECS",
     "ConnectionEnded",
     "Data",
+    "ErrorCodes",
     "H2Endpoint",
+    "H2ProtocolError",
     "Headers",
     "StreamEnded",
     "StreamReset",
@@ -52,12 +66,6 @@ MAX_CONCURRENT_STREAMS = 256
 CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"host"})
 
 # gRPC status codes (grpc/doc/statuscodes.md) that a retry may fix.
-GRPC_OK = 0
-GRPC_CANCELLED = 1
-GRPC_DEADLINE_EXCEEDED = 4
-GRPC_RESOURCE_EXHAUSTED = 8
-GRPC_UNIMPLEMENTED = 12
-GRPC_UNAVAILABLE = 14
 GRPC_RETRIABLE = frozenset({GRPC_CANCELLED, GRPC_DEADLINE_EXCEEDED, GRPC_RESOURCE_EXHAUSTED, GRPC_UNAVAILABLE})
 
 _GRPC_TIMEOUT = re.compile(rb"([0-9]{1,8})([HMSmun])")
@@ -191,15 +199,34 @@ def grpc_as_http(code: int) -> int:
     return _GRPC_AS_HTTP.get(code, 500)
 
 
-# -- the sans-IO endpoint --------------------------------------------------------------------
+# -- the sans-IO endpoint, over one of two codecs ------------------------------------------
 
 
-class H2Endpoint:
-    """One HTTP/2 connection, either side, bytes in and events out."""
+class H2ProtocolError(Exception):
+    """The peer broke HTTP/2 on the connection; a GOAWAY is waiting in data_to_send()."""
+
+
+class ErrorCodes:
+    """RFC 9113 section 7 error codes for RST_STREAM and GOAWAY (the ones the proxy sends)."""
+
+    NO_ERROR = 0x0
+    PROTOCOL_ERROR = 0x1
+    REFUSED_STREAM = 0x7
+    CANCEL = 0x8
+
+
+class _H2LibEndpoint:
+    """The fallback codec: the pure-Python `h2` library (about 30x slower than ngh2 per request)."""
 
     __slots__ = ("conn", "client_side")
+    codec = "h2"
+    waiting: frozenset[int] = frozenset()  # h2 never holds a stream back (see _NgEndpoint.streams_opened)
 
     def __init__(self, client_side: bool, peer_sidecar: bool = False) -> None:
+        import h2.config
+        import h2.connection
+        import h2.settings
+
         self.client_side = client_side
         # Headers are validated once, where they enter the mesh: outbound ones are headers we
         # validated on the way in, or our own; a peer sidecar (authenticated by mTLS) sends
@@ -223,15 +250,22 @@ class H2Endpoint:
         self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
 
     def __repr__(self) -> str:
-        return "<H2Endpoint %s>" % ("client" if self.client_side else "server")
+        return "<H2Endpoint h2 %s>" % ("client" if self.client_side else "server")
 
     def data_to_send(self) -> bytes:
         return self.conn.data_to_send()
 
     def receive(self, data: bytes) -> list[Event]:
-        """Events for `data`; raises h2.exceptions.ProtocolError (GOAWAY is then in data_to_send)."""
+        """Events for `data`; raises H2ProtocolError (GOAWAY is then in data_to_send)."""
+        import h2.events
+        import h2.exceptions
+
+        try:
+            received = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            raise H2ProtocolError(str(exc) or type(exc).__name__) from None
         out: list[Event] = []
-        for event in self.conn.receive_data(data):
+        for event in received:
             if isinstance(event, (h2.events.RequestReceived, h2.events.ResponseReceived)):
                 out.append(Headers(event.stream_id, list(event.headers), event.stream_ended is not None))
                 if event.stream_ended is not None:
@@ -258,39 +292,255 @@ class H2Endpoint:
                 out.append(ConnectionEnded(int(event.error_code), event.last_stream_id or 0))
         return out
 
-    def next_stream_id(self) -> int:
-        return self.conn.get_next_available_stream_id()
-
-    def send_headers(self, stream_id: int, headers: HeaderList, end_stream: bool = False) -> None:
+    def send_request(self, headers: HeaderList, end_stream: bool = False) -> int:
+        """Open a stream with request `headers`; returns its id."""
+        stream_id = self.conn.get_next_available_stream_id()
         self.conn.send_headers(stream_id, headers, end_stream=end_stream)
+        return stream_id
+
+    def send_response(self, stream_id: int, headers: HeaderList, end_stream: bool = False) -> None:
+        import h2.exceptions
+
+        try:
+            self.conn.send_headers(stream_id, headers, end_stream=end_stream)
+        except h2.exceptions.StreamClosedError:
+            pass  # the peer gave up on the stream meanwhile
+
+    def send_trailers(self, stream_id: int, headers: HeaderList) -> None:
+        self.send_response(stream_id, headers, end_stream=True)
 
     def send_data(self, stream_id: int, data: bytes) -> int:
         """Send as much of `data` as both windows allow now; returns how many bytes went."""
+        import h2.exceptions
+
+        conn = self.conn
         try:
-            room = min(self.conn.local_flow_control_window(stream_id), len(data))
+            room = min(conn.local_flow_control_window(stream_id), len(data))
         except h2.exceptions.StreamClosedError:
             return 0
         sent = 0
-        frame = self.conn.max_outbound_frame_size
+        frame = conn.max_outbound_frame_size
         while sent < room:
             size = min(frame, room - sent)
-            self.conn.send_data(stream_id, data[sent : sent + size])
+            conn.send_data(stream_id, data[sent : sent + size])
             sent += size
         return sent
 
     def end_stream(self, stream_id: int) -> None:
-        self.conn.end_stream(stream_id)
+        import h2.exceptions
+
+        try:
+            self.conn.end_stream(stream_id)
+        except h2.exceptions.StreamClosedError:
+            pass
 
     def acknowledge(self, stream_id: int, flow_length: int) -> None:
         """The consumer has taken `flow_length` bytes of `stream_id`: reopen the windows."""
         if flow_length:
             self.conn.acknowledge_received_data(flow_length, stream_id)
 
-    def reset(self, stream_id: int, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+    def reset(self, stream_id: int, error_code: int = ErrorCodes.CANCEL) -> None:
+        import h2.exceptions
+
         try:
             self.conn.reset_stream(stream_id, error_code)
         except h2.exceptions.StreamClosedError:
             pass
 
-    def close(self, error_code: int = h2.errors.ErrorCodes.NO_ERROR) -> None:
+    def close(self, error_code: int = ErrorCodes.NO_ERROR) -> None:
         self.conn.close_connection(error_code)
+
+
+class _NgEndpoint:
+    """The fast codec: libnghttp2 through ngh2 (sans-IO; its wheels bundle the C library).
+
+    Differences from h2 that this class absorbs: ngh2 allocates request stream ids, queues
+    any amount of data (so `send_data` offers only what both windows hold, minus what is
+    queued, to keep backpressure), reports no StreamEnded (an end_stream flag rides on the
+    other events), and knows a submitted stream only once it has been serialised, which
+    `_open_submitted` forces. Window updates are manual, as in h2, for the same backpressure.
+    """
+
+    __slots__ = ("conn", "client_side", "early", "goaway", "waiting")
+    codec = "ngh2"
+
+    def __init__(self, client_side: bool, peer_sidecar: bool = False) -> None:
+        # ngh2 (nghttp2) validates inbound header blocks itself at a cost too small to skip.
+        self.client_side = client_side
+        self.early = b""  # frames serialised ahead of data_to_send (see _open_submitted)
+        self.goaway = False  # the peer said GOAWAY: the session winding down is no error
+        # Streams ngh2 holds back (the peer's MAX_CONCURRENT_STREAMS is reached) whose body
+        # waits: see streams_opened().
+        self.waiting: set[int] = set()
+        self.conn = conn = ngh2.Connection(
+            ngh2.Role.CLIENT if client_side else ngh2.Role.SERVER, ngh2.Configuration(auto_window_update=False))
+        settings = {ngh2.Setting.INITIAL_WINDOW_SIZE: STREAM_WINDOW, ngh2.Setting.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS}
+        if client_side:
+            settings[ngh2.Setting.ENABLE_PUSH] = 0
+        conn.initiate_connection(settings)
+        conn.set_local_window_size(CONNECTION_WINDOW)
+
+    def __repr__(self) -> str:
+        return "<H2Endpoint ngh2 %s>" % ("client" if self.client_side else "server")
+
+    def data_to_send(self) -> bytes:
+        if self.early:
+            early, self.early = self.early, b""
+            return early + self.conn.data_to_send()
+        return self.conn.data_to_send()
+
+    def receive(self, data: bytes) -> list[Event]:
+        """Events for `data`; raises H2ProtocolError (GOAWAY is then in data_to_send)."""
+        conn = self.conn
+        try:
+            conn.receive_data(data)
+        except ngh2.ProtocolError as exc:
+            raise H2ProtocolError(str(exc)) from None
+        out: list[Event] = []
+        append = out.append
+        reset: set[int] = set()
+        for event in conn.events():
+            kind = type(event)
+            if kind is _NG_DATA:
+                append(Data(event.stream_id, event.data, len(event.data)))
+                if event.end_stream:
+                    append(StreamEnded(event.stream_id))
+            elif kind is _NG_REQUEST or kind is _NG_RESPONSE:
+                append(Headers(event.stream_id, list(event.headers), event.end_stream))
+                if event.end_stream:
+                    append(StreamEnded(event.stream_id))
+            elif kind is _NG_TRAILERS:
+                append(Trailers(event.stream_id, list(event.headers)))
+                append(StreamEnded(event.stream_id))
+            elif kind is _NG_WINDOW:
+                append(WindowOpened(event.stream_id))
+            elif kind is _NG_RESET:
+                reset.add(event.stream_id)
+                append(StreamReset(event.stream_id, event.error_code))
+            elif kind is _NG_CLOSED:
+                # nghttp2 refuses a malformed stream itself: the proxy must hear of it as a reset.
+                if event.error_code and event.stream_id not in reset:
+                    append(StreamReset(event.stream_id, event.error_code))
+            elif kind is _NG_SETTINGS:
+                append(WindowOpened(0))
+            elif kind is _NG_GOAWAY:
+                self.goaway = True
+                append(ConnectionEnded(event.error_code, event.last_stream_id))
+        if not conn.want_read and not self.goaway:
+            raise H2ProtocolError("the HTTP/2 session ended on a protocol error")
+        return out
+
+    def send_request(self, headers: HeaderList, end_stream: bool = False) -> int:
+        """Open a stream with request `headers`; returns its id."""
+        return self.conn.send_request(headers, end_stream=end_stream)
+
+    def send_response(self, stream_id: int, headers: HeaderList, end_stream: bool = False) -> None:
+        try:
+            self.conn.send_response(stream_id, headers, end_stream=end_stream)
+        except ngh2.NGH2Error:
+            pass  # the peer gave up on the stream meanwhile
+
+    def send_trailers(self, stream_id: int, headers: HeaderList) -> None:
+        try:
+            self.conn.send_trailers(stream_id, headers)
+        except ngh2.NGH2Error:
+            pass
+
+    def _room(self, stream_id: int) -> int:
+        conn = self.conn
+        return min(conn.stream_remote_window_size(stream_id) - conn.queued_body_size(stream_id),
+                   conn.remote_window_size - conn.queued_body_size())
+
+    def _open_submitted(self) -> None:
+        """Serialise what is submitted, so that a stream sent this turn exists for window queries."""
+        self.early += self.conn.data_to_send()
+
+    def send_data(self, stream_id: int, data: bytes) -> int:
+        """Queue as much of `data` as both windows allow now; returns how many bytes went."""
+        try:
+            room = self._room(stream_id)
+        except ngh2.StreamUnavailableError:
+            self._open_submitted()
+            try:
+                room = self._room(stream_id)
+            except ngh2.NGH2Error:
+                if stream_id < self.conn.next_stream_id:
+                    self.waiting.add(stream_id)  # submitted, not yet sent: a concurrency slot at the peer
+                return 0
+        if room <= 0:
+            return 0
+        if room < len(data):
+            data = data[:room]
+        try:
+            self.conn.send_data(stream_id, data)
+        except ngh2.NGH2Error:
+            return 0
+        return len(data)
+
+    def streams_opened(self) -> bool:
+        """Whether a stream held back for a concurrency slot went out since: its body may follow now.
+
+        The driver asks after each write (only while `waiting` is not empty): ngh2 sends a
+        held-back stream's head when another stream closes, and says nothing about it.
+        """
+        opened = False
+        for stream_id in list(self.waiting):
+            try:
+                self.conn.stream_remote_window_size(stream_id)
+            except ngh2.StreamUnavailableError:
+                continue
+            except ngh2.NGH2Error:
+                pass  # closed meanwhile: nothing to wait for
+            self.waiting.discard(stream_id)
+            opened = True
+        return opened
+
+    def end_stream(self, stream_id: int) -> None:
+        try:
+            self.conn.end_stream(stream_id)
+        except ngh2.NGH2Error:
+            pass
+
+    def acknowledge(self, stream_id: int, flow_length: int) -> None:
+        """The consumer has taken `flow_length` bytes of `stream_id`: reopen the windows."""
+        if flow_length:
+            try:
+                self.conn.acknowledge_received_data(flow_length, stream_id)
+            except ngh2.NGH2Error:
+                pass  # the stream closed meanwhile; nghttp2 keeps the connection window right
+
+    def reset(self, stream_id: int, error_code: int = ErrorCodes.CANCEL) -> None:
+        try:
+            self.conn.reset_stream(stream_id, error_code)
+        except ngh2.NGH2Error:
+            pass
+
+    def close(self, error_code: int = ErrorCodes.NO_ERROR) -> None:
+        try:
+            self.conn.terminate_connection(error_code)
+        except ngh2.NGH2Error:
+            pass
+
+
+# The codec, chosen once at import: ngh2 where it is installed, h2 otherwise;
+# MESHCTL_H2_CODEC=h2 (or ngh2) forces one.
+CODECS: dict[str, type] = {"h2": _H2LibEndpoint}
+if ngh2 is not None:
+    CODECS["ngh2"] = _NgEndpoint
+    _NG_DATA, _NG_REQUEST, _NG_RESPONSE, _NG_TRAILERS = ngh2.DataReceived, ngh2.RequestReceived, ngh2.ResponseReceived, ngh2.TrailersReceived
+    _NG_WINDOW, _NG_RESET, _NG_CLOSED, _NG_SETTINGS, _NG_GOAWAY = (
+        ngh2.WindowUpdated, ngh2.StreamReset, ngh2.StreamClosed, ngh2.SettingsReceived, ngh2.GoAwayReceived)
+
+
+def _choose_codec(wanted: str) -> str:
+    if not wanted:
+        return "ngh2" if "ngh2" in CODECS else "h2"
+    if wanted not in ("h2", "ngh2"):
+        raise RuntimeError("MESHCTL_H2_CODEC=%r: expected h2 or ngh2 (or unset for the fastest installed)" % wanted)
+    if wanted not in CODECS:
+        raise RuntimeError("MESHCTL_H2_CODEC=ngh2 but ngh2 is not installed: pip install ngh2, or unset MESHCTL_H2_CODEC")
+    return wanted
+
+
+CODEC = _choose_codec(os.environ.get("MESHCTL_H2_CODEC", ""))
+H2Endpoint = CODECS[CODEC]

@@ -18,19 +18,20 @@ import collections
 import logging
 import ssl
 from collections.abc import Callable
+from typing import Any
 
-import h2.errors
-import h2.exceptions
-
+from meshctl.proxy.errors import (
+    GRPC_CANCELLED, GRPC_DEADLINE_EXCEEDED, GRPC_UNAVAILABLE, MeshError, grpc_error_head, grpc_error_trailers, h2_error_head,
+    http_status,
+)
 from meshctl.proxy.h2conn import (
-    GRPC_CANCELLED,
-    GRPC_DEADLINE_EXCEEDED,
     GRPC_RETRIABLE,
-    GRPC_UNAVAILABLE,
     ConnectionEnded,
     Data,
+    ErrorCodes,
     Event,
     H2Endpoint,
+    H2ProtocolError,
     HeaderList,
     Headers,
     StreamEnded,
@@ -44,7 +45,8 @@ from meshctl.proxy.h2conn import (
     is_grpc,
     strip_connection_specific,
 )
-from meshctl.proxy.h2streams import PickUpstream, Record, StreamDenied, StreamRecord, UpstreamChoice, as_choice
+from meshctl.proxy.h1bridge import H1Endpoint
+from meshctl.proxy.h2streams import PickUpstream, Record, StreamRecord, UpstreamChoice, as_choice
 from meshctl.proxy.idle import STREAM_IDLE_TIMEOUT_CODE, IdleCheck, first_check
 
 __all__ = ["H2Proxy"]
@@ -56,7 +58,6 @@ CONNECT_TIMEOUT_S = 2.0
 
 _END = object()
 MAX_REPLAY_BYTES = 64 * 1024  # request bytes kept per stream so that a retry can resend them
-_GRPC_BY_HTTP = {403: 7, 404: 12, 504: GRPC_DEADLINE_EXCEEDED}
 
 
 class _Pipe:
@@ -92,7 +93,7 @@ class _Pipe:
                 endpoint.end_stream(self.target_stream)
                 self.closed = True
             else:
-                endpoint.send_headers(self.target_stream, item, end_stream=True)
+                endpoint.send_trailers(self.target_stream, item)
                 self.closed = True
             self.queue.popleft()
         if self.closed:
@@ -107,10 +108,10 @@ class _Pipe:
 class _Side(asyncio.Protocol):
     """A connection of the proxy (downstream, or one upstream) with its endpoint and pipes."""
 
-    def __init__(self, proxy: H2Proxy, client_side: bool, label: str, peer_sidecar: bool = False) -> None:
+    def __init__(self, proxy: H2Proxy, client_side: bool, label: str, peer_sidecar: bool = False, endpoint: Any = None) -> None:
         self.proxy = proxy
         self.label = label
-        self.endpoint = H2Endpoint(client_side, peer_sidecar)
+        self.endpoint = endpoint if endpoint is not None else H2Endpoint(client_side, peer_sidecar)
         self.transport: asyncio.Transport | None = None
         self.outgoing: dict[int, _Pipe] = {}  # our stream id -> the pipe writing to it
         self.incoming: dict[int, _Pipe] = {}  # our stream id -> the pipe reading from it
@@ -138,9 +139,12 @@ class _Side(asyncio.Protocol):
 
     def write_now(self) -> None:
         if self.transport is not None and not self.lost:
-            data = self.endpoint.data_to_send()
+            endpoint = self.endpoint
+            data = endpoint.data_to_send()
             if data:
                 self.transport.write(data)
+            if endpoint.waiting and endpoint.streams_opened():
+                self.window_opened(0)  # a held-back stream went out: its queued body may follow
 
     def data_received(self, data: bytes) -> None:
         proxy = self.proxy
@@ -159,7 +163,7 @@ class _Side(asyncio.Protocol):
     def _handle(self, data: bytes) -> None:
         try:
             events = self.endpoint.receive(data)
-        except h2.exceptions.ProtocolError as exc:
+        except H2ProtocolError as exc:
             log.info("%s: HTTP/2 protocol error: %s", self.label, exc)
             self.write_now()
             self.transport.close()  # type: ignore[union-attr]
@@ -183,6 +187,41 @@ class _Side(asyncio.Protocol):
             pipe.flush()
 
 
+class _H1Side(_Side):
+    """An upstream HTTP/1.1 connection carrying one stream to an app that speaks only HTTP/1.1 (proxy.h1bridge)."""
+
+    def __init__(self, proxy: H2Proxy, label: str) -> None:
+        super().__init__(proxy, client_side=True, label=label, endpoint=H1Endpoint())
+        self.endpoint.resume = self._resume_reading
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        endpoint = self.endpoint
+        if endpoint.over_window and not endpoint.paused and self.transport is not None and not self.lost:
+            endpoint.paused = True  # the HTTP/2 client reads slower than the app answers
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.resume_reading()
+
+    def write_now(self) -> None:
+        super().write_now()
+        if self.endpoint.finished and self.transport is not None and not self.lost:
+            self.transport.close()  # one exchange per connection: what is written still goes out
+
+    def eof_received(self) -> bool:
+        try:
+            events = self.endpoint.receive_eof()
+        except H2ProtocolError as exc:
+            log.info("%s: %s", self.label, exc)
+            events = []
+        for event in events:
+            self.proxy.on_event(self, event)
+        self.proxy.flush()
+        return False
+
+
 class H2Proxy(_Side):
     """The downstream connection's protocol: serves HTTP/2 and proxies each stream upstream.
 
@@ -190,15 +229,17 @@ class H2Proxy(_Side):
     same (host, port, context) share one upstream connection per downstream connection.
     `record(stream, status, grpc_code, mesh_error)` runs once per stream when it ends, however
     it ends; for gRPC `status` is the HTTP equivalent of grpc-status (`grpc_as_http`).
+    `service` names the destination in errors answered before a stream has one (proxy.errors).
     """
 
     def __init__(
         self, pick_upstream: PickUpstream, loop: asyncio.AbstractEventLoop | None = None, record: Record | None = None,
-        on_closed: Callable[[H2Proxy], None] | None = None, peer_sidecar: bool = False,
+        on_closed: Callable[[H2Proxy], None] | None = None, peer_sidecar: bool = False, service: str = "-",
     ) -> None:
         self.dirty: dict[_Side, None] | None = None  # sides to write once the current read is handled
         super().__init__(self, client_side=False, label="downstream", peer_sidecar=peer_sidecar)
         self.on_closed = on_closed
+        self.service = service
         self.draining = False
         self.pick_upstream = pick_upstream
         self.loop = loop or asyncio.get_running_loop()
@@ -221,7 +262,7 @@ class H2Proxy(_Side):
                 if record is not None and event.end_stream and self._retry_trailers_only(record, side, event):
                     return
                 # end_stream here is a trailers-only response: it must stay one HEADERS frame.
-                pipe.target.endpoint.send_headers(pipe.target_stream, strip_connection_specific(event.headers), event.end_stream)
+                pipe.target.endpoint.send_response(pipe.target_stream, strip_connection_specific(event.headers), event.end_stream)
                 pipe.closed = event.end_stream
                 pipe.target.forget(pipe.target_stream)
                 pipe.target.flush()
@@ -270,23 +311,24 @@ class H2Proxy(_Side):
             if side is not self:
                 for stream_id in list(side.incoming):
                     if stream_id > event.last_stream_id:
-                        self._reset_peer(side, stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                        self._reset_peer(side, stream_id, ErrorCodes.REFUSED_STREAM)
                 self.upstreams = {key: up for key, up in self.upstreams.items() if up is not side}
 
     # -- opening streams and retrying them ------------------------------------------------
 
     def _open_stream(self, event: Headers) -> None:
         if self.draining:  # safe for the client to send again elsewhere (RFC 9113 8.7)
-            self.endpoint.reset(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            self.endpoint.reset(event.stream_id, ErrorCodes.REFUSED_STREAM)
             return
         headers = strip_connection_specific(event.headers)
         try:
             choice = as_choice(self.pick_upstream(headers))
-        except StreamDenied as exc:
-            self._answer_error(event.stream_id, is_grpc(headers), exc.code, exc.detail, exc.status)
+        except MeshError as exc:
+            self._answer_error(event.stream_id, is_grpc(headers), exc.code, exc.detail, exc.status, exc.service)
             return
-        except Exception as exc:  # a routing error: answer it on this stream only
-            self._answer_error(event.stream_id, is_grpc(headers), "route-not-found" if isinstance(exc, LookupError) else "upstream-connect-failed", str(exc))
+        except Exception as exc:  # a bug in routing: answer it on this stream only
+            log.exception("routing an HTTP/2 stream failed")
+            self._answer_error(event.stream_id, is_grpc(headers), "upstream-connect-failed", str(exc))
             return
         record = StreamRecord(event.stream_id, headers, choice, self.loop.time())
         record.request_complete = event.end_stream
@@ -308,14 +350,16 @@ class H2Proxy(_Side):
         choice = record.choice
         host, port, context = choice.host, choice.port, choice.context
         key = (host, port, id(context))
-        upstream = self.upstreams.get(key)
-        if upstream is None:
+        upstream = self.upstreams.get(key) if not choice.http1 else None
+        if choice.http1:
+            upstream = _H1Side(self, "app %s:%d (HTTP/1.1)" % (host, port))
+            self.loop.create_task(self._connect(upstream, key, choice))
+        elif upstream is None:
             upstream = self.upstreams[key] = _Side(
                 self, client_side=True, label="upstream %s:%d" % (host, port), peer_sidecar=context is not None)
             self.loop.create_task(self._connect(upstream, key, choice))
-        up_stream = upstream.endpoint.next_stream_id()
         ends_now = replay is not None and not replay
-        upstream.endpoint.send_headers(up_stream, record.headers, end_stream=ends_now)
+        up_stream = upstream.endpoint.send_request(record.headers, end_stream=ends_now)
         request = _Pipe(self, record.stream_id, upstream, up_stream)
         response = _Pipe(upstream, up_stream, self, record.stream_id)
         response.grpc = record.grpc
@@ -399,22 +443,26 @@ class H2Proxy(_Side):
         if record.upstream is not None:
             record.upstream.incoming.pop(record.up_stream, None)
             record.upstream.outgoing.pop(record.up_stream, None)
-            record.upstream.endpoint.reset(record.up_stream, h2.errors.ErrorCodes.CANCEL)
+            record.upstream.endpoint.reset(record.up_stream, ErrorCodes.CANCEL)
             record.upstream.flush()
         if record.responded:
             self.incoming.pop(stream_id, None)
             self.outgoing.pop(stream_id, None)
-            if record.grpc:
-                self.endpoint.conn.send_headers(
-                    stream_id, [(b"grpc-status", b"4"), (b"grpc-message", code.encode("ascii")), (b"x-mesh-error", code.encode("ascii"))],
-                    end_stream=True)
+            if record.grpc:  # the response head went out: the status goes in its trailers
+                trailers, _ = grpc_error_trailers(code, self._cut_detail(record, code), 504, self._service_of(record))
+                self.endpoint.send_trailers(stream_id, trailers)
             else:
-                self.endpoint.reset(stream_id, h2.errors.ErrorCodes.CANCEL)
+                self.endpoint.reset(stream_id, ErrorCodes.CANCEL)
             self.flush()
             self._done(record, 504, GRPC_DEADLINE_EXCEEDED if record.grpc else None)
             return
-        detail = "no response within the deadline" if code == "timeout" else "no byte moved either way for %gs" % record.idle.timeout
-        self._answer_error(stream_id, record.grpc, code, detail, 504)
+        self._answer_error(stream_id, record.grpc, code, self._cut_detail(record, code), 504)
+
+    @staticmethod
+    def _cut_detail(record: StreamRecord, code: str) -> str:
+        if code == "timeout":
+            return "no response within the deadline"
+        return "no byte moved either way for %gs" % record.idle.timeout  # type: ignore[union-attr]
 
     async def _connect(self, upstream: _Side, key: tuple, choice: UpstreamChoice) -> None:
         host, port, context = choice.host, choice.port, choice.context
@@ -438,39 +486,35 @@ class H2Proxy(_Side):
 
     # -- answers of our own, and the end of a stream ---------------------------------------
 
-    def _answer_error(self, stream_id: int, grpc: bool, code: str, detail: str, status: int | None = None) -> None:
-        """Answer one downstream stream ourselves (x-mesh-error, or a gRPC status)."""
+    def _answer_error(
+        self, stream_id: int, grpc: bool, code: str, detail: str, status: int | None = None, service: str | None = None,
+    ) -> None:
+        """Answer one downstream stream ourselves: x-mesh-error, or a gRPC trailers-only status (proxy.errors)."""
         self.outgoing.pop(stream_id, None)
         self.incoming.pop(stream_id, None)
         if status is None:
-            status = 404 if code == "route-not-found" else 502
-        message = ("%s: %s" % (code, detail)).encode("utf-8", "replace")[:200]
-        grpc_code = None
-        try:
-            if grpc:
-                # Trailers-only: gRPC clients map a bare HTTP error status to a vaguer code.
-                grpc_code = _GRPC_BY_HTTP.get(status, GRPC_UNAVAILABLE)
-                self.endpoint.send_headers(
-                    stream_id,
-                    [(b":status", b"200"), (b"content-type", b"application/grpc"), (b"grpc-status", b"%d" % grpc_code),
-                     (b"grpc-message", message), (b"x-mesh-error", code.encode("ascii"))],
-                    end_stream=True,
-                )
-            else:
-                body = message + b"\n"
-                self.endpoint.send_headers(
-                    stream_id, [(b":status", b"%d" % status), (b"x-mesh-error", code.encode("ascii")), (b"content-length", b"%d" % len(body))]
-                )
-                self.endpoint.send_data(stream_id, body)
-                self.endpoint.end_stream(stream_id)
-        except h2.exceptions.StreamClosedError:
-            pass  # the client gave up on this stream meanwhile
-        self.flush()
+            status = http_status(code)
         record = self.records.get(stream_id)
+        if service is None:
+            service = self._service_of(record)
+        grpc_code = None
+        if grpc:
+            head, grpc_code = grpc_error_head(code, detail, status, service)
+            self.endpoint.send_response(stream_id, head, end_stream=True)
+        else:
+            head, body = h2_error_head(code, detail, status, service)
+            self.endpoint.send_response(stream_id, head)
+            self.endpoint.send_data(stream_id, body)
+            self.endpoint.end_stream(stream_id)
+        self.flush()
         if record is not None:
             self._done(record, status, grpc_code, mesh_error=True)
         elif self.record is not None:
             self.record(StreamRecord(stream_id, [], UpstreamChoice("", 0), self.loop.time()), status, grpc_code, True)
+
+    def _service_of(self, record: StreamRecord | None) -> str:
+        """The destination a stream's errors name: its choice's service, else this proxy's."""
+        return record.choice.tag[0] if record is not None and isinstance(record.choice.tag, tuple) else self.service
 
     def _finish(self, record: StreamRecord, final_headers: HeaderList | None) -> None:
         if record.done:
@@ -537,7 +581,7 @@ class H2Proxy(_Side):
                 self.on_closed(self)
             return
         for stream_id in list(side.incoming) + list(side.outgoing):
-            self._reset_peer(side, stream_id, h2.errors.ErrorCodes.CANCEL)
+            self._reset_peer(side, stream_id, ErrorCodes.CANCEL)
         self.upstreams = {key: up for key, up in self.upstreams.items() if up is not side}
 
     def drain(self) -> None:

@@ -1,7 +1,7 @@
 """What an H2Proxy and its caller tell each other about one stream.
 
 The caller (proxy.dispatch) decides where each stream goes: its `pick_upstream(headers)`
-returns an `UpstreamChoice` or raises `StreamDenied`; the proxy keeps a `StreamRecord` per
+returns an `UpstreamChoice` or raises proxy.errors.MeshError (answered on that stream); the proxy keeps a `StreamRecord` per
 downstream stream and hands it to the caller's `record` callback once, when the stream ends.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 from meshctl.proxy.h2conn import HeaderList, is_grpc
 
-__all__ = ["PickUpstream", "Record", "StreamDenied", "StreamRecord", "UpstreamChoice", "as_choice"]
+__all__ = ["PickUpstream", "Record", "StreamRecord", "UpstreamChoice", "as_choice"]
 
 log = logging.getLogger("proxy.h2proxy")
 
@@ -30,15 +30,16 @@ class UpstreamChoice:
     more tries a trailers-only retriable gRPC answer may get; `tag` comes back to `record`.
     `settle(ok)` runs once when this choice's try ends (the balancer's in-flight count and
     outlier detection): ok False for a failed connect, UNAVAILABLE or a 502/503, None when
-    the try says nothing about the upstream (the client went away, a deadline).
+    the try says nothing about the upstream (the client went away, a deadline). `http1`: the
+    upstream is an app that speaks only HTTP/1.1, reached through proxy.h1bridge.
     """
 
-    __slots__ = ("host", "port", "context", "verify", "timeout", "idle_timeout", "retries", "backoff", "tag", "settle")
+    __slots__ = ("host", "port", "context", "verify", "timeout", "idle_timeout", "retries", "backoff", "tag", "settle", "http1")
 
     def __init__(
         self, host: str, port: int, context: ssl.SSLContext | None = None, verify: Callable | None = None,
         timeout: float | None = None, retries: int = 0, backoff: float = 0.025, tag: object = None,
-        settle: Callable[[bool | None], None] | None = None, idle_timeout: float | None = None,
+        settle: Callable[[bool | None], None] | None = None, idle_timeout: float | None = None, http1: bool = False,
     ) -> None:
         self.host = host
         self.port = port
@@ -50,6 +51,7 @@ class UpstreamChoice:
         self.backoff = backoff
         self.tag = tag
         self.settle = settle
+        self.http1 = http1
 
     def settled(self, ok: bool | None) -> None:
         settle, self.settle = self.settle, None
@@ -58,16 +60,6 @@ class UpstreamChoice:
                 settle(ok)
             except Exception:
                 log.exception("settling an HTTP/2 upstream choice failed")
-
-
-class StreamDenied(Exception):
-    """Raised by `pick_upstream` to answer a stream itself: `status` 403/404/..., stable `code`."""
-
-    def __init__(self, code: str, detail: str, status: int) -> None:
-        super().__init__(detail)
-        self.code = code
-        self.detail = detail
-        self.status = status
 
 
 PickUpstream = Callable[[HeaderList], "UpstreamChoice | tuple"]

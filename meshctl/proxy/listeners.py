@@ -25,7 +25,7 @@ from meshctl.proxy.detect import DETECT_TIMEOUT_S
 from meshctl.proxy.tls import InboundAcceptor, IngressTLS, TLSConfig
 from meshctl.proxy.errors import MeshError
 from meshctl.proxy.http1 import Head
-from meshctl.proxy.snapshot import Listener, Service, Snapshot
+from meshctl.proxy.snapshot import IngressRoute, Listener, Service, Snapshot
 
 MESH_DOMAIN = b".mesh"
 LISTEN_BACKLOG = 4096  # as the agent listens (meshctl/agent/instance.py); create_server listens again
@@ -154,15 +154,24 @@ def resolve(listener: Listener, snapshot: Snapshot, head: Head) -> Target:
             target = snapshot.fixed_targets[listener.name] = _fixed_target(listener, snapshot)
         return target
     if kind == "ingress":
-        path = head.target
-        for route in listener.routes:
-            if route.matches(path):
-                target = snapshot.fixed_targets.get(route)
-                if target is None:
-                    target = snapshot.fixed_targets[route] = Target(_service(snapshot, route.service), None, route.service, None, True)
-                return target
-        raise MeshError("route-not-found", "ingress: no route for path %s" % path.decode("ascii", "replace")[:200])
+        route = _ingress_route(listener, head.target)
+        target = snapshot.fixed_targets.get(route)
+        if target is None:
+            target = snapshot.fixed_targets[route] = Target(_service(snapshot, route.service), None, route.service, None, True)
+        return target
     return _resolve_forward(snapshot, head)
+
+
+def _ingress_route(listener: Listener, path: bytes) -> IngressRoute:
+    for route in listener.routes:  # longest prefix first
+        if route.matches(path):
+            return route
+    raise MeshError("route-not-found", "ingress: no route for path %s" % path.decode("ascii", "replace")[:200])
+
+
+def ingress_service(listener: Listener, path: bytes) -> str:
+    """The service an ingress request for `path` goes to (HTTP/2 streams); MeshError route-not-found otherwise."""
+    return _ingress_route(listener, path).service
 
 
 async def open_listeners(

@@ -25,7 +25,9 @@ from meshctl.proxy.exchange import Exchange
 from meshctl.proxy.http1 import END, NEED_DATA, PAUSED, CLOSED, Data, Head, Parser, rebuild_head
 from meshctl.proxy import detect, upgrade
 from meshctl.proxy.authz import Policy
-from meshctl.proxy.dispatch import authorize_connection, hand_over, inbound_h2, inbound_relay, outbound_h2, outbound_relay
+from meshctl.proxy.dispatch import (
+    authorize_connection, hand_over, inbound_h2, inbound_relay, ingress_h2, outbound_h2, outbound_relay,
+)
 from meshctl.proxy.listeners import Target, open_listeners, resolve
 from meshctl.proxy.metrics import OUTBOUND
 from meshctl.proxy.observe import Observer, rebuild_traced_head, service_of_identity
@@ -239,6 +241,13 @@ class ClientConnection(asyncio.Protocol):
             self.prefix = b""
         elif listener.kind == "outbound":
             self.prefix = b""
+        elif listener.kind == "ingress":
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+                hand_over(transport, ingress_h2(state, listener))  # type: ignore[arg-type]
+                return
+            # h2c with prior knowledge, or HTTP/1.1, on the same port: the first bytes say which.
+            self.prefix = b""
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = peer[0]
@@ -282,7 +291,9 @@ class ClientConnection(asyncio.Protocol):
         self.prefix = None
         state = self.state
         inbound = self.listener.kind == "inbound"
-        if kind is detect.Kind.HTTP1 or kind is detect.Kind.TLS:  # TLS on a plain listener: parsed, and rejected, as HTTP
+        ingress = self.listener.kind == "ingress"
+        # TLS on a plain listener, or anything but HTTP/2 on the ingress: parsed (and rejected) as HTTP/1.
+        if kind is detect.Kind.HTTP1 or kind is detect.Kind.TLS or (ingress and kind is not detect.Kind.HTTP2):
             self.deadline = state.loop.time() + state.snapshot.http.idle_timeout  # type: ignore[union-attr]
             return prefix
         # From here on the connection is not HTTP/1: it leaves this server's bookkeeping.
@@ -290,7 +301,10 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = 0.0
         state.connections.discard(self)
         if kind is detect.Kind.HTTP2:
-            proxy = inbound_h2(state, self.listener, self.peer_identity) if inbound else outbound_h2(state, self.listener)
+            if inbound:
+                proxy = inbound_h2(state, self.listener, self.peer_identity)
+            else:
+                proxy = ingress_h2(state, self.listener) if ingress else outbound_h2(state, self.listener)
             hand_over(self.transport, proxy, prefix)
         elif inbound:
             self._relay_to_app(self.transport, prefix)
@@ -307,6 +321,9 @@ class ClientConnection(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.client_data(data)
             return
+        self._parse(data)
+
+    def _parse(self, data: bytes) -> None:
         self.parser.feed(data)
         if self.exchange is None and not self.head_started:
             self.head_started = True
@@ -533,8 +550,11 @@ class ClientConnection(asyncio.Protocol):
 
     def on_deadline(self, now: float) -> None:
         if self.prefix is not None:
-            # Silent for DETECT_TIMEOUT_S: perhaps a server-speaks-first protocol; relay it.
-            self._decided(detect.on_timeout(self.prefix), self.prefix)
+            # Silent for DETECT_TIMEOUT_S: perhaps a server-speaks-first protocol; relay it
+            # (on the ingress: a slow HTTP/1 client, whose bytes so far are parsed).
+            pending = self._decided(detect.on_timeout(self.prefix), self.prefix)
+            if pending:
+                self._parse(pending)
             return
         exchange = self.exchange
         if exchange is not None:

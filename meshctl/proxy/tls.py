@@ -271,7 +271,7 @@ class IngressTLS:
             _load_chain(ctx, source[0], source[1])  # type: ignore[arg-type]
         except (ssl.SSLError, OSError) as exc:
             raise TLSConfigError(f"ingress_tls: cannot load the certificate: {exc}") from None
-        ctx.set_alpn_protocols(["http/1.1"])
+        ctx.set_alpn_protocols(["h2", "http/1.1"])  # h2 for gRPC and HTTP/2 clients (proxy.dispatch.ingress_h2)
         self.server_context = ctx
 
 
