@@ -22,10 +22,8 @@ from typing import Union
 from meshctl.proxy.errors import (
     GRPC_CANCELLED,
     GRPC_DEADLINE_EXCEEDED,
-    GRPC_OK,
     GRPC_RESOURCE_EXHAUSTED,
     GRPC_UNAVAILABLE,
-    GRPC_UNIMPLEMENTED,
 )
 
 try:
