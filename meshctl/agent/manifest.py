@@ -75,7 +75,7 @@ from meshctl.agent.model import (
 )
 from meshctl.agent.schema import manifest_json_schema, structural_problems
 from meshctl.agent.schema_export import version_image
-from meshctl.agent.schema_observability import metrics_enabled, observability_settings, otlp_export, otlp_problems
+from meshctl.agent.schema_observability import metrics_enabled, observability_settings, otlp_export, otlp_problems, why_settings
 from meshctl.agent.schema_protocols import protocol_of, protocol_problems
 from meshctl.agent.schema_security import normal_authorization, source_problems
 from meshctl.agent.yamllines import YamlReader
@@ -365,10 +365,12 @@ def _build(document: dict, base_dir: str, source: str) -> Manifest:
         default_policy=document.get("default_policy", "allow"),
     )
     access_log, sampling = observability_settings(document)
+    why, why_records = why_settings(document)
     return Manifest(
         mesh=document["mesh"], services=_dependency_order(services), ingress=ingress, source=source, security=security,
         observability=Observability(
             access_log=access_log, sampling=sampling, metrics=metrics_enabled(document), otlp=otlp_export(document),
+            why=why, why_records=why_records,
         ),
     )
 

@@ -117,6 +117,8 @@ class Observability:
     sampling: float = 0.01
     metrics: bool = True  # False: sidecars record no request metrics
     otlp: OtlpExport | None = None  # None: spans stay in the agent
+    why: str = "errors"  # errors | all | off: which requests get a decision record (`meshctl why`)
+    why_records: int = 2000  # decision records kept per sidecar
 
 
 @dataclass(frozen=True)

@@ -57,8 +57,8 @@ def reason_phrase(status: int) -> bytes:
     return _REASONS.get(status, b"Error")
 
 
-def error_response(code: str, detail: str, status: int | None = None, close: bool = False) -> bytes:
-    """The complete response bytes for a sidecar-generated error."""
+def error_response(code: str, detail: str, status: int | None = None, close: bool = False, request_id: bytes | None = None) -> bytes:
+    """The complete response bytes for a sidecar-generated error, with the request's id when known."""
     if status is None:
         status = STATUS_BY_CODE.get(code, 500)
     body = ("%s: %s\n" % (code, detail.replace("\r", " ").replace("\n", " "))).encode("utf-8", "replace")
@@ -68,10 +68,12 @@ def error_response(code: str, detail: str, status: int | None = None, close: boo
         code.encode("ascii"),
         len(body),
     )
+    if request_id:
+        head += b"x-request-id: %s\r\n" % request_id
     if close:
         head += b"connection: close\r\n"
     return head + b"\r\n" + body
 
 
-def response_for(error: MeshError, close: bool = False) -> bytes:
-    return error_response(error.code, error.detail, error.status, close)
+def response_for(error: MeshError, close: bool = False, request_id: bytes | None = None) -> bytes:
+    return error_response(error.code, error.detail, error.status, close, request_id)

@@ -7,6 +7,10 @@ only when someone asks over the config channel (docs/observability.md):
 
 * `{"type": "stats?"}` -> `{"type": "stats", "data": Metrics.snapshot()}`;
 * `{"type": "tap", "id", "filter"}` / `{"type": "untap", "id"}` -> `tap-event` lines;
+* `{"type": "why?", "id", "request_id"}` or `{"type": "why?", "id", "recent": N}` ->
+  `{"type": "why", "id", "records"}`: decision records (proxy.decisions);
+  `{"type": "why-plan?", "id", "to", "method", "path", "headers"}` -> `{"type": "why-plan",
+  "id", "plan"}`: what this sidecar would do with such a request;
 * `spans` batches once a second while any are buffered; `access` batches of access lines
   when the snapshot's `access_log` is `on` (every request) or `errors` (status >= 500 or
   mesh error), sent ACCESS_FLUSH_INTERVAL after the first line of a batch or at once when
@@ -25,6 +29,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from meshctl.proxy.decisions import Recorder, plan, wants_debug
 from meshctl.proxy.http1 import HOP_BY_HOP, Head
 from meshctl.proxy.metrics import INBOUND, OUTBOUND, Metrics, path_template
 from meshctl.proxy.tracing import B3_SINGLE, TRACE_HEADERS, Hop, Sampler, Span, SpanBuffer, extract, next_hop
@@ -118,6 +123,7 @@ class Observer:
         self.identity: str | None = None
         self.service_identities: dict[str, str | None] = {}
         self.metrics_on = True
+        self.why = Recorder()
         self._own_service = snapshot.service
         self._own_version = snapshot.service_version
         self._outbound_source = snapshot.service if snapshot.service != "None" else "ingress"
@@ -143,6 +149,7 @@ class Observer:
             name: (cfg.get("tls") or {}).get("identity") for name, cfg in (raw.get("services") or {}).items() if isinstance(cfg, dict)
         }
         self.metrics_on = raw.get("metrics", True) is not False
+        self.why.configure(snapshot, raw.get("why"))
         self._own_service = snapshot.service
         self._own_version = snapshot.service_version
         self._outbound_source = snapshot.service if snapshot.service != "None" else "ingress"
@@ -153,7 +160,7 @@ class Observer:
     def _hook(self) -> None:
         """Unhook exchange_done when nothing would record (metrics off, no spans, taps or access lines)."""
         sampler = self.sampler
-        wanted = self.metrics_on or self.taps or self.access_log != "off" or (sampler is not None and sampler.rate > 0.0)
+        wanted = self.metrics_on or self.taps or self.access_log != "off" or (sampler is not None and sampler.rate > 0.0) or self.why.mode != "off"
         self.state.on_exchange_done = self.exchange_done if wanted else None
         self.state.pool.observer = self if self.metrics_on else None
 
@@ -170,6 +177,16 @@ class Observer:
         elif kind == "untap":
             self.taps.pop(int(message.get("id", 0)), None)
             self._hook()
+        elif kind == "why?":
+            request_id = message.get("request_id")
+            found = self.why.find(request_id) if isinstance(request_id, str) else self.why.recent(int(message.get("recent") or 0))
+            self.send({"type": "why", "id": message.get("id"), "instance": self.metrics.instance, "records": found})
+        elif kind == "why-plan?":
+            snapshot = self.state.snapshot
+            headers = message.get("headers") if isinstance(message.get("headers"), dict) else {}
+            answer = plan(snapshot, str(message.get("to")), str(message.get("method") or "GET"), str(message.get("path") or "/"),
+                          {str(k): str(v) for k, v in headers.items()}, self.state.loop.time())  # type: ignore[arg-type]
+            self.send({"type": "why-plan", "id": message.get("id"), "instance": self.metrics.instance, "plan": answer})
         else:
             return False
         return True
@@ -290,6 +307,9 @@ class Observer:
                 ))
         if self.taps or self.access_log == "on" or (self.access_log == "errors" and (mesh_error or status >= 500)):
             self._emit(exchange, inbound, source, destination, version, status, duration, outcome if mesh_error else None)
+        why = self.why
+        if why.mode != "off" and (mesh_error or status >= 500 or why.keep_all or wants_debug(exchange.head.fields)):
+            why.keep(exchange, outcome, status, duration)
 
     def count_ejection(self, destination: str, version: str) -> None:
         if self.metrics_on:
@@ -324,7 +344,7 @@ class Observer:
               duration: float, mesh_error: str | None) -> None:
         client = exchange.client
         head = exchange.head
-        request_id = head.get(b"x-request-id")
+        request_id = exchange.request_id or head.get(b"x-request-id")
         if inbound:
             source_identity, destination_identity, tls = client.peer_identity, self.identity, client.peer_identity is not None
         else:
