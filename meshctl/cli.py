@@ -21,7 +21,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 import meshctl
-from meshctl import cmd_export, cmd_obs, cmd_ops, cmd_route, cmd_security, render
+from meshctl import cmd_export, cmd_obs, cmd_ops, cmd_route, cmd_security, cmd_why, render
 from meshctl.client import (
     AgentError,
     AgentStartError,
@@ -414,6 +414,7 @@ cmd_ops.register(app)
 cmd_security.register(app)
 cmd_obs.register(app)
 cmd_export.register(app)
+cmd_why.register(app)
 
 
 # --- entry point ---------------------------------------------------------------------------

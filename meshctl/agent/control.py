@@ -22,6 +22,7 @@ from meshctl.agent import overrides as ovr
 from meshctl.agent import promote
 from meshctl.agent.control_obs import observability_ops
 from meshctl.agent.control_security import security_ops
+from meshctl.agent.control_why import why_ops
 from meshctl.agent.errors import AgentError
 from meshctl.agent.logs import LogLine
 from meshctl.agent.manifest import load_manifest
@@ -99,6 +100,7 @@ class ControlServer:
         self.observability = Observability(supervisor.sidecars)
         supervisor.on_sidecar_message = self.observability.on_message
         self._ops.update(observability_ops(supervisor, self.observability))
+        self._ops.update(why_ops(supervisor, self.observability))
         self.stats: promote.StatsSource = self.observability  # live per-version numbers
         self.promotions: dict[str, promote.Promotion] = {}
 

@@ -7,7 +7,8 @@ delay, a mirror, a timeout that fired. The record itself, its dicts and strings,
 by `Recorder.keep()` only for a request that is kept:
 
 * mode `errors` (the default): requests that ended in 5xx or a mesh error (`x-mesh-error`,
-  resets included), and requests carrying `x-mesh-debug: 1`;
+  resets included), requests that succeeded only after a failed try, a timeout, a queue
+  wait or an injected delay (`eventful`), and requests carrying `x-mesh-debug: 1`;
 * mode `all`: every request; mode `off`: none.
 
 Routing, authorization and balancing are explained at that moment by re-running the same
@@ -74,6 +75,14 @@ def woken(exchange: Exchange) -> None:
     for entry in exchange.trail or ():
         if entry[0] == QUEUED and len(entry) == 2:
             entry.append(exchange.client.state.loop.time())
+
+
+_EVENTFUL = (TRY, QUEUED, DELAY, FIRED)
+
+
+def eventful(trail: list | None) -> bool:
+    """Whether something worth explaining happened even though the request succeeded."""
+    return trail is not None and any(entry[0] in _EVENTFUL for entry in trail)
 
 
 def wants_debug(fields: bytes) -> bool:

@@ -8,7 +8,8 @@ GET /spawn            starts a grandchild `sleep` in the same process group; ret
 GET /status/<code>    answers with that status code
 GET /sleep?ms=N       answers 200 after N milliseconds (known latency for metrics tests)
 
-/call/ forwards the trace headers (traceparent, tracestate, b3, x-b3-*) it received.
+/call/ forwards the trace headers (traceparent, tracestate, b3, x-b3-*), x-request-id and
+x-mesh-debug it received, as an app in a mesh should (`meshctl why` stitches hops by id).
 
 READY_DELAY (seconds) delays listening; EXIT_AT_START=N exits at once with code N;
 FAIL_AFTER=N makes /whoami answer 500 after N successful answers (a canary going bad).
@@ -28,7 +29,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 children = []
 served = [0]  # /whoami requests so far, for FAIL_AFTER
-TRACE_HEADERS = ("traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags")
+TRACE_HEADERS = ("traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags",
+                 "x-request-id", "x-mesh-debug")
 
 
 def upstream_urls():
