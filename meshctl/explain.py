@@ -8,8 +8,11 @@ stable interface (the dashboard shows it):
      "route", "version", "tries": [{"endpoint", "status", "error", "duration_ms",
      "retry_reason", ...}], "authz", "timeout_ms", "error", ...}]}
 
-Hops are in the order the request crossed them: by start time, and at the same instant
-the ingress, then a caller's outbound side, then the callee's inbound side.
+Hops are in the order the request crossed them, found from what each hop says rather than
+from clocks (a sidecar's loop clock ticks in milliseconds): a caller's hop is followed by
+the inbound hops of the endpoints it tried, in try order; an inbound hop by the calls its
+app made while serving it (the outbound hops of that same sidecar). Start times only
+break ties and order what is not connected.
 """
 
 from __future__ import annotations
@@ -38,8 +41,7 @@ def hop_of(record: dict[str, Any]) -> dict[str, Any]:
 
 def stitch(request_id: str, records: list[dict[str, Any]]) -> dict[str, Any]:
     """Every sidecar's record of `request_id`, in the order the request crossed them."""
-    ordered = sorted(records, key=lambda r: (r.get("ts") or 0.0, _DIRECTION_ORDER.get(r.get("direction"), 3)))
-    hops = [hop_of(record) for record in ordered]
+    hops = [hop_of(record) for record in crossing_order(records)]
     first = hops[0] if hops else {}
     return {
         "request_id": request_id,
@@ -51,6 +53,40 @@ def stitch(request_id: str, records: list[dict[str, Any]]) -> dict[str, Any]:
         "ts": first.get("ts"),
         "hops": hops,
     }
+
+
+def crossing_order(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records in the order the request crossed them (see the module docstring)."""
+    by_time = sorted(records, key=lambda r: (r.get("ts") or 0.0, _DIRECTION_ORDER.get(r.get("direction"), 3)))
+    children: dict[int, list[dict[str, Any]]] = {}
+    claimed: set[int] = set()
+    for record in by_time:
+        if record.get("direction") == "inbound":
+            calls = [other for other in by_time if other.get("direction") == "outbound" and other.get("sidecar") == record.get("sidecar")]
+        else:
+            tried = [attempt.get("endpoint") for attempt in record.get("tries") or ()]
+            calls = [other for endpoint in dict.fromkeys(tried) for other in by_time
+                     if other.get("direction") == "inbound" and other.get("sidecar") == endpoint]
+        calls = [call for call in calls if id(call) not in claimed and call is not record]
+        claimed.update(id(call) for call in calls)
+        children[id(record)] = calls
+    ordered: list[dict[str, Any]] = []
+    seen: set[int] = set()
+
+    def visit(record: dict[str, Any]) -> None:
+        if id(record) in seen:
+            return
+        seen.add(id(record))
+        ordered.append(record)
+        for child in children[id(record)]:
+            visit(child)
+
+    for record in by_time:
+        if id(record) not in claimed:
+            visit(record)
+    for record in by_time:  # a cycle of claims (cannot happen with real ids) still shows every record
+        visit(record)
+    return ordered
 
 
 def is_failure(hop: dict[str, Any]) -> bool:
@@ -164,8 +200,8 @@ def _rule_words(route: dict[str, Any]) -> str:
         origin = "a live override" if route.get("source") == "override" else "the manifest"
         return "the service split (from %s)" % origin
     origin = "a live override" if route.get("source") == "override" else "the manifest"
-    text = route.get("text")
-    return "route rule %d (from %s: %s)" % (route["rule"], origin, _compact(text.get("match") if isinstance(text, dict) else text))
+    conditions = route.get("conditions") or []
+    return "rule %d (from %s: %s)" % (route["rule"], origin, " and ".join(conditions) or "matches every request")
 
 
 def _compact(value: Any) -> str:

@@ -160,7 +160,7 @@ def test_a_header_rule_that_matches_and_one_that_misses(sidecars, upstream):
     alice, bob = kept[-2:]
     assert alice["route"]["rule"] == 0 and alice["version"] == "v2" and alice["route"]["misses"] == []
     assert alice["route"]["text"] == {"match": {"headers": {"x-user": {"exact": "alice"}}}, "split": {"v2": 100}}
-    assert alice["route"]["source"] == "manifest"
+    assert alice["route"]["source"] == "manifest" and alice["route"]["conditions"] == ["header x-user exact alice"]
     assert bob["route"]["rule"] == -1 and bob["version"] == "v1"
     assert bob["route"]["misses"] == [{"rule": 0, "condition": "header x-user exact alice"}]
     assert "rule 0 did not match (header x-user exact alice)" in explain.tell(explain.stitch(bob["request_id"], [bob]))

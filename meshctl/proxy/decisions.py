@@ -303,7 +303,7 @@ def route_explained(service: Service, action_rule: int, version: str | None, met
         matched = action_rule
     if matched >= 0 and matched < len(routes):
         rule = routes[matched]
-        text = {key: value for key, value in rule.items() if value not in (None, [], {})} if isinstance(rule, dict) else rule
+        text = _written(rule)
         split = rule.get("split") if isinstance(rule, dict) else None
         if split is None and isinstance(rule, dict) and rule.get("version"):
             split = {rule["version"]: 100}
@@ -315,11 +315,21 @@ def route_explained(service: Service, action_rule: int, version: str | None, met
     return {
         "rule": matched,
         "text": text,
+        "conditions": list(service.router.conditions(matched)),
         "source": source,
         "misses": [{"rule": index, "condition": condition} for index, condition in misses if index < max(matched, 0) or matched < 0],
         "split": split,
         "version": version,
     }
+
+
+def _written(value: Any) -> Any:
+    """A rule without its empty keys, closer to how it was written."""
+    if isinstance(value, dict):
+        return {key: _written(item) for key, item in value.items() if item not in (None, [], {})}
+    if isinstance(value, list):
+        return [_written(item) for item in value]
+    return value
 
 
 def _route(service: Service, action: RouteAction, method: str, path: str, query: str, headers: dict[str, str]) -> dict[str, Any]:

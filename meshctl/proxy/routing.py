@@ -163,6 +163,10 @@ class Router:
                     return rule.split.pick()
         return self._default.pick()
 
+    def conditions(self, index: int) -> tuple[str, ...]:
+        """Rule `index`'s conditions in words (`header x-user exact alice`)."""
+        return self._rules[index].conditions if 0 <= index < len(self._rules) else ()
+
     def explain(self, method: str, path: str, query: str = "", headers: dict[str, str] | None = None) -> tuple[int, list[tuple[int, str]]]:
         """Which rule `route()` matches (-1: the service split) and, for each rule tried
         before it, the first condition that did not hold. Not for the hot path."""
