@@ -147,11 +147,13 @@ def _ms(value: float | None) -> str:
         return "?"
     if value < 1:
         return "under 1 ms"
+    if value >= 1000:
+        return "%g s" % round(value / 1000, 3)
     return "%d ms" % round(value) if value >= 10 else "%.1f ms" % value
 
 
 def _endpoint_label(endpoint: str | None) -> str:
-    return endpoint or "the app"
+    return "the app" if endpoint in (None, "app") else endpoint
 
 
 def _outcome_words(attempt: dict[str, Any], timeouts: dict[str, Any] | None) -> str:
@@ -280,8 +282,11 @@ def hop_lines(hop: dict[str, Any]) -> list[str]:
         which = "request" if timeouts["fired"] == "request" else "per-try"
         value = timeouts.get("request_ms") if which == "request" else timeouts.get("per_try_ms")
         lines.append("The %s timeout (%s) fired." % (which, _ms(value)))
-    final = _final_words(hop)
-    lines.append("%s%s in %s." % (final[0].upper(), final[1:], _ms(hop.get("duration_ms"))))
+    tries = hop.get("tries") or []
+    answered_by_try = len(tries) == 1 and hop.get("by") == "app" and tries[0].get("status") == hop.get("status")
+    if not answered_by_try:
+        final = _final_words(hop)
+        lines.append("%s%s in %s." % (final[0].upper(), final[1:], _ms(hop.get("duration_ms"))))
     return lines
 
 
@@ -295,7 +300,19 @@ def tell(story: dict[str, Any]) -> str:
     for number, hop in enumerate(story["hops"], 1):
         out.append("%d. %s (%s)" % (number, hop.get("sidecar"), hop.get("direction")))
         out.extend("   " + line for line in hop_lines(hop))
+    origin = failure_origin(story)
+    if origin is not None:
+        number, hop = origin
+        out.append("It went wrong at hop %d, %s (%s): %s." % (
+            number, hop.get("sidecar"), hop.get("direction"),
+            "x-mesh-error %s" % hop["error"] if hop.get("error") else "status %s from the app" % hop.get("status")))
     return "\n".join(out)
+
+
+def failure_origin(story: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
+    """The last hop in crossing order that failed (the one the failure started from), numbered from 1."""
+    failed = [(number, hop) for number, hop in enumerate(story["hops"], 1) if is_failure(hop) or (hop.get("status") or 0) >= 400]
+    return failed[-1] if failed and (is_failure(story["hops"][0]) or (story.get("status") or 0) >= 400) else None
 
 
 def tell_plan(plan: dict[str, Any]) -> str:
