@@ -7,7 +7,7 @@ import random
 import pytest
 
 from meshctl import explain
-from meshctl.proxy.decisions import wants_debug
+from meshctl.proxy.http1 import Parser
 from meshctl.proxy.retry import RetryPolicy
 from meshctl.proxy.routing import Router
 
@@ -145,12 +145,15 @@ def test_retry_explain_agrees_with_should_retry(args, answer):
     assert policy.should_retry(*args) is answer[0]
 
 
-@pytest.mark.parametrize("fields, wanted", [
-    (b"host: a\r\nx-mesh-debug: 1", True),
-    (b"host: a\r\nX-Mesh-Debug:1", True),
-    (b"host: a\r\nx-mesh-debug: 0", False),
-    (b"host: a\r\nx-debug: 1", False),
-    (b"", False),
+@pytest.mark.parametrize("block, wanted", [
+    (b"GET / HTTP/1.1\r\nhost: a\r\nx-mesh-debug: 1\r\n\r\n", True),
+    (b"GET / HTTP/1.1\r\nhost: a\r\nX-Mesh-DEBUG:1 \r\n\r\n", True),
+    (b"GET / HTTP/1.1\r\nhost: a\r\nx-mesh-debug: 0\r\n\r\n", False),
+    (b"GET / HTTP/1.1\r\nhost: a\r\nx-debug: 1\r\n\r\n", False),
+    (b"GET / HTTP/1.1\r\n\r\n", False),
 ])
-def test_wants_debug(fields, wanted):
-    assert wants_debug(fields) is wanted
+def test_the_parser_sees_the_debug_header(block, wanted):
+    parser = Parser(True, 65536, None)
+    parser.feed(block)
+    head = parser.next_event_whole()
+    assert head.debug is wanted and not head.has_hop_by_hop

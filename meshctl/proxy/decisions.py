@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 MODES = ("off", "errors", "all")
 DEFAULT_RING = 2000
 MAX_RECENT = 500
-DEBUG_HEADER = b"x-mesh-debug"
 _OK_OUTCOMES = ("ok", "client-lost")
 _DIRECTIONS = {"forward": "outbound"}
 
@@ -80,29 +79,19 @@ def woken(exchange: Exchange) -> None:
 _EVENTFUL = (TRY, QUEUED, DELAY, FIRED)
 
 
-def eventful(trail: list | None) -> bool:
+def eventful(trail: list) -> bool:
     """Whether something worth explaining happened even though the request succeeded."""
-    return trail is not None and any(entry[0] in _EVENTFUL for entry in trail)
-
-
-def wants_debug(fields: bytes) -> bool:
-    """Whether a request head's field block carries `x-mesh-debug: 1` (cheap pre-test first)."""
-    if b"ebug" not in fields and b"EBUG" not in fields:
-        return False
-    for line in fields.split(b"\r\n"):
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == DEBUG_HEADER and value.strip() == b"1":
-            return True
-    return False
+    return any(entry[0] in _EVENTFUL for entry in trail)
 
 
 class Recorder:
     """The ring of kept records of one sidecar and the rule for what is kept."""
 
-    __slots__ = ("mode", "keep_all", "records", "instance", "service")
+    __slots__ = ("mode", "on", "keep_all", "records", "instance", "service")
 
     def __init__(self, mode: str = "errors", size: int = DEFAULT_RING) -> None:
         self.mode = mode
+        self.on = mode != "off"
         self.keep_all = mode == "all"
         self.records: deque[dict[str, Any]] = deque(maxlen=size)
         self.instance = "?"
@@ -112,6 +101,7 @@ class Recorder:
         raw = raw if isinstance(raw, dict) else {}
         mode = raw.get("mode", "errors")
         self.mode = mode if mode in MODES else "errors"
+        self.on = self.mode != "off"
         self.keep_all = self.mode == "all"
         size = raw.get("ring", DEFAULT_RING)
         if isinstance(size, int) and not isinstance(size, bool) and size > 0 and size != self.records.maxlen:

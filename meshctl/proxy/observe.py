@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from meshctl.proxy.decisions import Recorder, eventful, plan, wants_debug
+from meshctl.proxy.decisions import Recorder, eventful, plan
 from meshctl.proxy.http1 import HOP_BY_HOP, Head
 from meshctl.proxy.metrics import INBOUND, OUTBOUND, Metrics, path_template
 from meshctl.proxy.tracing import B3_SINGLE, TRACE_HEADERS, Hop, Sampler, Span, SpanBuffer, extract, next_hop
@@ -308,9 +308,10 @@ class Observer:
         if self.taps or self.access_log == "on" or (self.access_log == "errors" and (mesh_error or status >= 500)):
             self._emit(exchange, inbound, source, destination, version, status, duration, outcome if mesh_error else None)
         why = self.why
-        if why.mode != "off" and (mesh_error or status >= 500 or why.keep_all or eventful(exchange.trail)
-                                  or wants_debug(exchange.head.fields)):
-            why.keep(exchange, outcome, status, duration)
+        if why.on:
+            trail = exchange.trail
+            if mesh_error or status >= 500 or why.keep_all or exchange.head.debug or (trail is not None and eventful(trail)):
+                why.keep(exchange, outcome, status, duration)
 
     def count_ejection(self, destination: str, version: str) -> None:
         if self.metrics_on:
