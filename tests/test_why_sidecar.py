@@ -197,9 +197,11 @@ def test_nothing_is_kept_for_a_plain_success_and_everything_with_why_all(sidecar
 def test_plan_routes_a_request_not_sent_with_the_live_state(sidecars, upstream):
     routes = [{"match": {"headers": {"x-user": {"exact": "alice"}}}, "split": {"v2": 100}}]
     retries = {"attempts": 2, "retry_on": ["gateway-error"], "per_try_timeout": 0.5}
-    side = outbound(sidecars, {"svc": service([("v1", upstream.address), ("v2", upstream.address)], routes=routes, retries=retries)})
+    live = {"rules": 1, "split": False}  # the agent marks rules set by `meshctl route set`
+    side = outbound(sidecars, {"svc": service([("v1", upstream.address), ("v2", upstream.address)], routes=routes, retries=retries,
+                                              live=live)})
     answer = ask(side, {"type": "why-plan?", "id": 9, "to": "svc", "method": "POST", "path": "/x", "headers": {"X-User": "alice"}})
     plan = answer["plan"]
-    assert plan["route"]["rule"] == 0 and list(plan["versions"]) == ["v2"]
+    assert plan["route"]["rule"] == 0 and plan["route"]["source"] == "override" and list(plan["versions"]) == ["v2"]
     assert plan["versions"]["v2"] == [{"endpoint": "svc@v2#1", "ejected": False, "ejected_for_s": None, "in_flight": 0}]
     assert plan["timeouts"]["per_try_ms"] == 500.0 and plan["retries"]["method_retried"] is False

@@ -18,7 +18,7 @@ from typing import Any
 
 from meshctl import explain
 from meshctl.agent.compile import INGRESS_ID
-from meshctl.agent.control_security import authz_verdict
+from meshctl.agent.control_security import NoMesh, UnknownService, authz_verdict
 from meshctl.agent.errors import AgentError
 from meshctl.agent.lifecycle import State
 from meshctl.agent.observability import Observability
@@ -36,10 +36,6 @@ class BadWhyRequest(AgentError):
 
 class UnknownRequest(AgentError):
     code = "unknown-request"
-
-
-class NoSuchService(AgentError):
-    code = "unknown-service"
 
 
 def _records(answers: list[dict]) -> list[dict]:
@@ -78,15 +74,15 @@ def why_ops(sup: Supervisor, obs: Observability) -> dict[str, Handler]:
     async def why_plan(request: dict, writer: asyncio.StreamWriter) -> dict:
         manifest = sup.manifest
         if manifest is None:
-            raise NoSuchService("no mesh has been applied yet; run `meshctl up -f mesh.yaml`")
+            raise NoMesh("no mesh has been applied yet; run `meshctl up -f mesh.yaml`")
         source, target = request.get("from"), request.get("to")
         if not isinstance(source, str) or not isinstance(target, str):
             raise BadWhyRequest('why-plan needs "from" and "to" strings')
         names = [service.name for service in manifest.services]
         if source != INGRESS_ID and source not in names:
-            raise NoSuchService(f"no service {source!r} in mesh {manifest.mesh} (nor ingress)")
+            raise UnknownService(f"no service {source!r} in mesh {manifest.mesh} (nor ingress)")
         if target not in names:
-            raise NoSuchService(f"no service {target!r} in mesh {manifest.mesh}")
+            raise UnknownService(f"no service {target!r} in mesh {manifest.mesh}")
         method = str(request.get("method") or "GET").upper()
         path = str(request.get("path") or "/")
         headers = request.get("headers") or {}
@@ -96,14 +92,14 @@ def why_ops(sup: Supervisor, obs: Observability) -> dict[str, Handler]:
                    if handle.running and target in (handle.last_snapshot or {}).get("services", {})
                    and (name == source if source == INGRESS_ID else name.startswith(source + "@"))]
         if not callers:
-            raise NoSuchService(f"{source} does not call {target}: {target} is not among its upstreams (or it is not running)")
+            raise UnknownService(f"{source} does not call {target}: {target} is not among its upstreams (or it is not running)")
         answers = await obs.ask({"type": "why-plan?", "to": target, "method": method, "path": path, "headers": headers},
                                 only=lambda name: name == callers[0])
         if not answers:
             raise UnknownRequest(f"{callers[0]} did not answer in time; try again")
         plan = dict(answers[0]["plan"])
         if "error" in plan:
-            raise NoSuchService(f"{callers[0]}: {plan['error']}")
+            raise UnknownService(f"{callers[0]}: {plan['error']}")
         plan.update({"from": source, "method": method, "path": path, "headers": headers})
         plan["authz"] = authz_verdict(manifest, source, target, method, path, headers)
         not_ready: dict[str, list[dict]] = {}
