@@ -36,7 +36,7 @@ def _headers(pairs: list[str]) -> dict[str, str]:
 def why(
     request_id: Annotated[str | None, typer.Argument(
         metavar="[REQUEST_ID|SERVICE]", help="The x-request-id to explain (with --last-failure: a service).")] = None,
-    last_failure: Annotated[bool, typer.Option("--last-failure", help="Explain the most recent failed request.")] = False,
+    last_failure: Annotated[bool, typer.Option("--last-failure", help="Explain the most recent request in which a hop failed (even if a retry saved it).")] = False,
     recent: Annotated[bool, typer.Option("--recent", help="List recent explained requests.")] = False,
     status: Annotated[str | None, typer.Option("--status", help="With --recent: a class such as 5xx or a code.")] = None,
     service: Annotated[str | None, typer.Option("--service", help="With --recent or --last-failure: only requests that crossed it.")] = None,

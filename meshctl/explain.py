@@ -113,6 +113,7 @@ def summaries(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "status": story["status"],
             "error": story["error"] or next((hop["error"] for hop in failed if hop["error"]), None),
             "services": list(dict.fromkeys(hop["service"] for hop in hops if hop.get("service"))),
+            "failed": bool(failed),  # some hop failed, even if a retry saved the request
             "failed_at": failed[-1]["sidecar"] if failed else None,
             "hops": len(hops),
         })

@@ -81,6 +81,7 @@ def test_summaries_group_by_request_newest_first():
     assert [row["request_id"] for row in rows] == ["r2", "r1"]
     assert rows[0]["failed_at"] == "ingress" and rows[0]["services"] == ["pay"]
     assert rows[1]["services"] == ["front", "cart"] and rows[1]["hops"] == 5
+    assert rows[1]["status"] == 200 and rows[1]["failed"]  # a hop failed though the request succeeded
 
 
 @pytest.mark.parametrize("wanted, status, matches", [

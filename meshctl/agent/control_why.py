@@ -60,7 +60,7 @@ def why_ops(sup: Supervisor, obs: Observability) -> dict[str, Handler]:
         rows = [row for row in explain.summaries(records)
                 if (not service or service in row["services"]) and explain.matches_status(row["status"], status)]
         if request.get("last_failure"):
-            failed = [row for row in rows if row["error"] or (row["status"] or 0) >= 500]
+            failed = [row for row in rows if row["failed"]]
             if not failed:
                 where = f" involving {service}" if service else ""
                 raise UnknownRequest(f"no failed request{where} on record: {KEPT}")

@@ -56,6 +56,8 @@ def note(exchange: Exchange, *entry: Any) -> None:
 
 def try_ended(exchange: Exchange, outcome: str, status: int | None, detail: str | None) -> None:
     """A try failed or is about to be retried; `retrying()` marks it when a retry follows."""
+    if not exchange.try_started:
+        return  # nothing was tried yet (queued, delayed by a fault): the timeout note says it all
     note(exchange, TRY, exchange.endpoint, exchange.try_started, exchange.client.state.loop.time(), outcome, status, detail, None)
 
 
@@ -219,10 +221,9 @@ def _tries(exchange: Exchange, trail: list, outcome: str, status: int, method: s
         else:
             entry["retry_reason"] = _why_not(exchange, policy, attempt, method, try_outcome, try_status, body_size, outcome)
         tries.append(entry)
-    last_start = entries[-1][2] if entries else 0.0
     begun = exchange.try_started
-    if begun and (not entries or begun > last_start) and exchange.response_started:
-        # The try that produced the response the client got.
+    if begun and (outcome == "ok" or (outcome == "client-lost" and exchange.response_started)):
+        # The try whose response went to the client (failed and retried tries are in the trail).
         endpoint = exchange.last_endpoint
         tries.append({
             "endpoint": _endpoint_name(endpoint, exchange),
