@@ -7,6 +7,9 @@ import random
 import pytest
 
 from meshctl import explain
+from meshctl.agent.compile import SidecarIdentity, SidecarListeners, compile_sidecar
+from meshctl.agent.errors import ManifestError
+from meshctl.agent.manifest import parse_manifest
 from meshctl.proxy.http1 import Parser
 from meshctl.proxy.retry import RetryPolicy
 from meshctl.proxy.routing import Router
@@ -158,3 +161,26 @@ def test_the_parser_sees_the_debug_header(block, wanted):
     parser.feed(block)
     head = parser.next_event_whole()
     assert head.debug is wanted and not head.has_hop_by_hop
+
+
+def _manifest(observability: str):
+    return parse_manifest("mesh: shop\n%sservices:\n  back: {command: echo}\n" % observability, "mesh.yaml", base_dir="/srv")
+
+
+def test_why_keys_reach_every_sidecar_snapshot():
+    manifest = _manifest("observability: {why: all, why_records: 5000}\n")
+    assert (manifest.observability.why, manifest.observability.why_records) == ("all", 5000)
+    default = _manifest("")
+    assert (default.observability.why, default.observability.why_records) == ("errors", 2000)
+    snapshot = compile_sidecar(manifest, SidecarIdentity("back@v1#0", "back", "v1"), SidecarListeners(), [])
+    assert snapshot["why"] == {"mode": "all", "ring": 5000}
+
+
+@pytest.mark.parametrize("observability, expected", [
+    ("observability: {why: some}\n", "observability.why"),
+    ("observability: {why_records: 0}\n", "observability.why_records"),
+])
+def test_bad_why_keys_are_refused(observability, expected):
+    with pytest.raises(ManifestError) as caught:
+        _manifest(observability)
+    assert expected in str(caught.value)
