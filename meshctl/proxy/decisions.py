@@ -21,6 +21,7 @@ process only when the agent asks (`why?` on the config channel, proxy.observe).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from meshctl.proxy.exchange import Exchange
     from meshctl.proxy.routing import RouteAction
     from meshctl.proxy.snapshot import Service, Snapshot
+
+log = logging.getLogger("proxy.decisions")
 
 MODES = ("off", "errors", "all")
 DEFAULT_RING = 2000
@@ -112,7 +115,11 @@ class Recorder:
         self.service = snapshot.service if snapshot.service != "None" else "ingress"
 
     def keep(self, exchange: Exchange, outcome: str, status: int, duration: float) -> None:
-        self.records.append(build_record(exchange, outcome, status, duration, self.instance, self.service))
+        try:
+            self.records.append(build_record(exchange, outcome, status, duration, self.instance, self.service))
+        except Exception:
+            # A record explains a request; failing to build one must never fail the request.
+            log.exception("building the decision record of %r failed", exchange)
 
     def find(self, request_id: str) -> list[dict[str, Any]]:
         return [record for record in self.records if record["request_id"] == request_id]

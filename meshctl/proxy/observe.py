@@ -160,7 +160,7 @@ class Observer:
     def _hook(self) -> None:
         """Unhook exchange_done when nothing would record (metrics off, no spans, taps or access lines)."""
         sampler = self.sampler
-        wanted = self.metrics_on or self.taps or self.access_log != "off" or (sampler is not None and sampler.rate > 0.0) or self.why.mode != "off"
+        wanted = self.metrics_on or self.taps or self.access_log != "off" or (sampler is not None and sampler.rate > 0.0) or self.why.on
         self.state.on_exchange_done = self.exchange_done if wanted else None
         self.state.pool.observer = self if self.metrics_on else None
 
