@@ -1,6 +1,6 @@
 """Python CPU per request of the sidecar's engine alone: no sockets, no uvloop, no TLS.
 
-    python bench/engine.py [--requests 20000] [--batches 7]
+    python bench/engine.py [--requests 20000] [--batches 7] [--why errors|all|off]
 
 A `ClientConnection` and a pooled `UpstreamConnection` of the working tree's proxy get
 fake transports; each request is one `data_received` of a request head on the client
@@ -83,7 +83,7 @@ class FakeTransport:
         pass
 
 
-def measure(kind: str, requests: int, batches: int) -> float:
+def measure(kind: str, requests: int, batches: int, why: str = "errors") -> float:
     """Minimum CPU seconds per request over `batches` of `requests` on a `kind` listener."""
     loop = asyncio.new_event_loop()
     try:
@@ -93,7 +93,7 @@ def measure(kind: str, requests: int, batches: int) -> float:
             "instance": "web@v1#0" if kind == "inbound" else "ingress", "service": "web" if kind == "inbound" else "None",
             "version": "v1", "drain_timeout": 5.0, "listeners": [listener], "services": {"web": SERVICE}, "egress": [],
             "http": {"max_header_bytes": 65536, "max_body_bytes": None, "header_timeout": 10.0, "idle_timeout": 60.0},
-            "tracing": {"sampling": 0.01}, "access_log": "off",
+            "tracing": {"sampling": 0.01}, "access_log": "off", "why": {"mode": why},
         }
         snapshot = compile_snapshot({"type": "config", "version": 1, "config": config}, None)
         state = ServerState(loop)
@@ -135,9 +135,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--batches", type=int, default=7)
+    parser.add_argument("--why", choices=("errors", "all", "off"), default="errors",
+                        help="decision records for `meshctl why` (observability.why) [errors, the default]")
     args = parser.parse_args()
     for kind in ("ingress", "inbound"):
-        print("%-8s %6.2f us Python CPU per request" % (kind, measure(kind, args.requests, args.batches) * 1e6))
+        print("%-8s %6.2f us Python CPU per request" % (kind, measure(kind, args.requests, args.batches, args.why) * 1e6))
     return 0
 
 

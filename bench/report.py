@@ -370,11 +370,13 @@ def render(results: dict[str, Any], notes: str = "") -> str:
     if obs:
         base = next(iter(obs.values()))
         out += ["## Cost of observability", "",
-                "Three one-instance meshes that differ only in their `observability` key, each the same "
+                "One-instance meshes that differ only in their `observability` key, each the same "
                 "two-sidecar path as above, wrk -t1 -c%d, %d interleaved runs of %g s each. With "
                 "`metrics: false` the sidecars record no request metrics (Observer.exchange_done skips "
                 "the registry; with sampling 0 as well the hook is not called at all); `access_log: on` "
-                "sends every request's access line to the agent, in batches (one message per 0.1 s or 256 lines)." % (params["connections"], params["runs"], params["seconds"]), ""]
+                "sends every request's access line to the agent, in batches (one message per 0.1 s or 256 lines); "
+                "`why: off` keeps no decision records (the default keeps them for failed and `x-mesh-debug` "
+                "requests only, meshctl/proxy/decisions.py)." % (params["connections"], params["runs"], params["seconds"]), ""]
         rows = []
         for name, entry in obs.items():
             rows.append([name, "%.0f" % entry["rps"], "%.0f .. %.0f" % (min(entry["runs"]), max(entry["runs"])),

@@ -6,7 +6,7 @@
 Steps: start nginx (direct), an HAProxy pair in front of it, and a one-instance mesh around
 its own nginx; measure idle memory; interleaved wrk runs (CPU per request and peak memory
 alongside); open-loop latency at a constant rate; a py-spy profile of the service's
-sidecar under wrk; the cost of observability (three meshes: defaults, metrics off, access
+sidecar under wrk; the cost of observability (meshes: defaults, metrics off, why records off, access
 log on; interleaved wrk runs); the control plane (bench/controlplane.py: route-change
 propagation in a 20-instance mesh, certificate rotations); HTTP/2 and gRPC through the
 mesh against direct (bench/http2.py: h2load, grpc.aio); then the start-up timings
@@ -130,11 +130,12 @@ OBSERVABILITY_VARIANTS = {
     "defaults (metrics on, access log off, sampling 0.01)": None,
     "metrics off": {"metrics": False},
     "access log on (every request)": {"access_log": "on"},
+    "why records off (observability.why: off)": {"why": "off"},
 }
 
 
 def observability_costs(workdir: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Three one-instance meshes differing only in their observability key, measured interleaved."""
+    """One-instance meshes differing only in their observability key, measured interleaved."""
     with contextlib.ExitStack() as stack:
         paths = []
         for index, (label, observability) in enumerate(OBSERVABILITY_VARIANTS.items()):

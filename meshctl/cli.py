@@ -30,6 +30,7 @@ from meshctl import (
     cmd_route,
     cmd_security,
     cmd_shadow,
+    cmd_why,
     completion,
     render,
     resources,
@@ -426,6 +427,7 @@ cmd_export.register(app)
 completion.register(app)
 cmd_shadow.register(app)
 cmd_dashboard.register(app)
+cmd_why.register(app)
 
 
 # --- entry point ---------------------------------------------------------------------------

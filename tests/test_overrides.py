@@ -79,6 +79,8 @@ def test_rules_go_before_the_manifest_rules_and_replace_their_own_kind():
         ("x-canary", {"v1": 100}), ("x-team", {"v1": 100})]
     assert routes[2] == ROUTE and len(routes) == 3
     assert "split" not in ovr.traffic_overrides(MANIFEST, ov)["api"]  # rules leave the split alone
+    # The sidecar learns which rules are live overrides (`meshctl why` says where a rule came from).
+    assert ovr.traffic_overrides(MANIFEST, ov)["api"]["live"] == {"rules": 2, "split": False}
 
 
 @pytest.mark.parametrize("header, version, error", [("bad header", "v2", ovr.OverrideError), ("x", "v7", ovr.UnknownVersion)])

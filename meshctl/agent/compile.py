@@ -176,4 +176,5 @@ def compile_sidecar(
         "access_log": manifest.observability.access_log,
         "tracing": {"sampling": manifest.observability.sampling},
         "metrics": manifest.observability.metrics,
+        "why": {"mode": manifest.observability.why, "ring": manifest.observability.why_records},
     }

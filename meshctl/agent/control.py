@@ -27,6 +27,7 @@ from meshctl.agent.control_replay import replay_ops
 from meshctl.agent.control_security import security_ops
 from meshctl.agent.control_shadow import ShadowResults, shadow_ops
 from meshctl.agent.dashboard import Dashboard
+from meshctl.agent.control_why import why_ops
 from meshctl.agent.errors import AgentError
 from meshctl.agent.logs import LogLine
 from meshctl.agent.manifest import load_manifest
@@ -108,6 +109,7 @@ class ControlServer:
         self.observability.on_shadow_results = self.shadow_results.on_results
         self._ops.update(shadow_ops(supervisor, self.shadow_results))
         self._ops.update(replay_ops(supervisor, self.observability, self.shadow_results))
+        self._ops.update(why_ops(supervisor, self.observability))
         self.stats: promote.StatsSource = self.observability  # live per-version numbers
         self.promotions: dict[str, promote.Promotion] = {}
         self.dashboard = Dashboard(self, home)

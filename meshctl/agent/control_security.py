@@ -16,6 +16,7 @@ from meshctl.agent.ca import CAError
 from meshctl.agent.compile import INGRESS_ID, SidecarIdentity, identity_of, mtls_mode, security_config
 from meshctl.agent.errors import AgentError
 from meshctl.agent.instance import owner_key
+from meshctl.agent.model import Manifest
 from meshctl.agent.supervisor import Supervisor
 from meshctl.proxy.authz import Policy
 
@@ -36,6 +37,34 @@ class UnknownService(AgentError):
 
 class BadSecurityRequest(AgentError):
     code = "bad-request"
+
+
+def authz_verdict(manifest: Manifest, source: str, target: str, method: str, path: str,
+                  headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """Would `source` (a service, `ingress` or a SPIFFE ID) be let in by `target`'s sidecars?
+    Decided by proxy.authz, the code the sidecars run (`policy check`, `why --from`)."""
+    names = [s.name for s in manifest.services]
+    if target not in names:
+        raise UnknownService(f"no service {target!r} in mesh {manifest.mesh}")
+    if source.startswith("spiffe://"):
+        source_id = source
+    elif source == INGRESS_ID:
+        source_id = identity_of(manifest, None)
+    elif source in names:
+        source_id = identity_of(manifest, source)
+    else:
+        raise UnknownService(f"no service {source!r} in mesh {manifest.mesh} (nor a spiffe:// ID or ingress)")
+    method = method.upper()
+    who = manifest.service(target)
+    authz = security_config(manifest, SidecarIdentity(target, target, None), None)["authz"]
+    if authz is None:
+        allowed, rule = True, "no policy for this service (default_policy allow)"
+    else:
+        fields = {name.lower(): value for name, value in (headers or {}).items()}
+        decision = Policy(authz, manifest.security.trust_domain).check(source_id, method, path, fields)
+        allowed, rule = decision.allowed, decision.rule
+    return {"from": source_id, "to": identity_of(manifest, target), "method": method, "path": path,
+            "decision": "allow" if allowed else "deny", "rule": rule, "mtls": mtls_mode(manifest, who)}
 
 
 def security_ops(sup: Supervisor) -> dict[str, Handler]:
@@ -102,31 +131,9 @@ def security_ops(sup: Supervisor) -> dict[str, Handler]:
 
     async def policy_check(request: dict, writer: asyncio.StreamWriter) -> dict:
         identities()
-        manifest = sup.manifest
         source, target = request.get("from"), request.get("to")
         if not isinstance(source, str) or not isinstance(target, str):
             raise BadSecurityRequest('policy-check needs "from" and "to" strings')
-        names = [s.name for s in manifest.services]
-        if target not in names:
-            raise UnknownService(f"no service {target!r} in mesh {manifest.mesh}")
-        if source.startswith("spiffe://"):
-            source_id = source
-        elif source == INGRESS_ID:
-            source_id = identity_of(manifest, None)
-        elif source in names:
-            source_id = identity_of(manifest, source)
-        else:
-            raise UnknownService(f"no service {source!r} in mesh {manifest.mesh} (nor a spiffe:// ID or ingress)")
-        method = str(request.get("method") or "GET").upper()
-        path = str(request.get("path") or "/")
-        who = manifest.service(target)
-        authz = security_config(manifest, SidecarIdentity(target, target, None), None)["authz"]
-        if authz is None:
-            allowed, rule = True, "no policy for this service (default_policy allow)"
-        else:
-            decision = Policy(authz, manifest.security.trust_domain).check(source_id, method, path, None)
-            allowed, rule = decision.allowed, decision.rule
-        return {"from": source_id, "to": identity_of(manifest, target), "method": method, "path": path,
-                "decision": "allow" if allowed else "deny", "rule": rule, "mtls": mtls_mode(manifest, who)}
+        return authz_verdict(sup.manifest, source, target, str(request.get("method") or "GET"), str(request.get("path") or "/"))  # type: ignore[arg-type]
 
     return {"certs": certs, "certs-rotate": rotate, "import-ca": import_ca, "policy-check": policy_check}

@@ -82,7 +82,14 @@ from meshctl.agent.model import (
 from meshctl.agent.overrides import HEADER_NAME
 from meshctl.agent.schema import manifest_json_schema, structural_problems
 from meshctl.agent.schema_export import version_image
-from meshctl.agent.schema_observability import metrics_enabled, metrics_port, observability_settings, otlp_export, otlp_problems
+from meshctl.agent.schema_observability import (
+    metrics_enabled,
+    metrics_port,
+    observability_settings,
+    otlp_export,
+    otlp_problems,
+    why_settings,
+)
 from meshctl.agent.schema_protocols import protocol_of, protocol_problems
 from meshctl.agent.schema_security import normal_authorization, source_problems
 from meshctl.agent.yamllines import YamlReader
@@ -390,10 +397,12 @@ def _build(document: dict, base_dir: str, source: str) -> Manifest:
         default_policy=document.get("default_policy", "allow"),
     )
     access_log, sampling = observability_settings(document)
+    why, why_records = why_settings(document)
     return Manifest(
         mesh=document["mesh"], services=_dependency_order(services), ingress=ingress, source=source, security=security,
         observability=Observability(
             access_log=access_log, sampling=sampling, metrics=metrics_enabled(document), metrics_port=metrics_port(document), otlp=otlp_export(document),
+            why=why, why_records=why_records,
         ),
     )
 

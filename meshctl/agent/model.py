@@ -120,6 +120,8 @@ class Observability:
     # Where the agent serves the merged metrics: None means 9464, or a free port when taken.
     metrics_port: int | None = None
     otlp: OtlpExport | None = None  # None: spans stay in the agent
+    why: str = "errors"  # errors | all | off: which requests get a decision record (`meshctl why`)
+    why_records: int = 2000  # decision records kept per sidecar
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,10 @@ poll also rewrites `prometheus-targets.json` in the state directory when the sid
 admin endpoints changed: a Prometheus `file_sd` list for scraping each sidecar directly.
 
 With `observability.tracing.otlp` in the manifest, every span received is also offered to
-an `agent.otlp_export.OtlpExporter`. The hub reconciles the running exporter with the
+an `agent.otlp_export.OtlpExporter`.
+
+`ask()` sends one read-out request to every sidecar and gathers their answers (`why` and
+`why-plan`, matched by id), waiting at most ASK_TIMEOUT_S for a sidecar that is slow. The hub reconciles the running exporter with the
 manifest whenever spans arrive and once a poll: a changed collector starts a new exporter
 and lets the old one flush and end on its own; `close()` flushes the last one, bounded by
 `EXPORT_FLUSH_S`, in a worker thread so the loop never waits on the collector.
@@ -53,6 +56,8 @@ STALE_AFTER_S = 30.0
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 DEFAULT_METRICS_PORT = 9464  # the port OpenTelemetry's Prometheus exporters use
 FILE_SD_NAME = "prometheus-targets.json"
+ASK_TIMEOUT_S = 2.0
+ANSWER_TYPES = ("why", "why-plan")
 EXPORT_FLUSH_S = 3.0  # how long `close()` waits for queued spans to reach the collector
 
 Listener = Callable[[dict], None]
@@ -110,6 +115,8 @@ class Observability:
         self.access_followers: set[Listener] = set()
         self.taps: dict[int, Listener] = {}
         self._tap_ids = itertools.count(1)
+        self._asks: dict[int, tuple[int, list[dict], asyncio.Future]] = {}  # id -> (answers wanted, answers, done)
+        self._ask_ids = itertools.count(1)
         self.server: asyncio.AbstractServer | None = None
         self.port: int | None = None
         self._poller: asyncio.Task | None = None
@@ -250,6 +257,13 @@ class Observability:
                     follower(event)
         elif kind == "shadow-results":
             self.on_shadow_results(message.get("results") or [])
+        elif kind in ANSWER_TYPES:
+            pending = self._asks.get(message.get("id"))  # type: ignore[arg-type]
+            if pending is not None:
+                wanted, answers, done = pending
+                answers.append(message)
+                if len(answers) >= wanted and not done.done():
+                    done.set_result(None)
         elif kind == "tap-event" or kind == "record-event":
             listener = self.taps.get(message.get("id"))
             if listener is not None:
@@ -284,6 +298,25 @@ class Observability:
     def exposition(self) -> str:
         newest = [ring.window(0)[1] for ring in self.rings.values()]
         return merge_expositions(metrics_from_snapshot(snapshot).exposition() for snapshot in newest if snapshot is not None)
+
+    async def ask(self, request: dict, only: Callable[[str], bool] = lambda name: True, timeout: float = ASK_TIMEOUT_S) -> list[dict]:
+        """Send `request` to every sidecar whose name `only` accepts; their answers, as they came."""
+        ask_id = next(self._ask_ids)
+        handles = [handle for name, handle in self._sidecars() if only(name) and handle.acked_version and handle.running]
+        if not handles:
+            return []
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
+        answers: list[dict] = []
+        self._asks[ask_id] = (len(handles), answers, done)
+        try:
+            for handle in handles:
+                handle.send({**request, "id": ask_id})
+            await asyncio.wait_for(done, timeout)
+        except asyncio.TimeoutError:
+            log.info("%d of %d sidecars answered %s in time", len(answers), len(handles), request.get("type"))
+        finally:
+            del self._asks[ask_id]
+        return list(answers)
 
     def open_listener(self, listener: Listener) -> int:
         """An id whose `tap-event`s and `record-event`s go to `listener` (a tap, a recording)."""

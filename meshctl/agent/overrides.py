@@ -317,7 +317,8 @@ def traffic_overrides(manifest: Manifest, ov: MeshOverrides) -> dict[str, dict[s
             spec = manifest.service(name)
         except KeyError:
             continue
-        out[name] = service_keys(spec, service)
+        # `live` tells the sidecar which rules and split are overrides (for `meshctl why`).
+        out[name] = {**service_keys(spec, service), "live": {"rules": len(service.rules), "split": service.split is not None}}
     return out
 
 

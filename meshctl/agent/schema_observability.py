@@ -12,6 +12,8 @@ Top level:
           timeout: 2s            # per export request [2s]
       metrics: {port: 9464}      # where the agent serves all sidecars' metrics merged [9464]
       # metrics: false           # sidecars record no request metrics at all [true]
+      why: all                   # decision records for `meshctl why`: errors | all | off [errors]
+      why_records: 5000          # records each sidecar keeps, oldest dropped [2000]
 
 Tracing is always on (headers propagated, caller's sampling decision honoured); `sampling`
 only decides for traces that start at this mesh's ingress. `sampling: 0` records nothing
@@ -33,6 +35,8 @@ from meshctl.agent.durations import DURATION_PATTERN, parse_duration
 from meshctl.agent.model import OtlpExport
 
 ACCESS_LOG_MODES = ("off", "on", "errors")
+WHY_MODES = ("errors", "all", "off")
+DEFAULT_WHY_RECORDS = 2000
 DEFAULT_SAMPLING = 0.01
 DEFAULT_OTLP_TIMEOUT_S = 2.0
 OTLP_ENDPOINT_PATTERN = r"^https?://[^/?#\s]+(/\S*)?$"
@@ -89,6 +93,15 @@ MANIFEST_PROPERTIES: dict[str, Any] = {
                 ],
             },
             "access_log": {"enum": list(ACCESS_LOG_MODES), "description": "off, on (every request) or errors (5xx and mesh errors) [off]."},
+            "why": {
+                "enum": list(WHY_MODES),
+                "description": "Which requests get a decision record for `meshctl why`: errors (5xx, mesh errors, resets and "
+                               "requests with x-mesh-debug: 1), all, or off [errors].",
+            },
+            "why_records": {
+                "type": "integer", "minimum": 1, "maximum": 1000000,
+                "description": "Decision records each sidecar keeps in memory, oldest dropped [2000].",
+            },
             "tracing": {
                 "type": "object",
                 "description": "Trace sampling for traces that start at the ingress.",
@@ -108,6 +121,12 @@ def observability_settings(document: dict[str, Any]) -> tuple[str, float]:
     raw = document.get("observability") or {}
     tracing = raw.get("tracing") or {}
     return raw.get("access_log", "off"), float(tracing.get("sampling", DEFAULT_SAMPLING))
+
+
+def why_settings(document: dict[str, Any]) -> tuple[str, int]:
+    """(which requests get a decision record, how many each sidecar keeps) of a validated document."""
+    raw = document.get("observability") or {}
+    return raw.get("why", "errors"), int(raw.get("why_records", DEFAULT_WHY_RECORDS))
 
 
 def metrics_enabled(document: dict[str, Any]) -> bool:

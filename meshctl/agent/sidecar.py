@@ -21,6 +21,9 @@ from meshctl.agent.logs import LogBook
 log = logging.getLogger(__name__)
 
 ACK_TIMEOUT_S = 10.0
+# A channel line from the sidecar may be large (a `why` answer of 500 decision records is
+# about 1 MB); asyncio's default 64 KiB limit would end the channel on such a line.
+MAX_CHANNEL_LINE = 16 * 1024 * 1024
 
 
 class SidecarError(Exception):
@@ -85,7 +88,7 @@ class SidecarHandle:
         self._pump_task = asyncio.create_task(
             self._logbook.pump(self.proc.stdout, self.name, self.instance), name=f"log:{self.name}"
         )
-        reader, self._writer = await asyncio.open_unix_connection(sock=ours)
+        reader, self._writer = await asyncio.open_unix_connection(sock=ours, limit=MAX_CHANNEL_LINE)
         self._reader_task = asyncio.create_task(self._read_channel(reader), name=f"channel:{self.name}")
         self.last_snapshot = None
         self.pushed_version = self.acked_version = 0

@@ -115,8 +115,8 @@ def _one_line(code: str, detail: str) -> bytes:
     return ("%s: %s" % (code, detail.replace("\r", " ").replace("\n", " "))).encode("utf-8", "replace")
 
 
-def error_response(code: str, detail: str, status: int | None = None, close: bool = False) -> bytes:
-    """The complete HTTP/1.1 response bytes for a sidecar-generated error."""
+def error_response(code: str, detail: str, status: int | None = None, close: bool = False, request_id: bytes | None = None) -> bytes:
+    """The complete HTTP/1.1 response bytes for a sidecar-generated error, with the request's id when known."""
     if status is None:
         status = http_status(code)
     body = _one_line(code, detail) + b"\n"
@@ -126,13 +126,15 @@ def error_response(code: str, detail: str, status: int | None = None, close: boo
         code.encode("ascii"),
         len(body),
     )
+    if request_id:
+        head += b"x-request-id: %s\r\n" % request_id
     if close:
         head += b"connection: close\r\n"
     return head + b"\r\n" + body
 
 
-def response_for(error: MeshError, close: bool = False) -> bytes:
-    return error_response(error.code, error.detail, error.status, close)
+def response_for(error: MeshError, close: bool = False, request_id: bytes | None = None) -> bytes:
+    return error_response(error.code, error.detail, error.status, close, request_id)
 
 
 def _percent_encode(text: bytes) -> bytes:

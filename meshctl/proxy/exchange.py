@@ -26,6 +26,7 @@ import logging
 import random
 from typing import TYPE_CHECKING
 
+from meshctl.proxy import decisions
 from meshctl.proxy.errors import ProtocolError, error_response, http_status
 from meshctl.proxy.http1 import END, Data, Head, rebuild_head
 from meshctl.proxy.idle import STREAM_IDLE_TIMEOUT_CODE, IdleCheck, first_check
@@ -94,6 +95,10 @@ class Exchange:
         "status",
         "mirror_version",
         "comparison",
+        "request_id",
+        "request_id_line",
+        "try_started",
+        "trail",
     )
 
     def __init__(self, client: ClientConnection, target: Target, head: Head, out_head: bytes) -> None:
@@ -132,6 +137,10 @@ class Exchange:
         self.status = 0
         self.mirror_version: str | None = None
         self.comparison: Comparison | None = None  # set when the shadow's answer is compared with ours
+        self.request_id: bytes | None = None  # when this sidecar generated it (else in the head)
+        self.request_id_line: bytes | None = None  # the ingress adds it to responses that lack it
+        self.try_started = 0.0
+        self.trail: list | None = None  # rare events for `meshctl why` (proxy.decisions)
 
     def __repr__(self) -> str:
         return "<Exchange %s %s -> %s try %d%s%s>" % (
@@ -187,6 +196,7 @@ class Exchange:
         admission = service.limits.admit(self)
         if admission is not ADMITTED:
             if admission is QUEUED:
+                decisions.note(self, decisions.QUEUED, now)
                 self.counted = True
                 self.client.deadline = self._next_deadline()
                 return
@@ -203,6 +213,8 @@ class Exchange:
         """Holding a connection slot of the service: mirror decision, delay fault, first try."""
         if self.answered:
             return
+        if self.trail is not None:
+            decisions.woken(self)
         action = self.action
         service = self.target.service
         service.budget.record_request(self.client.state.loop.time())  # type: ignore[union-attr]
@@ -210,6 +222,7 @@ class Exchange:
         compared = False
         if mirror is not None and random.random() * 100 < mirror["percent"]:
             compare = mirror["compare"]
+            decisions.note(self, decisions.MIRROR, mirror["version"])
             if compare is None:
                 self.mirror_version = mirror["version"]
                 if self.request_done:
@@ -223,6 +236,7 @@ class Exchange:
         if fault is not None:
             delay = fault["delay"]
             if delay is not None and random.random() * 100 < delay["percent"]:
+                decisions.note(self, decisions.DELAY, delay["fixed"])
                 self.client.deadline = self._next_deadline()
                 self.client.state.loop.call_later(delay["fixed"], self._try)
                 if compared and self.request_done:
@@ -251,7 +265,8 @@ class Exchange:
         state = self.client.state
         if service is not None:
             action = self.action
-            endpoint = service.balancer.pick(action.version, self.hash_key, self.tried, state.loop.time())  # type: ignore[union-attr]
+            now = state.loop.time()
+            endpoint = service.balancer.pick(action.version, self.hash_key, self.tried, now)  # type: ignore[union-attr]
             if endpoint is None:
                 self.fail("no-healthy-endpoints", "%s@%s: no endpoints" % (service.name, action.version))  # type: ignore[union-attr]
                 return
@@ -259,9 +274,12 @@ class Exchange:
             self.endpoint = endpoint
             self.address = endpoint.address
             self.last_endpoint = endpoint
+            self.try_started = now
             policy = action.retry_policy  # type: ignore[union-attr]
             if policy is not None and policy.per_try_timeout:
-                self.try_deadline = state.loop.time() + policy.per_try_timeout
+                self.try_deadline = now + policy.per_try_timeout
+        else:
+            self.try_started = self.started if self.trail is None else state.loop.time()
         self.client.deadline = self._next_deadline()
         conn = state.pool.take(self.address)  # type: ignore[arg-type]
         if conn is not None:
@@ -378,8 +396,10 @@ class Exchange:
 
     def on_deadline(self, now: float) -> None:
         if self.deadline and now >= self.deadline:
+            decisions.note(self, decisions.FIRED, "request", self.action.timeout)  # type: ignore[union-attr]
             self._try_failed("timeout", "not finished within %gs" % self.action.timeout, None, final=True)  # type: ignore[union-attr]
         elif self.try_deadline and now >= self.try_deadline:
+            decisions.note(self, decisions.FIRED, "per_try", self.action.retry_policy.per_try_timeout)  # type: ignore[union-attr]
             self._try_failed("timeout", "no response within the per-try timeout", None)
         elif self.idle_due and now >= self.idle_due:
             self._idle_check(now)
@@ -494,6 +514,7 @@ class Exchange:
                 and policy.should_retry(self.attempt, self.method.decode("latin-1"), "response", status, self.replay_size - len(self.replay[0]))
                 and self.target.service.budget.try_spend(self.client.state.loop.time())  # type: ignore[union-attr]
             ):
+                decisions.try_ended(self, "response", status, None)
                 self.upstream_keep_alive = head.keep_alive
                 self.discarding = True
                 return True
@@ -509,13 +530,20 @@ class Exchange:
         if self.client.state.draining:
             keep = False
         self.client_keep_alive = keep
+        id_line = self.request_id_line
+        if id_line is not None and head.has(b"x-request-id"):
+            id_line = None
         if self.head.version != b"1.1":
             if head.chunked:
                 keep = self.client_keep_alive = False  # a 1.0 client cannot find the end of a chunked body
             # HTTP/1.0 clients keep a connection only when the response says so (RFC 9112 9.3).
-            out.append(rebuild_head(head, [_CONNECTION_KEEP_ALIVE] if keep else [_CONNECTION_CLOSE]))
+            add = [_CONNECTION_KEEP_ALIVE] if keep else [_CONNECTION_CLOSE]
+            out.append(rebuild_head(head, add if id_line is None else [id_line, *add]))
         elif (head.has_hop_by_hop and not head.only_keep_alive) or not keep:
-            out.append(rebuild_head(head, [] if keep else [_CONNECTION_CLOSE]))
+            add = [] if keep else [_CONNECTION_CLOSE]
+            out.append(rebuild_head(head, add if id_line is None else [id_line, *add]))
+        elif id_line is not None:
+            out.append(head.raw[:-2] + id_line + b"\r\n\r\n")  # raw ends with the blank line
         else:
             out.append(head.raw)
         return True
@@ -603,6 +631,7 @@ class Exchange:
     def _try_failed(self, outcome: str, detail: str, exc: Exception | None, final: bool = False, stale_connection: bool = False) -> None:
         if self.answered:
             return
+        decisions.try_ended(self, outcome, None, detail)
         self._stop_waiting()
         conn = self.upstream
         if conn is not None:
@@ -646,6 +675,7 @@ class Exchange:
 
     def _retry(self, delay: float, count_attempt: bool) -> None:
         """Send the replay copy again, to another endpoint when there is one."""
+        decisions.retrying(self, delay, count_attempt)
         if count_attempt:
             self.attempt += 1
         if self.pending is None:  # else nothing was sent and the queued bytes still wait
@@ -700,7 +730,8 @@ class Exchange:
             self.client_keep_alive = False
         if code == "upstream-connect-failed" or code == "timeout" or code == "upstream-reset" or code == STREAM_IDLE_TIMEOUT_CODE:
             log.info("%s %s", code, detail)
-        response = error_response(code, detail, status, close=not self.client_keep_alive)
+        response = error_response(code, detail, status, close=not self.client_keep_alive,
+                                  request_id=self.request_id or self.head.get(b"x-request-id"))
         self.client.bytes_out += len(response)
         self.client.transport.write(response)
         self._answered(code)

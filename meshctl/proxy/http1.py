@@ -75,8 +75,9 @@ _MAX_CHUNK_SIZE = 2**63 - 1
 _CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?")
 _MAX_CHUNK_LINE = 4096
 
+DEBUG_FIELD = b"x-mesh-debug"  # `x-mesh-debug: 1` asks every sidecar for a decision record (`meshctl why`)
 _FRAMING_HEADERS = frozenset(
-    {b"content-length", b"transfer-encoding", b"connection"} | HOP_BY_HOP
+    {b"content-length", b"transfer-encoding", b"connection", DEBUG_FIELD} | HOP_BY_HOP
 )
 # The framing and hop-by-hop field lines of a validated block behind a "\n", names in any
 # case. Searched in b"\n" + fields: a leading literal lets the regex engine skip from one
@@ -120,9 +121,10 @@ class Head:
         "has_hop_by_hop",
         "only_keep_alive",
         "body",
+        "debug",
     )
     _COMPARED = ("method", "target", "version", "status", "reason", "start_line", "headers", "lines", "raw",
-                 "content_length", "chunked", "keep_alive", "connection_tokens", "has_hop_by_hop", "only_keep_alive")
+                 "content_length", "chunked", "keep_alive", "connection_tokens", "has_hop_by_hop", "only_keep_alive", "debug")
 
     def __init__(self) -> None:
         self.method = b""
@@ -145,6 +147,7 @@ class Head:
         self.only_keep_alive = False
         # The whole body, when next_event_whole() returned the message in one step.
         self.body: bytes | None = None
+        self.debug = False  # carries x-mesh-debug: 1 (found with the framing fields, at no extra pass)
 
     @property
     def headers(self) -> list[tuple[bytes, bytes]]:
@@ -252,6 +255,8 @@ def _parse_head(block: bytes, is_request: bool) -> Head:
             lengths.append(value.rstrip(b" \t"))
         elif name == b"transfer-encoding":
             codings.extend(_tokens(value))
+        elif name == DEBUG_FIELD:
+            head.debug = value.rstrip(b" \t") == b"1"
         else:
             hop_by_hop += 1
             if name == b"connection":

@@ -9,6 +9,10 @@ only when someone asks over the config channel (docs/observability.md):
 * `{"type": "tap", "id", "filter"}` / `{"type": "untap", "id"}` -> `tap-event` lines;
 * `record` / `unrecord` -> `record-event` lines (proxy.record); `replay` sends one
   recorded request again and compares (proxy.replay); `shadow-results` batches (proxy.shadow);
+* `{"type": "why?", "id", "request_id"}` or `{"type": "why?", "id", "recent": N}` ->
+  `{"type": "why", "id", "records"}`: decision records (proxy.decisions);
+  `{"type": "why-plan?", "id", "to", "method", "path", "headers"}` -> `{"type": "why-plan",
+  "id", "plan"}`: what this sidecar would do with such a request;
 * `spans` batches once a second while any are buffered; `access` batches of access lines
   when the snapshot's `access_log` is `on` (every request) or `errors` (status >= 500 or
   mesh error), sent ACCESS_FLUSH_INTERVAL after the first line of a batch or at once when
@@ -27,6 +31,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from meshctl.proxy.decisions import Recorder, eventful, plan
 from meshctl.proxy.http1 import HOP_BY_HOP, Head
 from meshctl.proxy.idle import STREAM_IDLE_TIMEOUT_CODE
 from meshctl.proxy.metrics import INBOUND, OUTBOUND, Metrics, path_template
@@ -125,6 +130,7 @@ class Observer:
         self.identity: str | None = None
         self.service_identities: dict[str, str | None] = {}
         self.metrics_on = True
+        self.why = Recorder()
         self._own_service = snapshot.service
         self._own_version = snapshot.service_version
         self._outbound_source = snapshot.service if snapshot.service != "None" else "ingress"
@@ -151,6 +157,7 @@ class Observer:
             name: (cfg.get("tls") or {}).get("identity") for name, cfg in (raw.get("services") or {}).items() if isinstance(cfg, dict)
         }
         self.metrics_on = raw.get("metrics", True) is not False
+        self.why.configure(snapshot, raw.get("why"))
         self._own_service = snapshot.service
         self._own_version = snapshot.service_version
         self._outbound_source = snapshot.service if snapshot.service != "None" else "ingress"
@@ -162,7 +169,7 @@ class Observer:
         """Unhook exchange_done when nothing would record (metrics off, no spans, taps or access lines)."""
         sampler = self.sampler
         wanted = (self.metrics_on or self.taps or self.recordings or self.access_log != "off"
-                  or (sampler is not None and sampler.rate > 0.0))
+                  or (sampler is not None and sampler.rate > 0.0) or self.why.on)
         # While recording, a hook that also records: no check on the hot path otherwise.
         self.state.on_exchange_done = (self._done_and_recorded if self.recordings else self.exchange_done) if wanted else None
         self.state.pool.observer = self if self.metrics_on else None
@@ -189,6 +196,16 @@ class Observer:
             self._hook()
         elif kind == "replay":
             replay_request(self.state, message, self.shadow_results.add)
+        elif kind == "why?":
+            request_id = message.get("request_id")
+            found = self.why.find(request_id) if isinstance(request_id, str) else self.why.recent(int(message.get("recent") or 0))
+            self.send({"type": "why", "id": message.get("id"), "instance": self.metrics.instance, "records": found})
+        elif kind == "why-plan?":
+            snapshot = self.state.snapshot
+            headers = message.get("headers") if isinstance(message.get("headers"), dict) else {}
+            answer = plan(snapshot, str(message.get("to")), str(message.get("method") or "GET"), str(message.get("path") or "/"),
+                          {str(k): str(v) for k, v in headers.items()}, self.state.loop.time())  # type: ignore[arg-type]
+            self.send({"type": "why-plan", "id": message.get("id"), "instance": self.metrics.instance, "plan": answer})
         else:
             return False
         return True
@@ -316,6 +333,11 @@ class Observer:
         if self.taps or self.access_log == "on" or (self.access_log == "errors" and (mesh_error or status >= 500)):
             self._emit(exchange, inbound, source, destination, version, status, duration,
                        outcome if mesh_error else None, trace_id)
+        why = self.why
+        if why.on:
+            trail = exchange.trail
+            if mesh_error or status >= 500 or why.keep_all or exchange.head.debug or (trail is not None and eventful(trail)):
+                why.keep(exchange, outcome, status, duration)
 
     def _done_and_recorded(self, exchange: Exchange, outcome: str) -> None:
         self.exchange_done(exchange, outcome)
@@ -356,7 +378,7 @@ class Observer:
               duration: float, mesh_error: str | None, trace_id: str | None) -> None:
         client = exchange.client
         head = exchange.head
-        request_id = head.get(b"x-request-id")
+        request_id = exchange.request_id or head.get(b"x-request-id")
         if inbound:
             source_identity, destination_identity, tls = client.peer_identity, self.identity, client.peer_identity is not None
         else:

@@ -207,6 +207,36 @@ class RetryPolicy:
             return True
         return method in IDEMPOTENT_METHODS
 
+    def explain(self, attempt: int, method: str, outcome: str, status: int | None, body_size: int | None) -> tuple[bool, str]:
+        """`should_retry`'s answer with its reason in words: the `retry_on` condition that
+        matched, or why none applies. For `meshctl why`, never on the hot path."""
+        if attempt >= self.attempts:
+            return False, "attempts used (%d of %d)" % (attempt, self.attempts)
+        if body_size is None:
+            return False, "the request body was streamed, not kept for a replay"
+        if body_size > MAX_REPLAY_BODY_BYTES:
+            return False, "body too large to replay (%d bytes, more than %d KiB)" % (body_size, MAX_REPLAY_BODY_BYTES // 1024)
+        matched = self.matching_condition(outcome, status)
+        if matched is None:
+            what = "status %d" % status if outcome == "response" else outcome
+            return False, "%s is not in retry_on (%s)" % (what, ", ".join(sorted(self.retry_on)))
+        if not (self.non_idempotent or outcome in _NOTHING_SENT or method in IDEMPOTENT_METHODS):
+            return False, "%s is not idempotent (retries.non_idempotent is false)" % method
+        return True, "retry_on: %s" % matched
+
+    def matching_condition(self, outcome: str, status: int | None) -> str | None:
+        """The `retry_on` name that covers this outcome, the most specific one first."""
+        for name in sorted(self.retry_on, key=lambda name: (name != outcome, not name.isdigit(), name)):
+            if name.isdigit():
+                if outcome == "response" and status == int(name):
+                    return name
+            elif outcome == "response":
+                if status in _STATUSES_BY_NAME.get(name, _EMPTY):
+                    return name
+            elif outcome in _OUTCOMES_BY_NAME[name]:
+                return name
+        return None
+
     def backoff(self, attempt: int, rng: Any = random) -> float:
         """Seconds to wait before the next try: full jitter over base * 2^(attempt-1), capped."""
         ceiling = self.backoff_base * (2.0 ** (max(attempt, 1) - 1))

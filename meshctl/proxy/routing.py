@@ -111,12 +111,17 @@ _Predicate = Callable[[str, str, Any, Any], bool]
 
 
 class _Rule:
-    """One compiled route: predicates over (method, path, query, headers), all must hold."""
+    """One compiled route: predicates over (method, path, query, headers), all must hold.
 
-    __slots__ = ("predicates", "split")
+    `conditions` names each predicate as written (`header x-user exact alice`), for
+    `Router.explain`; the hot path never reads it.
+    """
 
-    def __init__(self, predicates: list[_Predicate], split: _Split) -> None:
-        self.predicates = tuple(predicates)
+    __slots__ = ("predicates", "split", "conditions")
+
+    def __init__(self, predicates: list[tuple[_Predicate, str]], split: _Split) -> None:
+        self.predicates = tuple(predicate for predicate, _ in predicates)
+        self.conditions = tuple(condition for _, condition in predicates)
         self.split = split
 
 
@@ -164,6 +169,23 @@ class Router:
                 else:
                     return rule.split.pick()
         return self._default.pick()
+
+    def conditions(self, index: int) -> tuple[str, ...]:
+        """Rule `index`'s conditions in words (`header x-user exact alice`)."""
+        return self._rules[index].conditions if 0 <= index < len(self._rules) else ()
+
+    def explain(self, method: str, path: str, query: str = "", headers: dict[str, str] | None = None) -> tuple[int, list[tuple[int, str]]]:
+        """Which rule `route()` matches (-1: the service split) and, for each rule tried
+        before it, the first condition that did not hold. Not for the hot path."""
+        misses = []
+        for index, rule in enumerate(self._rules):
+            for predicate, condition in zip(rule.predicates, rule.conditions):
+                if not predicate(method, path, query, headers):
+                    misses.append((index, condition))
+                    break
+            else:
+                return index, misses
+        return -1, misses
 
     def __repr__(self) -> str:
         return "Router(%r, %d routes, versions=%s)" % (self.service, len(self._rules), ",".join(self.versions))
@@ -370,12 +392,13 @@ def _header_spec(spec: Any, where: str) -> tuple[str, str]:
     return _kind_and_value(spec, where)
 
 
-def _compile_match(match: Any, where: str) -> list[_Predicate]:
+def _compile_match(match: Any, where: str) -> list[tuple[_Predicate, str]]:
+    """Each condition of a route's match as (predicate, how it reads)."""
     if match is None:
         return []
     if not isinstance(match, dict):
         raise RouterError("%s: expected a mapping, got %r" % (where, match))
-    predicates: list[_Predicate] = []
+    predicates: list[tuple[_Predicate, str]] = []
     known = {"path", "method", "methods", "headers", "query"}
     unknown = sorted(set(match) - known)
     if unknown:
@@ -389,19 +412,21 @@ def _compile_match(match: Any, where: str) -> list[_Predicate]:
         if not isinstance(methods, list) or not methods or not all(isinstance(m, str) for m in methods):
             raise RouterError("%s.methods: expected a method or a non-empty list of methods, got %r" % (where, methods))
         allowed = frozenset(m.upper() for m in methods)
-        predicates.append(lambda method, path, query, headers: method in allowed or method.upper() in allowed)
+        predicates.append((lambda method, path, query, headers: method in allowed or method.upper() in allowed,
+                           "method in %s" % ", ".join(sorted(allowed))))
 
     if match.get("path") is not None:
         kind, value = _kind_and_value(match["path"], "%s.path" % where)
-        predicates.append(_path_predicate(kind, value, "%s.path" % where))
+        predicates.append((_path_predicate(kind, value, "%s.path" % where), "path %s %s" % (kind, value)))
 
     for name, spec, item_where in _named_specs(match.get("headers"), "%s.headers" % where, "value"):
         kind, value = _header_spec(spec, item_where)
-        predicates.append(_header_predicate(name.lower(), _string_test(kind, value, item_where)))
+        predicates.append((_header_predicate(name.lower(), _string_test(kind, value, item_where)),
+                           "header %s %s %s" % (name.lower(), kind, value)))
 
     for name, spec, item_where in _named_specs(match.get("query"), "%s.query" % where, "value"):
         kind, value = _header_spec(spec, item_where)
-        predicates.append(_query_predicate(name, _string_test(kind, value, item_where)))
+        predicates.append((_query_predicate(name, _string_test(kind, value, item_where)), "query %s %s %s" % (name, kind, value)))
     return predicates
 
 

@@ -436,6 +436,9 @@ class ClientConnection(asyncio.Protocol):
             target = resolve(self.listener, snapshot, head)
         except MeshError as exc:
             exchange = self.exchange = Exchange(self, Target(None, None, "-", None, False), head, b"")
+            exchange.started = state.loop.time()
+            if not head.has(b"x-request-id"):
+                exchange.request_id = state.next_request_id()
             exchange.fail(exc.code, exc.detail, exc.status)
             return
         if target.tunnel:
@@ -443,10 +446,12 @@ class ClientConnection(asyncio.Protocol):
             return
         add: list[bytes] = []
         start_line = None
+        request_id = None
         if target.rewrite:
             add.append(self.forwarded)
             if not head.has(b"x-request-id"):
-                add.append(b"x-request-id: " + state.next_request_id())
+                request_id = state.next_request_id()
+                add.append(b"x-request-id: " + request_id)
             if target.request_target is not None:
                 start_line = b"%s %s HTTP/%s" % (head.method, target.request_target, head.version)
         if head.version != b"1.1":
@@ -467,6 +472,11 @@ class ClientConnection(asyncio.Protocol):
         else:
             out_head = head.raw
         exchange = self.exchange = Exchange(self, target, head, out_head)
+        if request_id is not None:
+            exchange.request_id = request_id
+        if self.listener.kind == "ingress":
+            # So that a user can copy it from curl or a browser (`meshctl why ID`).
+            exchange.request_id_line = b"x-request-id: " + (request_id or head.get(b"x-request-id") or b"")
         if switch_to is not None:
             exchange.replay = None
         exchange.start(state.loop.time())
@@ -545,7 +555,7 @@ class ClientConnection(asyncio.Protocol):
                 self.abort()
                 return
         if not self.closed:
-            self.transport.write(response_for(exc, close=True))
+            self.transport.write(response_for(exc, close=True, request_id=self.state.next_request_id()))
             self.close()
 
     def on_deadline(self, now: float) -> None:

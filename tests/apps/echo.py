@@ -11,7 +11,8 @@ GET /events?n=N&every_ms=M[&pause_after=K&pause_ms=P]
                       server-sent events, chunked: N events M ms apart (silent for P ms after
                       the K-th), then the last chunk; `data: event <i>` each
 
-/call/ forwards the trace headers (traceparent, tracestate, b3, x-b3-*) it received.
+/call/ forwards the trace headers (traceparent, tracestate, b3, x-b3-*), x-request-id and
+x-mesh-debug it received, as an app in a mesh should (`meshctl why` stitches hops by id).
 
 READY_DELAY (seconds) delays listening; EXIT_AT_START=N exits at once with code N;
 FAIL_AFTER=N makes /whoami answer 500 after N successful answers (a canary going bad).
@@ -31,7 +32,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 children = []
 served = [0]  # /whoami requests so far, for FAIL_AFTER
-TRACE_HEADERS = ("traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags")
+TRACE_HEADERS = ("traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags",
+                 "x-request-id", "x-mesh-debug")
 
 
 def upstream_urls():
