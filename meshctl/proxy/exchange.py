@@ -346,7 +346,7 @@ class Exchange:
         if self.deadline and now >= self.deadline:
             self._try_failed("timeout", "no response within %gs" % self.action.timeout, None, final=True)  # type: ignore[union-attr]
         elif self.try_deadline and now >= self.try_deadline:
-            self._try_failed("timeout", "no response within the per-try timeout", None)
+            self._try_failed("timeout", "no response within the per-try timeout of %gs" % self.action.retry_policy.per_try_timeout, None)  # type: ignore[union-attr]
 
     # -- response side (called by the upstream connection) -------------------------------
 
