@@ -74,6 +74,10 @@ def test_http_proxy_is_used_by_urllib_to_reach_services_by_name(ops):
     assert status == 200 and json.loads(body)["service"] == "back"
     status, _, body = http_get(f"http://127.0.0.1:{ops.port}/proxied/elsewhere.invalid/x")
     assert status == 403 and b"egress-denied" in body  # not a mesh service, not in egress
+    # The same proxy-honouring client still reaches BACK_URL (the sidecar's loopback port) directly.
+    assert environ["NO_PROXY"] == "127.0.0.1,localhost,::1"
+    status, _, body = http_get(f"http://127.0.0.1:{ops.port}/call/back/whoami")
+    assert status == 200 and json.loads(body)["service"] == "back"
 
 
 def test_tcp_connections_are_balanced_over_every_replica(ops):

@@ -123,7 +123,10 @@ def compile_sidecar(
     overrides: dict[str, dict[str, Any]] | None = None,
     leaf: dict[str, Any] | None = None,
     ingress_tls: dict[str, str] | None = None,
+    local_uid: int | None = None,
 ) -> dict[str, Any]:
+    """One sidecar's snapshot. `local_uid`: only processes of this uid may connect to its
+    listeners other than the ingress (meshctl/proxy/peers.py); None lets anyone in."""
     endpoints = list(endpoints)
     overrides = overrides or {}
     listener_list: list[dict[str, Any]] = []
@@ -164,6 +167,7 @@ def compile_sidecar(
         "service": who.service,
         "version": who.version,
         "drain_timeout": DRAIN_TIMEOUT_S,
+        "local_uid": local_uid,
         "listeners": listener_list,
         "services": services,
         "egress": egress,

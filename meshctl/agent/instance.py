@@ -41,6 +41,7 @@ log = logging.getLogger("agent.supervisor")
 
 SIDECAR_RESTART_DELAY_S = 0.2
 SIDECAR_STABLE_S = 10.0  # a sidecar restart sooner than this after the last one is a crash loop
+LOOPBACK_NO_PROXY = "127.0.0.1,localhost,::1"
 
 
 def owner_key(owner: Instance | Ingress) -> str:
@@ -184,7 +185,9 @@ class Instance:
             env[f"{env_name(upstream)}_URL"] = f"http://127.0.0.1:{sock.getsockname()[1]}"
         if self.forward is not None:
             proxy = f"http://127.0.0.1:{self.forward.getsockname()[1]}"
-            env.update(HTTP_PROXY=proxy, http_proxy=proxy, NO_PROXY="", no_proxy="")
+            # The *_URL point at this sidecar's own loopback ports: reached directly, never
+            # through the proxy (which would refuse 127.0.0.1 as neither a service nor egress).
+            env.update(HTTP_PROXY=proxy, http_proxy=proxy, NO_PROXY=LOOPBACK_NO_PROXY, no_proxy=LOOPBACK_NO_PROXY)
         return env
 
     def argv(self, env: dict[str, str]) -> list[str]:

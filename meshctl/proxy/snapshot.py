@@ -152,6 +152,7 @@ class Snapshot:
         "tls",
         "authz",
         "ingress_tls",
+        "local_uid",
     )
 
     def __init__(self) -> None:
@@ -236,6 +237,11 @@ def compile_snapshot(message: dict[str, Any], previous: Snapshot | None) -> Snap
     if previous is not None and listeners != previous.raw_listeners:
         raise SnapshotError("listeners: cannot change after the first snapshot")
     snapshot.raw_listeners = listeners
+    snapshot.local_uid = raw.get("local_uid")
+    if snapshot.local_uid is not None and (not isinstance(snapshot.local_uid, int) or isinstance(snapshot.local_uid, bool) or snapshot.local_uid < 0):
+        raise SnapshotError("local_uid: expected a uid (a whole number >= 0) or null, got %r" % (snapshot.local_uid,))
+    if previous is not None and snapshot.local_uid != previous.local_uid:
+        raise SnapshotError("local_uid: cannot change after the first snapshot")
     snapshot.listeners = {}
     for index, entry in enumerate(listeners):
         if not isinstance(entry, dict):
