@@ -160,3 +160,50 @@ def test_every_sidecar_listener_but_the_ingress_refuses_another_uid(mesh):
     wait_for(refused_by_kind, what="a refusal counted for every gated listener kind")
     sidecar_logs = "".join(p.read_text() for p in (mesh.home / "logs").glob("*.sidecar.log"))
     assert "refused a connection to the outbound listener from uid 65534" in sidecar_logs
+
+
+UNIX = """
+mesh: unixapps
+services:
+  back:
+    command: {PY} {APPS}/echo.py
+    health: {{http: /healthz}}
+    listen: unix
+  front:
+    command: {PY} {APPS}/echo.py
+    upstreams: [back]
+    health: {{http: /healthz}}
+ingress:
+  port: {port}
+  routes: [{{path: /, service: front}}]
+"""
+
+
+def test_listen_unix_gives_the_app_a_private_socket_instead_of_a_port(mesh):
+    port = free_port()
+    mesh.write_manifest(UNIX.format(port=port, PY="{PY}", APPS="{APPS}"))
+    mesh.up()
+    back = mesh.instance("back@v1#0")
+    assert back["port"] is None and back["socket"] == str(mesh.home / "sockets" / "back@v1#0.sock")
+    with open(f"/proc/{back['pid']}/environ", "rb") as fh:
+        environ = dict(item.split("=", 1) for item in fh.read().decode().split("\0") if "=" in item)
+    assert environ["MESH_SOCKET"] == back["socket"] and "PORT" not in environ
+    assert os.stat(mesh.home / "sockets").st_mode & 0o777 == 0o700
+    status, _, body = http_get(f"http://127.0.0.1:{port}/call/back/whoami")
+    assert status == 200 and b'"back"' in body
+    # A restart binds the same path again (the old socket file is cleared first).
+    assert mesh.cli("restart", "back").returncode == 0
+    assert http_get(f"http://127.0.0.1:{port}/call/back/whoami")[0] == 200
+
+
+@needs_root
+def test_another_uid_cannot_reach_an_app_on_a_unix_socket(mesh):
+    mesh.write_manifest(UNIX.format(port=free_port(), PY="{PY}", APPS="{APPS}"))
+    mesh.up()
+    path = mesh.instance("back@v1#0")["socket"]
+    script = "import socket,sys\ntry:\n socket.socket(socket.AF_UNIX).connect(sys.argv[1]); print('connected')\nexcept PermissionError: print('denied')"
+    done = subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "/usr/bin/python3", "-I", "-c", script, path],
+        capture_output=True, text=True, timeout=30, cwd="/",
+    )
+    assert done.stdout.strip() == "denied", done.stdout + done.stderr

@@ -40,6 +40,7 @@ class SidecarListeners:
 
     inbound_fd: int | None = None
     app_port: int | None = None
+    app_socket: str | None = None  # the app's Unix socket (`listen: unix`), instead of app_port
     outbound_fds: tuple[tuple[str, int], ...] = ()  # (upstream service, fd)
     forward_fd: int | None = None
     ingress_fd: int | None = None
@@ -136,7 +137,7 @@ def compile_sidecar(
         own_protocol = manifest.service(who.service).protocol if who.service is not None else "http"
         listener_list.append(
             {"name": "inbound", "kind": "inbound", "fd": listeners.inbound_fd,
-             "app": ["127.0.0.1", listeners.app_port], "protocol": own_protocol}
+             "app": listeners.app_socket or ["127.0.0.1", listeners.app_port], "protocol": own_protocol}
         )
     for upstream, fd in listeners.outbound_fds:
         listener_list.append({"name": f"outbound:{upstream}", "kind": "outbound", "fd": fd, "service": upstream,

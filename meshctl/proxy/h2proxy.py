@@ -22,6 +22,7 @@ from collections.abc import Callable
 import h2.errors
 import h2.exceptions
 
+from meshctl.proxy.connect import create_connection
 from meshctl.proxy.h2conn import (
     GRPC_CANCELLED,
     GRPC_DEADLINE_EXCEEDED,
@@ -390,8 +391,8 @@ class H2Proxy(_Side):
         host, port, context = choice.host, choice.port, choice.context
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                transport, _ = await self.loop.create_connection(
-                    lambda: upstream, host, port, ssl=context, server_hostname=host if context else None
+                transport, _ = await create_connection(
+                    self.loop, lambda: upstream, host, port, ssl=context, server_hostname=host if context else None
                 )
             if choice.verify is not None:
                 choice.verify(transport)

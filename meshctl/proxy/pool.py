@@ -24,6 +24,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING
 
+from meshctl.proxy.connect import create_connection
 from meshctl.proxy.http1 import Parser
 from meshctl.proxy.metrics import OUTBOUND
 from meshctl.proxy.tls import ClientTLS
@@ -211,7 +212,7 @@ class Pool:
         """
         async with asyncio.timeout(timeout):
             if tls is None:
-                _, conn = await self.loop.create_connection(lambda: UpstreamConnection(self, address, peer), address[0], address[1])
+                _, conn = await create_connection(self.loop, lambda: UpstreamConnection(self, address, peer), address[0], address[1])
             else:
                 transport, conn = await self.loop.create_connection(
                     lambda: UpstreamConnection(self, address, peer), address[0], address[1],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from meshctl.proxy.connect import is_socket_path
 from meshctl.proxy.balance import Balancer, BalancerConfigError, Endpoint, make_balancer
 from meshctl.proxy.limits import CircuitLimits, LimitsConfigError
 from meshctl.proxy.outlier import OutlierConfigError, OutlierDetector
@@ -177,8 +178,10 @@ def _protocol(raw: dict[str, Any], where: str) -> str:
 
 
 def _address(value: Any, where: str) -> tuple[str, int]:
+    if isinstance(value, str) and is_socket_path(value):
+        return (value, 0)  # an app's Unix socket (proxy.connect)
     if not isinstance(value, (list, tuple)) or len(value) != 2 or not isinstance(value[0], str) or not isinstance(value[1], int):
-        raise SnapshotError("%s: expected [host, port], got %r" % (where, value))
+        raise SnapshotError("%s: expected [host, port] or a socket path, got %r" % (where, value))
     return (value[0], value[1])
 
 

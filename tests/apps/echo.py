@@ -12,6 +12,7 @@ GET /proxied/<service>/<path>   GETs http://<service>/<path> with urllib, which 
 /call/ forwards the trace headers (traceparent, tracestate, b3, x-b3-*) it received, and the
 headers named in FORWARD_HEADERS (comma-separated).
 
+It listens on 127.0.0.1:$PORT, or on the Unix socket $MESH_SOCKET when given (`listen: unix`).
 READY_DELAY (seconds) delays listening; EXIT_AT_START=N exits at once with code N;
 FAIL_AFTER=N makes /whoami answer 500 after N successful answers (a canary going bad).
 REQUIRE_UPSTREAMS=1 checks every *_URL answers /healthz at start and exits 7 otherwise,
@@ -23,6 +24,7 @@ TERM_LOG=FILE appends "<MESH_INSTANCE>\n" to FILE on SIGTERM; IGNORE_TERM=1 then
 import json
 import os
 import signal
+import socketserver
 import urllib.parse
 import subprocess
 import sys
@@ -127,9 +129,16 @@ def main():
     if os.environ.get("TERM_LOG"):
         signal.signal(signal.SIGTERM, on_sigterm)
     time.sleep(float(os.environ.get("READY_DELAY", "0")))  # simulates a slow start, not a sync
-    server = ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler)
-    print(f"listening on {os.environ['PORT']}", flush=True)
+    if "MESH_SOCKET" in os.environ:  # `listen: unix`
+        server = UnixHTTPServer(os.environ["MESH_SOCKET"], Handler)
+    else:
+        server = ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler)
+    print(f"listening on {os.environ.get('MESH_SOCKET') or os.environ['PORT']}", flush=True)
     server.serve_forever()
+
+
+class UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
 
 
 if __name__ == "__main__":
