@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from meshctl.proxy.peers import LOG_EVERY_S, SOCK_DIAG_BY_FAMILY, PeerGate, RefusalLog, diag_request, is_loopback, uid_from_reply
-from tests.meshharness import free_port, http_get, wait_for
+from tests.meshharness import environ_of, free_port, http_get, wait_for
 
 NOBODY = 65534
 
@@ -129,8 +129,7 @@ def test_every_sidecar_listener_but_the_ingress_refuses_another_uid(mesh):
     mesh.write_manifest(ISOLATED.format(port=port, PY="{PY}", APPS="{APPS}"))
     mesh.up()
     front, back = mesh.instance("front@v1#0"), mesh.instance("back@v1#0")
-    with open(f"/proc/{front['pid']}/environ", "rb") as fh:
-        proxy_port = int(fh.read().split(b"HTTP_PROXY=http://127.0.0.1:")[1].split(b"\0")[0])  # the forward listener
+    proxy_port = int(environ_of(front["pid"])["HTTP_PROXY"].rsplit(":", 1)[1])  # the forward listener
     listeners = {
         "outbound": front["outbound_ports"]["back"],
         "forward": proxy_port,
@@ -185,8 +184,7 @@ def test_listen_unix_gives_the_app_a_private_socket_instead_of_a_port(mesh):
     mesh.up()
     back = mesh.instance("back@v1#0")
     assert back["port"] is None and back["socket"] == str(mesh.home / "sockets" / "back@v1#0.sock")
-    with open(f"/proc/{back['pid']}/environ", "rb") as fh:
-        environ = dict(item.split("=", 1) for item in fh.read().decode().split("\0") if "=" in item)
+    environ = environ_of(back["pid"])
     assert environ["MESH_SOCKET"] == back["socket"] and "PORT" not in environ
     assert os.stat(mesh.home / "sockets").st_mode & 0o777 == 0o700
     status, _, body = http_get(f"http://127.0.0.1:{port}/call/back/whoami")

@@ -83,6 +83,7 @@ def test_exposition_declares_every_family_once(loaded: Metrics) -> None:
         "mesh_timeouts": "counter",
         "mesh_ejections": "counter",
         "mesh_authz_denied": "counter",
+        "mesh_refused_connections": "counter",
         "mesh_certificate_expiry_timestamp_seconds": "gauge",
     }
 
