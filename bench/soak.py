@@ -67,6 +67,7 @@ STEP_FACTOR = 1.5
 SUSTAINED_SHARE = 0.95
 SUSTAINED_P99_S = 1.0
 REC_BOX = b"Recommended for you"
+STEP_COLUMNS = ("target rps", "achieved rps", "p99 ms", "failed", "held", "busiest", "machine")
 OPERATIONS = (  # (share of the run, label, meshctl arguments)
     (0.25, "route split cart v1=50 v2=50", ("route", "split", "cart", "v1=50", "v2=50")),
     (0.50, "certs rotate", ("certs", "rotate")),
@@ -222,9 +223,12 @@ def sample(pids: dict[str, int]) -> dict[str, dict]:
 
 
 class CpuWatch:
-    """CPU share of every app and sidecar over a stretch of load, to name the bottleneck."""
+    """CPU share of every app and sidecar, and of the whole machine, over a stretch of load:
+    a process near 100 % of one core is the bottleneck; none near it, on a machine whose
+    cores are all busy, means the limit is the CPU left over by everything else running."""
 
     def __init__(self, processes: dict[str, tuple[int, int | None]]) -> None:
+        psutil.cpu_percent(None)
         self.procs = {}
         for name, (sidecar, app) in processes.items():
             for label, pid in ((name + " sidecar", sidecar), (name + " app", app)):
@@ -244,6 +248,9 @@ class CpuWatch:
                 continue
         return sorted(shares.items(), key=lambda item: -item[1])[:count]
 
+    def machine(self) -> str:
+        return "all %d CPUs %.0f %% busy, load average %.1f" % (psutil.cpu_count(), psutil.cpu_percent(None), os.getloadavg()[0])
+
 
 # -- finding the rate ------------------------------------------------------------------------------
 
@@ -259,14 +266,16 @@ def find_rate(port: int, env: dict) -> tuple[float, list[dict], str]:
     while True:
         watch = CpuWatch(mesh_processes(env))
         tally = drive(port, rps, STEP_SECONDS, seed=int(rps))
-        busiest = watch.busiest()
+        busiest, machine = watch.busiest(), watch.machine()
         held = step_held(tally, rps)
         steps.append({"target rps": round(rps, 1), "achieved rps": round(tally.total / tally.elapsed, 1),  # type: ignore[attr-defined]
                       "p99 ms": round(tally.p(0.99) * 1000, 1), "failed": tally.outcomes["failed"], "held": held,
-                      "busiest": ", ".join("%s %.0f %%" % item for item in busiest)})
+                      "busiest": ", ".join("%s %.0f %%" % item for item in busiest), "machine": machine})
         print("step %.0f rps: %s" % (rps, steps[-1]), file=sys.stderr, flush=True)
         if not held:
-            limit = steps[-1]["busiest"]
+            why = "p99 %.0f ms over %.0f ms" % (tally.p(0.99) * 1000, SUSTAINED_P99_S * 1000) if tally.p(0.99) > SUSTAINED_P99_S else (
+                "%d failed" % tally.outcomes["failed"] if tally.outcomes["failed"] else "achieved %s rps" % steps[-1]["achieved rps"])
+            limit = "at %.0f rps: %s; busiest: %s; %s" % (rps, why, steps[-1]["busiest"], machine)
             return best, steps, limit
         best, rps = rps, rps * STEP_FACTOR
 
@@ -358,7 +367,7 @@ def report(args, rate, steps, limit, tally: Tally, operations, first, last, rest
     elapsed = tally.elapsed  # type: ignore[attr-defined]
     figures = {
         "rate (rps)": round(rate, 1), "how the rate was chosen": "highest step that held" if steps else "given",
-        "what limits the next step (busiest processes, % of one core)": limit,
+        "what stopped the next step (busiest processes in % of one core; the machine)": limit,
         "seconds": args.seconds, "requests": tally.total, "achieved rps": round(tally.total / elapsed, 1),
         "failed": tally.outcomes["failed"], "deliberate payment failures (apart)": tally.outcomes["deliberate"],
         "failed by action": dict(tally.failed_by_action) or "none",
@@ -378,8 +387,7 @@ def report(args, rate, steps, limit, tally: Tally, operations, first, last, rest
                "columns": ["sidecar", "RSS MB start", "RSS MB end", "fds start", "fds end", "note"], "rows": rows}]
     if steps:
         tables.insert(0, {"title": "finding the rate: %g s steps" % STEP_SECONDS,
-                          "columns": ["target rps", "achieved rps", "p99 ms", "failed", "held", "busiest"],
-                          "rows": [[s[c] for c in ("target rps", "achieved rps", "p99 ms", "failed", "held", "busiest")] for s in steps]})
+                          "columns": list(STEP_COLUMNS), "rows": [[s[c] for c in STEP_COLUMNS] for s in steps]})
     record("soak", {
         "title": f"soak: the ShopFast mix at {rate:g} rps for {args.seconds:g} s",
         "about": "bench/soak.py: demo-services/loadgen.py's mix (browse the page with its gRPC box, products, carts, "
