@@ -144,7 +144,9 @@ class InboundAcceptor:
 
     It replaces `loop.create_server` for the inbound listener because the TLS context can
     change with every snapshot (rotation) and permissive mode must look at the first byte
-    before it knows whether to start TLS.
+    before it knows whether to start TLS. With `admits` (the local-uid check) it serves
+    the plaintext outbound and forward listeners too (`current_tls` giving None), so the
+    peer is checked before the connection reaches any protocol.
     """
 
     def __init__(
