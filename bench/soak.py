@@ -67,7 +67,7 @@ STEP_FACTOR = 1.5
 SUSTAINED_SHARE = 0.95
 SUSTAINED_P99_S = 1.0
 REC_BOX = b"Recommended for you"
-STEP_COLUMNS = ("target rps", "achieved rps", "p99 ms", "failed", "held", "busiest", "machine")
+STEP_COLUMNS = ("target rps", "achieved rps", "p99 ms", "failed", "held", "busiest", "machine", "first failure")
 OPERATIONS = (  # (share of the run, label, meshctl arguments)
     (0.25, "route split cart v1=50 v2=50", ("route", "split", "cart", "v1=50", "v2=50")),
     (0.50, "certs rotate", ("certs", "rotate")),
@@ -270,7 +270,8 @@ def find_rate(port: int, env: dict) -> tuple[float, list[dict], str]:
         held = step_held(tally, rps)
         steps.append({"target rps": round(rps, 1), "achieved rps": round(tally.total / tally.elapsed, 1),  # type: ignore[attr-defined]
                       "p99 ms": round(tally.p(0.99) * 1000, 1), "failed": tally.outcomes["failed"], "held": held,
-                      "busiest": ", ".join("%s %.0f %%" % item for item in busiest), "machine": machine})
+                      "busiest": ", ".join("%s %.0f %%" % item for item in busiest), "machine": machine,
+                      "first failure": tally.failures[0] if tally.failures else ""})
         print("step %.0f rps: %s" % (rps, steps[-1]), file=sys.stderr, flush=True)
         if not held:
             why = "p99 %.0f ms over %.0f ms" % (tally.p(0.99) * 1000, SUSTAINED_P99_S * 1000) if tally.p(0.99) > SUSTAINED_P99_S else (
