@@ -358,6 +358,10 @@ class InFlight:
 
 class ShopServer(ThreadingHTTPServer):
     daemon_threads = True  # idle keep-alive connections must not hold up exit
+    # socketserver's default backlog is 5: when a busy machine delays the accept thread, a
+    # burst of new connections from the sidecar overflows it, their SYNs are dropped and
+    # retried only after 1 s, past the sidecar's connect timeout (502 upstream-connect-failed).
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], app: Callable[[Request], Response], identity: Identity) -> None:
         self.app = app
