@@ -390,7 +390,7 @@ def report(args, rate, steps, limit, tally: Tally, operations, first, last, rest
         tables.insert(0, {"title": "finding the rate: %g s steps" % STEP_SECONDS,
                           "columns": list(STEP_COLUMNS), "rows": [[s[c] for c in STEP_COLUMNS] for s in steps]})
     record("soak", {
-        "title": f"soak: the ShopFast mix at {rate:g} rps for {args.seconds:g} s",
+        "title": f"soak: the ShopFast mix at {rate:.4g} rps for {args.seconds:g} s",
         "about": "bench/soak.py: demo-services/loadgen.py's mix (browse the page with its gRPC box, products, carts, "
                  "adds, checkouts through payments) through the ingress, open loop, latency from each request's due "
                  "time; payments keeps the demo's PAYMENTS_FAILURE_RATE, and its deliberate failures are counted apart. "
