@@ -19,14 +19,14 @@ from tests.meshharness import free_port, http_get, wait_for
 from tests.tlspeers import plain_get
 from tests.traffic import ContinuousLoad
 
-MTLS = """
+SMALL = """
 mesh: plain
-{mesh_mtls}
+{mesh_keys}
 services:
   back:
     command: {{PY}} {{APPS}}/echo.py
     health: {{http: /healthz}}
-    {back_mtls}
+    {back_keys}
   side:
     command: {{PY}} {{APPS}}/echo.py
     health: {{http: /healthz}}
@@ -40,9 +40,10 @@ ingress:
 """
 
 
-def mtls_mesh(mesh, mesh_mtls: str = "", back_mtls: str = "") -> int:
+def small_mesh(mesh, mesh_keys: str = "", back_keys: str = "") -> int:
+    """front calling back and side; `mesh_keys` go next to `mesh:`, `back_keys` into back."""
     port = free_port()
-    mesh.write_manifest(MTLS.format(mesh_mtls=mesh_mtls, back_mtls=back_mtls, port=port))
+    mesh.write_manifest(SMALL.format(mesh_keys=mesh_keys, back_keys=back_keys, port=port))
     mesh.up()
     return port
 
@@ -56,7 +57,7 @@ def edge(mesh, source: str, destination: str) -> dict:
 
 
 def test_mtls_off_mesh_wide_serves_plaintext_between_sidecars(mesh):
-    port = mtls_mesh(mesh, mesh_mtls="mtls: off")
+    port = small_mesh(mesh, mesh_keys="mtls: off")
     assert {i["mtls"] for i in mesh.status()["instances"]} == {"off"}
     assert plain_get(mesh.instance("back@v1#0")["inbound_port"], "/whoami") == 200
     assert http_get(f"http://127.0.0.1:{port}/call/back/whoami")[0] == 200
@@ -64,7 +65,7 @@ def test_mtls_off_mesh_wide_serves_plaintext_between_sidecars(mesh):
 
 
 def test_mtls_per_service_overrides_the_mesh(mesh):
-    port = mtls_mesh(mesh, back_mtls="mtls: permissive")
+    port = small_mesh(mesh, back_keys="mtls: permissive")
     assert mesh.instance("back@v1#0")["mtls"] == "permissive"
     assert mesh.instance("side@v1#0")["mtls"] == "strict"
     assert plain_get(mesh.instance("back@v1#0")["inbound_port"], "/whoami") == 200  # permissive: plaintext too
@@ -75,7 +76,7 @@ def test_mtls_per_service_overrides_the_mesh(mesh):
 
 
 def test_mtls_off_for_one_service_in_a_strict_mesh(mesh):
-    port = mtls_mesh(mesh, back_mtls="mtls: 'off'")
+    port = small_mesh(mesh, back_keys="mtls: 'off'")
     assert mesh.instance("back@v1#0")["mtls"] == "off"
     assert plain_get(mesh.instance("back@v1#0")["inbound_port"], "/whoami") == 200
     assert plain_get(mesh.instance("side@v1#0")["inbound_port"], "/whoami") is None
@@ -131,36 +132,13 @@ def test_authorization_on_headers_and_spiffe_sources_and_policy_check_method(mes
 
 # -- the CA ------------------------------------------------------------------------------------
 
-ONE = """
-mesh: ca
-{certificates}
-services:
-  back:
-    command: {{PY}} {{APPS}}/echo.py
-    health: {{http: /healthz}}
-  front:
-    command: {{PY}} {{APPS}}/echo.py
-    upstreams: [back]
-    health: {{http: /healthz}}
-ingress:
-  port: {port}
-  routes: [{{path: /, service: front}}]
-"""
-
-
-def two_service_mesh(mesh, certificates: str = "") -> int:
-    port = free_port()
-    mesh.write_manifest(ONE.format(certificates=certificates, port=port))
-    mesh.up()
-    return port
-
 
 def certs(mesh) -> dict:
     return json.loads(mesh.cli("certs", "-o", "json", check=True).stdout)
 
 
 def test_the_ca_is_reused_across_up_runs(mesh):
-    port = two_service_mesh(mesh)
+    port = small_mesh(mesh)
     first = certs(mesh)["root"]["fingerprint"]
     key = (mesh.home / "ca" / "ca.key").read_bytes()
     mesh.cli("down", check=True)
@@ -210,7 +188,7 @@ def corporate_intermediate(directory) -> tuple[x509.Certificate, x509.Certificat
 
 
 def test_import_ca_with_a_real_intermediate_and_its_chain_under_load(mesh, tmp_path):
-    port = two_service_mesh(mesh)
+    port = small_mesh(mesh)
     root, inter, _, _ = corporate_intermediate(tmp_path)
     load = ContinuousLoad(port, "/call/back/whoami", reconnect_every=1)
     try:
@@ -233,7 +211,7 @@ def test_import_ca_with_a_real_intermediate_and_its_chain_under_load(mesh, tmp_p
 
 
 def test_leaves_renew_at_two_thirds_of_a_one_minute_lifetime_under_load(mesh):
-    port = two_service_mesh(mesh, certificates="certificates: {leaf_lifetime: 1m}")
+    port = small_mesh(mesh, mesh_keys="certificates: {leaf_lifetime: 1m}")
     before = {c["owner"]: (c["serial"], c["not_after"]) for c in certs(mesh)["certificates"]}
     renewed_at: dict[str, float] = {}
     load = ContinuousLoad(port, "/call/back/whoami", reconnect_every=1)
