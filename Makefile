@@ -91,12 +91,14 @@ bench-test: bench-deps $(STAMP)
 bench-peer-hop: $(STAMP)
 	$(BIN)/python bench/peer_hop.py --write
 
-# Long runs (docs/reliability.md). soak: ShopFast at SOAK_RATE rps for SOAK_SECONDS
-# (default 1000 rps, 600 s), then docs/reliability.md is regenerated from the results.
+# Long runs (docs/reliability.md). soak: ShopFast's real traffic mix for SOAK_SECONDS
+# (600 s) at SOAK_RATE rps (auto: the highest rate the demo holds on this machine, found
+# first), with a live split change, a certificate rotation and a rolling restart; then
+# docs/reliability.md is regenerated from the results.
 # fuzz: 100,000 sidecar request-path cases, 40,000 control-API cases and the manifest
 # loader's properties; each test is bounded by FUZZ_TIMEOUT seconds.
 SOAK_SECONDS ?= 600
-SOAK_RATE ?= 1000
+SOAK_RATE ?= auto
 FUZZ_TIMEOUT ?= 7200
 
 soak: $(STAMP)

@@ -50,6 +50,12 @@ def http_get(url: str, timeout: float = 10.0, headers: dict | None = None) -> tu
         return exc.code, dict(exc.headers), exc.read()
 
 
+def environ_of(pid: int) -> dict[str, str]:
+    """The environment a process was started with."""
+    with open(f"/proc/{pid}/environ", "rb") as fh:
+        return dict(item.split("=", 1) for item in fh.read().decode("utf-8", "replace").split("\0") if "=" in item)
+
+
 def alive(pid: int) -> bool:
     try:
         proc = psutil.Process(pid)

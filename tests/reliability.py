@@ -175,9 +175,9 @@ def render(results: dict[str, dict]) -> str:
              "Each section names the run's date and machine. The tests run under `make test` "
              "(`pytest -n 2`), so their figures come from a machine busy with the rest of the suite; "
              "`make soak` runs alone (SOAK_SECONDS shortens it).", "",
-             "Payments' deliberate failures (PAYMENTS_FAILURE_RATE) are switched off in the soak's copy of "
-             "ShopFast, so every failed request there is the mesh's (or an app's saturation), never a "
-             "scripted one.", ""]
+             "The soak keeps payments' deliberate failures (PAYMENTS_FAILURE_RATE, as the demo has it) and "
+             "counts them apart: a checkout whose charge payments itself refused is the demo working as "
+             "scripted; every other failed request is the mesh's (or an app's saturation).", ""]
     for name, result in results.items():
         m = result.get("machine", {})
         lines += [f"## {result.get('title', name)}", "",
@@ -192,6 +192,10 @@ def render(results: dict[str, dict]) -> str:
         if result.get("figures"):
             lines += [_row("figure", "value"), _row("---", "---:")]
             lines += [_row(k, v) for k, v in result["figures"].items()]
+            lines.append("")
+        for table in result.get("tables", ()):
+            lines += [f"**{table['title']}**", "", _row(*table["columns"]), _row(*["---"] * len(table["columns"]))]
+            lines += [_row(*cells) for cells in table["rows"]]
             lines.append("")
     return "\n".join(lines)
 

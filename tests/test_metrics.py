@@ -86,6 +86,7 @@ def test_exposition_declares_every_family_once(loaded: Metrics) -> None:
         "mesh_stream_idle_timeouts": "counter",
         "mesh_ejections": "counter",
         "mesh_authz_denied": "counter",
+        "mesh_refused_connections": "counter",
         "mesh_certificate_expiry_timestamp_seconds": "gauge",
     }
 

@@ -7,8 +7,10 @@ trace sampled, access log on errors.
 from __future__ import annotations
 
 import json
+import queue
 import subprocess
 import sys
+import threading
 import urllib.request
 
 import pytest
@@ -185,14 +187,19 @@ def test_tap_sees_a_request(mesh):
     mesh.write_manifest(MESH.format(port=port, PY="{PY}", APPS="{APPS}"))
     mesh.up()
     tap = subprocess.Popen(
-        [sys.executable, "-m", "meshctl.cli", "tap", "back"], env=mesh.env, cwd=REPO,
+        [sys.executable, "-m", "meshctl.cli", "tap", "front"], env=mesh.env, cwd=REPO,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
         assert "tapping" in tap.stderr.readline()
         http_get(f"http://127.0.0.1:{port}/call/back/whoami", headers={"x-request-id": "tap-test-1"})
-        line = tap.stdout.readline()
-        assert "/whoami" in line and "200" in line and "tls=yes" in line
+        # front's call to back (seen by both sidecars), then the ingress's call to front, each as it ends
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in tap.stdout], daemon=True).start()
+        seen = [lines.get(timeout=20) for _ in range(3)]
+        assert any("/whoami" in line and "front -> " in line and "tls=yes" in line for line in seen), seen
+        [line] = [line for line in seen if "/call/back/whoami" in line]
+        assert "200" in line and "tls=yes" in line and "id=tap-test-1" in line  # the request's own x-request-id
     finally:
         tap.kill()
         tap.communicate()  # reaps it and closes both pipes

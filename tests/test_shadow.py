@@ -317,7 +317,7 @@ def test_a_hanging_or_failing_shadow_never_changes_what_the_client_gets(mesh):
     mesh.cli("shadow", "item", "v4", check=True)
     for index in range(10):
         assert http_get(f"{base}/item/{index}", timeout=5)[0] == 200
-    report = wait_for(lambda: (r := _report(mesh))["compared"] >= 10 and r, timeout=20, what="10 compared requests")
+    report = wait_for(lambda: (r := _report(mesh))["compared"] >= 10 and r, timeout=20, what="10 compared requests: %r" % _report(mesh))
     status = next(f for f in report["fields"] if f["where"] == "status")
     assert status["count"] == 10 and (status["examples"][0]["primary"], status["examples"][0]["shadow"]) == ("200", "500")
 

@@ -40,6 +40,7 @@ class SidecarListeners:
 
     inbound_fd: int | None = None
     app_port: int | None = None
+    app_socket: str | None = None  # the app's Unix socket (`listen: unix`), instead of app_port
     outbound_fds: tuple[tuple[str, int], ...] = ()  # (upstream service, fd)
     forward_fd: int | None = None
     ingress_fd: int | None = None
@@ -125,7 +126,10 @@ def compile_sidecar(
     overrides: dict[str, dict[str, Any]] | None = None,
     leaf: dict[str, Any] | None = None,
     ingress_tls: dict[str, str] | None = None,
+    local_uid: int | None = None,
 ) -> dict[str, Any]:
+    """One sidecar's snapshot. `local_uid`: only processes of this uid may connect to its
+    listeners other than the ingress (meshctl/proxy/peers.py); None lets anyone in."""
     endpoints = list(endpoints)
     overrides = overrides or {}
     listener_list: list[dict[str, Any]] = []
@@ -135,7 +139,7 @@ def compile_sidecar(
         own_protocol = manifest.service(who.service).protocol if who.service is not None else "http"
         listener_list.append(
             {"name": "inbound", "kind": "inbound", "fd": listeners.inbound_fd,
-             "app": ["127.0.0.1", listeners.app_port], "protocol": own_protocol}
+             "app": listeners.app_socket or ["127.0.0.1", listeners.app_port], "protocol": own_protocol}
         )
     for upstream, fd in listeners.outbound_fds:
         listener_list.append({"name": f"outbound:{upstream}", "kind": "outbound", "fd": fd, "service": upstream,
@@ -166,6 +170,7 @@ def compile_sidecar(
         "service": who.service,
         "version": who.version,
         "drain_timeout": DRAIN_TIMEOUT_S,
+        "local_uid": local_uid,
         "listeners": listener_list,
         "services": services,
         "egress": egress,

@@ -17,9 +17,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from meshctl.agent.ca import CertificateAuthority, Leaf
+from meshctl.agent.ca import CLOCK_SKEW, CertificateAuthority, Leaf
 
 RENEW_AT_FRACTION = 2 / 3
+
+
+def renewal_time(leaf: Leaf) -> float:
+    """Two thirds into the leaf's life, counted from when it was issued: the not-before is
+    backdated for skewed clocks, and counting from it would renew a 1m leaf after 20 s."""
+    issued = leaf.not_before + CLOCK_SKEW.total_seconds()
+    return issued + (leaf.not_after - issued) * RENEW_AT_FRACTION
 
 
 class IdentityManager:
@@ -46,11 +53,11 @@ class IdentityManager:
 
     @staticmethod
     def _due(leaf: Leaf, now: float) -> bool:
-        return now >= leaf.not_before + (leaf.not_after - leaf.not_before) * RENEW_AT_FRACTION
+        return now >= renewal_time(leaf)
 
     def next_renewal(self) -> float | None:
         """When the soonest leaf falls due (unix time), for the renewal timer."""
-        times = [leaf.not_before + (leaf.not_after - leaf.not_before) * RENEW_AT_FRACTION for leaf in self._leaves.values()]
+        times = [renewal_time(leaf) for leaf in self._leaves.values()]
         return min(times) if times else None
 
     def force_renewal(self, owners: list[str]) -> None:

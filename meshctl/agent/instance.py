@@ -18,6 +18,7 @@ import signal
 import socket
 import ssl
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from meshctl.agent import process
@@ -44,6 +45,7 @@ SIDECAR_STABLE_S = 10.0  # a sidecar restart sooner than this after the last one
 # The kernel caps it at net.core.somaxconn (4096 since Linux 5.4): 2,000 clients connecting
 # at once to the ingress overflowed 1024, and each dropped SYN waits a second to be resent.
 LISTEN_BACKLOG = 4096
+LOOPBACK_NO_PROXY = "127.0.0.1,localhost,::1"
 
 
 def owner_key(owner: Instance | Ingress) -> str:
@@ -109,6 +111,24 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
+
+
+def prepare_socket_path(path: str) -> str | None:
+    """Make way for the app to bind `path` (a private directory, no stale socket); the problem, if any."""
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
+        return (f"listen: unix: the socket path {path} is {len(os.fsencode(path))} bytes, over the "
+                f"{UNIX_PATH_MAX} a Unix socket allows; use a shorter MESHCTL_HOME")
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    os.chmod(directory, 0o700)
+    try:
+        os.unlink(path)  # left by the app's last run: it would make the new bind fail
+    except FileNotFoundError:
+        pass
+    return None
+
+
 class Instance:
     """One app process plus its sidecar, and the runner task that keeps them going."""
 
@@ -125,6 +145,8 @@ class Instance:
         self.message: str | None = None
         self.app: asyncio.subprocess.Process | None = None
         self.app_port = free_port()
+        # `listen: unix`: the app's socket in the private state directory instead of a port.
+        self.app_socket = str(Path(sup.home) / "sockets" / f"{self.endpoint_id}.sock") if spec.listen == "unix" else None
         self.inbound = listening_socket()
         self.outbound = {u: listening_socket() for u in spec.upstreams}
         self.forward = listening_socket() if spec.http_proxy else None
@@ -156,6 +178,7 @@ class Instance:
         return SidecarListeners(
             inbound_fd=self.inbound.fileno(),
             app_port=self.app_port,
+            app_socket=self.app_socket,
             outbound_fds=tuple((u, s.fileno()) for u, s in self.outbound.items()),
             forward_fd=self.forward.fileno() if self.forward is not None else None,
             admin_fd=self.admin.fileno(),
@@ -175,8 +198,11 @@ class Instance:
     def app_env(self) -> dict[str, str]:
         env = self.sup.base_env()
         env.update(self.spec.version.env)
+        if self.app_socket is not None:
+            env["MESH_SOCKET"] = self.app_socket
+        else:
+            env["PORT"] = str(self.app_port)
         env.update(
-            PORT=str(self.app_port),
             MESH_NAME=self.sup.manifest.mesh if self.sup.manifest else "",
             MESH_SERVICE=self.spec.service,
             MESH_VERSION=self.spec.version.name,
@@ -187,7 +213,9 @@ class Instance:
             env[f"{env_name(upstream)}_URL"] = f"http://127.0.0.1:{sock.getsockname()[1]}"
         if self.forward is not None:
             proxy = f"http://127.0.0.1:{self.forward.getsockname()[1]}"
-            env.update(HTTP_PROXY=proxy, http_proxy=proxy, NO_PROXY="", no_proxy="")
+            # The *_URL point at this sidecar's own loopback ports: reached directly, never
+            # through the proxy (which would refuse 127.0.0.1 as neither a service nor egress).
+            env.update(HTTP_PROXY=proxy, http_proxy=proxy, NO_PROXY=LOOPBACK_NO_PROXY, no_proxy=LOOPBACK_NO_PROXY)
         return env
 
     def argv(self, env: dict[str, str]) -> list[str]:
@@ -202,7 +230,8 @@ class Instance:
             "state": "stopped" if self.state is State.STOPPING else self.state.value,
             "pid": self.app.pid if self.app is not None and self.app.returncode is None else None,
             "sidecar_pid": self.sidecar.pid,
-            "port": self.app_port,
+            "port": self.app_port if self.app_socket is None else None,
+            "socket": self.app_socket,
             "inbound_port": self.inbound_port,
             "outbound_ports": {u: s.getsockname()[1] for u, s in self.outbound.items()},
             "admin_port": self.admin.getsockname()[1],
@@ -264,7 +293,13 @@ class Instance:
         # the same way. The sidecar's listeners are fixed for its life, so a running one is
         # restarted with the new app address (the agent holds its listening sockets, and
         # with the app down it has nothing in flight worth draining).
-        if not port_is_free(self.app_port):
+        if self.app_socket is not None:
+            problem = prepare_socket_path(self.app_socket)
+            if problem is not None:
+                self.set_state(State.FAILED, problem)
+                await self._stop.wait()
+                return "stop"
+        elif not port_is_free(self.app_port):
             old, self.app_port = self.app_port, free_port()
             log.warning("%s: port %d is taken by another process; the app gets port %d", self.id, old, self.app_port)
             if self.sidecar.running:
@@ -319,7 +354,7 @@ class Instance:
         last_error = "not probed yet"
         while not app_exit.done() and not stop.done():
             try:
-                await probe(self.app_port, health)
+                await probe(self.app_socket or self.app_port, health)
                 return True
             except ProbeFailed as exc:
                 last_error = str(exc)

@@ -437,6 +437,7 @@ def _service(name: str, raw: dict, mesh_workdir: str) -> ServiceSpec:
         mtls=raw.get("mtls"),
         authorization=normal_authorization(raw.get("authorization")),
         protocol=protocol_of(raw),
+        listen=raw.get("listen", "tcp"),
     )
 
 

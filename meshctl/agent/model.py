@@ -68,6 +68,7 @@ class ServiceSpec:
     # {"allow": [rule, ...] or None, "deny": [rule, ...]}, rules as meshctl/proxy/authz.py reads them
     authorization: Any = None
     protocol: str = "http"  # http | grpc | tcp (meshctl/agent/schema_protocols.py)
+    listen: str = "tcp"  # tcp: the app on 127.0.0.1:$PORT; unix: on the socket $MESH_SOCKET
 
     def version(self, name: str) -> VersionSpec:
         for version in self.versions:

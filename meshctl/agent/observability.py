@@ -72,7 +72,7 @@ def metrics_from_snapshot(snapshot: dict) -> Metrics:
     metrics = Metrics(snapshot["instance"], snapshot.get("service", ""), snapshot.get("version", ""))
     metrics.requests = {tuple(row[:7]): [row[7], row[8], list(row[9])] for row in snapshot["requests"]}
     metrics.tcp = {tuple(row[:2]): list(row[2:]) for row in snapshot["tcp"]}
-    for name in ("retries", "timeouts", "stream_idle_timeouts", "ejections", "authz_denied"):
+    for name in ("retries", "timeouts", "stream_idle_timeouts", "ejections", "authz_denied", "refused"):
         setattr(metrics, name, {tuple(row[:2]): row[2] for row in snapshot.get(name, ())})
     metrics.certificate_expiry = dict(snapshot["certificate_expiry"])
     in_flight = {tuple(row[:2]): row[2] for row in snapshot["in_flight"]}

@@ -34,6 +34,7 @@ class InstanceSpec:
     egress: tuple[str, ...]
     restart: object
     stop_grace_s: float
+    listen: str = "tcp"
 
     @property
     def id(self) -> str:
@@ -52,7 +53,7 @@ def desired_instances(manifest: Manifest, replicas: dict[str, int] | None = None
             for replica in range(count):
                 spec = InstanceSpec(
                     service.name, per_instance, replica, service.upstreams, service.http_proxy,
-                    service.egress, service.restart, service.stop_grace_s,
+                    service.egress, service.restart, service.stop_grace_s, service.listen,
                 )
                 out[spec.id] = spec
     return out

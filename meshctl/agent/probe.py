@@ -1,4 +1,6 @@
-"""Readiness probes: an HTTP GET on the app, or a TCP connect when no health path is given."""
+"""Readiness probes: an HTTP GET on the app, or a connect when no health path is given.
+
+The app is on 127.0.0.1:port, or on a Unix socket (`listen: unix`) given by its path."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ class ProbeFailed(Exception):
     pass
 
 
-async def probe(port: int, health: Health) -> None:
-    """Raise ProbeFailed with a short reason unless the app on 127.0.0.1:port is ready."""
+async def probe(port: int | str, health: Health) -> None:
+    """Raise ProbeFailed with a short reason unless the app on 127.0.0.1:port (or the socket path) is ready."""
     try:
         await asyncio.wait_for(_probe(port, health), health.timeout_s)
     except asyncio.TimeoutError:
@@ -21,14 +23,19 @@ async def probe(port: int, health: Health) -> None:
         raise ProbeFailed(exc.strerror or str(exc)) from None
 
 
-async def _probe(port: int, health: Health) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def _probe(port: int | str, health: Health) -> None:
+    if isinstance(port, str):
+        reader, writer = await asyncio.open_unix_connection(port)
+        host = b"localhost"
+    else:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        host = b"127.0.0.1:%d" % port
     try:
         if health.http is None:
             return
         writer.write(
-            b"GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUser-Agent: meshctl-probe\r\n"
-            b"Connection: close\r\n\r\n" % (health.http.encode(), port)
+            b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: meshctl-probe\r\n"
+            b"Connection: close\r\n\r\n" % (health.http.encode(), host)
         )
         await writer.drain()
         status_line = await reader.readline()

@@ -412,6 +412,11 @@ _SERVICE = _object(
         },
         "restart": _ref("restart", "Restart policy [on_failure with backoff]."),
         "stop_grace": _ref("duration", "Time between SIGTERM and SIGKILL on stop [10s]."),
+        "listen": {
+            "enum": ["tcp", "unix"],
+            "description": "Where the app listens: tcp is 127.0.0.1:$PORT; unix is the Unix socket $MESH_SOCKET, "
+                           "in the private state directory, which no other user can reach [tcp].",
+        },
         "http_proxy": {
             "type": "boolean",
             "description": "Set HTTP_PROXY so the app can call http://<service>/ by name [false].",

@@ -129,7 +129,7 @@ class Supervisor(LiveChanges):
         try:
             return compile_sidecar(
                 self.manifest, owner.identity(), owner.listeners(), self.endpoints(), self.traffic_overrides(),
-                leaf=self._leaf(owner), ingress_tls=getattr(owner, "user_tls", None),
+                leaf=self._leaf(owner), ingress_tls=getattr(owner, "user_tls", None), local_uid=os.getuid(),
             )
         except KeyError:
             # An instance about to be replaced may call an upstream the new manifest

@@ -135,6 +135,8 @@ def common_notes(manifest: Manifest, given: ExportInput, notes: Notes) -> None:
             notes.add(service.name, "http_proxy", "no forward proxy in the cluster: use the *_URL variables")
         if service.egress:
             notes.add(service.name, "egress", "egress lists need the mesh's egress policy, not exported")
+        if service.listen == "unix":
+            notes.add(service.name, "listen", "the container gets PORT=8080, not MESH_SOCKET: a pod is isolated already")
         protocol = getattr(service, "protocol", "http")
         if protocol != "http":
             notes.add(service.name, "protocol", "%s is exported as HTTP; set appProtocol and routes by hand" % protocol)

@@ -15,6 +15,7 @@ import socket
 from collections.abc import Callable
 
 from meshctl.proxy.observe import Observer
+from meshctl.proxy.peers import PeerGate
 
 log = logging.getLogger("proxy.admin")
 
@@ -48,10 +49,18 @@ def answer(request_line: bytes, observer: Observer | None) -> bytes:
     return response(200, "OK", json.dumps(observer.metrics.snapshot()).encode(), "application/json")
 
 
-async def serve_admin(loop: asyncio.AbstractEventLoop, fd: int, observer: Callable[[], Observer | None]) -> asyncio.AbstractServer:
-    """Serve the inherited admin socket `fd`; `observer()` gives the current registry."""
+async def serve_admin(
+    loop: asyncio.AbstractEventLoop, fd: int, observer: Callable[[], Observer | None], gate: Callable[[], PeerGate | None] = lambda: None,
+) -> asyncio.AbstractServer:
+    """Serve the inherited admin socket `fd`; `observer()` gives the current registry.
+
+    With a `gate()`, only processes of the mesh's uid are answered (proxy.peers)."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        checker = gate()
+        if checker is not None and not checker.admits(writer.get_extra_info("socket"), "admin"):
+            writer.transport.abort()
+            return
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
             writer.write(answer(head.partition(b"\r\n")[0], observer()))

@@ -79,7 +79,7 @@ class ControlChannel(asyncio.Protocol):
             state.on_exchange_done = self.observer.exchange_done
             admin = raw.get("admin")
             if isinstance(admin, dict) and isinstance(admin.get("fd"), int):
-                state.servers.append(await serve_admin(state.loop, admin["fd"], lambda: self.observer))
+                state.servers.append(await serve_admin(state.loop, admin["fd"], lambda: self.observer, lambda: state.gate))
         self.observer.configure(snapshot, raw)
 
     async def _apply_in_order(self) -> None:

@@ -400,7 +400,7 @@ class Exchange:
             self._try_failed("timeout", "not finished within %gs" % self.action.timeout, None, final=True)  # type: ignore[union-attr]
         elif self.try_deadline and now >= self.try_deadline:
             decisions.note(self, decisions.FIRED, "per_try", self.action.retry_policy.per_try_timeout)  # type: ignore[union-attr]
-            self._try_failed("timeout", "no response within the per-try timeout", None)
+            self._try_failed("timeout", "no response within the per-try timeout of %gs" % self.action.retry_policy.per_try_timeout, None)  # type: ignore[union-attr]
         elif self.idle_due and now >= self.idle_due:
             self._idle_check(now)
 

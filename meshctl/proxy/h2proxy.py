@@ -20,10 +20,18 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
+from meshctl.proxy.connect import create_connection
 from meshctl.proxy.errors import (
-    GRPC_CANCELLED, GRPC_DEADLINE_EXCEEDED, GRPC_UNAVAILABLE, MeshError, grpc_error_head, grpc_error_trailers, h2_error_head,
+    GRPC_CANCELLED,
+    GRPC_DEADLINE_EXCEEDED,
+    GRPC_UNAVAILABLE,
+    MeshError,
+    grpc_error_head,
+    grpc_error_trailers,
+    h2_error_head,
     http_status,
 )
+from meshctl.proxy.h1bridge import H1Endpoint
 from meshctl.proxy.h2conn import (
     GRPC_RETRIABLE,
     ConnectionEnded,
@@ -45,8 +53,13 @@ from meshctl.proxy.h2conn import (
     is_grpc,
     strip_connection_specific,
 )
-from meshctl.proxy.h1bridge import H1Endpoint
-from meshctl.proxy.h2streams import PickUpstream, Record, StreamRecord, UpstreamChoice, as_choice
+from meshctl.proxy.h2streams import (
+    PickUpstream,
+    Record,
+    StreamRecord,
+    UpstreamChoice,
+    as_choice,
+)
 from meshctl.proxy.idle import STREAM_IDLE_TIMEOUT_CODE, IdleCheck, first_check
 
 __all__ = ["H2Proxy"]
@@ -468,8 +481,8 @@ class H2Proxy(_Side):
         host, port, context = choice.host, choice.port, choice.context
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                transport, _ = await self.loop.create_connection(
-                    lambda: upstream, host, port, ssl=context, server_hostname=host if context else None
+                transport, _ = await create_connection(
+                    self.loop, lambda: upstream, host, port, ssl=context, server_hostname=host if context else None
                 )
             if choice.verify is not None:
                 choice.verify(transport)

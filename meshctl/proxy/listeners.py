@@ -18,17 +18,22 @@ inherited, already-bound sockets into servers.
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 from typing import Callable
 
 from meshctl.proxy.detect import DETECT_TIMEOUT_S
-from meshctl.proxy.tls import InboundAcceptor, IngressTLS, TLSConfig
 from meshctl.proxy.errors import MeshError
 from meshctl.proxy.http1 import Head
+from meshctl.proxy.peers import PeerGate
 from meshctl.proxy.snapshot import IngressRoute, Listener, Service, Snapshot
+from meshctl.proxy.tls import InboundAcceptor, IngressTLS, TLSConfig
 
 MESH_DOMAIN = b".mesh"
 LISTEN_BACKLOG = 4096  # as the agent listens (meshctl/agent/instance.py); create_server listens again
+# Listeners only the mesh's own processes use. The ingress is the mesh's front door, for
+# browsers and clients of any user (and of other hosts when it binds beyond loopback).
+GATED_KINDS = frozenset({"inbound", "outbound", "forward"})
 
 
 class Target:
@@ -180,22 +185,30 @@ async def open_listeners(
     factory: Callable[[Listener], Callable[[], asyncio.Protocol]],
     current_tls: Callable[[], TLSConfig | None] = lambda: None,
     current_ingress_tls: Callable[[], IngressTLS | None] = lambda: None,
+    gate: PeerGate | None = None,
 ) -> list[asyncio.AbstractServer | InboundAcceptor]:
     """Start serving on every inherited listening socket of the first snapshot.
 
     The inbound listener gets the InboundAcceptor, which applies the TLS mode and the
     certificate current at each accept (see proxy.tls); the others are plain servers.
     `factory(listener)` already knows the listener's protocol (proxy.dispatch).
+    With a `gate` (the snapshot's `local_uid`), every listener but the ingress admits only
+    connections from that uid, so they all accept through an InboundAcceptor too.
     """
     servers: list[asyncio.AbstractServer | InboundAcceptor] = []
     for listener in snapshot.listeners.values():
         sock = socket.socket(fileno=listener.fd)
         sock.setblocking(False)
+        admits = None
+        if gate is not None and listener.kind in GATED_KINDS:
+            admits = functools.partial(gate.admits, listener=listener.kind)
         if listener.kind == "inbound":
             silent = DETECT_TIMEOUT_S if listener.protocol == "tcp" else None  # server-first apps speak first
-            servers.append(InboundAcceptor(loop, sock, factory(listener), current_tls, silent))
+            servers.append(InboundAcceptor(loop, sock, factory(listener), current_tls, silent, admits))
         elif listener.kind == "ingress" and snapshot.ingress_tls is not None:
             servers.append(InboundAcceptor(loop, sock, factory(listener), current_ingress_tls))
+        elif admits is not None:
+            servers.append(InboundAcceptor(loop, sock, factory(listener), lambda: None, None, admits))
         else:
             servers.append(await loop.create_server(factory(listener), sock=sock, backlog=LISTEN_BACKLOG))
     return servers

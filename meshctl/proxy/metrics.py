@@ -134,6 +134,7 @@ class Metrics:
         self.stream_idle_timeouts: dict[tuple[str, str], int] = {}
         self.ejections: dict[tuple[str, str], int] = {}
         self.authz_denied: dict[tuple[str, str], int] = {}
+        self.refused: dict[tuple[str, str], int] = {}  # (listener kind, peer uid or "unknown")
         self.certificate_expiry: dict[str, float] = {}
         self.routes = RouteTable()
         self.in_flight_source: Callable[[], Mapping[tuple[str, str], int]] | None = None
@@ -201,6 +202,10 @@ class Metrics:
         key = (source_service, destination_service)
         self.authz_denied[key] = self.authz_denied.get(key, 0) + 1
 
+    def count_refused(self, listener: str, uid: int | None) -> None:
+        key = (listener, str(uid) if uid is not None else "unknown")
+        self.refused[key] = self.refused.get(key, 0) + 1
+
     def set_certificate_expiry(self, service: str, not_after: float) -> None:
         self.certificate_expiry[service] = not_after
 
@@ -225,6 +230,7 @@ class Metrics:
             "stream_idle_timeouts": [[*key, n] for key, n in self.stream_idle_timeouts.items()],
             "ejections": [[*key, n] for key, n in self.ejections.items()],
             "authz_denied": [[*key, n] for key, n in self.authz_denied.items()],
+            "refused": [[*key, n] for key, n in self.refused.items()],
             "certificate_expiry": dict(self.certificate_expiry),
             "in_flight": [[*key, n] for key, n in self.in_flight().items()],
             "routes": [[*key, *entry] for key, entry in self.routes.entries.items()],
@@ -282,6 +288,7 @@ class Metrics:
              self.stream_idle_timeouts, destination),
             ("mesh_ejections_total", "Endpoints ejected by outlier detection.", self.ejections, destination),
             ("mesh_authz_denied_total", "Requests denied by authorization policy.", self.authz_denied, ("source_service", "destination_service")),
+            ("mesh_refused_connections_total", "Connections closed unserved: the peer process was not of the mesh's uid.", self.refused, ("listener", "peer_uid")),
         ):
             family(name, "counter", help_text)
             for key, count in series.items():

@@ -30,6 +30,8 @@ import logging
 import ssl as ssl_module
 from collections.abc import Callable
 
+from meshctl.proxy.connect import create_connection
+
 __all__ = ["MAX_EARLY_BYTES", "WRITE_HIGH_WATER", "Relay", "RelayEnd"]
 
 log = logging.getLogger("proxy.opaque")
@@ -209,8 +211,8 @@ class Relay:
         """Open the upstream connection; on failure close the relay and return False."""
         try:
             async with asyncio.timeout(timeout):
-                await self.loop.create_connection(
-                    lambda: self.upstream, host, port, ssl=ssl, server_hostname=server_hostname if ssl else None
+                await create_connection(
+                    self.loop, lambda: self.upstream, host, port, ssl=ssl, server_hostname=server_hostname if ssl else None
                 )
         except (OSError, TimeoutError) as exc:
             log.info("relay to %s:%d: %s", host, port, exc or "connect timed out")

@@ -43,6 +43,7 @@ import socket
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from meshctl.proxy.connect import create_connection
 from meshctl.proxy.http1 import Parser
 from meshctl.proxy.metrics import OUTBOUND
 from meshctl.proxy.tls import ClientTLS
@@ -341,7 +342,7 @@ class Pool:
         conn = UpstreamConnection(self, address, peer)
         try:
             async with asyncio.timeout(timeout):
-                transport, _ = await self.loop.create_connection(lambda: conn, address[0], address[1])
+                transport, _ = await create_connection(self.loop, lambda: conn, address[0], address[1])
         except TimeoutError:
             raise ConnectFailed("connect-failure", "connect timed out after %gs" % timeout) from None
         except ConnectionRefusedError:

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from typing import Callable, TypeVar
 
 from meshctl.proxy.errors import MeshError, ProtocolError, response_for
@@ -31,6 +32,7 @@ from meshctl.proxy.dispatch import (
 from meshctl.proxy.listeners import Target, open_listeners, resolve
 from meshctl.proxy.metrics import OUTBOUND
 from meshctl.proxy.observe import Observer, rebuild_traced_head, service_of_identity
+from meshctl.proxy.peers import PeerGate
 from meshctl.proxy.tls import TLSConfig, in_trust_domain, peer_identity
 from meshctl.proxy.pool import Pool, UpstreamConnection
 from meshctl.proxy.snapshot import Listener, Snapshot
@@ -64,6 +66,7 @@ class ServerState:
         # Connections that left HTTP/1 (proxy.dispatch, upgrades): HTTP/2 proxies and relays, drained too.
         self.handed_over: set[H2Proxy | Relay] = set()
         self.servers: list[asyncio.AbstractServer] = []
+        self.gate: PeerGate | None = None  # the local-uid check, when the snapshot asks for it
         self.draining = False
         self.done: asyncio.Future[int] = loop.create_future()
         self._request_id_prefix = os.urandom(6).hex().encode("ascii")
@@ -99,10 +102,17 @@ class ServerState:
         first = self.snapshot is None
         self.snapshot = snapshot
         if first:
+            if snapshot.local_uid is not None:
+                self.gate = PeerGate(snapshot.local_uid, time.time, self._count_refused)
             self.servers = await open_listeners(
-                self.loop, snapshot, self._factory, self._current_tls, lambda: self.snapshot.ingress_tls  # type: ignore[union-attr]
+                self.loop, snapshot, self._factory, self._current_tls, lambda: self.snapshot.ingress_tls,  # type: ignore[union-attr]
+                self.gate,
             )
             self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def _count_refused(self, listener: str, uid: int | None) -> None:
+        if self.observer is not None:
+            self.observer.metrics.count_refused(listener, uid)
 
     def _current_tls(self) -> TLSConfig | None:
         return self.snapshot.tls if self.snapshot is not None else None

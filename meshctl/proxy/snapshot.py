@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from meshctl.proxy.connect import is_socket_path
 from meshctl.proxy.balance import Balancer, BalancerConfigError, Endpoint, make_balancer
 from meshctl.proxy.limits import CircuitLimits, LimitsConfigError
 from meshctl.proxy.outlier import OutlierConfigError, OutlierDetector
@@ -155,6 +156,7 @@ class Snapshot:
         "tls",
         "authz",
         "ingress_tls",
+        "local_uid",
     )
 
     def __init__(self) -> None:
@@ -179,8 +181,10 @@ def _protocol(raw: dict[str, Any], where: str) -> str:
 
 
 def _address(value: Any, where: str) -> tuple[str, int]:
+    if isinstance(value, str) and is_socket_path(value):
+        return (value, 0)  # an app's Unix socket (proxy.connect)
     if not isinstance(value, (list, tuple)) or len(value) != 2 or not isinstance(value[0], str) or not isinstance(value[1], int):
-        raise SnapshotError("%s: expected [host, port], got %r" % (where, value))
+        raise SnapshotError("%s: expected [host, port] or a socket path, got %r" % (where, value))
     return (value[0], value[1])
 
 
@@ -243,6 +247,11 @@ def compile_snapshot(message: dict[str, Any], previous: Snapshot | None) -> Snap
     if previous is not None and listeners != previous.raw_listeners:
         raise SnapshotError("listeners: cannot change after the first snapshot")
     snapshot.raw_listeners = listeners
+    snapshot.local_uid = raw.get("local_uid")
+    if snapshot.local_uid is not None and (not isinstance(snapshot.local_uid, int) or isinstance(snapshot.local_uid, bool) or snapshot.local_uid < 0):
+        raise SnapshotError("local_uid: expected a uid (a whole number >= 0) or null, got %r" % (snapshot.local_uid,))
+    if previous is not None and snapshot.local_uid != previous.local_uid:
+        raise SnapshotError("local_uid: cannot change after the first snapshot")
     snapshot.listeners = {}
     for index, entry in enumerate(listeners):
         if not isinstance(entry, dict):

@@ -146,7 +146,9 @@ class InboundAcceptor:
 
     It replaces `loop.create_server` for the inbound listener because the TLS context can
     change with every snapshot (rotation) and permissive mode must look at the first byte
-    before it knows whether to start TLS.
+    before it knows whether to start TLS. With `admits` (the local-uid check) it serves
+    the plaintext outbound and forward listeners too (`current_tls` giving None), so the
+    peer is checked before the connection reaches any protocol.
     """
 
     def __init__(
@@ -156,8 +158,10 @@ class InboundAcceptor:
         factory: Callable[[], asyncio.Protocol],
         current_tls: Callable[[], TLSConfig | None],
         silent_timeout: float | None = None,
+        admits: Callable[[socket.socket], bool] | None = None,
     ) -> None:
         self.loop = loop
+        self.admits = admits  # the local-uid check (proxy.peers), before any byte is read
         # Set for opaque (tcp) listeners in permissive mode: a client that sends nothing may be
         # waiting for a server-first banner, so after this long it is served as plaintext.
         self.silent_timeout = silent_timeout
@@ -184,6 +188,9 @@ class InboundAcceptor:
             except OSError:
                 log.warning("accept failed", exc_info=True)
                 return
+            if self.admits is not None and not self.admits(conn):
+                conn.close()
+                continue
             conn.setblocking(False)
             tls = self.current_tls()
             if tls is None or tls.mode == "off":

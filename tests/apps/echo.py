@@ -10,18 +10,25 @@ GET /sleep?ms=N       answers 200 after N milliseconds (known latency for metric
 GET /events?n=N&every_ms=M[&pause_after=K&pause_ms=P]
                       server-sent events, chunked: N events M ms apart (silent for P ms after
                       the K-th), then the last chunk; `data: event <i>` each
+GET /proxied/<service>/<path>   GETs http://<service>/<path> with urllib, which honours HTTP_PROXY
 
 /call/ forwards the trace headers (traceparent, tracestate, b3, x-b3-*), x-request-id and
-x-mesh-debug it received, as an app in a mesh should (`meshctl why` stitches hops by id).
+x-mesh-debug it received, as an app in a mesh should (`meshctl why` stitches hops by id),
+and the headers named in FORWARD_HEADERS (comma-separated).
 
+It listens on 127.0.0.1:$PORT, or on the Unix socket $MESH_SOCKET when given (`listen: unix`).
 READY_DELAY (seconds) delays listening; EXIT_AT_START=N exits at once with code N;
 FAIL_AFTER=N makes /whoami answer 500 after N successful answers (a canary going bad).
 REQUIRE_UPSTREAMS=1 checks every *_URL answers /healthz at start and exits 7 otherwise,
 which makes a start before the upstreams were ready visible as a restart.
+TERM_LOG=FILE appends "<MESH_INSTANCE>\n" to FILE on SIGTERM; IGNORE_TERM=1 then keeps running
+(so only a SIGKILL stops it), otherwise it exits 0.
 """
 
 import json
 import os
+import signal
+import socketserver
 import urllib.parse
 import subprocess
 import sys
@@ -87,9 +94,19 @@ class Handler(BaseHTTPRequestHandler):
             url = upstream_urls().get(upstream)
             if url is None:
                 return self.reply(500, {"error": f"no {upstream.upper()}_URL"})
-            forwarded = {name: self.headers[name] for name in TRACE_HEADERS if self.headers.get(name)}
+            names = TRACE_HEADERS + tuple(n for n in os.environ.get("FORWARD_HEADERS", "").split(",") if n)
+            forwarded = {name: self.headers[name] for name in names if self.headers.get(name)}
             try:
                 with urllib.request.urlopen(urllib.request.Request(f"{url}/{rest}", headers=forwarded), timeout=10) as resp:
+                    return self.reply(resp.status, resp.read(), resp.headers.get("Content-Type", "text/plain"))
+            except urllib.error.HTTPError as exc:
+                return self.reply(exc.code, exc.read(), "text/plain")
+            except OSError as exc:
+                return self.reply(502, {"error": str(exc)})
+        if self.path.startswith("/proxied/"):
+            _, _, service, rest = self.path.split("/", 3)
+            try:
+                with urllib.request.urlopen(f"http://{service}/{rest}", timeout=10) as resp:
                     return self.reply(resp.status, resp.read(), resp.headers.get("Content-Type", "text/plain"))
             except urllib.error.HTTPError as exc:
                 return self.reply(exc.code, exc.read(), "text/plain")
@@ -122,6 +139,13 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the mesh or the client cut the stream
 
 
+def on_sigterm(signum, frame):
+    with open(os.environ["TERM_LOG"], "a") as fh:
+        fh.write(os.environ.get("MESH_INSTANCE", "?") + "\n")
+    if not os.environ.get("IGNORE_TERM"):
+        os._exit(0)
+
+
 def main():
     if "EXIT_AT_START" in os.environ:
         print("exiting at start as told", flush=True)
@@ -133,10 +157,19 @@ def main():
             except OSError as exc:
                 print(f"upstream {name} not reachable at start: {exc}", flush=True)
                 sys.exit(7)
+    if os.environ.get("TERM_LOG"):
+        signal.signal(signal.SIGTERM, on_sigterm)
     time.sleep(float(os.environ.get("READY_DELAY", "0")))  # simulates a slow start, not a sync
-    server = ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler)
-    print(f"listening on {os.environ['PORT']}", flush=True)
+    if "MESH_SOCKET" in os.environ:  # `listen: unix`
+        server = UnixHTTPServer(os.environ["MESH_SOCKET"], Handler)
+    else:
+        server = ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler)
+    print(f"listening on {os.environ.get('MESH_SOCKET') or os.environ['PORT']}", flush=True)
     server.serve_forever()
+
+
+class UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
 
 
 if __name__ == "__main__":
