@@ -59,7 +59,7 @@ def test_the_gate_admits_its_own_uid_over_tcp_and_unix_sockets():
     counted = []
     gate = PeerGate(os.getuid(), lambda: 0.0, lambda listener, uid: counted.append((listener, uid)))
     try:
-        with socket.create_server(("127.0.0.1", 0)) as server, socket.create_connection(server.getsockname()) as client:
+        with socket.create_server(("127.0.0.1", 0)) as server, socket.create_connection(server.getsockname()):
             conn, _ = server.accept()
             with conn:
                 assert gate.peer_uid(conn) == os.getuid() and gate.admits(conn, "outbound")
