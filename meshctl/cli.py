@@ -36,6 +36,7 @@ from meshctl.client import (
     stop_agent,
 )
 from meshctl import resources
+from meshctl.agent.sentinel import KEEPER_SOCKET, stop_kept_mesh
 from meshctl.paths import StateDirError, existing_home, log_path, prepare_home, resolve_home
 
 EXIT_OK = 0
@@ -325,6 +326,12 @@ def running_agent() -> tuple[Path, Client | None]:
 
 
 def no_mesh(home: Path) -> NoReturn:
+    if (home / KEEPER_SOCKET).exists():
+        fail(
+            f"no agent answers in {home}; the mesh it ran may still be serving, kept by its"
+            " sentinel until agent_grace passes",
+            "`meshctl up -f mesh.yaml` stops it and starts the mesh afresh; `meshctl down` stops it",
+        )
     fail(f"no mesh running (MESHCTL_HOME={home})", "start one with `meshctl up -f mesh.yaml`")
 
 
@@ -338,7 +345,10 @@ def down(
     home, client = running_agent()
     out = render.make_console()
     if client is None:
-        out.out(f"no mesh running in {home}")
+        if home.exists() and stop_kept_mesh(home, timeout):
+            out.out(f"no agent ran in {home}; stopped the mesh its sentinel kept serving since the agent died")
+        else:
+            out.out(f"no mesh running in {home}")
         return
     mesh = client.info.get("mesh")
     outcome = stop_agent(client, home, timeout)

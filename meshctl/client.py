@@ -26,6 +26,7 @@ from typing import Any
 
 import psutil
 
+from meshctl.agent.sentinel import stop_kept_mesh
 from meshctl.paths import log_path, socket_path
 
 REQUEST_TIMEOUT_S = 30.0
@@ -35,6 +36,7 @@ STARTUP_DEADLINE_S = 10.0
 START_TURN_MARGIN_S = 5.0
 START_LOCK_NAME = "agent.start.lock"
 EXIT_RECORD_NAME = "agent.exit"  # written by meshctl.agent.daemon
+KEPT_MESH_STOP_TIMEOUT_S = 15.0
 POLL_INTERVAL_S = 0.05
 LOG_TAIL_LINES = 20
 
@@ -351,8 +353,8 @@ class StopOutcome:
 def stop_agent(client: Client, home: Path, timeout_s: float) -> StopOutcome:
     """Send `down`, then wait until the agent has exited and its socket is silent.
 
-    An agent still alive at the deadline is SIGKILLed; its sentinel then kills the
-    process groups it supervised. Every wait here has a deadline, so this never hangs.
+    An agent still alive at the deadline is SIGKILLed, and its sentinel is asked to stop
+    the process groups it supervised at once rather than after `agent_grace`. Every wait here has a deadline, so this never hangs.
     """
     pid = client.info.get("pid")
     give_up_at = time.monotonic() + timeout_s
@@ -380,6 +382,8 @@ def stop_agent(client: Client, home: Path, timeout_s: float) -> StopOutcome:
         except ProcessLookupError:
             pass
         wait_until(lambda: not pid_alive(pid), time.monotonic() + 5.0)
+        # Its sentinel would keep the mesh serving for agent_grace: stop it now.
+        stop_kept_mesh(home, KEPT_MESH_STOP_TIMEOUT_S)
     return StopOutcome(stopped=stopped, killed=True)
 
 

@@ -21,8 +21,10 @@ other than ours (`is_orphan()`): a lock on a deleted or replaced `agent.lock`, o
 a directory moved away, is evidence that they lost their directory. An agent that holds no
 lock, or opened ours, is a sibling starting side by side with us: it will find the lock
 taken and exit, so it is left alone. Each orphan is asked to stop its mesh (SIGTERM),
-SIGKILLed if still there after ORPHAN_STOP_GRACE_S (its sentinel then kills what it
-started), and waited for with its processes before we serve, so their ports are free again.
+SIGKILLed with everything it started if still there after ORPHAN_STOP_GRACE_S (its
+sentinel would keep that mesh for `agent_grace`), and waited for with its processes
+before we serve, so their ports are free again. Likewise a mesh that a crashed agent's
+sentinel keeps serving here is stopped (`stop_kept_mesh`) before the new agent starts one.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import psutil
 from meshctl.agent.control import ControlServer
 from meshctl.agent.logs import LogBook
 from meshctl.agent.process import Sentinel
+from meshctl.agent.sentinel import stop_kept_mesh
 from meshctl.agent.supervisor import Supervisor
 
 log = logging.getLogger("agent")
@@ -54,6 +57,7 @@ STATE_CHECK_INTERVAL_S = 1.0
 # Both under the CLI's 10 s wait for a new agent to answer.
 ORPHAN_STOP_GRACE_S = 5.0
 ORPHAN_KILL_WAIT_S = 2.0
+KEPT_MESH_STOP_TIMEOUT_S = 8.0  # the sentinel's SIGTERM-then-SIGKILL fits well inside
 LOCK_NAME = "agent.lock"
 SOCKET_NAME = "agent.sock"
 EXIT_RECORD_NAME = "agent.exit"
@@ -192,11 +196,13 @@ def stop_orphaned_agents(home: Path, our_lock: FileId) -> None:
             continue
     _, lingering = psutil.wait_procs(orphans, timeout=ORPHAN_STOP_GRACE_S)
     for agent in lingering:
-        log.warning("agent %d did not stop within %.0f s; killing it", agent.pid, ORPHAN_STOP_GRACE_S)
-        try:
-            agent.kill()
-        except psutil.NoSuchProcess:
-            continue
+        log.warning("agent %d did not stop within %.0f s; killing it and its mesh", agent.pid, ORPHAN_STOP_GRACE_S)
+        # Its sentinel would keep the mesh for agent_grace, holding ports the new one needs.
+        for proc in [agent, *family]:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                continue
     _, lingering = psutil.wait_procs([*orphans, *family], timeout=ORPHAN_KILL_WAIT_S)
     if lingering:
         log.warning("processes of a previous agent still run: %s", ", ".join(str(p.pid) for p in lingering))
@@ -232,7 +238,7 @@ def write_exit_record(home: Path, reason: str) -> None:
 async def serve(home: Path, lock_fd: int) -> AgentExit:
     """Run the agent until `down`, a signal, or the loss of its state directory."""
     loop = asyncio.get_running_loop()
-    sentinel = Sentinel()
+    sentinel = Sentinel(home)
     sup = Supervisor(str(home), LogBook(home / "logs"), sentinel)
     finished = asyncio.Event()
     stopping = False
@@ -302,12 +308,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     stop_orphaned_agents(home, file_id(os.fstat(lock_fd)))
+    if stop_kept_mesh(home, KEPT_MESH_STOP_TIMEOUT_S):
+        log.warning("stopped the mesh that a crashed agent's sentinel kept serving; starting afresh")
     pid_path = home / "agent.pid"
     pid_path.write_text(f"{os.getpid()}\n")
     os.chmod(pid_path, 0o600)
     if sys.version_info < (3, 12):
-        # Child watching without a thread per child: spawning uses preexec_fn, which
-        # must not fork while other threads may hold locks.
+        # Child watching without a thread per child (3.11's default starts one per
+        # process), as 3.12 does by itself.
         loop = asyncio.new_event_loop()
         watcher = asyncio.PidfdChildWatcher()
         watcher.attach_loop(loop)

@@ -62,6 +62,7 @@ from typing import Any, Iterator
 from meshctl.agent.durations import DurationError, parse_duration
 from meshctl.agent.errors import ManifestError, Problem
 from meshctl.agent.model import (
+    DEFAULT_AGENT_GRACE_S,
     DEFAULT_STOP_GRACE_S,
     Health,
     Ingress,
@@ -370,6 +371,7 @@ def _build(document: dict, base_dir: str, source: str) -> Manifest:
         observability=Observability(
             access_log=access_log, sampling=sampling, metrics=metrics_enabled(document), otlp=otlp_export(document),
         ),
+        agent_grace_s=_seconds(document, "agent_grace", DEFAULT_AGENT_GRACE_S),
     )
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_STOP_GRACE_S = 10.0
+DEFAULT_AGENT_GRACE_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,8 @@ class Manifest:
     source: str = ""  # absolute path of the file it came from
     security: Security = field(default_factory=Security)
     observability: Observability = field(default_factory=Observability)
+    # How long the data plane serves on after the agent died without `down` (agent.sentinel).
+    agent_grace_s: float = DEFAULT_AGENT_GRACE_S
 
     def service(self, name: str) -> ServiceSpec:
         for service in self.services:

@@ -265,6 +265,8 @@ class Supervisor(LiveChanges):
             if self.manifest is None or not same_manifest(self.manifest, manifest):
                 self.manifest_generation += 1
             self.manifest = manifest
+            if self.sentinel is not None:
+                self.sentinel.set_grace(manifest.agent_grace_s)
             if want is None and old_ingress is not None:
                 await old_ingress.stop()
                 self.ingress = None
