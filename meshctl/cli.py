@@ -152,6 +152,9 @@ def up(
         if exc.code == "mesh-stopping":
             fail(OVERTAKEN_BY_DOWN, f"run `meshctl up -f {file}` again to start the mesh once `down` returned")
         raise
+    except (AgentUnavailable, AgentDisconnected):
+        fail_if_agent_stopped(client, home, file)  # between our ping and our apply
+        raise
     changes = applied if isinstance(applied, dict) else {}
     # Live `scale` overrides change the counts; the agent says which instances it runs.
     ids = changes.get("instances") or instance_ids(manifest)
@@ -223,17 +226,21 @@ def overtaken(status: dict[str, Any], applied: Applied) -> str | None:
     return None
 
 
+def fail_if_agent_stopped(client: Client, home: Path, file: Path) -> None:
+    """Exit 1 saying why, if the agent that stopped answering left word that it stopped."""
+    reason = exit_reason(home, client.info.get("pid"))
+    if reason == "down":
+        fail(OVERTAKEN_BY_DOWN, f"run `meshctl up -f {file}` again to start it")
+    if reason is not None:
+        fail(f"the agent stopped ({reason}) before the mesh was ready", f"run `meshctl up -f {file}` again to start it")
+
+
 def status_while_waiting(client: Client, applied: Applied) -> dict[str, Any]:
     """The agent's status; exit 1 naming the command that overtook this `up`, if one did."""
     try:
         status = client.request("status") or {}
     except (AgentUnavailable, AgentDisconnected):
-        reason = exit_reason(applied.home, client.info.get("pid"))
-        if reason == "down":
-            fail(OVERTAKEN_BY_DOWN, f"run `meshctl up -f {applied.file}` again to start it")
-        if reason is not None:
-            fail(f"the agent stopped ({reason}) before the mesh was ready",
-                 f"run `meshctl up -f {applied.file}` again to start it")
+        fail_if_agent_stopped(client, applied.home, applied.file)
         raise
     why = overtaken(status, applied)
     if why is not None:

@@ -17,6 +17,7 @@ import pytest
 
 from meshctl.agent.daemon import is_orphan
 from meshctl.cli import Applied, OVERTAKEN_BY_DOWN, overtaken
+from meshctl.client import exit_reason
 from tests.meshharness import alive, free_port, http_get, wait_for
 from tests.test_state_dir import agents_of
 
@@ -110,14 +111,15 @@ def test_up_racing_down_ends_up_or_down_never_half(mesh, mesh_running):
         mesh.up()  # the race is then against a running mesh's agent
     up, down = run_together(mesh, ("up", "-f", str(mesh.manifest)), ("down",))
     assert down.returncode == 0, down.stderr
-    if up.returncode == 0:  # which one wins is the scheduler's choice; either is a defined end
+    if up.returncode != 0:
+        assert up.returncode == 1 and OVERTAKEN_BY_DOWN in up.stderr, up.stderr
+    # Which one wins is the scheduler's choice; either end is whole.
+    if agents_of(mesh.home):  # `down` came first (or found no agent yet): `up` made the mesh
+        assert up.returncode == 0, up.stderr
         assert_one_mesh(mesh)
         assert http_get(f"http://127.0.0.1:{port}/whoami")[0] == 200
-    else:
-        assert up.returncode == 1, up.stderr
-        assert OVERTAKEN_BY_DOWN in up.stderr, up.stderr
-        wait_for(lambda: not mesh.living() and not agents_of(mesh.home), timeout=30,
-                 what="every process of the stopped mesh to exit")
+    else:  # `down` came last: it overtook `up`, or `up` had returned before it
+        wait_for(lambda: not mesh.living(), timeout=30, what="every process of the stopped mesh to exit")
 
 
 def test_ten_route_splits_at_once_end_on_the_last_acked(mesh):
@@ -181,3 +183,12 @@ def test_two_different_manifests_at_once_name_the_winner(mesh):
             assert f"another `meshctl up` applied {winner} after this one" in result.stderr, result.stderr
     assert codes in ([0, 0], [0, 1])
     assert alive(mesh.agent_pid())
+
+
+def test_a_stopped_agent_leaves_word_why(mesh):
+    mesh.write_manifest(TINY.replace("PORT", str(free_port())))
+    mesh.up()
+    agent = mesh.agent_pid()
+    mesh.cli("down", check=True)
+    assert exit_reason(mesh.home, agent) == "down"
+    assert exit_reason(mesh.home, agent + 1) is None  # what another agent wrote says nothing of this one
