@@ -15,6 +15,7 @@ import re
 import sys
 import time
 from contextlib import closing
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -35,7 +36,9 @@ from meshctl import (
     render,
     resources,
 )
+from meshctl.agent.sentinel import KEEPER_SOCKET, stop_kept_mesh
 from meshctl.client import (
+    AgentDisconnected,
     AgentError,
     AgentStartError,
     AgentUnavailable,
@@ -43,6 +46,7 @@ from meshctl.client import (
     ClientError,
     connect,
     ensure_agent,
+    exit_reason,
     stop_agent,
 )
 from meshctl.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, load_manifest_or_exit
@@ -150,13 +154,21 @@ def up(
     home = prepare_home(resolve_home())
     client = ensure_agent(home)
     client.timeout = max(client.timeout, timeout)  # a changed instance is replaced rolling, in `apply`
-    applied = client.request("apply", manifest_path=str(file.resolve()), environ=manifest_environ(file))
+    try:
+        applied = client.request("apply", manifest_path=str(file.resolve()), environ=manifest_environ(file))
+    except AgentError as exc:
+        if exc.code == "mesh-stopping":
+            fail(OVERTAKEN_BY_DOWN, f"run `meshctl up -f {file}` again to start the mesh once `down` returned")
+        raise
+    except (AgentUnavailable, AgentDisconnected):
+        fail_if_agent_stopped(client, home, file)  # between our ping and our apply
+        raise
     changes = applied if isinstance(applied, dict) else {}
     # Live `scale` overrides change the counts; the agent says which instances it runs.
     ids = changes.get("instances") or instance_ids(manifest)
     expected = ids + ([INGRESS_ID] if manifest.ingress else [])
     out = render.make_console()
-    final = wait_until_ready(client, expected, timeout, out)
+    final = wait_until_ready(client, expected, timeout, out, Applied(home, changes.get("generation"), file))
     states = instance_states(final, expected)
     if any(state != "ready" for state in states.values()):
         report_not_ready(client, states, final, timeout, file)
@@ -199,13 +211,61 @@ def instance_states(status: dict[str, Any], expected: list[str]) -> dict[str, st
     return states
 
 
+@dataclass(frozen=True)
+class Applied:
+    """What this `up` applied: to tell when another command overtook it while it waited."""
+
+    home: Path
+    generation: int | None  # the agent's manifest generation; None from an older agent
+    file: Path
+
+
+OVERTAKEN_BY_DOWN = "a `meshctl down` overtook this `up`: the mesh was stopped"
+
+
+def overtaken(status: dict[str, Any], applied: Applied) -> str | None:
+    """Why the mesh will never run `applied.file` as this `up` asked, or None while it may."""
+    if status.get("stopping"):
+        return OVERTAKEN_BY_DOWN
+    running = status.get("manifest") or {}
+    if applied.generation is not None and running.get("generation") not in (None, applied.generation):
+        return (
+            f"another `meshctl up` applied {running.get('source') or 'a manifest'} after this one;"
+            f" the mesh runs that manifest now, not {applied.file}"
+        )
+    return None
+
+
+def fail_if_agent_stopped(client: Client, home: Path, file: Path) -> None:
+    """Exit 1 saying why, if the agent that stopped answering left word that it stopped."""
+    reason = exit_reason(home, client.info.get("pid"))
+    if reason == "down":
+        fail(OVERTAKEN_BY_DOWN, f"run `meshctl up -f {file}` again to start it")
+    if reason is not None:
+        fail(f"the agent stopped ({reason}) before the mesh was ready", f"run `meshctl up -f {file}` again to start it")
+
+
+def status_while_waiting(client: Client, applied: Applied) -> dict[str, Any]:
+    """The agent's status; exit 1 naming the command that overtook this `up`, if one did."""
+    try:
+        status = client.request("status") or {}
+    except (AgentUnavailable, AgentDisconnected):
+        fail_if_agent_stopped(client, applied.home, applied.file)
+        raise
+    why = overtaken(status, applied)
+    if why is not None:
+        fail(why, f"`meshctl status` shows what runs; `meshctl up -f {applied.file}` applies yours again")
+    return status
+
+
 def wait_until_ready(
-    client: Client, expected: list[str], timeout: float, out: Any
+    client: Client, expected: list[str], timeout: float, out: Any, applied: Applied
 ) -> dict[str, Any]:
     """Poll `status` until every expected instance is ready, one has failed, or time is up.
 
     Returns the last status. Instances the manifest does not name (being stopped) are
-    ignored: they are not what `up` waits for.
+    ignored: they are not what `up` waits for. Exits 1 if a `down` or another manifest's
+    `up` overtakes this one meanwhile.
     """
     give_up_at = time.monotonic() + timeout
     last_line = ""
@@ -214,7 +274,7 @@ def wait_until_ready(
         spinner.start()
     try:
         while True:
-            status = client.request("status") or {}
+            status = status_while_waiting(client, applied)
             states = instance_states(status, expected)
             if all(state == "ready" for state in states.values()):
                 return status
@@ -283,6 +343,12 @@ def running_agent() -> tuple[Path, Client | None]:
 
 
 def no_mesh(home: Path) -> NoReturn:
+    if (home / KEEPER_SOCKET).exists():
+        fail(
+            f"no agent answers in {home}; the mesh it ran may still be serving, kept by its"
+            " sentinel until agent_grace passes",
+            "`meshctl up -f mesh.yaml` stops it and starts the mesh afresh; `meshctl down` stops it",
+        )
     fail(f"no mesh running (MESHCTL_HOME={home})", "start one with `meshctl up -f mesh.yaml`")
 
 
@@ -296,7 +362,10 @@ def down(
     home, client = running_agent()
     out = render.make_console()
     if client is None:
-        out.out(f"no mesh running in {home}")
+        if home.exists() and stop_kept_mesh(home, timeout):
+            out.out(f"no agent ran in {home}; stopped the mesh its sentinel kept serving since the agent died")
+        else:
+            out.out(f"no mesh running in {home}")
         return
     mesh = client.info.get("mesh")
     outcome = stop_agent(client, home, timeout)

@@ -5,11 +5,13 @@ the final `{"ok": ...}`. Socket and protocol failures are translated here into t
 `ClientError` hierarchy, so the CLI never sees a raw `OSError`.
 
 `connect()` finds a running agent (or None), `ensure_agent()` starts one detached if
-none answers, and `stop_agent()` asks it to go and makes sure it has gone.
+none answers (one CLI at a time: `start_turn()`), and `stop_agent()` asks it to go and
+makes sure it has gone.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -17,17 +19,24 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from meshctl.agent.sentinel import stop_kept_mesh
 from meshctl.paths import log_path, socket_path
 
 REQUEST_TIMEOUT_S = 30.0
 PING_TIMEOUT_S = 3.0
 STARTUP_DEADLINE_S = 10.0
+# A CLI waiting for its turn to start the agent outlives the one starting it.
+START_TURN_MARGIN_S = 5.0
+START_LOCK_NAME = "agent.start.lock"
+EXIT_RECORD_NAME = "agent.exit"  # written by meshctl.agent.daemon
+KEPT_MESH_STOP_TIMEOUT_S = 15.0
 POLL_INTERVAL_S = 0.05
 LOG_TAIL_LINES = 20
 
@@ -201,8 +210,43 @@ def ensure_agent(
     client = connect(home)
     if client is not None:
         return client
+    with start_turn(home, deadline_s + START_TURN_MARGIN_S):
+        # Whoever had the turn before us may have started the agent we want.
+        client = connect(home)
+        if client is not None:
+            return client
+        return _start_agent(home, list(command or agent_command(home)), deadline_s)
+
+
+@contextmanager
+def start_turn(home: Path, wait_s: float) -> Iterator[None]:
+    """Hold `agent.start.lock`: one CLI at a time starts an agent, the others then find it.
+
+    Without it, CLIs started side by side would each spawn an agent; all but one would
+    find the agent lock taken and exit before the winner answers.
+    """
+    fd = os.open(home / START_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        give_up_at = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > give_up_at:
+                    raise AgentStartError(
+                        f"another meshctl has been starting the agent for over {wait_s:g} s",
+                        tail_lines(log_path(home)),
+                    ) from None
+                time.sleep(POLL_INTERVAL_S)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _start_agent(home: Path, argv: list[str], deadline_s: float) -> Client:
     log = log_path(home)
-    pid = _spawn_detached(list(command or agent_command(home)), log)
+    pid = _spawn_detached(argv, log)
     give_up_at = time.monotonic() + deadline_s
     while True:
         client = connect(home)
@@ -210,7 +254,7 @@ def ensure_agent(
             return client
         exit_status = _reap(pid)
         if exit_status is not None:
-            # Another `meshctl up` may have started an agent at the same moment and won.
+            # An agent started by other means (not through start_turn) may have won.
             client = connect(home)
             if client is not None:
                 return client
@@ -280,6 +324,18 @@ def tail_lines(path: Path, count: int = LOG_TAIL_LINES) -> list[str]:
     return text.splitlines()[-count:]
 
 
+def exit_reason(home: Path, pid: Any) -> str | None:
+    """Why the agent `pid` stopped, as it wrote in `agent.exit` ("down", "signal SIGTERM"),
+    or None if it left no word (it crashed, or is still running)."""
+    try:
+        record = json.loads((home / EXIT_RECORD_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("pid") != pid:
+        return None
+    return str(record.get("reason") or "") or None
+
+
 def pid_alive(pid: int) -> bool:
     """True while `pid` runs; a zombie has finished and counts as gone."""
     try:
@@ -297,8 +353,8 @@ class StopOutcome:
 def stop_agent(client: Client, home: Path, timeout_s: float) -> StopOutcome:
     """Send `down`, then wait until the agent has exited and its socket is silent.
 
-    An agent still alive at the deadline is SIGKILLed; its sentinel then kills the
-    process groups it supervised. Every wait here has a deadline, so this never hangs.
+    An agent still alive at the deadline is SIGKILLed, and its sentinel is asked to stop
+    the process groups it supervised at once rather than after `agent_grace`. Every wait here has a deadline, so this never hangs.
     """
     pid = client.info.get("pid")
     give_up_at = time.monotonic() + timeout_s
@@ -326,6 +382,8 @@ def stop_agent(client: Client, home: Path, timeout_s: float) -> StopOutcome:
         except ProcessLookupError:
             pass
         wait_until(lambda: not pid_alive(pid), time.monotonic() + 5.0)
+        # Its sentinel would keep the mesh serving for agent_grace: stop it now.
+        stop_kept_mesh(home, KEPT_MESH_STOP_TIMEOUT_S)
     return StopOutcome(stopped=stopped, killed=True)
 
 

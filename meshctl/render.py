@@ -108,7 +108,9 @@ def status_json(status: Mapping[str, Any]) -> dict[str, Any]:
         entry = {key: instance.get(key) for key in JSON_INSTANCE_KEYS}
         entry.update({k: v for k, v in instance.items() if k not in entry})
         instances.append(entry)
-    return {"mesh": status.get("mesh"), "ingress": status.get("ingress"), "instances": instances}
+    document = {"mesh": status.get("mesh"), "ingress": status.get("ingress"), "instances": instances}
+    document.update({k: v for k, v in status.items() if k not in document})
+    return document
 
 
 def plain_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

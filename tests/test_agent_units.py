@@ -9,7 +9,6 @@ import pytest
 from meshctl.agent.compile import Endpoint, SidecarIdentity, SidecarListeners, compile_sidecar
 from meshctl.agent.lifecycle import IllegalTransition, State, decide_after_exit, transition
 from meshctl.agent.model import Ingress, IngressRoute, Manifest, RestartPolicy, ServiceSpec, VersionSpec
-from meshctl.agent.sentinel import apply_line
 from meshctl.agent.instance import expand_vars
 from meshctl.agent.plan import desired_instances, env_name, plan_apply
 
@@ -136,10 +135,3 @@ def test_expand_vars(arg, expected):
 @pytest.mark.parametrize("name,expected", [("cart", "CART"), ("order-history", "ORDER_HISTORY")])
 def test_env_name(name, expected):
     assert env_name(name) == expected
-
-
-def test_sentinel_lines():
-    groups: set[int] = set()
-    for line in ["+12", "+13", "-12", "garbage", "+", "+x1", "+14\n"]:
-        apply_line(line, groups)
-    assert groups == {13, 14}

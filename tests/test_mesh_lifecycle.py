@@ -129,7 +129,8 @@ def test_no_orphans_after_down_including_grandchildren(mesh):
 
 def test_sigkill_of_agent_leaves_no_orphans_and_next_up_starts_clean(mesh):
     port = free_port()
-    mesh.write_manifest(two_tier(port=port))
+    # The sentinel keeps the mesh serving for agent_grace after the agent died, then stops it.
+    mesh.write_manifest(two_tier(port=port) + "agent_grace: 1s\n")
     mesh.up()
     _, _, body = http_get(f"http://127.0.0.1:{port}/spawn")
     grandchild = json.loads(body)["pid"]

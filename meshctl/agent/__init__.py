@@ -8,7 +8,7 @@ Parts (decide in pure modules, act in few):
   and scale), `promote` (canary decisions), `stats` and `traces` (read-outs);
 - acting: `supervisor` (apply, down, push), `instance` (one instance and its runner),
   `live` (rolling changes, converge), `sidecar` (handle on one sidecar), `process` and
-  `sentinel` (nothing outlives the agent), `probe`, `logs`, `observability`, `otlp_export`
+  `sentinel` (keeps the data plane through an agent crash, for `agent_grace`), `probe`, `logs`, `observability`, `otlp_export`
   (spans to a collector, off the event loop);
 - identity: `ca` (the CA, three-phase rotation), `identity` (per-sidecar leaves);
 - the control API: `control`, `control_security`, `control_obs`; `daemon` is the entry.

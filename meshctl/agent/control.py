@@ -267,23 +267,28 @@ class ControlServer:
         split = request.get("split")
         if not isinstance(split, dict):
             raise BadRequest('"split" must be an object of version to weight')
-        new = ovr.with_split(self.sup.overrides, self.sup.require_manifest(), service, split)
-        return await self.sup.set_overrides(new, service, request.get("wait", True) is not False)
+        return await self.sup.change_overrides(
+            service, lambda live, manifest: ovr.with_split(live, manifest, service, split),
+            request.get("wait", True) is not False,
+        )
 
     async def _route_set(self, request: dict, writer: asyncio.StreamWriter) -> dict:
         service = _string(request, "service")
-        new = ovr.with_rule(
-            self.sup.overrides, self.sup.require_manifest(), service,
-            _string(request, "header"), str(request.get("value", "")), _string(request, "version"),
+        header, value, version = _string(request, "header"), str(request.get("value", "")), _string(request, "version")
+        return await self.sup.change_overrides(
+            service, lambda live, manifest: ovr.with_rule(live, manifest, service, header, value, version),
+            request.get("wait", True) is not False,
         )
-        return await self.sup.set_overrides(new, service, request.get("wait", True) is not False)
 
     async def _route_reset(self, request: dict, writer: asyncio.StreamWriter) -> dict:
         service = _string(request, "service")
-        new = ovr.without(self.sup.overrides, self.sup.require_manifest(), service)
+        ovr.service_spec(self.sup.require_manifest(), service)  # an unknown service cancels nothing
         cancelled = self._cancel_promotion(service)
         self.sup.unchecked_traffic.pop(service, None)
-        result = await self.sup.set_overrides(new, service, request.get("wait", True) is not False)
+        result = await self.sup.change_overrides(
+            service, lambda live, manifest: ovr.without(live, manifest, service),
+            request.get("wait", True) is not False,
+        )
         return {**result, "cancelled_promotion": cancelled}
 
     async def _diff(self, request: dict, writer: asyncio.StreamWriter) -> dict:
@@ -345,8 +350,9 @@ class ControlServer:
             raise BadRequest(f"{service} sends all traffic to {canary} already")
 
         async def apply_split(new_split: dict[str, int]) -> None:
-            new = ovr.with_split(self.sup.overrides, self.sup.require_manifest(), service, new_split)
-            await self.sup.set_overrides(new, service)
+            await self.sup.change_overrides(
+                service, lambda live, manifest: ovr.with_split(live, manifest, service, new_split)
+            )
 
         self._cancel_promotion(service)
         promotion = promote.Promotion(service, canary, baseline, split.get(canary, 0), limits, self.stats, apply_split)

@@ -16,10 +16,15 @@ those may belong to the next agent.
 
 A `meshctl up` right after the `rm -rf` can be faster than that check, and an agent of an
 older meshctl has none. So a new agent, once it holds the lock, looks for other agents
-started for the same directory (`agent_home()` reads their argv): holding the lock, it
-knows they lost their directory. It asks each to stop its mesh (SIGTERM), SIGKILLs one
-still there after ORPHAN_STOP_GRACE_S (its sentinel then kills what it started), and waits
-for them and their processes to be gone before it serves, so their ports are free again.
+started for the same directory (`agent_home()` reads their argv) that hold a lock file
+other than ours (`is_orphan()`): a lock on a deleted or replaced `agent.lock`, or on one in
+a directory moved away, is evidence that they lost their directory. An agent that holds no
+lock, or opened ours, is a sibling starting side by side with us: it will find the lock
+taken and exit, so it is left alone. Each orphan is asked to stop its mesh (SIGTERM),
+SIGKILLed with everything it started if still there after ORPHAN_STOP_GRACE_S (its
+sentinel would keep that mesh for `agent_grace`), and waited for with its processes
+before we serve, so their ports are free again. Likewise a mesh that a crashed agent's
+sentinel keeps serving here is stopped (`stop_kept_mesh`) before the new agent starts one.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import argparse
 import asyncio
 import fcntl
 import io
+import json
 import logging
 import os
 import signal
@@ -42,6 +48,7 @@ import psutil
 from meshctl.agent.control import ControlServer
 from meshctl.agent.logs import LogBook
 from meshctl.agent.process import Sentinel
+from meshctl.agent.sentinel import stop_kept_mesh
 from meshctl.agent.supervisor import Supervisor
 
 log = logging.getLogger("agent")
@@ -50,8 +57,10 @@ STATE_CHECK_INTERVAL_S = 1.0
 # Both under the CLI's 10 s wait for a new agent to answer.
 ORPHAN_STOP_GRACE_S = 5.0
 ORPHAN_KILL_WAIT_S = 2.0
+KEPT_MESH_STOP_TIMEOUT_S = 8.0  # the sentinel's SIGTERM-then-SIGKILL fits well inside
 LOCK_NAME = "agent.lock"
 SOCKET_NAME = "agent.sock"
+EXIT_RECORD_NAME = "agent.exit"
 
 FileId = tuple[int, int]  # (st_dev, st_ino): which file, not which name
 
@@ -130,8 +139,31 @@ def agent_home(argv: Sequence[str]) -> str | None:
     return argv[4]
 
 
-def orphaned_agents(home: Path) -> list[psutil.Process]:
-    """Our other agents for `home`: they can't hold its lock (we do), so they lost it."""
+def is_orphan(held_locks: Sequence[FileId], ours: FileId) -> bool:
+    """Whether an agent holding these lock files lost its directory: it holds another one.
+
+    A sibling that has not taken a lock yet holds none, or ours for a moment (it opened
+    it and is about to find it taken): neither proves anything.
+    """
+    return any(lock != ours for lock in held_locks)
+
+
+def held_lock_files(pid: int) -> list[FileId]:
+    """The `agent.lock` files (deleted ones too) that process `pid` has open."""
+    fd_dir = f"/proc/{pid}/fd"
+    held = []
+    for fd in os.listdir(fd_dir):
+        try:
+            target = os.readlink(f"{fd_dir}/{fd}").removesuffix(" (deleted)")
+            if os.path.basename(target) == LOCK_NAME:
+                held.append(file_id(os.stat(f"{fd_dir}/{fd}")))  # follows to the open file itself
+        except OSError:
+            continue  # closed meanwhile
+    return held
+
+
+def orphaned_agents(home: Path, our_lock: FileId) -> list[psutil.Process]:
+    """Our other agents for `home` that hold a lock file other than ours: they lost it."""
     found = []
     for proc in psutil.process_iter(["cmdline", "uids"]):
         try:
@@ -139,23 +171,23 @@ def orphaned_agents(home: Path) -> list[psutil.Process]:
             uids = proc.info["uids"]
             if wanted is None or proc.pid == os.getpid() or uids is None or uids.real != os.getuid():
                 continue
-            if (Path(proc.cwd()) / wanted).resolve() == home:
+            if (Path(proc.cwd()) / wanted).resolve() == home and is_orphan(held_lock_files(proc.pid), our_lock):
                 found.append(proc)
         except (psutil.Error, OSError):
             continue  # gone meanwhile, or not ours to look at
     return found
 
 
-def stop_orphaned_agents(home: Path) -> None:
+def stop_orphaned_agents(home: Path, our_lock: FileId) -> None:
     """Stop the agents (and their processes) whose state directory `home` was deleted."""
-    orphans = orphaned_agents(home)
+    orphans = orphaned_agents(home, our_lock)
     if not orphans:
         return
     family = []
     for agent in orphans:
         log.warning(
-            "agent %d still runs for %s without holding its lock (the directory was deleted "
-            "under it): asking it to stop its mesh", agent.pid, home,
+            "agent %d still runs for %s holding a lock file that is no longer there (the "
+            "directory was deleted or moved under it): asking it to stop its mesh", agent.pid, home,
         )
         try:
             family.extend(agent.children(recursive=True))
@@ -164,11 +196,13 @@ def stop_orphaned_agents(home: Path) -> None:
             continue
     _, lingering = psutil.wait_procs(orphans, timeout=ORPHAN_STOP_GRACE_S)
     for agent in lingering:
-        log.warning("agent %d did not stop within %.0f s; killing it", agent.pid, ORPHAN_STOP_GRACE_S)
-        try:
-            agent.kill()
-        except psutil.NoSuchProcess:
-            continue
+        log.warning("agent %d did not stop within %.0f s; killing it and its mesh", agent.pid, ORPHAN_STOP_GRACE_S)
+        # Its sentinel would keep the mesh for agent_grace, holding ports the new one needs.
+        for proc in [agent, *family]:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                continue
     _, lingering = psutil.wait_procs([*orphans, *family], timeout=ORPHAN_KILL_WAIT_S)
     if lingering:
         log.warning("processes of a previous agent still run: %s", ", ".join(str(p.pid) for p in lingering))
@@ -182,20 +216,40 @@ def dump_tasks() -> None:
         log.warning("task %s:\n%s", task.get_name(), buffer.getvalue())
 
 
-async def serve(home: Path, lock_fd: int) -> str | None:
-    """Run the agent until `down`, a signal, or the loss of its state directory (returned)."""
+@dataclass(frozen=True)
+class AgentExit:
+    """Why the agent stopped: "down", "signal SIGTERM", or the loss of its state directory."""
+
+    reason: str
+    lost_state: bool = False
+
+
+def write_exit_record(home: Path, reason: str) -> None:
+    """Leave `agent.exit` saying why this agent stopped: an `up` that was waiting on it
+    tells "a `down` overtook me" from a crash (`meshctl.client.exit_reason`)."""
+    path = home / EXIT_RECORD_NAME
+    temporary = path.with_name(path.name + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as record:
+        json.dump({"pid": os.getpid(), "reason": reason}, record)
+    os.replace(temporary, path)
+
+
+async def serve(home: Path, lock_fd: int) -> AgentExit:
+    """Run the agent until `down`, a signal, or the loss of its state directory."""
     loop = asyncio.get_running_loop()
-    sentinel = Sentinel()
+    sentinel = Sentinel(home)
     sup = Supervisor(str(home), LogBook(home / "logs"), sentinel)
     finished = asyncio.Event()
     stopping = False
+    reason = ""
 
-    async def shutdown() -> None:
-        nonlocal stopping
+    async def shutdown(why: str = "down") -> None:
+        nonlocal stopping, reason
         if stopping:
             return
-        stopping = True
-        log.info("stopping the mesh")
+        stopping, reason = True, why
+        log.info("stopping the mesh (%s)", why)
         try:
             await sup.down()
         finally:
@@ -216,14 +270,14 @@ async def serve(home: Path, lock_fd: int) -> str | None:
             if lost is not None:
                 log.error("%s; no meshctl can reach this agent any more: stopping the mesh", lost)
                 try:
-                    await shutdown()
+                    await shutdown(lost)
                 except Exception:
                     log.error("stopping the mesh failed", exc_info=True)
                 return
 
     watcher = loop.create_task(watch_state_dir(), name="state-dir-watch")
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.add_signal_handler(sig, lambda: loop.create_task(shutdown()))
+        loop.add_signal_handler(sig, lambda name=sig.name: loop.create_task(shutdown(f"signal {name}")))
     loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     log.info("agent %d serving %s", os.getpid(), sock_path)
     try:
@@ -236,7 +290,7 @@ async def serve(home: Path, lock_fd: int) -> str | None:
             sock_path.unlink(missing_ok=True)
         sentinel.close()
         log.info("agent stopped")
-    return lost
+    return AgentExit(lost, lost_state=True) if lost is not None else AgentExit(reason)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,27 +307,30 @@ def main(argv: list[str] | None = None) -> int:
     except StateDirError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    stop_orphaned_agents(home)
+    stop_orphaned_agents(home, file_id(os.fstat(lock_fd)))
+    if stop_kept_mesh(home, KEPT_MESH_STOP_TIMEOUT_S):
+        log.warning("stopped the mesh that a crashed agent's sentinel kept serving; starting afresh")
     pid_path = home / "agent.pid"
     pid_path.write_text(f"{os.getpid()}\n")
     os.chmod(pid_path, 0o600)
     if sys.version_info < (3, 12):
-        # Child watching without a thread per child: spawning uses preexec_fn, which
-        # must not fork while other threads may hold locks.
+        # Child watching without a thread per child (3.11's default starts one per
+        # process), as 3.12 does by itself.
         loop = asyncio.new_event_loop()
         watcher = asyncio.PidfdChildWatcher()
         watcher.attach_loop(loop)
         asyncio.set_child_watcher(watcher)
         try:
-            lost = loop.run_until_complete(serve(home, lock_fd))
+            ended = loop.run_until_complete(serve(home, lock_fd))
         finally:
             loop.close()
     else:
-        lost = asyncio.run(serve(home, lock_fd))
-    if file_id_at(home / LOCK_NAME) == file_id(os.fstat(lock_fd)):  # else not ours to remove
+        ended = asyncio.run(serve(home, lock_fd))
+    if file_id_at(home / LOCK_NAME) == file_id(os.fstat(lock_fd)):  # else not ours to touch
+        write_exit_record(home, ended.reason)
         pid_path.unlink(missing_ok=True)
     os.close(lock_fd)
-    if lost is not None:
-        print(f"error: {lost}; the mesh was stopped", file=sys.stderr)
+    if ended.lost_state:
+        print(f"error: {ended.reason}; the mesh was stopped", file=sys.stderr)
         return 1
     return 0

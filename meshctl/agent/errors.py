@@ -65,3 +65,9 @@ class NotConverged(AgentError):
     """A sidecar NACKed a new config or did not ACK it in time."""
 
     code = "not-converged"
+
+
+class MeshStopping(AgentError):
+    """A `meshctl down` (or a signal) is stopping the mesh: no change is started any more."""
+
+    code = "mesh-stopping"

@@ -313,7 +313,8 @@ class Instance:
         started = time.monotonic()
         try:
             self.app = await process.spawn(
-                self.argv(env), cwd=self.spec.version.workdir, env=env, log_fd=None, sentinel=self.sup.sentinel
+                self.argv(env), cwd=self.spec.version.workdir, env=env,
+                log_file=str(self.sup.logbook.path(self.id)), sentinel=self.sup.sentinel,
             )
         except OSError as exc:
             self.set_state(State.FAILED, f"cannot start {self.spec.version.command[0]!r}: {exc.strerror or exc}")

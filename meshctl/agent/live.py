@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from meshctl.agent import overrides as ovr
 from meshctl.agent.compile import INGRESS_ID
@@ -26,6 +26,8 @@ log = logging.getLogger("agent.supervisor")
 ROLLOUT_READY_TIMEOUT_S = 60.0
 CONVERGE_TIMEOUT_S = 15.0
 CONVERGE_POLL_S = 0.02
+
+OverrideChange = Callable[[ovr.MeshOverrides, Manifest], ovr.MeshOverrides]
 
 
 class LiveChanges:
@@ -146,12 +148,16 @@ class LiveChanges:
             raise AgentError("no mesh is running; run `meshctl up -f mesh.yaml`")
         return self.manifest
 
-    async def set_overrides(self, new: ovr.MeshOverrides, service: str, wait: bool = True) -> dict:
-        """Make `new` the live overrides, persist them, push; with `wait`, until ACKed."""
-        manifest = self.require_manifest()
-        self.overrides = new
-        self.store.save(manifest.mesh, new)
-        return await self.push_routes(service, wait)
+    async def change_overrides(self, service: str, change: OverrideChange, wait: bool = True) -> dict:
+        """Make `change(live overrides, manifest)` the live overrides, persist them, push;
+        with `wait`, until ACKed. One change at a time: each starts from the one before,
+        and the last to return is the one in force."""
+        async with self._apply_lock:
+            self.require_live()
+            manifest = self.require_manifest()
+            self.overrides = change(self.overrides, manifest)
+            self.store.save(manifest.mesh, self.overrides)
+            return await self.push_routes(service, wait)
 
     async def push_routes(self, service: str, wait: bool) -> dict:
         if not wait:
@@ -164,6 +170,7 @@ class LiveChanges:
 
     async def scale(self, service: str, version: str, count: int) -> dict:
         async with self._apply_lock:
+            self.require_live()
             manifest = self.require_manifest()
             new = ovr.with_replicas(self.overrides, manifest, service, version, count)
             self.overrides = new
@@ -180,6 +187,7 @@ class LiveChanges:
 
     async def restart(self, service: str, version: str | None) -> dict:
         async with self._apply_lock:
+            self.require_live()
             manifest = self.require_manifest()
             spec = ovr.service_spec(manifest, service)
             if version is not None:

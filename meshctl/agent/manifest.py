@@ -67,6 +67,7 @@ from meshctl.agent.durations import DurationError, parse_duration
 from meshctl.agent.errors import ManifestError, Problem
 from meshctl.agent.interpolate import substitute
 from meshctl.agent.model import (
+    DEFAULT_AGENT_GRACE_S,
     DEFAULT_STOP_GRACE_S,
     DEFAULT_STREAM_IDLE_TIMEOUT_S,
     Health,
@@ -404,6 +405,7 @@ def _build(document: dict, base_dir: str, source: str) -> Manifest:
             access_log=access_log, sampling=sampling, metrics=metrics_enabled(document), metrics_port=metrics_port(document), otlp=otlp_export(document),
             why=why, why_records=why_records,
         ),
+        agent_grace_s=_seconds(document, "agent_grace", DEFAULT_AGENT_GRACE_S),
     )
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 DEFAULT_STOP_GRACE_S = 10.0
 DEFAULT_STREAM_IDLE_TIMEOUT_S = 300.0  # as Envoy; no whole-request timeout unless asked, as Istio and Linkerd
+DEFAULT_AGENT_GRACE_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,8 @@ class Manifest:
     source: str = ""  # absolute path of the file it came from
     security: Security = field(default_factory=Security)
     observability: Observability = field(default_factory=Observability)
+    # How long the data plane serves on after the agent died without `down` (agent.sentinel).
+    agent_grace_s: float = DEFAULT_AGENT_GRACE_S
 
     def service(self, name: str) -> ServiceSpec:
         for service in self.services:

@@ -1,69 +1,68 @@
-"""Spawning processes that cannot outlive the agent.
+"""Spawning processes that never outlive the mesh, though they may outlive the agent.
 
 Every app and sidecar gets its own process group (so that a stop reaches everything it
-started), PR_SET_PDEATHSIG (so that the kernel kills the leader if the agent dies) and a
-registration with the sentinel (which kills the whole group if the agent dies).
+started) and a registration with the sentinel (agent.sentinel), which holds a copy of the
+agent's end of its stdout pipe and config channel: if the agent dies, the processes keep
+serving, and the sentinel stops every group once `agent_grace` passes without an agent.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_prctl = _libc.prctl  # resolved before any fork: the child must not load libraries
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: only async-signal-safe work here.
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+LOG_LINE_LIMIT = 2**16  # asyncio's own default; logs.pump splits a longer line
 
 
 class Sentinel:
-    """The agent's side of the sentinel pipe (see agent.sentinel)."""
+    """The agent's side of the sentinel socket (see agent.sentinel)."""
 
-    def __init__(self) -> None:
-        read_end, self._write_end = os.pipe()
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "meshctl.agent.sentinel"],
-            stdin=read_end,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            close_fds=True,
-        )
-        os.close(read_end)
-        os.set_inheritable(self._write_end, False)
+    def __init__(self, home: Path) -> None:
+        self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "meshctl.agent.sentinel", "--home", str(home)],
+                stdin=theirs,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+                close_fds=True,
+            )
+        finally:
+            theirs.close()
 
     @property
     def pid(self) -> int:
         return self._proc.pid
 
-    def _send(self, line: str) -> None:
+    def _send(self, line: str, fds: tuple[int, ...] = ()) -> None:
         try:
-            os.write(self._write_end, line.encode() + b"\n")
+            socket.send_fds(self._sock, [line.encode()], list(fds))
         except OSError:
             log.warning("sentinel is gone; processes may outlive an agent crash", exc_info=True)
 
-    def register(self, pgid: int) -> None:
-        self._send(f"+{pgid}")
+    def register(self, pgid: int, hold: tuple[int, ...] = (), log_file: str | None = None) -> None:
+        """A new group; the sentinel keeps copies of `hold` (its stdout pipe first) while it lives."""
+        self._send(f"+{pgid}" + (f" {log_file}" if log_file else ""), hold)
 
     def unregister(self, pgid: int) -> None:
         self._send(f"-{pgid}")
 
+    def set_grace(self, seconds: float) -> None:
+        self._send(f"grace {seconds:g}")
+
     def close(self) -> None:
         """A clean shutdown: everything is stopped already, so the sentinel may just leave."""
         self._send("exit")
-        os.close(self._write_end)
+        self._sock.close()
         try:
             self._proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -75,24 +74,40 @@ async def spawn(
     *,
     cwd: str,
     env: dict[str, str],
-    log_fd: int | None,
+    log_file: str | None,
     pass_fds: tuple[int, ...] = (),
+    hold_fds: tuple[int, ...] = (),
     sentinel: Sentinel | None,
 ) -> asyncio.subprocess.Process:
-    """Start argv in a new session; stdout and stderr go to one pipe the caller reads."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE if log_fd is None else log_fd,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        preexec_fn=_die_with_parent,
-        pass_fds=pass_fds,
-    )
+    """Start argv in a new session; stdout and stderr go to one pipe, read as `proc.stdout`.
+
+    The sentinel holds a copy of that pipe's read end (and of `hold_fds`) so that the
+    process does not see it break if the agent dies; `log_file` is where the sentinel
+    appends the output it reads then.
+    """
+    read_end, write_end = os.pipe()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            pass_fds=pass_fds,
+        )
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)
     if sentinel is not None:
-        sentinel.register(proc.pid)  # a session leader's pgid is its pid
+        sentinel.register(proc.pid, (read_end, *hold_fds), log_file)  # a session leader's pgid is its pid
+    reader = asyncio.StreamReader(limit=LOG_LINE_LIMIT)
+    loop = asyncio.get_running_loop()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_end, "rb", buffering=0))
+    proc.stdout = reader
     return proc
 
 

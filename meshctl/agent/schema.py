@@ -508,6 +508,11 @@ _MANIFEST = {
                 "description": "The services of the mesh, by name.",
             },
             "ingress": _ref("ingress", "Outside traffic into the mesh [none]."),
+            "agent_grace": _ref(
+                "duration",
+                "How long apps and sidecars keep serving after the agent dies without `meshctl down`;"
+                " then they are stopped [5m].",
+            ),
         },
         "A meshctl manifest (mesh.yaml): the processes of a mesh and the traffic policy between them.",
         required=("mesh", "services"),

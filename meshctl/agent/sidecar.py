@@ -2,7 +2,9 @@
 
 The agent owns the sidecar's listening sockets and passes them in by fd, so a restarted
 sidecar serves the very same ports. The config channel is a socketpair: no file on disk,
-no authentication needed, and EOF tells each side that the other is gone.
+no authentication needed, and EOF tells each side that the other is gone. The sentinel
+holds a copy of the agent's end, so a sidecar sees EOF when the agent stopped it or the
+sentinel is gone too, not when the agent alone crashed (agent.sentinel).
 """
 
 from __future__ import annotations
@@ -78,8 +80,9 @@ class SidecarHandle:
                 [sys.executable, "-m", "meshctl.proxy", "--control-fd", str(theirs.fileno())],
                 cwd=self._cwd,
                 env=self._env,
-                log_fd=None,
+                log_file=str(self._logbook.path(self.name)),
                 pass_fds=(theirs.fileno(), *self._pass_fds),
+                hold_fds=(ours.fileno(),),  # the sidecar sees no EOF if the agent dies
                 sentinel=self._sentinel,
             )
         finally:
@@ -161,6 +164,8 @@ class SidecarHandle:
     async def wait(self) -> int:
         assert self.proc is not None
         code = await self.proc.wait()
+        if self._sentinel is not None:
+            self._sentinel.unregister(self.proc.pid)  # and so closes its copy of the channel
         await self._close_channel()
         return code
 

@@ -16,6 +16,7 @@ Route and replica overrides (`agent.overrides`) are laid over the manifest when 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import ssl
@@ -26,7 +27,7 @@ from collections.abc import Callable, Iterable
 from meshctl.agent import overrides as ovr
 from meshctl.agent import process
 from meshctl.agent.compile import INGRESS_ID, Endpoint, compile_sidecar, identity_of
-from meshctl.agent.errors import ApplyError, MeshMismatch
+from meshctl.agent.errors import ApplyError, MeshMismatch, MeshStopping
 from meshctl.agent.identity import IdentityManager
 from meshctl.agent.instance import Ingress, Instance, load_user_tls, owner_key, resolve_command
 from meshctl.agent.lifecycle import State
@@ -51,6 +52,10 @@ class Supervisor(LiveChanges):
         self.instances: dict[str, Instance] = {}
         self.ingress: Ingress | None = None
         self.config_version = 0
+        # Bumped by each `apply` of a manifest that differs from the running one (its file
+        # aside): an `up` waiting for its manifest sees when another one overtook it.
+        self.manifest_generation = 0
+        self.stopping = False  # set by `down`: changes are refused from then on
         self._changed = asyncio.Condition()
         self._push_needed = asyncio.Event()
         self._pusher: asyncio.Task | None = None
@@ -219,8 +224,13 @@ class Supervisor(LiveChanges):
         if problems:
             raise ApplyError("; ".join(problems))
 
+    def require_live(self) -> None:
+        if self.stopping:
+            raise MeshStopping("a `meshctl down` is stopping this mesh; no change is made any more")
+
     async def apply(self, manifest: Manifest) -> dict:
         async with self._apply_lock:
+            self.require_live()
             if self.manifest is not None and self.manifest.mesh != manifest.mesh:
                 raise MeshMismatch(
                     f"this agent runs mesh {self.manifest.mesh!r}, not {manifest.mesh!r}; "
@@ -255,7 +265,11 @@ class Supervisor(LiveChanges):
             running = {i: inst.spec for i, inst in self.instances.items()}
             desired = desired_instances(manifest, self.overrides.replicas)
             plan = plan_apply(running, desired)
+            if self.manifest is None or not same_manifest(self.manifest, manifest):
+                self.manifest_generation += 1
             self.manifest = manifest
+            if self.sentinel is not None:
+                self.sentinel.set_grace(manifest.agent_grace_s)
             if want is None and old_ingress is not None:
                 await old_ingress.stop()
                 self.ingress = None
@@ -270,6 +284,7 @@ class Supervisor(LiveChanges):
             rollout_failed = await self._roll_all(plan.replace, desired)
             return {
                 "mesh": manifest.mesh,
+                "generation": self.manifest_generation,
                 "started": list(plan.start),
                 "replaced": list(plan.replace),
                 "changed": list(plan.replace),
@@ -293,6 +308,7 @@ class Supervisor(LiveChanges):
     async def down(self) -> list[str]:
         """Stop in reverse dependency order: the ingress, then dependants before upstreams."""
         stopped = []
+        self.stopping = True  # before the lock: changes queued behind it are refused
         async with self._apply_lock:
             if self.ingress is not None:
                 await self.ingress.stop()
@@ -316,6 +332,8 @@ class Supervisor(LiveChanges):
         return {
             "mesh": self.manifest.mesh if self.manifest else None,
             "config_version": self.config_version,
+            "manifest": {"generation": self.manifest_generation, "source": self.manifest.source if self.manifest else None},
+            "stopping": self.stopping,
             "ingress": self.ingress.to_json() if self.ingress else None,
             "instances": [i.to_json() for i in self.instances.values()],
             "rolling": sorted(self.rolling),
@@ -323,3 +341,8 @@ class Supervisor(LiveChanges):
 
     def service_names(self) -> list[str]:
         return [s.name for s in self.manifest.services] if self.manifest else []
+
+
+def same_manifest(running: Manifest, new: Manifest) -> bool:
+    """Whether `new` asks for what `running` does, wherever each was loaded from."""
+    return dataclasses.replace(running, source="") == dataclasses.replace(new, source="")
