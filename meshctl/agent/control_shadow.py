@@ -93,15 +93,19 @@ def shadow_ops(sup: Supervisor, results: ShadowResults) -> dict[str, Handler]:
     async def start(request: dict, writer: asyncio.StreamWriter) -> dict:
         service = service_of(request)
         shadow = shadow_from_request(request)
-        new = ovr.with_shadow(sup.overrides, sup.require_manifest(), service, shadow)
+        ovr.with_shadow(sup.overrides, sup.require_manifest(), service, shadow)  # refused here, before anything
         results.by_service[service] = ShadowTally(service, shadow.version)
-        outcome = await sup.set_overrides(new, service, request.get("wait", True) is not False)
+        outcome = await sup.change_overrides(
+            service, lambda live, manifest: ovr.with_shadow(live, manifest, service, shadow),
+            request.get("wait", True) is not False)
         return {**outcome, "shadow": shadow.to_json()}
 
     async def stop(request: dict, writer: asyncio.StreamWriter) -> dict:
         service = service_of(request)
-        new = ovr.without_shadow(sup.overrides, sup.require_manifest(), service)
-        return await sup.set_overrides(new, service, request.get("wait", True) is not False)
+        ovr.without_shadow(sup.overrides, sup.require_manifest(), service)  # "no live shadow" before anything
+        return await sup.change_overrides(
+            service, lambda live, manifest: ovr.without_shadow(live, manifest, service),
+            request.get("wait", True) is not False)
 
     async def report(request: dict, writer: asyncio.StreamWriter) -> dict:
         service = service_of(request)
