@@ -143,6 +143,11 @@ def matches_status(status: int | None, wanted: str | None) -> bool:
 # -- in words ---------------------------------------------------------------------------------
 
 
+def _limit(value: float | None) -> str:
+    """A timeout in force: its value, or "none" where it is not set."""
+    return "none" if value is None else _ms(value)
+
+
 def _ms(value: float | None) -> str:
     if value is None:
         return "?"
@@ -176,6 +181,8 @@ def _outcome_words(attempt: dict[str, Any], timeouts: dict[str, Any] | None) -> 
         if fired == "request":
             return "did not answer within the request timeout (%s)" % _ms((timeouts or {}).get("request_ms"))
         return "timed out after %s" % took
+    if outcome == "stream-idle-timeout":
+        return "moved no byte either way for the stream idle timeout (%s)" % _ms((timeouts or {}).get("stream_idle_ms"))
     if outcome:
         return "ended with %s after %s" % (outcome, took)
     return "answered %s after %s" % (status, took)
@@ -280,9 +287,9 @@ def hop_lines(hop: dict[str, Any]) -> list[str]:
         lines.append(sentence)
     timeouts = hop.get("timeouts") or {}
     if timeouts.get("fired"):
-        which = "request" if timeouts["fired"] == "request" else "per-try"
-        value = timeouts.get("request_ms") if which == "request" else timeouts.get("per_try_ms")
-        lines.append("The %s timeout (%s) fired." % (which, _ms(value)))
+        which, key = {"request": ("request", "request_ms"), "stream_idle": ("stream idle", "stream_idle_ms")}.get(
+            timeouts["fired"], ("per-try", "per_try_ms"))
+        lines.append("The %s timeout (%s) fired." % (which, _ms(timeouts.get(key))))
     tries = hop.get("tries") or []
     answered_by_try = len(tries) == 1 and hop.get("by") == "app" and tries[0].get("status") == hop.get("status")
     if not answered_by_try:
@@ -339,8 +346,8 @@ def tell_plan(plan: dict[str, Any]) -> str:
     if authz:
         lines.append("  Authorization: %s (decided by %s)." % (authz["decision"].upper(), authz["rule"]))
     timeouts = plan.get("timeouts") or {}
-    lines.append("  Timeouts: request %s, connect %s%s." % (
-        _ms(timeouts.get("request_ms")), _ms(timeouts.get("connect_ms")),
+    lines.append("  Timeouts: request %s, stream idle %s, connect %s%s." % (
+        _limit(timeouts.get("request_ms")), _limit(timeouts.get("stream_idle_ms")), _ms(timeouts.get("connect_ms")),
         ", per try %s" % _ms(timeouts["per_try_ms"]) if timeouts.get("per_try_ms") else ""))
     retries = plan.get("retries")
     if retries:

@@ -107,14 +107,14 @@ def test_tell_plan_names_route_endpoints_authz_timeouts_and_retries():
         "versions": {"v2": [{"endpoint": "cart@v2#0", "ejected": True, "ejected_for_s": 28.5, "in_flight": 0}]},
         "not_ready": {"v2": [{"instance": "cart@v2#1", "state": "starting"}]},
         "algorithm": "least_request", "authz": {"decision": "allow", "rule": "allow[0]"},
-        "timeouts": {"request_ms": 15000.0, "connect_ms": 1000.0, "per_try_ms": 500.0},
+        "timeouts": {"request_ms": None, "stream_idle_ms": 300000.0, "connect_ms": 1000.0, "per_try_ms": 500.0},
         "retries": {"attempts": 3, "retry_on": ["gateway-error"], "method_retried": False}, "fault": None, "mirror": None,
     }
     text = explain.tell_plan(plan)
     assert "rule 0 (from a live override: header x-user exact alice)" in text
     assert "cart@v2#0 ejected for 28.5s, cart@v2#1 starting" in text
     assert "Authorization: ALLOW (decided by allow[0])." in text
-    assert "Timeouts: request 15 s, connect 1 s, per try 500 ms." in text
+    assert "Timeouts: request none, stream idle 300 s, connect 1 s, per try 500 ms." in text
     assert "POST is not idempotent, so only a failed connect is retried" in text
 
 

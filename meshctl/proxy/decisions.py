@@ -46,7 +46,7 @@ TRY = "try"  # (TRY, endpoint, started, ended, outcome, status, detail, retry)
 QUEUED = "queued"  # (QUEUED, queued_at)
 DELAY = "delay"  # (DELAY, seconds)
 MIRROR = "mirror"  # (MIRROR, version)
-FIRED = "fired"  # (FIRED, "request" | "per_try", seconds)
+FIRED = "fired"  # (FIRED, "request" | "per_try" | "stream_idle", seconds)
 
 
 def note(exchange: Exchange, *entry: Any) -> None:
@@ -188,8 +188,9 @@ def build_record(exchange: Exchange, outcome: str, status: int, duration: float,
     return record
 
 
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000, 3)
+def _ms(seconds: float | None) -> float | None:
+    """Milliseconds, or None for a limit that is not set (no whole-request timeout by default)."""
+    return None if seconds is None else round(seconds * 1000, 3)
 
 
 def _endpoint_name(endpoint: Any, exchange: Exchange) -> str:
@@ -285,6 +286,7 @@ def _timeouts(action: RouteAction, trail: list) -> dict[str, Any]:
     fired = next((entry for entry in trail if entry[0] == FIRED), None)
     return {
         "request_ms": _ms(action.timeout),
+        "stream_idle_ms": _ms(action.idle_timeout),
         "per_try_ms": _ms(policy.per_try_timeout) if policy is not None and policy.per_try_timeout else None,
         "fired": fired[1] if fired is not None else None,
     }
@@ -389,7 +391,8 @@ def plan(snapshot: Snapshot, to: str, method: str, path: str, headers: dict[str,
         "route": route,
         "versions": {version: endpoints_state(service, version, now) for version in split},
         "algorithm": service.balancer.kind,
-        "timeouts": {"request_ms": _ms(action.timeout), "connect_ms": _ms(service.connect_timeout),
+        "timeouts": {"request_ms": _ms(action.timeout), "stream_idle_ms": _ms(action.idle_timeout),
+                     "connect_ms": _ms(service.connect_timeout),
                      "per_try_ms": retries["per_try_timeout_ms"] if retries else None},
         "retries": retries,
         "fault": action.fault,

@@ -415,6 +415,7 @@ class Exchange:
             self.idle_due = idle.due
         elif idle.expired(moved, now):
             detail = "no byte moved either way for %gs" % idle.timeout
+            decisions.note(self, decisions.FIRED, "stream_idle", idle.timeout)
             if self.response_started:
                 log.info("%s: %s %s, cutting the response", self.label, STREAM_IDLE_TIMEOUT_CODE, detail)
             self._try_failed(STREAM_IDLE_TIMEOUT_CODE, detail, None, final=True)
