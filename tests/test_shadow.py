@@ -181,7 +181,8 @@ def test_shadow_override_round_trip_traffic_and_diff():
     assert ovr.MeshOverrides.from_json(json.loads(json.dumps(ov.to_json()))) == ov
     keys = ovr.traffic_overrides(MANIFEST, ov)["item"]
     assert keys == {"shadow": {"version": "v2", "percent": 50.0, "compare": {
-        "live": True, "path": "/item", "unsafe": False, "ignore_headers": ["x-api-version"], "ignore_json": ["$.started"]}}}
+        "live": True, "path": "/item", "unsafe": False, "ignore_headers": ["x-api-version"], "ignore_json": ["$.started"]}},
+        "live": {"rules": 0, "split": False}}  # what `meshctl why` names as overrides: neither rules nor split
     assert [d["what"] for d in ovr.diff(MANIFEST, ov)] == ["shadow"]
     with pytest.raises(ovr.BadScale, match="still receives traffic"):
         ovr.with_replicas(ov, MANIFEST, "item", "v2", 0)
