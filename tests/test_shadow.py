@@ -18,6 +18,7 @@ import urllib.request
 import pytest
 
 from meshctl.agent import overrides as ovr
+from meshctl.agent.control_shadow import ShadowResults
 from meshctl.agent.errors import ManifestError
 from meshctl.agent.manifest import load_manifest
 from meshctl.agent.model import Manifest, ServiceSpec, VersionSpec
@@ -150,6 +151,25 @@ def test_tally_counts_fields_and_learns_noise():
     assert report["failures"] == [{"reason": "no response within 2s", "count": 1}]
     assert report["latency"]["primary"] == {"p50_ms": 2.0, "p99_ms": 2.0}
     assert report["latency"]["shadow"]["p50_ms"] == 3.0
+
+
+def test_late_results_of_an_earlier_shadow_never_replace_the_current_tally():
+    # Switched from v3 (hanging) to v4: v3's copies still time out after the switch.
+    live = {"item": "v4"}
+    results = ShadowResults(live.get)
+    results.by_service["item"] = ShadowTally("item", "v4")  # what shadow-start does
+    v3_late = {**_result({}, failed="no response within 2s"), "version": "v3", "live": True}
+    v4 = {**_result({"status": ["200", "500"]}), "version": "v4", "live": True}
+    results.on_results([v4, v3_late, v4, v3_late])
+    tally = results.by_service["item"]
+    assert (tally.version, tally.compared, tally.failed) == ("v4", 2, 0)
+    # Without a tally yet (the agent restarted under a live shadow), the live version starts one.
+    results.by_service.clear()
+    results.on_results([v3_late, v4])
+    assert (results.by_service["item"].version, results.by_service["item"].compared) == ("v4", 1)
+    # The manifest's shadow is not live: its tally follows its results' version.
+    results.on_results([{**v3_late, "live": False}])
+    assert results.from_manifest["item"].version == "v3"
 
 
 # -- the live override -----------------------------------------------------------------------

@@ -25,7 +25,7 @@ from meshctl.agent import promote
 from meshctl.agent.control_obs import observability_ops
 from meshctl.agent.control_replay import replay_ops
 from meshctl.agent.control_security import security_ops
-from meshctl.agent.control_shadow import ShadowResults, shadow_ops
+from meshctl.agent.control_shadow import ShadowResults, live_shadow_version, shadow_ops
 from meshctl.agent.dashboard import Dashboard
 from meshctl.agent.control_why import why_ops
 from meshctl.agent.errors import AgentError
@@ -105,7 +105,7 @@ class ControlServer:
         self.observability = Observability(supervisor.sidecars)
         supervisor.on_sidecar_message = self.observability.on_message
         self._ops.update(observability_ops(supervisor, self.observability))
-        self.shadow_results = ShadowResults()
+        self.shadow_results = ShadowResults(live_shadow_version(supervisor))
         self.observability.on_shadow_results = self.shadow_results.on_results
         self._ops.update(shadow_ops(supervisor, self.shadow_results))
         self._ops.update(replay_ops(supervisor, self.observability, self.shadow_results))

@@ -55,9 +55,16 @@ def shadow_from_request(request: dict) -> ovr.Shadow:
 
 
 class ShadowResults:
-    """The tallies of live shadows (by service) and of replays (by id)."""
+    """The tallies of live shadows (by service) and of replays (by id).
 
-    def __init__(self) -> None:
+    `live_version(service)` is the version the service's live shadow copies to now, None
+    without one: the copies a shadow sent before it was switched to another version end
+    later (a hanging shadow's only after their timeout), and their results must not
+    replace the new shadow's tally with one of the old version.
+    """
+
+    def __init__(self, live_version: Callable[[str], str | None]) -> None:
+        self.live_version = live_version
         self.by_service: dict[str, ShadowTally] = {}  # live shadows
         self.from_manifest: dict[str, ShadowTally] = {}
         self.by_tag: dict[str, ShadowTally] = {}
@@ -79,8 +86,18 @@ class ShadowResults:
             tallies = self.by_service if result.get("live") else self.from_manifest
             tally = tallies.get(service)
             if tally is None or tally.version != version:
+                if result.get("live") and self.live_version(service) != version:
+                    continue  # a late answer to a copy of an earlier shadow
                 tally = tallies[service] = ShadowTally(service, version)
             tally.add(result)
+
+
+def live_shadow_version(sup: Supervisor) -> Callable[[str], str | None]:
+    """For ShadowResults: the version each service's live shadow copies to, from the overrides."""
+    def version(service: str) -> str | None:
+        shadow = sup.overrides.service(service).shadow
+        return None if shadow is None else shadow.version
+    return version
 
 
 def shadow_ops(sup: Supervisor, results: ShadowResults) -> dict[str, Handler]:
