@@ -90,7 +90,7 @@ def test_request_timeout_names_its_own_value(sidecars, upstreams):
     port = outbound(sidecars, [("v1", slow)], retries=retries, timeout=0.3)
     status, headers, body = get(port, "/hang")
     assert (status, headers["x-mesh-error"]) == (504, "timeout"), body
-    assert b"no response within 0.3s" in body and b"per-try" not in body
+    assert b"not finished within 0.3s" in body and b"per-try" not in body
 
 
 def test_fault_delay_really_delays(sidecars, upstreams):
