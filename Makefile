@@ -27,6 +27,8 @@ demo: $(STAMP)
 	@echo "  meshctl dashboard            the mesh in your browser, live"
 	@echo "  python demo-services/loadgen.py --url http://127.0.0.1:8080 --rps 20"
 	@echo "  curl -N http://127.0.0.1:8080/api/orders/feed   the live order feed, streamed through the mesh"
+	@echo "  meshctl why --last-failure payments   every decision behind the last failed charge"
+	@echo "  meshctl shadow cart v2 --unsafe       compare cart v2's answers with v1's (then: shadow report cart)"
 	@echo "  meshctl down                 stop everything"
 
 down: $(STAMP)
