@@ -239,6 +239,12 @@ def test_curl_http2_prior_knowledge_through_the_ingress(shop):
     method, path, headers, body = app.requests[-1]  # the app got HTTP/1.1, body and all
     assert (method, path, body) == ("POST", "/echo?q=1", b"hello body")
     assert headers["host"] == "127.0.0.1:%d" % front.ports["ingress"]
+    # The ingress gives the request an id, the app sees it and the client gets it back.
+    answered = dict(line.split(": ", 1) for line in done.stdout.split("\n\n")[0].splitlines()[1:])
+    assert answered["x-request-id"] and answered["x-request-id"] == headers["x-request-id"]
+    kept = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "-D", "-", "-o", "/dev/null", "-H", "x-request-id: mine-1",
+                           "http://127.0.0.1:%d/echo" % front.ports["ingress"]], capture_output=True, timeout=DEADLINE_S, text=True)
+    assert "x-request-id: mine-1\n" in kept.stdout and app.requests[-1][2]["x-request-id"] == "mine-1"
     chunked = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "http://127.0.0.1:%d/chunked-response" % front.ports["ingress"]],
                              capture_output=True, timeout=DEADLINE_S)
     assert chunked.stdout == b"hello world", chunked.stdout + chunked.stderr  # the chunk framing stays in HTTP/1.1

@@ -117,7 +117,8 @@ def ingress_h2(state: ServerState, listener: Listener) -> H2Proxy:
         path = header(headers, b":path") or b"/"
         return _pick_endpoint(state, ingress_service(listener, path), headers)
 
-    return state.track(H2Proxy(pick, state.loop, record=_recorder(state, OUTBOUND, None), on_closed=state.untrack, service="ingress"))
+    return state.track(H2Proxy(pick, state.loop, record=_recorder(state, OUTBOUND, None), on_closed=state.untrack, service="ingress",
+                               request_ids=state.next_request_id))
 
 
 def _leave_limits(state: ServerState, limits: CircuitLimits, holder: object) -> None:

@@ -248,11 +248,14 @@ class H2Proxy(_Side):
     def __init__(
         self, pick_upstream: PickUpstream, loop: asyncio.AbstractEventLoop | None = None, record: Record | None = None,
         on_closed: Callable[[H2Proxy], None] | None = None, peer_sidecar: bool = False, service: str = "-",
+        request_ids: Callable[[], bytes] | None = None,
     ) -> None:
         self.dirty: dict[_Side, None] | None = None  # sides to write once the current read is handled
         super().__init__(self, client_side=False, label="downstream", peer_sidecar=peer_sidecar)
         self.on_closed = on_closed
         self.service = service
+        # At the ingress: give a request without x-request-id one, and echo it on the answer.
+        self.request_ids = request_ids
         self.draining = False
         self.pick_upstream = pick_upstream
         self.loop = loop or asyncio.get_running_loop()
@@ -275,7 +278,10 @@ class H2Proxy(_Side):
                 if record is not None and event.end_stream and self._retry_trailers_only(record, side, event):
                     return
                 # end_stream here is a trailers-only response: it must stay one HEADERS frame.
-                pipe.target.endpoint.send_response(pipe.target_stream, strip_connection_specific(event.headers), event.end_stream)
+                answer = strip_connection_specific(event.headers)
+                if self.request_ids is not None and record is not None and header(answer, b"x-request-id") is None:
+                    answer.append((b"x-request-id", header(record.headers, b"x-request-id") or b""))
+                pipe.target.endpoint.send_response(pipe.target_stream, answer, event.end_stream)
                 pipe.closed = event.end_stream
                 pipe.target.forget(pipe.target_stream)
                 pipe.target.flush()
@@ -334,10 +340,16 @@ class H2Proxy(_Side):
             self.endpoint.reset(event.stream_id, ErrorCodes.REFUSED_STREAM)
             return
         headers = strip_connection_specific(event.headers)
+        request_id = None
+        if self.request_ids is not None:
+            request_id = header(headers, b"x-request-id")
+            if request_id is None:
+                request_id = self.request_ids()
+                headers.append((b"x-request-id", request_id))
         try:
             choice = as_choice(self.pick_upstream(headers))
         except MeshError as exc:
-            self._answer_error(event.stream_id, is_grpc(headers), exc.code, exc.detail, exc.status, exc.service)
+            self._answer_error(event.stream_id, is_grpc(headers), exc.code, exc.detail, exc.status, exc.service, request_id)
             return
         except Exception as exc:  # a bug in routing: answer it on this stream only
             log.exception("routing an HTTP/2 stream failed")
@@ -501,6 +513,7 @@ class H2Proxy(_Side):
 
     def _answer_error(
         self, stream_id: int, grpc: bool, code: str, detail: str, status: int | None = None, service: str | None = None,
+        request_id: bytes | None = None,
     ) -> None:
         """Answer one downstream stream ourselves: x-mesh-error, or a gRPC trailers-only status (proxy.errors)."""
         self.outgoing.pop(stream_id, None)
@@ -510,12 +523,18 @@ class H2Proxy(_Side):
         record = self.records.get(stream_id)
         if service is None:
             service = self._service_of(record)
+        if request_id is None and self.request_ids is not None and record is not None:
+            request_id = header(record.headers, b"x-request-id")
         grpc_code = None
         if grpc:
             head, grpc_code = grpc_error_head(code, detail, status, service)
+            if request_id:
+                head.append((b"x-request-id", request_id))
             self.endpoint.send_response(stream_id, head, end_stream=True)
         else:
             head, body = h2_error_head(code, detail, status, service)
+            if request_id:
+                head.append((b"x-request-id", request_id))
             self.endpoint.send_response(stream_id, head)
             self.endpoint.send_data(stream_id, body)
             self.endpoint.end_stream(stream_id)
