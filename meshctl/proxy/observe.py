@@ -31,14 +31,24 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from meshctl.proxy.batch import Batch
 from meshctl.proxy.decisions import Recorder, eventful, plan
 from meshctl.proxy.http1 import HOP_BY_HOP, Head
 from meshctl.proxy.idle import STREAM_IDLE_TIMEOUT_CODE
 from meshctl.proxy.metrics import INBOUND, OUTBOUND, Metrics, path_template
 from meshctl.proxy.record import Recording, record_events
 from meshctl.proxy.replay import replay_request
-from meshctl.proxy.shadow import ShadowResults
-from meshctl.proxy.tracing import B3_SINGLE, TRACE_HEADERS, Hop, Sampler, Span, SpanBuffer, extract, next_hop
+from meshctl.proxy.shadow import RESULTS_BATCH_MAX, RESULTS_FLUSH_INTERVAL
+from meshctl.proxy.tracing import (
+    B3_SINGLE,
+    TRACE_HEADERS,
+    Hop,
+    Sampler,
+    Span,
+    SpanBuffer,
+    extract,
+    next_hop,
+)
 
 if TYPE_CHECKING:
     from meshctl.proxy.exchange import Exchange
@@ -136,9 +146,8 @@ class Observer:
         self._outbound_source = snapshot.service if snapshot.service != "None" else "ingress"
         self._sources: dict[str | None, str] = {}  # peer identity -> its service name
         self._flusher: asyncio.TimerHandle | None = None
-        self._access_lines: list[dict[str, Any]] = []
-        self._access_flusher: asyncio.TimerHandle | None = None
-        self.shadow_results = ShadowResults(state.loop, send)  # compared requests (proxy.shadow)
+        self.access_lines = Batch(state.loop, send, "access", "events", ACCESS_BATCH_MAX, ACCESS_FLUSH_INTERVAL)
+        self.shadow_results = Batch(state.loop, send, "shadow-results", "results", RESULTS_BATCH_MAX, RESULTS_FLUSH_INTERVAL)  # compared requests (proxy.shadow)
 
     def __repr__(self) -> str:
         return "<Observer %r, %d taps, %r>" % (self.metrics, len(self.taps), self.spans)
@@ -212,12 +221,7 @@ class Observer:
 
     def flush_access(self) -> None:
         """Send the access lines waiting (also at exit, so that a drain loses none)."""
-        if self._access_flusher is not None:
-            self._access_flusher.cancel()
-            self._access_flusher = None
-        if self._access_lines:
-            lines, self._access_lines = self._access_lines, []
-            self.send({"type": "access", "events": lines})
+        self.access_lines.flush()
 
     def _flush_spans(self) -> None:
         self._flusher = None
@@ -403,12 +407,7 @@ class Observer:
             "trace_id": trace_id,  # None unless this exchange was sampled into a trace
         }
         if self.access_log == "on" or (self.access_log == "errors" and (mesh_error or status >= 500)):
-            lines = self._access_lines
-            lines.append(event)
-            if len(lines) >= ACCESS_BATCH_MAX:
-                self.flush_access()
-            elif self._access_flusher is None:
-                self._access_flusher = self.state.loop.call_later(ACCESS_FLUSH_INTERVAL, self.flush_access)
+            self.access_lines.add(event)
         if self.taps:
             now = self.state.loop.time()
             for tap_id, tap in self.taps.items():

@@ -13,19 +13,23 @@ the exchange a `Comparison` of up to three answers to the same request:
   noise, not a difference of the shadow.
 
 Once all have ended (each after the client's answer went out, or the copy's timeout),
-the answers are compared (proxy.compare) and a result joins the batch `ShadowResults`
-sends to the agent, as access lines do. Unsafe methods are compared only with `unsafe`.
+the answers are compared (proxy.compare) and the result joins the observer's
+`shadow_results` batch (proxy.batch), which goes to the agent as access lines do. Unsafe methods are compared only with `unsafe`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import random
 from typing import TYPE_CHECKING, Any, Callable
 
 from meshctl.proxy.capture import Capture
 from meshctl.proxy.compare import Ignore, Response, differences
-from meshctl.proxy.mirror import MAX_MIRRORS_IN_FLIGHT, MIRROR_TIMEOUT_S, Mirror, shadow_head
+from meshctl.proxy.mirror import (
+    MAX_MIRRORS_IN_FLIGHT,
+    MIRROR_TIMEOUT_S,
+    Mirror,
+    shadow_head,
+)
 
 if TYPE_CHECKING:
     from meshctl.proxy.balance import Endpoint
@@ -268,31 +272,3 @@ class ResponseTap:
         response = self.capture.response(comparison.no_body)
         elapsed = exchange.client.state.loop.time() - exchange.started
         comparison.arrive("primary", response if response is not None else "no complete answer", elapsed)
-
-
-class ShadowResults:
-    """Compared requests waiting to go to the agent, sent in batches like access lines."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, send: Sink) -> None:
-        self.loop = loop
-        self.send = send
-        self.results: list[dict] = []
-        self.flusher: asyncio.TimerHandle | None = None
-
-    def __repr__(self) -> str:
-        return "<ShadowResults %d waiting>" % len(self.results)
-
-    def add(self, result: dict) -> None:
-        self.results.append(result)
-        if len(self.results) >= RESULTS_BATCH_MAX:
-            self.flush()
-        elif self.flusher is None:
-            self.flusher = self.loop.call_later(RESULTS_FLUSH_INTERVAL, self.flush)
-
-    def flush(self) -> None:
-        if self.flusher is not None:
-            self.flusher.cancel()
-            self.flusher = None
-        if self.results:
-            results, self.results = self.results, []
-            self.send({"type": "shadow-results", "results": results})
