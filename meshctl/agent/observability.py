@@ -334,7 +334,7 @@ class Observability:
         return tap_id
 
     def close_tap(self, tap_id: int) -> None:
-        self.taps.pop(tap_id, None)
+        self.close_listener(tap_id)
         for _name, handle in self._sidecars():
             handle.send({"type": "untap", "id": tap_id})
 

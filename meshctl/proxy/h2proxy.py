@@ -526,16 +526,15 @@ class H2Proxy(_Side):
         if request_id is None and self.request_ids is not None and record is not None:
             request_id = header(record.headers, b"x-request-id")
         grpc_code = None
+        body = b""
         if grpc:
             head, grpc_code = grpc_error_head(code, detail, status, service)
-            if request_id:
-                head.append((b"x-request-id", request_id))
-            self.endpoint.send_response(stream_id, head, end_stream=True)
         else:
             head, body = h2_error_head(code, detail, status, service)
-            if request_id:
-                head.append((b"x-request-id", request_id))
-            self.endpoint.send_response(stream_id, head)
+        if request_id:
+            head.append((b"x-request-id", request_id))
+        self.endpoint.send_response(stream_id, head, end_stream=grpc)  # gRPC: trailers-only
+        if not grpc:
             self.endpoint.send_data(stream_id, body)
             self.endpoint.end_stream(stream_id)
         self.flush()
