@@ -45,7 +45,7 @@ import wrk
 from procs import BenchError, PeakMemory, cpu_seconds, exit_on_termination, memory
 
 REPO = os.path.dirname(targets.BENCH_DIR)
-PACKAGES = ("proxy", "agent", "meshctl")
+PACKAGES = ("meshctl",)  # the agent and the sidecar live inside it
 BODIES = {"small": "/", "16k": "/16k"}
 
 
