@@ -397,13 +397,20 @@ def read_sse_events(sock: socket.socket, wanted: int) -> tuple[bytes, list[dict]
         assert chunk, "closed before the head: %r" % buffer
         buffer += chunk
     head, _, body = buffer.partition(b"\r\n\r\n")
-    orders: list[dict] = []
+    # The events may have come in the same read as the head: count them before reading more.
+    orders = complete_sse_data(body)
     while len(orders) < wanted:
         chunk = sock.recv(65536)
         assert chunk, "the feed closed after %r" % body
         body += chunk
-        orders = [json.loads(line[6:]) for line in body.split(b"\n") if line.startswith(b"data: ")]
+        orders = complete_sse_data(body)
     return head, orders
+
+
+def complete_sse_data(body: bytes) -> list[dict]:
+    """The `data:` payloads of the events whose blank line has arrived (a read may end mid-event)."""
+    complete, _, _ = body.rpartition(b"\n\n")
+    return [json.loads(line[6:]) for line in complete.split(b"\n") if line.startswith(b"data: ")]
 
 
 def test_frontend_order_feed_streams_each_paid_order(launcher: Launcher, shop: Shop) -> None:
