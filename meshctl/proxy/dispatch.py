@@ -15,7 +15,10 @@ bytes (proxy.detect) decide (docs/protocols-l7.md):
   `http` app (proxy.h1bridge); anything else is HTTP/1.1 as before;
 * ingress: ALPN `h2` on a TLS ingress, or the h2c preface on a plain one, gets an H2Proxy
   whose streams are routed by :path prefix like HTTP/1.1 requests; HTTP/1.1 stays with
-  ClientConnection on the same port.
+  ClientConnection on the same port;
+* forward: `CONNECT host:port` to an egress host (proxy.listeners decides) becomes a Relay
+  with no idle timeout; the client hears `200 Connection Established` once the host is
+  connected, or a 502 upstream-connect-failed.
 
 The functions here build those protocols and their hooks (balancing, identity checks,
 metrics); proxy.server decides when to call them and swaps the transport's protocol.
@@ -27,12 +30,13 @@ import asyncio
 import logging
 import random
 import ssl
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from meshctl.proxy.authz import Policy
 from meshctl.proxy.h2conn import header
 from meshctl.proxy.h2proxy import H2Proxy
-from meshctl.proxy.errors import MeshError
+from meshctl.proxy.errors import MeshError, error_response
 from meshctl.proxy.h2streams import StreamRecord, UpstreamChoice
 from meshctl.proxy.limits import CircuitLimits
 from meshctl.proxy.listeners import ingress_service
@@ -47,6 +51,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("proxy.dispatch")
 
 TCP_CONNECT_TRIES = 3  # endpoints tried in turn when a connect fails
+EGRESS_CONNECT_TIMEOUT = 1.0
+ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 
 
 def hand_over(transport: asyncio.Transport, protocol: asyncio.Protocol, pending: bytes = b"") -> None:
@@ -274,3 +280,30 @@ def inbound_relay(state: ServerState, listener: Listener, peer: str | None) -> R
     relay = state.track(Relay(state.loop, state.snapshot.http.idle_timeout, _tcp_metrics(state, INBOUND, service_of_identity(peer))))  # type: ignore[union-attr]
     state.loop.create_task(relay.connect_upstream(host, port, 1.0), name="relay-connect app")
     return relay
+
+
+def egress_tunnel(state: ServerState, address: tuple[str, int], on_close: Callable[[Relay], None]) -> Relay:
+    """A CONNECT tunnel to an allowed egress host: a Relay that lives as long as both peers keep it open.
+
+    The caller adopts the client connection as the relay's downstream, with the bytes it
+    sent past the CONNECT head; they and whatever follows are held (up to the relay's
+    early-bytes bound) until the host is connected. The 200 is the upstream end's
+    `announce`, so it reaches the client before any byte of the host's.
+    """
+    relay = state.track(Relay(state.loop, None, on_close))
+    relay.upstream.announce = ESTABLISHED
+    state.loop.create_task(_connect_egress(relay, address), name="tunnel-connect")
+    return relay
+
+
+async def _connect_egress(relay: Relay, address: tuple[str, int]) -> None:
+    host, port = address
+    try:
+        async with asyncio.timeout(EGRESS_CONNECT_TIMEOUT):
+            await relay.loop.create_connection(lambda: relay.upstream, host, port)
+    except (OSError, TimeoutError) as exc:
+        # Unless the host was attached (and the 200 sent) just as the timeout struck.
+        if not relay.closed and relay.upstream.transport is None:
+            detail = "egress %s:%d: %s" % (host, port, getattr(exc, "strerror", None) or exc or "connect timed out")
+            relay.downstream.write(error_response("upstream-connect-failed", detail, close=True))
+        relay.close()
