@@ -46,7 +46,7 @@ from meshctl.proxy.opaque import Relay
 from meshctl.proxy.snapshot import Listener
 
 if TYPE_CHECKING:
-    from meshctl.proxy.server import ServerState
+    from meshctl.proxy.seams import Server
 
 log = logging.getLogger("proxy.dispatch")
 
@@ -66,12 +66,12 @@ def hand_over(transport: asyncio.Transport, protocol: asyncio.Protocol, pending:
 # -- HTTP/2 ------------------------------------------------------------------------------------
 
 
-def _source_service(state: ServerState) -> str:
+def _source_service(state: Server) -> str:
     service = state.snapshot.service  # type: ignore[union-attr]
     return service if service not in ("None", "?") else "ingress"
 
 
-def _pick_endpoint(state: ServerState, service_name: str, headers: list[tuple[bytes, bytes]]) -> UpstreamChoice:
+def _pick_endpoint(state: Server, service_name: str, headers: list[tuple[bytes, bytes]]) -> UpstreamChoice:
     """Where one HTTP/2 stream to `service_name` goes: route, fault abort, limits, balancer."""
     service = state.snapshot.services.get(service_name)  # type: ignore[union-attr]
     if service is None:
@@ -108,7 +108,7 @@ def _pick_endpoint(state: ServerState, service_name: str, headers: list[tuple[by
     )
 
 
-def outbound_h2(state: ServerState, listener: Listener) -> H2Proxy:
+def outbound_h2(state: Server, listener: Listener) -> H2Proxy:
     """An H2Proxy for an app's HTTP/2 (or gRPC) connection to `listener.service`."""
     service_name: str = listener.service  # type: ignore[assignment]
     return state.track(H2Proxy(
@@ -116,7 +116,7 @@ def outbound_h2(state: ServerState, listener: Listener) -> H2Proxy:
         record=_recorder(state, OUTBOUND, None), on_closed=state.untrack, service=service_name))
 
 
-def ingress_h2(state: ServerState, listener: Listener) -> H2Proxy:
+def ingress_h2(state: Server, listener: Listener) -> H2Proxy:
     """An H2Proxy for an outside client's HTTP/2 or gRPC connection to the ingress: routes by :path prefix."""
 
     def pick(headers: list[tuple[bytes, bytes]]) -> UpstreamChoice:
@@ -127,14 +127,14 @@ def ingress_h2(state: ServerState, listener: Listener) -> H2Proxy:
                                request_ids=state.next_request_id))
 
 
-def _leave_limits(state: ServerState, limits: CircuitLimits, holder: object) -> None:
+def _leave_limits(state: Server, limits: CircuitLimits, holder: object) -> None:
     """Give back `holder`'s connection slot; a queued HTTP/1.1 exchange that gets it is woken."""
     woken = limits.leave(holder)
     if woken is not None:
         state.loop.call_soon(woken.admitted)
 
 
-def _settle(state: ServerState, service: Any, endpoint: Any, ok: bool | None, slot: object | None = None) -> None:
+def _settle(state: Server, service: Any, endpoint: Any, ok: bool | None, slot: object | None = None) -> None:
     """One try on `endpoint` ended: leave its slot and in-flight count, tell outlier detection how it went."""
     if slot is not None:
         _leave_limits(state, service.limits, slot)
@@ -144,7 +144,7 @@ def _settle(state: ServerState, service: Any, endpoint: Any, ok: bool | None, sl
             state.observer.count_ejection(service.name, endpoint.version)
 
 
-def inbound_h2(state: ServerState, listener: Listener, peer: str | None) -> H2Proxy:
+def inbound_h2(state: Server, listener: Listener, peer: str | None) -> H2Proxy:
     """An H2Proxy for a peer sidecar's h2 connection (or a plaintext h2c client) to the app."""
     host, port = listener.app  # type: ignore[misc]
     http1_app = listener.protocol == "http"  # an `http` app speaks HTTP/1.1: each stream is bridged (proxy.h1bridge)
@@ -173,7 +173,7 @@ def _authorize_stream(policy: Policy, peer: str | None, headers: list[tuple[byte
             peer or "an unauthenticated caller", method, path.split("?", 1)[0][:200], decision.rule))
 
 
-def _recorder(state: ServerState, direction: str, peer: str | None):
+def _recorder(state: Server, direction: str, peer: str | None):
     def record(stream: StreamRecord, status: int, grpc_code: int | None, mesh_error: bool) -> None:
         observer = state.observer
         if observer is None:
@@ -203,7 +203,7 @@ def _recorder(state: ServerState, direction: str, peer: str | None):
 # -- opaque TCP ------------------------------------------------------------------------------------
 
 
-def _tcp_metrics(state: ServerState, direction: str, peer_service: str) -> Any:
+def _tcp_metrics(state: Server, direction: str, peer_service: str) -> Any:
     observer = state.observer
     if observer is not None:
         observer.metrics.tcp_opened(direction, peer_service)
@@ -217,7 +217,7 @@ def _tcp_metrics(state: ServerState, direction: str, peer_service: str) -> Any:
     return on_close
 
 
-def outbound_relay(state: ServerState, listener: Listener, client_ip: str) -> Relay:
+def outbound_relay(state: Server, listener: Listener, client_ip: str) -> Relay:
     """A Relay from the app to one endpoint of `listener.service`, picked by its balancer."""
     service_name = listener.service or "-"
     relay = state.track(Relay(state.loop, state.snapshot.http.idle_timeout, _tcp_metrics(state, OUTBOUND, service_name)))  # type: ignore[union-attr]
@@ -225,7 +225,7 @@ def outbound_relay(state: ServerState, listener: Listener, client_ip: str) -> Re
     return relay
 
 
-async def _connect_endpoint(state: ServerState, relay: Relay, service_name: str, client_ip: str) -> None:
+async def _connect_endpoint(state: Server, relay: Relay, service_name: str, client_ip: str) -> None:
     """Connect the relay's upstream end, trying other endpoints when a connect fails (L4 balancing)."""
     loop = state.loop
     tried: set[str] = set()
@@ -274,7 +274,7 @@ def authorize_connection(policy: Policy | None, peer: str | None) -> str | None:
     return None if decision.allowed else decision.rule
 
 
-def inbound_relay(state: ServerState, listener: Listener, peer: str | None) -> Relay:
+def inbound_relay(state: Server, listener: Listener, peer: str | None) -> Relay:
     """A Relay from a peer sidecar (or permissive plaintext client) to the tcp app."""
     host, port = listener.app  # type: ignore[misc]
     relay = state.track(Relay(state.loop, state.snapshot.http.idle_timeout, _tcp_metrics(state, INBOUND, service_of_identity(peer))))  # type: ignore[union-attr]
@@ -282,7 +282,7 @@ def inbound_relay(state: ServerState, listener: Listener, peer: str | None) -> R
     return relay
 
 
-def egress_tunnel(state: ServerState, address: tuple[str, int], on_close: Callable[[Relay], None]) -> Relay:
+def egress_tunnel(state: Server, address: tuple[str, int], on_close: Callable[[Relay], None]) -> Relay:
     """A CONNECT tunnel to an allowed egress host: a Relay that lives as long as both peers keep it open.
 
     The caller adopts the client connection as the relay's downstream, with the bytes it
