@@ -24,9 +24,9 @@ from meshctl.agent.manifest import load_manifest
 from meshctl.agent.model import Manifest, ServiceSpec, VersionSpec
 from meshctl.agent.shadow_report import ShadowTally
 from meshctl.proxy.capture import dechunk, parse_message
-from meshctl.proxy.compare import ABSENT, Ignore, Response, differences, json_pattern_error
+from meshctl.proxy.compare import ABSENT, CompareSpec, Ignore, Response, compare_spec, differences, json_pattern_error
 from meshctl.proxy.routing import Router
-from meshctl.proxy.shadow import CompareSpec, Comparison, ResponseTap, compare_spec
+from meshctl.proxy.shadow import Comparison, ResponseTap
 from tests.meshharness import free_port, http_get, wait_for
 
 JSON = [("content-type", "application/json")]

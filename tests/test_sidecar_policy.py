@@ -280,3 +280,25 @@ def test_connect_tunnels_to_an_egress_host_and_refuses_others(sidecars, upstream
     assert (denied[0], denied[1]["x-mesh-error"]) == (403, "egress-denied")
     mesh = raw_exchange(port, b"CONNECT svc.mesh:443 HTTP/1.1\r\n\r\n")[0]
     assert (mesh[0], mesh[1]["x-mesh-error"]) == (400, "bad-request") and b"plain HTTP" in mesh[2]
+
+
+def test_a_connect_tunnel_passes_half_close_and_a_refused_host_is_a_502(sidecars, upstreams, echo_server):
+    up = upstreams("svc")
+    closed = refused_port()
+    proxy = sidecars(
+        [{"name": "proxy", "kind": "forward"}], {"svc": service([("v1", up.address)])},
+        egress=["127.0.0.1:%d" % echo_server, "127.0.0.1:%d" % closed],
+    ).start()
+    port = proxy.ports["proxy"]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        # The client's half-close reaches the echo server, whose close after echoing reaches the client.
+        sock.sendall(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\n\r\nbefore the 200, " % echo_server)
+        sock.sendall(b"and after")
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert received == b"HTTP/1.1 200 Connection Established\r\n\r\nbefore the 200, and after"
+    status, headers, body = raw_exchange(port, b"CONNECT 127.0.0.1:%d HTTP/1.1\r\n\r\n" % closed)[0]
+    assert (status, headers["x-mesh-error"]) == (502, "upstream-connect-failed")
+    assert b"egress 127.0.0.1:%d" % closed in body

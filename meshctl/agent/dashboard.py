@@ -58,7 +58,7 @@ from meshctl.agent.dashboard_views import STAT_WINDOW_S, History, build_state, k
 from meshctl.agent.errors import AgentError
 
 if TYPE_CHECKING:
-    from meshctl.agent.control import ControlServer
+    from meshctl.agent.seams import DashboardSource
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def write_private(path: Path, text: str) -> None:
 
 
 class Dashboard:
-    def __init__(self, control: ControlServer, home: str) -> None:
+    def __init__(self, control: DashboardSource, home: str) -> None:
         self.control = control
         self.token_path = Path(home) / TOKEN_FILE
         self.token = new_token()

@@ -36,7 +36,7 @@ from meshctl.agent.probe import ProbeFailed, probe
 from meshctl.agent.sidecar import SidecarError, SidecarHandle
 
 if TYPE_CHECKING:
-    from meshctl.agent.supervisor import Supervisor
+    from meshctl.agent.seams import InstanceHost
 
 log = logging.getLogger("agent.supervisor")
 
@@ -132,7 +132,7 @@ def prepare_socket_path(path: str) -> str | None:
 class Instance:
     """One app process plus its sidecar, and the runner task that keeps them going."""
 
-    def __init__(self, sup: Supervisor, spec: InstanceSpec, generation: int = 0) -> None:
+    def __init__(self, sup: InstanceHost, spec: InstanceSpec, generation: int = 0) -> None:
         self.sup = sup
         self.spec = spec
         self.id = spec.id
@@ -432,7 +432,7 @@ class Instance:
 class Ingress:
     """The ingress: a sidecar with no app, listening where the manifest says."""
 
-    def __init__(self, sup: Supervisor, host: str, port: int) -> None:
+    def __init__(self, sup: InstanceHost, host: str, port: int) -> None:
         self.sup = sup
         try:
             self.sock = listening_socket(host, port)

@@ -7,9 +7,10 @@ as the fallback where ngh2 is not installed) and h2, never the agent or the CLI:
 Parts:
 - config: `control` (the channel, ACK/NACK), `snapshot` (compiled, immutable config);
 - connections: `listeners`, `tls` (mTLS, per-accept acceptor), `detect` + `dispatch`
-  (HTTP/1, HTTP/2 or opaque), `server` (client connections, drain);
+  (HTTP/1, HTTP/2 or opaque), `server` (client connections, drain), `seams` (the server and
+  a client connection as Protocols, for the modules `server` imports);
 - HTTP/1.1: `http1` (sans-IO parser), `exchange` (one request), `pool`, `mirror`,
-  `tunnel` (CONNECT), `upgrade` (WebSocket);
+  `upgrade` (WebSocket; like CONNECT tunnels, it ends in an `opaque` relay);
 - HTTP/2 and TCP: `h2conn` (sans-IO, over ngh2 or h2), `h1bridge` (an h2 stream to an
   HTTP/1.1 app), `h2proxy`, `opaque`;
 - decisions, pure: `routing`, `balance`, `retry`, `outlier`, `limits`, `authz`; `errors`

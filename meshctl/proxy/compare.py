@@ -15,7 +15,8 @@ names every field that differs, as `where -> (primary's value, other's value)`:
 
 `Ignore` holds what the user called noise (`--ignore-header`, `--ignore-json`): a JSON
 pattern is a path where `[*]` stands for any index and `*` for any key, and it also
-covers everything below it (`$.meta` ignores `$.meta.ts`).
+covers everything below it (`$.meta` ignores `$.meta.ts`). A `CompareSpec` (a mirror's
+validated `compare` setting) says which requests are compared and what is noise.
 """
 
 from __future__ import annotations
@@ -182,3 +183,52 @@ def _short(value: str | None) -> str:
     if value is None:
         return ABSENT
     return value if len(value) <= MAX_VALUE_CHARS else value[: MAX_VALUE_CHARS - 1] + "…"
+
+
+# -- which requests are compared ------------------------------------------------------------
+
+UNSAFE_METHODS = frozenset({b"POST", b"PUT", b"PATCH", b"DELETE"})
+DEFAULT_REFERENCE_PERCENT = 25.0
+
+
+class CompareSpec:
+    """The validated `compare` part of a mirror: which requests, and what is noise."""
+
+    __slots__ = ("unsafe", "path_prefix", "ignore", "reference_percent", "live")
+
+    def __init__(self, unsafe: bool, path_prefix: bytes, ignore: Ignore, reference_percent: float, live: bool = False) -> None:
+        self.live = live  # from `meshctl shadow` rather than the manifest: the agent keeps them apart
+        self.unsafe = unsafe
+        self.path_prefix = path_prefix
+        self.ignore = ignore
+        self.reference_percent = reference_percent
+
+    def __repr__(self) -> str:
+        return "<CompareSpec%s path %r %r>" % (" unsafe" if self.unsafe else "", self.path_prefix, self.ignore)
+
+    def wants(self, method: bytes, target: bytes) -> bool:
+        if method in UNSAFE_METHODS and not self.unsafe:
+            return False
+        return target.startswith(self.path_prefix)
+
+
+def compare_spec(raw: Any, where: str) -> CompareSpec | None:
+    """A mirror's `compare` value (true, false/absent, or a mapping) as a CompareSpec."""
+    if raw is None or raw is False:
+        return None
+    if raw is True:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError("%s: expected true or a mapping, got %r" % (where, raw))
+    path = raw.get("path") or "/"
+    headers = raw.get("ignore_headers") or []
+    json_paths = raw.get("ignore_json") or []
+    reference = raw.get("reference_percent", DEFAULT_REFERENCE_PERCENT)
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ValueError("%s.path: expected a path prefix starting with /, got %r" % (where, path))
+    if not all(isinstance(h, str) for h in headers) or not all(isinstance(p, str) for p in json_paths):
+        raise ValueError("%s: ignore_headers and ignore_json are lists of strings" % where)
+    if isinstance(reference, bool) or not isinstance(reference, (int, float)) or not 0 <= reference <= 100:
+        raise ValueError("%s.reference_percent: expected a number from 0 to 100, got %r" % (where, reference))
+    return CompareSpec(raw.get("unsafe") is True, path.encode("latin-1"), Ignore(headers, json_paths), float(reference),
+                       raw.get("live") is True)

@@ -24,13 +24,16 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from meshctl.proxy.retry import IDEMPOTENT_METHODS
 
 if TYPE_CHECKING:
-    from meshctl.proxy.exchange import Exchange
+    from meshctl.proxy.balance import Endpoint
+    from meshctl.proxy.http1 import Head
+    from meshctl.proxy.listeners import Target
     from meshctl.proxy.routing import RouteAction
+    from meshctl.proxy.seams import Client
     from meshctl.proxy.snapshot import Service, Snapshot
 
 log = logging.getLogger("proxy.decisions")
@@ -49,7 +52,56 @@ MIRROR = "mirror"  # (MIRROR, version)
 FIRED = "fired"  # (FIRED, "request" | "per_try" | "stream_idle", seconds)
 
 
-def note(exchange: Exchange, *entry: Any) -> None:
+class DecidedExchange(Protocol):
+    """What a decision trail and its record read of an exchange (proxy.exchange's Exchange,
+    which imports this module to write its trail)."""
+
+    trail: list[Any] | None
+
+    @property
+    def client(self) -> Client: ...
+
+    @property
+    def target(self) -> Target: ...
+
+    @property
+    def head(self) -> Head: ...
+
+    @property
+    def method(self) -> bytes: ...
+
+    @property
+    def action(self) -> RouteAction | None: ...
+
+    @property
+    def request_id(self) -> bytes | None: ...
+
+    @property
+    def started(self) -> float: ...
+
+    @property
+    def try_started(self) -> float: ...
+
+    @property
+    def endpoint(self) -> Endpoint | None: ...
+
+    @property
+    def last_endpoint(self) -> Endpoint | None: ...
+
+    @property
+    def replay(self) -> list[bytes] | None: ...
+
+    @property
+    def replay_size(self) -> int: ...
+
+    @property
+    def request_done(self) -> bool: ...
+
+    @property
+    def response_started(self) -> bool: ...
+
+
+def note(exchange: DecidedExchange, *entry: Any) -> None:
     """Remember a rare event of `exchange` (failure paths and opt-in features only)."""
     trail = exchange.trail
     if trail is None:
@@ -57,14 +109,14 @@ def note(exchange: Exchange, *entry: Any) -> None:
     trail.append(list(entry))
 
 
-def try_ended(exchange: Exchange, outcome: str, status: int | None, detail: str | None) -> None:
+def try_ended(exchange: DecidedExchange, outcome: str, status: int | None, detail: str | None) -> None:
     """A try failed or is about to be retried; `retrying()` marks it when a retry follows."""
     if not exchange.try_started:
         return  # nothing was tried yet (queued, delayed by a fault): the timeout note says it all
     note(exchange, TRY, exchange.endpoint, exchange.try_started, exchange.client.state.loop.time(), outcome, status, detail, None)
 
 
-def retrying(exchange: Exchange, delay: float, counted: bool) -> None:
+def retrying(exchange: DecidedExchange, delay: float, counted: bool) -> None:
     """The last try is retried after `delay` seconds (`counted` False: a stale pooled connection)."""
     trail = exchange.trail
     if trail:
@@ -74,7 +126,7 @@ def retrying(exchange: Exchange, delay: float, counted: bool) -> None:
                 return
 
 
-def woken(exchange: Exchange) -> None:
+def woken(exchange: DecidedExchange) -> None:
     """A queued exchange got its connection slot: the queue wait ends now."""
     for entry in exchange.trail or ():
         if entry[0] == QUEUED and len(entry) == 2:
@@ -114,7 +166,7 @@ class Recorder:
         self.instance = snapshot.instance
         self.service = snapshot.service if snapshot.service != "None" else "ingress"
 
-    def keep(self, exchange: Exchange, outcome: str, status: int, duration: float) -> None:
+    def keep(self, exchange: DecidedExchange, outcome: str, status: int, duration: float) -> None:
         try:
             self.records.append(build_record(exchange, outcome, status, duration, self.instance, self.service))
         except Exception:
@@ -132,7 +184,7 @@ class Recorder:
 # -- building one record (only for kept requests) ------------------------------------------
 
 
-def build_record(exchange: Exchange, outcome: str, status: int, duration: float, instance: str, own_service: str) -> dict[str, Any]:
+def build_record(exchange: DecidedExchange, outcome: str, status: int, duration: float, instance: str, own_service: str) -> dict[str, Any]:
     client = exchange.client
     state = client.state
     snapshot = state.snapshot
@@ -193,13 +245,13 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
 
-def _endpoint_name(endpoint: Any, exchange: Exchange) -> str:
+def _endpoint_name(endpoint: Any, exchange: DecidedExchange) -> str:
     if endpoint is not None:
         return endpoint.id
     return "app" if exchange.client.listener.kind == "inbound" else exchange.target.label
 
 
-def _tries(exchange: Exchange, trail: list, outcome: str, status: int, method: str, started: float) -> list[dict[str, Any]]:
+def _tries(exchange: DecidedExchange, trail: list, outcome: str, status: int, method: str, started: float) -> list[dict[str, Any]]:
     entries = [entry for entry in trail if entry[0] == TRY]
     tries = []
     policy = exchange.action.retry_policy if exchange.action is not None else None
@@ -248,7 +300,7 @@ def _tries(exchange: Exchange, trail: list, outcome: str, status: int, method: s
     return tries
 
 
-def _why_not(exchange: Exchange, policy: Any, attempt: int, method: str, outcome: str, status: int | None,
+def _why_not(exchange: DecidedExchange, policy: Any, attempt: int, method: str, outcome: str, status: int | None,
              body_size: int | None, final_outcome: str) -> str:
     """Why a try that ended like this was not retried."""
     if outcome == "timeout" and final_outcome == "timeout" and exchange.trail and any(
@@ -266,7 +318,7 @@ def _why_not(exchange: Exchange, policy: Any, attempt: int, method: str, outcome
     return reason
 
 
-def _limits(trail: list, exchange: Exchange, outcome: str) -> dict[str, Any]:
+def _limits(trail: list, exchange: DecidedExchange, outcome: str) -> dict[str, Any]:
     queued = next((entry for entry in trail if entry[0] == QUEUED), None)
     waited = None
     if queued is not None and len(queued) > 2:

@@ -15,7 +15,10 @@ bytes (proxy.detect) decide (docs/protocols-l7.md):
   `http` app (proxy.h1bridge); anything else is HTTP/1.1 as before;
 * ingress: ALPN `h2` on a TLS ingress, or the h2c preface on a plain one, gets an H2Proxy
   whose streams are routed by :path prefix like HTTP/1.1 requests; HTTP/1.1 stays with
-  ClientConnection on the same port.
+  ClientConnection on the same port;
+* forward: `CONNECT host:port` to an egress host (proxy.listeners decides) becomes a Relay
+  with no idle timeout; the client hears `200 Connection Established` once the host is
+  connected, or a 502 upstream-connect-failed.
 
 The functions here build those protocols and their hooks (balancing, identity checks,
 metrics); proxy.server decides when to call them and swaps the transport's protocol.
@@ -27,12 +30,13 @@ import asyncio
 import logging
 import random
 import ssl
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from meshctl.proxy.authz import Policy
 from meshctl.proxy.h2conn import header
 from meshctl.proxy.h2proxy import H2Proxy
-from meshctl.proxy.errors import MeshError
+from meshctl.proxy.errors import MeshError, error_response
 from meshctl.proxy.h2streams import StreamRecord, UpstreamChoice
 from meshctl.proxy.limits import CircuitLimits
 from meshctl.proxy.listeners import ingress_service
@@ -42,11 +46,13 @@ from meshctl.proxy.opaque import Relay
 from meshctl.proxy.snapshot import Listener
 
 if TYPE_CHECKING:
-    from meshctl.proxy.server import ServerState
+    from meshctl.proxy.seams import Server
 
 log = logging.getLogger("proxy.dispatch")
 
 TCP_CONNECT_TRIES = 3  # endpoints tried in turn when a connect fails
+EGRESS_CONNECT_TIMEOUT = 1.0
+ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 
 
 def hand_over(transport: asyncio.Transport, protocol: asyncio.Protocol, pending: bytes = b"") -> None:
@@ -60,12 +66,12 @@ def hand_over(transport: asyncio.Transport, protocol: asyncio.Protocol, pending:
 # -- HTTP/2 ------------------------------------------------------------------------------------
 
 
-def _source_service(state: ServerState) -> str:
+def _source_service(state: Server) -> str:
     service = state.snapshot.service  # type: ignore[union-attr]
     return service if service not in ("None", "?") else "ingress"
 
 
-def _pick_endpoint(state: ServerState, service_name: str, headers: list[tuple[bytes, bytes]]) -> UpstreamChoice:
+def _pick_endpoint(state: Server, service_name: str, headers: list[tuple[bytes, bytes]]) -> UpstreamChoice:
     """Where one HTTP/2 stream to `service_name` goes: route, fault abort, limits, balancer."""
     service = state.snapshot.services.get(service_name)  # type: ignore[union-attr]
     if service is None:
@@ -102,7 +108,7 @@ def _pick_endpoint(state: ServerState, service_name: str, headers: list[tuple[by
     )
 
 
-def outbound_h2(state: ServerState, listener: Listener) -> H2Proxy:
+def outbound_h2(state: Server, listener: Listener) -> H2Proxy:
     """An H2Proxy for an app's HTTP/2 (or gRPC) connection to `listener.service`."""
     service_name: str = listener.service  # type: ignore[assignment]
     return state.track(H2Proxy(
@@ -110,7 +116,7 @@ def outbound_h2(state: ServerState, listener: Listener) -> H2Proxy:
         record=_recorder(state, OUTBOUND, None), on_closed=state.untrack, service=service_name))
 
 
-def ingress_h2(state: ServerState, listener: Listener) -> H2Proxy:
+def ingress_h2(state: Server, listener: Listener) -> H2Proxy:
     """An H2Proxy for an outside client's HTTP/2 or gRPC connection to the ingress: routes by :path prefix."""
 
     def pick(headers: list[tuple[bytes, bytes]]) -> UpstreamChoice:
@@ -121,14 +127,14 @@ def ingress_h2(state: ServerState, listener: Listener) -> H2Proxy:
                                request_ids=state.next_request_id))
 
 
-def _leave_limits(state: ServerState, limits: CircuitLimits, holder: object) -> None:
+def _leave_limits(state: Server, limits: CircuitLimits, holder: object) -> None:
     """Give back `holder`'s connection slot; a queued HTTP/1.1 exchange that gets it is woken."""
     woken = limits.leave(holder)
     if woken is not None:
         state.loop.call_soon(woken.admitted)
 
 
-def _settle(state: ServerState, service: Any, endpoint: Any, ok: bool | None, slot: object | None = None) -> None:
+def _settle(state: Server, service: Any, endpoint: Any, ok: bool | None, slot: object | None = None) -> None:
     """One try on `endpoint` ended: leave its slot and in-flight count, tell outlier detection how it went."""
     if slot is not None:
         _leave_limits(state, service.limits, slot)
@@ -138,7 +144,7 @@ def _settle(state: ServerState, service: Any, endpoint: Any, ok: bool | None, sl
             state.observer.count_ejection(service.name, endpoint.version)
 
 
-def inbound_h2(state: ServerState, listener: Listener, peer: str | None) -> H2Proxy:
+def inbound_h2(state: Server, listener: Listener, peer: str | None) -> H2Proxy:
     """An H2Proxy for a peer sidecar's h2 connection (or a plaintext h2c client) to the app."""
     host, port = listener.app  # type: ignore[misc]
     http1_app = listener.protocol == "http"  # an `http` app speaks HTTP/1.1: each stream is bridged (proxy.h1bridge)
@@ -167,7 +173,7 @@ def _authorize_stream(policy: Policy, peer: str | None, headers: list[tuple[byte
             peer or "an unauthenticated caller", method, path.split("?", 1)[0][:200], decision.rule))
 
 
-def _recorder(state: ServerState, direction: str, peer: str | None):
+def _recorder(state: Server, direction: str, peer: str | None):
     def record(stream: StreamRecord, status: int, grpc_code: int | None, mesh_error: bool) -> None:
         observer = state.observer
         if observer is None:
@@ -197,7 +203,7 @@ def _recorder(state: ServerState, direction: str, peer: str | None):
 # -- opaque TCP ------------------------------------------------------------------------------------
 
 
-def _tcp_metrics(state: ServerState, direction: str, peer_service: str) -> Any:
+def _tcp_metrics(state: Server, direction: str, peer_service: str) -> Any:
     observer = state.observer
     if observer is not None:
         observer.metrics.tcp_opened(direction, peer_service)
@@ -211,7 +217,7 @@ def _tcp_metrics(state: ServerState, direction: str, peer_service: str) -> Any:
     return on_close
 
 
-def outbound_relay(state: ServerState, listener: Listener, client_ip: str) -> Relay:
+def outbound_relay(state: Server, listener: Listener, client_ip: str) -> Relay:
     """A Relay from the app to one endpoint of `listener.service`, picked by its balancer."""
     service_name = listener.service or "-"
     relay = state.track(Relay(state.loop, state.snapshot.http.idle_timeout, _tcp_metrics(state, OUTBOUND, service_name)))  # type: ignore[union-attr]
@@ -219,7 +225,7 @@ def outbound_relay(state: ServerState, listener: Listener, client_ip: str) -> Re
     return relay
 
 
-async def _connect_endpoint(state: ServerState, relay: Relay, service_name: str, client_ip: str) -> None:
+async def _connect_endpoint(state: Server, relay: Relay, service_name: str, client_ip: str) -> None:
     """Connect the relay's upstream end, trying other endpoints when a connect fails (L4 balancing)."""
     loop = state.loop
     tried: set[str] = set()
@@ -268,9 +274,36 @@ def authorize_connection(policy: Policy | None, peer: str | None) -> str | None:
     return None if decision.allowed else decision.rule
 
 
-def inbound_relay(state: ServerState, listener: Listener, peer: str | None) -> Relay:
+def inbound_relay(state: Server, listener: Listener, peer: str | None) -> Relay:
     """A Relay from a peer sidecar (or permissive plaintext client) to the tcp app."""
     host, port = listener.app  # type: ignore[misc]
     relay = state.track(Relay(state.loop, state.snapshot.http.idle_timeout, _tcp_metrics(state, INBOUND, service_of_identity(peer))))  # type: ignore[union-attr]
     state.loop.create_task(relay.connect_upstream(host, port, 1.0), name="relay-connect app")
     return relay
+
+
+def egress_tunnel(state: Server, address: tuple[str, int], on_close: Callable[[Relay], None]) -> Relay:
+    """A CONNECT tunnel to an allowed egress host: a Relay that lives as long as both peers keep it open.
+
+    The caller adopts the client connection as the relay's downstream, with the bytes it
+    sent past the CONNECT head; they and whatever follows are held (up to the relay's
+    early-bytes bound) until the host is connected. The 200 is the upstream end's
+    `announce`, so it reaches the client before any byte of the host's.
+    """
+    relay = state.track(Relay(state.loop, None, on_close))
+    relay.upstream.announce = ESTABLISHED
+    state.loop.create_task(_connect_egress(relay, address), name="tunnel-connect")
+    return relay
+
+
+async def _connect_egress(relay: Relay, address: tuple[str, int]) -> None:
+    host, port = address
+    try:
+        async with asyncio.timeout(EGRESS_CONNECT_TIMEOUT):
+            await relay.loop.create_connection(lambda: relay.upstream, host, port)
+    except (OSError, TimeoutError) as exc:
+        # Unless the host was attached (and the 200 sent) just as the timeout struck.
+        if not relay.closed and relay.upstream.transport is None:
+            detail = "egress %s:%d: %s" % (host, port, getattr(exc, "strerror", None) or exc or "connect timed out")
+            relay.downstream.write(error_response("upstream-connect-failed", detail, close=True))
+        relay.close()

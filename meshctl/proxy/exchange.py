@@ -43,8 +43,8 @@ if TYPE_CHECKING:
     from meshctl.proxy.pool import UpstreamConnection
     from meshctl.proxy.retry import RetryPolicy
     from meshctl.proxy.routing import RouteAction
+    from meshctl.proxy.seams import Client
     from meshctl.proxy.shadow import Comparison
-    from meshctl.proxy.server import ClientConnection
 
 log = logging.getLogger("proxy.exchange")
 
@@ -101,7 +101,7 @@ class Exchange:
         "trail",
     )
 
-    def __init__(self, client: ClientConnection, target: Target, head: Head, out_head: bytes) -> None:
+    def __init__(self, client: Client, target: Target, head: Head, out_head: bytes) -> None:
         self.client = client
         self.target = target
         self.head = head

@@ -8,7 +8,7 @@ Pure decisions, one per kind (docs/protocols.md, part 1):
 * forward: absolute-form requests (or the Host header); `cart` and `cart.mesh` are
   service cart, other hosts only when listed in `egress` (then straight to host:port),
   otherwise 403 egress-denied. `CONNECT host:port` to an egress host becomes a TCP
-  tunnel (proxy.tunnel); CONNECT to a mesh service is a 400 that says to send plain
+  tunnel (an opaque relay, proxy.dispatch); CONNECT to a mesh service is a 400 that says to send plain
   HTTP instead, since the mesh itself secures traffic between sidecars.
 
 `resolve()` returns a `Target`; the exchange does the I/O. `open_listeners()` turns the

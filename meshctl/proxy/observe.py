@@ -52,7 +52,7 @@ from meshctl.proxy.tracing import (
 
 if TYPE_CHECKING:
     from meshctl.proxy.exchange import Exchange
-    from meshctl.proxy.server import ServerState
+    from meshctl.proxy.seams import Server
     from meshctl.proxy.snapshot import Snapshot
 
 log = logging.getLogger("proxy.observe")
@@ -126,7 +126,7 @@ class TapFilter:
 class Observer:
     """The metrics registry, span buffer and taps of one sidecar process."""
 
-    def __init__(self, state: ServerState, snapshot: Snapshot, send: Send) -> None:
+    def __init__(self, state: Server, snapshot: Snapshot, send: Send) -> None:
         self.state = state
         self.send = send
         self.metrics = Metrics(snapshot.instance, snapshot.service, snapshot.service_version)

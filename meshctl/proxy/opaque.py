@@ -1,7 +1,8 @@
 """Opaque TCP: a bidirectional byte relay between two transports, with backpressure.
 
 Used for services whose manifest says `protocol: tcp`, for connections that protocol
-detection (proxy.detect) could not classify, and after an HTTP/1.1 Upgrade (proxy.upgrade).
+detection (proxy.detect) could not classify, after an HTTP/1.1 Upgrade (proxy.upgrade),
+and for CONNECT tunnels to egress hosts (proxy.dispatch).
 The relay does not read what it carries; it only
 
 * forwards bytes unchanged both ways, and counts them (`sent_upstream`, `sent_downstream`)
@@ -17,10 +18,11 @@ The relay does not read what it carries; it only
 
 A relay has two ends, `relay.downstream` and `relay.upstream`, each an asyncio.Protocol.
 An end is attached either the usual way (`loop.create_connection(lambda: relay.upstream,
-...)`) or, for a connection that already has a protocol (after a 101), with
+...)`) or, for a connection that already has a protocol (after a 101, or a CONNECT), with
 `relay.adopt_downstream(transport, pending)` which swaps the transport's protocol.
 Bytes for an end that is not attached yet are held, up to MAX_EARLY_BYTES, and then
-the sending side is paused.
+the sending side is paused. An end's `announce` bytes go to the other end when it
+attaches, ahead of anything it sends (a CONNECT tunnel's `200 Connection Established`).
 """
 
 from __future__ import annotations
@@ -44,13 +46,18 @@ WRITE_LOW_WATER = 64 * 1024
 class RelayEnd(asyncio.Protocol):
     """One connection of a relay; everything it sees is forwarded to the other end."""
 
-    __slots__ = ("relay", "name", "transport", "peer", "early", "early_size", "eof_received_", "lost", "reading_paused", "writing_paused", "sent")
+    __slots__ = (
+        "relay", "name", "transport", "peer", "announce", "early", "early_size", "eof_received_", "lost", "reading_paused",
+        "writing_paused", "sent",
+    )
 
     def __init__(self, relay: Relay, name: str) -> None:
         self.relay = relay
         self.name = name
         self.transport: asyncio.Transport | None = None
         self.peer: RelayEnd = self  # replaced by Relay.__init__
+        # Written to the peer when this end attaches, so before any byte it reads (a CONNECT's 200).
+        self.announce = b""
         self.early: list[bytes] = []  # bytes for this end that arrived before it was attached
         self.early_size = 0
         self.eof_received_ = False
@@ -70,6 +77,8 @@ class RelayEnd(asyncio.Protocol):
         if self.relay.closed:
             transport.close()
             return
+        if self.announce:
+            self.peer.write(self.announce)
         if self.early:
             self.write(b"".join(self.early))
             self.early = []

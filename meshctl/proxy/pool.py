@@ -41,21 +41,26 @@ import asyncio
 import logging
 import socket
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from meshctl.proxy.connect import create_connection
 from meshctl.proxy.http1 import Parser
 from meshctl.proxy.metrics import OUTBOUND
 from meshctl.proxy.tls import ClientTLS
 
-if TYPE_CHECKING:
-    from meshctl.proxy.observe import Observer
-
 log = logging.getLogger("proxy.pool")
 
 MAX_IDLE_PER_ADDRESS = 256
 MAX_ESTABLISHING = 4  # connections being opened per address at a time
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+
+
+class ConnectionObserver(Protocol):
+    """What the pool reports its connections to: proxy.observe's Observer, while metrics are on."""
+
+    def tcp_opened(self, direction: str, peer_service: str) -> None: ...
+
+    def tcp_closed(self, direction: str, peer_service: str, bytes_in: int, bytes_out: int) -> None: ...
 
 
 class Dial:
@@ -198,7 +203,7 @@ class Pool:
         self._idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
         self._dials: dict[tuple[str, int], Dial] = {}
         self._tasks: set[asyncio.Task] = set()
-        self.observer: Observer | None = None  # set by proxy.observe while metrics are on
+        self.observer: ConnectionObserver | None = None  # set by proxy.observe while metrics are on
 
     def __repr__(self) -> str:
         return "<Pool %d idle over %d addresses>" % (sum(map(len, self._idle.values())), len(self._idle))

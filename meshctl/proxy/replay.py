@@ -23,11 +23,11 @@ import binascii
 import re
 from typing import TYPE_CHECKING, Any, Callable
 
-from meshctl.proxy.compare import Ignore, Response
-from meshctl.proxy.shadow import CompareSpec, Comparison
+from meshctl.proxy.compare import CompareSpec, Ignore, Response
+from meshctl.proxy.shadow import Comparison
 
 if TYPE_CHECKING:
-    from meshctl.proxy.server import ServerState
+    from meshctl.proxy.seams import Server
 
 REFERENCE_PERCENT = 50.0  # a replay is short: learn its noise from more requests than a live shadow does
 _TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -77,7 +77,7 @@ def _body(request: dict[str, Any]) -> bytes:
     return str(request.get("body") or "").encode("utf-8")
 
 
-def replay_request(state: ServerState, message: dict[str, Any], sink: Callable[[dict], None]) -> None:
+def replay_request(state: Server, message: dict[str, Any], sink: Callable[[dict], None]) -> None:
     name = str(message.get("service"))
     version = str(message.get("version"))
     primary = message.get("compare")

@@ -32,7 +32,7 @@ from typing import Any, Callable
 from urllib.parse import parse_qsl
 
 from meshctl.proxy.retry import RetryConfigError, RetryPolicy
-from meshctl.proxy.shadow import compare_spec
+from meshctl.proxy.compare import compare_spec
 
 DEFAULT_TIMEOUT = None  # no whole-request limit, as in Istio and Linkerd: streams and long polls live on
 DEFAULT_STREAM_IDLE_TIMEOUT = 300.0  # Envoy's default: cut only when no byte moved either way for this long

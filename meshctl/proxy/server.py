@@ -27,7 +27,7 @@ from meshctl.proxy.http1 import END, NEED_DATA, PAUSED, CLOSED, Data, Head, Pars
 from meshctl.proxy import detect, upgrade
 from meshctl.proxy.authz import Policy
 from meshctl.proxy.dispatch import (
-    authorize_connection, hand_over, inbound_h2, inbound_relay, ingress_h2, outbound_h2, outbound_relay,
+    authorize_connection, egress_tunnel, hand_over, inbound_h2, inbound_relay, ingress_h2, outbound_h2, outbound_relay,
 )
 from meshctl.proxy.listeners import Target, open_listeners, resolve
 from meshctl.proxy.metrics import OUTBOUND
@@ -36,7 +36,6 @@ from meshctl.proxy.peers import PeerGate
 from meshctl.proxy.tls import TLSConfig, in_trust_domain, peer_identity
 from meshctl.proxy.pool import Pool, UpstreamConnection
 from meshctl.proxy.snapshot import Listener, Snapshot
-from meshctl.proxy.tunnel import Tunnel
 from meshctl.proxy.h2proxy import H2Proxy
 from meshctl.proxy.opaque import Relay
 
@@ -193,7 +192,6 @@ class ClientConnection(asyncio.Protocol):
         "processing",
         "closed",
         "peer_identity",
-        "tunnel",
         "prefix",
         "bytes_in",
         "bytes_out",
@@ -213,7 +211,6 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
         self.processing = False
         self.closed = False
-        self.tunnel: Tunnel | None = None
         self.peer_identity: str | None = None  # the caller's SPIFFE ID, on mTLS inbound connections
         self.prefix: bytes | None = None  # first bytes while the protocol is being detected (proxy.detect)
         self.bytes_in = 0
@@ -328,9 +325,6 @@ class ClientConnection(asyncio.Protocol):
             data = self._detect(data)  # type: ignore[assignment]
             if data is None:
                 return
-        if self.tunnel is not None:
-            self.tunnel.client_data(data)
-            return
         self._parse(data)
 
     def _parse(self, data: bytes) -> None:
@@ -341,8 +335,6 @@ class ClientConnection(asyncio.Protocol):
         self._process()
 
     def eof_received(self) -> bool:
-        if self.tunnel is not None:
-            return self.tunnel.client_eof_received()
         self.parser.feed_eof()
         self._process()
         # Keep the write side open while a response is still on its way (half-close).
@@ -361,22 +353,16 @@ class ClientConnection(asyncio.Protocol):
         if exchange is not None:
             self.exchange = None
             exchange.client_lost()
-        if self.tunnel is not None:
-            self.tunnel.client_lost()
 
     def pause_writing(self) -> None:
         self.write_paused = True
         if self.exchange is not None:
             self.exchange.client_write_paused()
-        elif self.tunnel is not None:
-            self.tunnel.client_write_paused()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         if self.exchange is not None:
             self.exchange.client_write_resumed()
-        elif self.tunnel is not None:
-            self.tunnel.client_write_resumed()
 
     # -- request processing ---------------------------------------------------------------
 
@@ -394,7 +380,7 @@ class ClientConnection(asyncio.Protocol):
                 elif kind is Head:
                     self._begin(event)  # type: ignore[arg-type]
                     body = event.body  # type: ignore[attr-defined]
-                    if body is not None and not self.closed and self.tunnel is None:
+                    if body is not None and not self.closed:
                         # The whole request came with its head: no Data or END events follow.
                         if body:
                             self.exchange.request_data(body)  # type: ignore[union-attr]
@@ -418,7 +404,7 @@ class ClientConnection(asyncio.Protocol):
                 elif event is CLOSED:
                     self.close()
                     break
-                if self.closed or self.tunnel is not None:
+                if self.closed:
                     break
             exchange = self.exchange
             if exchange is not None:
@@ -506,35 +492,42 @@ class ClientConnection(asyncio.Protocol):
             )
 
     def _start_tunnel(self, target: Target) -> None:
-        """CONNECT: from here on this connection is a byte relay, no longer HTTP."""
-        self.deadline = 0.0
+        """CONNECT: from here on this connection is an opaque relay to the egress host (proxy.dispatch)."""
         self.head_started = False
-        tunnel = self.tunnel = Tunnel(self, target.address)  # type: ignore[arg-type]
-        tunnel.start(self.parser.take_buffer(), 1.0)
+        pending = self._leave_http()
+        relay = egress_tunnel(self.state, target.address, lambda relay: self._relay_closed(None, relay))  # type: ignore[arg-type]
+        relay.adopt_downstream(self.transport, pending)
+
+    def _leave_http(self) -> bytes:
+        """The connection is no longer HTTP: a relay owns the transport now. The bytes read past the last head."""
+        self.exchange = None
+        self.closed = True
+        self.deadline = 0.0
+        self.state.connections.discard(self)
+        pending = self.parser.take_buffer()
+        self.bytes_in -= len(pending)  # the relay counts them again as it forwards them
+        return pending
 
     def switch_protocols(self, upstream: UpstreamConnection, response_head: bytes) -> None:
         """The app accepted an upgrade (101, proxy.upgrade): from here on both connections are a relay."""
         state = self.state
-        self.exchange = None
-        self.closed = True  # no longer HTTP: the relay owns the transport now
-        self.deadline = 0.0
-        state.connections.discard(self)
+        client_pending = self._leave_http()
         upstream.owner = None
         upstream.closed = True  # the pool must never hand it out again
         state.pool.forget(upstream)
         self.bytes_out += len(response_head)
         self.transport.write(response_head)
         relay = upgrade.switch_to_relay(
-            state.loop, self.transport, self.parser.take_buffer(), upstream.transport, upstream.parser.take_buffer(),  # type: ignore[arg-type]
+            state.loop, self.transport, client_pending, upstream.transport, upstream.parser.take_buffer(),  # type: ignore[arg-type]
             idle_timeout=state.snapshot.http.idle_timeout, on_close=lambda relay: self._relay_closed(upstream, relay),  # type: ignore[union-attr]
         )
         state.track(relay)
 
-    def _relay_closed(self, upstream: UpstreamConnection, relay: Relay) -> None:
+    def _relay_closed(self, upstream: UpstreamConnection | None, relay: Relay) -> None:
         observer = self.state.observer
         if observer is not None:
             observer.client_closed(self.peer_identity, self.bytes_in + relay.sent_upstream, self.bytes_out + relay.sent_downstream)
-            if upstream.reported:
+            if upstream is not None and upstream.reported:
                 observer.tcp_closed(OUTBOUND, upstream.peer, upstream.bytes_in + relay.sent_downstream, upstream.bytes_out + relay.sent_upstream)
 
     def exchange_finished(self, exchange: Exchange, keep_alive: bool) -> None:

@@ -20,10 +20,10 @@ the answers are compared (proxy.compare) and the result joins the observer's
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from meshctl.proxy.capture import Capture
-from meshctl.proxy.compare import Ignore, Response, differences
+from meshctl.proxy.compare import CompareSpec, Response, differences
 from meshctl.proxy.mirror import (
     MAX_MIRRORS_IN_FLIGHT,
     MIRROR_TIMEOUT_S,
@@ -33,57 +33,57 @@ from meshctl.proxy.mirror import (
 
 if TYPE_CHECKING:
     from meshctl.proxy.balance import Endpoint
-    from meshctl.proxy.exchange import Exchange
+    from meshctl.proxy.http1 import Head
+    from meshctl.proxy.listeners import Target
     from meshctl.proxy.pool import Pool, UpstreamConnection
+    from meshctl.proxy.routing import RouteAction
+    from meshctl.proxy.seams import Client
     from meshctl.proxy.snapshot import Service
 
-UNSAFE_METHODS = frozenset({b"POST", b"PUT", b"PATCH", b"DELETE"})
-DEFAULT_REFERENCE_PERCENT = 25.0
 RESULTS_FLUSH_INTERVAL = 0.25
 RESULTS_BATCH_MAX = 128
 
 
-class CompareSpec:
-    """The validated `compare` part of a mirror: which requests, and what is noise."""
+class ComparedExchange(Protocol):
+    """What a compared request reads of its exchange (proxy.exchange's Exchange, which imports this
+    module), and the upstream callbacks a ResponseTap passes on to it."""
 
-    __slots__ = ("unsafe", "path_prefix", "ignore", "reference_percent", "live")
+    @property
+    def method(self) -> bytes: ...
 
-    def __init__(self, unsafe: bool, path_prefix: bytes, ignore: Ignore, reference_percent: float, live: bool = False) -> None:
-        self.live = live  # from `meshctl shadow` rather than the manifest: the agent keeps them apart
-        self.unsafe = unsafe
-        self.path_prefix = path_prefix
-        self.ignore = ignore
-        self.reference_percent = reference_percent
+    @property
+    def head(self) -> Head: ...
 
-    def __repr__(self) -> str:
-        return "<CompareSpec%s path %r %r>" % (" unsafe" if self.unsafe else "", self.path_prefix, self.ignore)
+    @property
+    def action(self) -> RouteAction | None: ...
 
-    def wants(self, method: bytes, target: bytes) -> bool:
-        if method in UNSAFE_METHODS and not self.unsafe:
-            return False
-        return target.startswith(self.path_prefix)
+    @property
+    def target(self) -> Target: ...
 
+    @property
+    def client(self) -> Client: ...
 
-def compare_spec(raw: Any, where: str) -> CompareSpec | None:
-    """A mirror's `compare` value (true, false/absent, or a mapping) as a CompareSpec."""
-    if raw is None or raw is False:
-        return None
-    if raw is True:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ValueError("%s: expected true or a mapping, got %r" % (where, raw))
-    path = raw.get("path") or "/"
-    headers = raw.get("ignore_headers") or []
-    json_paths = raw.get("ignore_json") or []
-    reference = raw.get("reference_percent", DEFAULT_REFERENCE_PERCENT)
-    if not isinstance(path, str) or not path.startswith("/"):
-        raise ValueError("%s.path: expected a path prefix starting with /, got %r" % (where, path))
-    if not all(isinstance(h, str) for h in headers) or not all(isinstance(p, str) for p in json_paths):
-        raise ValueError("%s: ignore_headers and ignore_json are lists of strings" % where)
-    if isinstance(reference, bool) or not isinstance(reference, (int, float)) or not 0 <= reference <= 100:
-        raise ValueError("%s.reference_percent: expected a number from 0 to 100, got %r" % (where, reference))
-    return CompareSpec(raw.get("unsafe") is True, path.encode("latin-1"), Ignore(headers, json_paths), float(reference),
-                       raw.get("live") is True)
+    @property
+    def upstream(self) -> UpstreamConnection | None: ...
+
+    @property
+    def answered(self) -> bool: ...
+
+    @property
+    def last_endpoint(self) -> Endpoint | None: ...
+
+    @property
+    def started(self) -> float: ...
+
+    def upstream_data(self, data: bytes) -> None: ...
+
+    def upstream_eof(self) -> None: ...
+
+    def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None: ...
+
+    def upstream_write_paused(self) -> None: ...
+
+    def upstream_write_resumed(self) -> None: ...
 
 
 # -- one compared request ------------------------------------------------------------------
@@ -118,7 +118,7 @@ class Comparison:
         return "<Comparison %s %s %s waiting %s>" % (self.service, self.method.decode("latin-1"),
                                                     self.path[:60].decode("latin-1"), sorted(self.waiting))
 
-    def tap(self, exchange: Exchange, conn: UpstreamConnection) -> ResponseTap:
+    def tap(self, exchange: ComparedExchange, conn: UpstreamConnection) -> ResponseTap:
         return ResponseTap(exchange, conn, self)
 
     def send_copies(self, pool: Pool, service: Service, replay: list[bytes], timeout: float | None, now: float,
@@ -205,7 +205,7 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
 
-def begin(exchange: Exchange, spec: CompareSpec, shadow_version: str) -> Comparison | None:
+def begin(exchange: ComparedExchange, spec: CompareSpec, shadow_version: str) -> Comparison | None:
     """A Comparison for this request, or None when it is not one to compare.
 
     A request the split already sends to the shadow's version is not compared: its
@@ -229,7 +229,7 @@ class ResponseTap:
 
     __slots__ = ("exchange", "conn", "comparison", "capture", "ended")
 
-    def __init__(self, exchange: Exchange, conn: UpstreamConnection, comparison: Comparison) -> None:
+    def __init__(self, exchange: ComparedExchange, conn: UpstreamConnection, comparison: Comparison) -> None:
         self.exchange = exchange
         self.conn = conn
         self.comparison = comparison
