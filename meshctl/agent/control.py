@@ -102,7 +102,7 @@ class ControlServer:
             "debug-traffic": self._debug_traffic,
         }
         self._ops.update(security_ops(supervisor))
-        self.observability = Observability(supervisor.sidecars)
+        self.observability = Observability(supervisor.live.sidecars)
         supervisor.on_sidecar_message = self.observability.on_message
         self._ops.update(observability_ops(supervisor, self.observability))
         self.shadow_results = ShadowResults(live_shadow_version(supervisor))
@@ -267,7 +267,7 @@ class ControlServer:
         split = request.get("split")
         if not isinstance(split, dict):
             raise BadRequest('"split" must be an object of version to weight')
-        return await self.sup.change_overrides(
+        return await self.sup.live.change_overrides(
             service, lambda live, manifest: ovr.with_split(live, manifest, service, split),
             request.get("wait", True) is not False,
         )
@@ -275,7 +275,7 @@ class ControlServer:
     async def _route_set(self, request: dict, writer: asyncio.StreamWriter) -> dict:
         service = _string(request, "service")
         header, value, version = _string(request, "header"), str(request.get("value", "")), _string(request, "version")
-        return await self.sup.change_overrides(
+        return await self.sup.live.change_overrides(
             service, lambda live, manifest: ovr.with_rule(live, manifest, service, header, value, version),
             request.get("wait", True) is not False,
         )
@@ -285,7 +285,7 @@ class ControlServer:
         ovr.service_spec(self.sup.require_manifest(), service)  # an unknown service cancels nothing
         cancelled = self._cancel_promotion(service)
         self.sup.unchecked_traffic.pop(service, None)
-        result = await self.sup.change_overrides(
+        result = await self.sup.live.change_overrides(
             service, lambda live, manifest: ovr.without(live, manifest, service),
             request.get("wait", True) is not False,
         )
@@ -297,13 +297,13 @@ class ControlServer:
                 "differences": ovr.diff(manifest, self.sup.overrides)}
 
     async def _proxy_status(self, request: dict, writer: asyncio.StreamWriter) -> dict:
-        return {"config_version": self.sup.config_version, "sidecars": self.sup.proxy_status()}
+        return {"config_version": self.sup.config_version, "sidecars": self.sup.live.proxy_status()}
 
     async def _proxy_config(self, request: dict, writer: asyncio.StreamWriter) -> dict:
         name = _string(request, "instance")
-        handle = self.sup.sidecar_named(name)
+        handle = self.sup.live.sidecar_named(name)
         if handle is None:
-            known = ", ".join(n for n, _ in self.sup.sidecars())
+            known = ", ".join(n for n, _ in self.sup.live.sidecars())
             err = AgentError(f"no sidecar {name!r} (sidecars: {known})")
             err.code = "unknown-instance"
             raise err
@@ -314,7 +314,7 @@ class ControlServer:
         count = request.get("replicas")
         if isinstance(count, bool) or not isinstance(count, int):
             raise BadRequest('"replicas" must be a whole number')
-        return await self.sup.scale(_string(request, "service"), self._version_of(request), count)
+        return await self.sup.live.scale(_string(request, "service"), self._version_of(request), count)
 
     def _version_of(self, request: dict) -> str:
         service = _string(request, "service")
@@ -328,7 +328,7 @@ class ControlServer:
         return version
 
     async def _restart(self, request: dict, writer: asyncio.StreamWriter) -> dict:
-        return await self.sup.restart(_string(request, "service"), _string(request, "version", required=False))
+        return await self.sup.live.restart(_string(request, "service"), _string(request, "version", required=False))
 
     async def _promote(self, request: dict, writer: asyncio.StreamWriter) -> dict:
         manifest = self.sup.require_manifest()
@@ -350,7 +350,7 @@ class ControlServer:
             raise BadRequest(f"{service} sends all traffic to {canary} already")
 
         async def apply_split(new_split: dict[str, int]) -> None:
-            await self.sup.change_overrides(
+            await self.sup.live.change_overrides(
                 service, lambda live, manifest: ovr.with_split(live, manifest, service, new_split)
             )
 
@@ -374,4 +374,4 @@ class ControlServer:
         if not isinstance(traffic, dict):
             raise BadRequest('"traffic" must be an object of traffic keys')
         self.sup.unchecked_traffic[service] = traffic
-        return await self.sup.push_routes(service, request.get("wait", True) is not False)
+        return await self.sup.live.push_routes(service, request.get("wait", True) is not False)

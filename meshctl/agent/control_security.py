@@ -76,13 +76,13 @@ def security_ops(sup: Supervisor) -> dict[str, Handler]:
         return sup.identities
 
     async def converge_or_raise(step: str) -> None:
-        problems = await sup.converge(None)
+        problems = await sup.live.converge(None)
         if problems:
             raise RotationFailed(f"{step}: " + "; ".join(problems))
 
     async def certs(request: dict, writer: asyncio.StreamWriter) -> dict:
         report = identities().report()
-        owners = {owner_key(i): i for i in [*sup.instances.values(), *sup.surges.values()]}
+        owners = {owner_key(i): i for i in sup.live.sidecar_owners()}
         rows = []
         for owner, leaf in report["leaves"].items():
             inst = owners.get(owner)
@@ -106,7 +106,7 @@ def security_ops(sup: Supervisor) -> dict[str, Handler]:
             else:
                 if service is not None and service not in [s.name for s in sup.manifest.services]:
                     raise UnknownService(f"no service {service!r} in mesh {sup.manifest.mesh}")
-                owners = [owner_key(i) for i in [*sup.instances.values(), *sup.surges.values()]
+                owners = [owner_key(i) for i in sup.live.sidecar_owners()
                           if service is None or i.spec.service == service]
                 if service is None and sup.ingress is not None:
                     owners.append(INGRESS_ID)
