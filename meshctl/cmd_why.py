@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from meshctl import explain, render
-from meshctl.cmd_route import agent_or_exit
+from meshctl.common import agent_or_exit
 
 EXIT_USAGE = 2
 

@@ -61,6 +61,11 @@ def humanize_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+def format_split(split: dict[str, Any] | None) -> str:
+    """A split as `v1=90 v2=10`, or `-` when there is none."""
+    return " ".join(f"{version}={weight}" for version, weight in (split or {}).items()) or "-"
+
+
 def format_ports(instance: Mapping[str, Any]) -> str:
     """`app 41000 · in 43001`: the app's own port and its sidecar's inbound listener."""
     parts = []
