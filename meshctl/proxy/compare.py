@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 ALWAYS_IGNORED_HEADERS = frozenset({
@@ -155,7 +155,7 @@ def _leaves(value: Any) -> dict[str, str]:
     return out
 
 
-def _path_order(left: dict[str, str], right: dict[str, str]):
+def _path_order(left: dict[str, str], right: dict[str, str]) -> Callable[[str], int]:
     """Paths in document order: the primary's first, then those only the other has."""
     order = {path: index for index, path in enumerate([*left, *(p for p in right if p not in left)])}
     return order.__getitem__

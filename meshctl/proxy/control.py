@@ -18,7 +18,7 @@ import logging
 from meshctl.proxy.admin import serve_admin
 from meshctl.proxy.observe import Observer
 from meshctl.proxy.server import ServerState
-from meshctl.proxy.snapshot import SnapshotError, compile_snapshot
+from meshctl.proxy.snapshot import Snapshot, SnapshotError, compile_snapshot
 
 log = logging.getLogger("proxy.control")
 
@@ -71,7 +71,7 @@ class ControlChannel(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
 
-    async def _observe(self, snapshot, raw: dict) -> None:
+    async def _observe(self, snapshot: Snapshot, raw: dict) -> None:
         state = self.state
         if self.observer is None:
             self.observer = Observer(state, snapshot, self.send)

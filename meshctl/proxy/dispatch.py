@@ -27,6 +27,7 @@ import asyncio
 import logging
 import random
 import ssl
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from meshctl.proxy.authz import Policy
@@ -167,7 +168,7 @@ def _authorize_stream(policy: Policy, peer: str | None, headers: list[tuple[byte
             peer or "an unauthenticated caller", method, path.split("?", 1)[0][:200], decision.rule))
 
 
-def _recorder(state: ServerState, direction: str, peer: str | None):
+def _recorder(state: ServerState, direction: str, peer: str | None) -> Callable[[StreamRecord, int, int | None, bool], None]:
     def record(stream: StreamRecord, status: int, grpc_code: int | None, mesh_error: bool) -> None:
         observer = state.observer
         if observer is None:

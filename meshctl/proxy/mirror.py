@@ -124,7 +124,7 @@ class Mirror:
         self._send(conn)
 
     def _send(self, conn: UpstreamConnection) -> None:
-        conn.owner = self
+        conn.owner = self  # type: ignore[assignment]  # UpstreamConnection.owner is untyped in pool.py until s4-15a merges
         self.upstream = conn
         if self.no_body:
             conn.parser.expect_no_body()
@@ -172,8 +172,8 @@ class Mirror:
             if event is NEED_DATA:
                 return
             if type(event) is Head:
-                self.interim = event.status < 200  # type: ignore[attr-defined]
-                self.keep_alive = event.keep_alive  # type: ignore[attr-defined]
+                self.interim = event.status < 200
+                self.keep_alive = event.keep_alive
             elif event is END:
                 if self.interim:
                     self.interim = False

@@ -21,7 +21,7 @@ import os
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from meshctl.proxy.transport import TRANSPORTS
 
@@ -74,7 +74,7 @@ def peer_identity(ssl_object: Any) -> str | None:
         return None
     for kind, value in cert.get("subjectAltName", ()):
         if kind == "URI" and value.startswith("spiffe://"):
-            return value
+            return str(value)
     return None
 
 
@@ -90,6 +90,10 @@ class TLSConfig:
     """The compiled `tls` part of a snapshot: this sidecar's identity and its contexts."""
 
     __slots__ = ("mode", "identity", "not_after", "server_context", "client_context", "h2_client_context", "_source")
+    mode: str
+    server_context: ssl.SSLContext
+    client_context: ssl.SSLContext
+    h2_client_context: ssl.SSLContext
 
     def __init__(self, raw: dict[str, Any], previous: TLSConfig | None) -> None:
         mode = raw.get("mode", "strict")
@@ -106,9 +110,10 @@ class TLSConfig:
             self.client_context = previous.client_context
             self.h2_client_context = previous.h2_client_context
             return
-        if not all(isinstance(part, str) and part for part in source):
+        parts = [part for part in source if isinstance(part, str) and part]
+        if len(parts) != len(source):
             raise TLSConfigError("tls: cert_pem, key_pem and bundle_pem are required")
-        chain, key, bundle = source
+        chain, key, bundle = parts
         try:
             self.server_context = _base_context(ssl.PROTOCOL_TLS_SERVER, chain, key, bundle)
             self.client_context = _base_context(ssl.PROTOCOL_TLS_CLIENT, chain, key, bundle)
@@ -132,13 +137,22 @@ class ClientTLS:
         self.expected_identity = expected_identity
         self.server_name = server_name
 
-    def verify(self, transport: asyncio.BaseTransport) -> None:
+    def verify(self, transport: asyncio.Transport) -> None:
         presented = peer_identity(transport.get_extra_info("ssl_object"))
         if presented != self.expected_identity:
             transport.abort()
             raise PeerIdentityError(
                 "peer identity %s, expected %s" % (presented or "(none)", self.expected_identity)
             )
+
+
+class ServerTLS(Protocol):
+    """What the acceptor needs of a listener's TLS: a mesh sidecar's (TLSConfig) or the ingress's (IngressTLS)."""
+
+    @property
+    def mode(self) -> str: ...
+    @property
+    def server_context(self) -> ssl.SSLContext: ...
 
 
 class InboundAcceptor:
@@ -156,7 +170,7 @@ class InboundAcceptor:
         loop: asyncio.AbstractEventLoop,
         sock: socket.socket,
         factory: Callable[[], asyncio.Protocol],
-        current_tls: Callable[[], TLSConfig | None],
+        current_tls: Callable[[], ServerTLS | None],
         silent_timeout: float | None = None,
         admits: Callable[[socket.socket], bool] | None = None,
     ) -> None:
@@ -262,6 +276,7 @@ class IngressTLS:
     """HTTPS for outside clients on the ingress, with the user's certificate; no client certs."""
 
     __slots__ = ("mode", "server_context", "_source")
+    server_context: ssl.SSLContext
 
     def __init__(self, raw: dict[str, Any], previous: IngressTLS | None) -> None:
         self.mode = "strict"
