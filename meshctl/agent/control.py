@@ -17,7 +17,7 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from meshctl.agent import overrides as ovr
@@ -64,13 +64,15 @@ def redact(value: Any) -> Any:
     return value
 
 
-def _string(request: dict, name: str, required: bool = True) -> str | None:
+def _string(request: dict, name: str) -> str:
     value = request.get(name)
-    if value is None and not required:
-        return None
     if not isinstance(value, str) or not value:
         raise BadRequest(f'"{name}" must be a non-empty string')
     return value
+
+
+def _optional_string(request: dict, name: str) -> str | None:
+    return None if request.get(name) is None else _string(request, name)
 
 
 def _line(obj: Any) -> bytes:
@@ -78,7 +80,7 @@ def _line(obj: Any) -> bytes:
 
 
 class ControlServer:
-    def __init__(self, supervisor: Supervisor, home: str, on_down: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, supervisor: Supervisor, home: str, on_down: Callable[[], Coroutine[Any, Any, None]]) -> None:
         self.sup = supervisor
         self.home = home
         self.on_down = on_down
@@ -245,7 +247,7 @@ class ControlServer:
 
     async def _route_show(self, request: dict, writer: asyncio.StreamWriter) -> dict:
         manifest = self.sup.require_manifest()
-        wanted = _string(request, "service", required=False)
+        wanted = _optional_string(request, "service")
         names = [wanted] if wanted else [s.name for s in manifest.services]
         services = {}
         for name in names:
@@ -318,7 +320,7 @@ class ControlServer:
 
     def _version_of(self, request: dict) -> str:
         service = _string(request, "service")
-        version = _string(request, "version", required=False)
+        version = _optional_string(request, "version")
         if version is None:
             spec = ovr.service_spec(self.sup.require_manifest(), service)
             if len(spec.versions) > 1:
@@ -328,7 +330,7 @@ class ControlServer:
         return version
 
     async def _restart(self, request: dict, writer: asyncio.StreamWriter) -> dict:
-        return await self.sup.live.restart(_string(request, "service"), _string(request, "version", required=False))
+        return await self.sup.live.restart(_string(request, "service"), _optional_string(request, "version"))
 
     async def _promote(self, request: dict, writer: asyncio.StreamWriter) -> dict:
         manifest = self.sup.require_manifest()

@@ -87,7 +87,8 @@ def security_ops(sup: Supervisor) -> dict[str, Handler]:
         for owner, leaf in report["leaves"].items():
             inst = owners.get(owner)
             rows.append({"instance": INGRESS_ID if inst is None else inst.id, "owner": owner, **leaf})
-        return {"mesh": sup.manifest.mesh, "trust_domain": sup.manifest.security.trust_domain,
+        manifest = sup.require_manifest()
+        return {"mesh": manifest.mesh, "trust_domain": manifest.security.trust_domain,
                 "root": report["root"], "certificates": rows}
 
     async def rotate(request: dict, writer: asyncio.StreamWriter) -> dict:
@@ -104,8 +105,9 @@ def security_ops(sup: Supervisor) -> dict[str, Handler]:
                 await converge_or_raise("retiring the old CA")
                 rotated = "ca"
             else:
-                if service is not None and service not in [s.name for s in sup.manifest.services]:
-                    raise UnknownService(f"no service {service!r} in mesh {sup.manifest.mesh}")
+                manifest = sup.require_manifest()
+                if service is not None and service not in [s.name for s in manifest.services]:
+                    raise UnknownService(f"no service {service!r} in mesh {manifest.mesh}")
                 owners = [owner_key(i) for i in sup.live.sidecar_owners()
                           if service is None or i.spec.service == service]
                 if service is None and sup.ingress is not None:

@@ -285,24 +285,31 @@ def structural_problems(document: Any) -> list[SchemaProblem]:
     return problems
 
 
+def _settled(error: ValidationError) -> tuple[Any, Any, dict[str, Any]]:
+    """The failing value, the keyword's value and the subschema: always set on a validator's errors."""
+    schema = error.schema if isinstance(error.schema, dict) else {}
+    return error.instance, error.validator_value, schema
+
+
 def _translate(error: ValidationError) -> Iterator[SchemaProblem]:
     path = tuple(error.absolute_path)
     keyword = error.validator
+    instance, value, schema = _settled(error)
     if "propertyNames" in error.absolute_schema_path:
-        key_path = path + (error.instance,)
+        key_path = path + (instance,)
         yield SchemaProblem(key_path, key_path, _pattern_message(error))
     elif keyword == "required":
-        for key in error.validator_value:
-            if key not in error.instance:
+        for key in value:
+            if key not in instance:
                 yield SchemaProblem(path + (key,), path, "required")
     elif keyword == "additionalProperties":
-        allowed = sorted(error.schema.get("properties", {}))
-        for key in error.instance:
+        allowed = sorted(schema.get("properties", {}))
+        for key in instance:
             if key not in allowed:
                 yield SchemaProblem(path + (key,), path + (key,), _unknown_key(key, allowed))
     elif keyword == "uniqueItems":
         seen: list = []
-        for index, item in enumerate(error.instance):
+        for index, item in enumerate(instance):
             if item in seen:
                 yield SchemaProblem(path + (index,), path + (index,), "duplicate %s" % _show(item))
             seen.append(item)
@@ -311,15 +318,16 @@ def _translate(error: ValidationError) -> Iterator[SchemaProblem]:
 
 
 def _value_message(error: ValidationError) -> str:
-    keyword, value, schema = error.validator, error.validator_value, error.schema
+    keyword = error.validator
+    instance, value, schema = _settled(error)
     if keyword == "type":
         if schema.get("pattern") == DURATION_PATTERN:
-            return "expected %s, got %s" % (DURATION_HINT, type_name(error.instance))
+            return "expected %s, got %s" % (DURATION_HINT, type_name(instance))
         wanted = [value] if isinstance(value, str) else [name for name in value if name != "null"]
         phrases = [_TYPE_PHRASES[name] for name in wanted] if len(wanted) == 1 else [
             "a boolean" if name == "boolean" else _TYPE_PHRASES[name] for name in wanted
         ]
-        return "expected %s, got %s" % (_join_or(phrases), type_name(error.instance))
+        return "expected %s, got %s" % (_join_or(phrases), type_name(instance))
     if keyword == "enum":
         return "must be one of: " + ", ".join(str(option) for option in value)
     if keyword == "const":
@@ -343,11 +351,12 @@ def _value_message(error: ValidationError) -> str:
 
 
 def _pattern_message(error: ValidationError) -> str:
-    template = _PATTERN_MESSAGES.get(error.validator_value)
+    instance, value, _ = _settled(error)
+    template = _PATTERN_MESSAGES.get(value)
     if error.validator == "pattern" and template is not None:
-        return template % (error.instance,)
+        return template % (instance,)
     if error.validator == "pattern":
-        return "%s does not match %s" % (_show(error.instance), error.validator_value)
+        return "%s does not match %s" % (_show(instance), value)
     return _value_message(error)
 
 

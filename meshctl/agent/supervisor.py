@@ -263,7 +263,7 @@ class Supervisor:
             if ingress_changed and old_ingress is not None:
                 await old_ingress.stop()
                 self.ingress = old_ingress = None
-            if ingress_changed:
+            if want is not None and ingress_changed:
                 new_ingress = Ingress(self, want.host, want.port)  # may raise: nothing started yet
                 if want.tls_cert is not None:
                     new_ingress.user_tls = load_user_tls(want.tls_cert, want.tls_key)
