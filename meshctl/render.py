@@ -12,7 +12,7 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.table import Table
 from rich.text import Text
 
@@ -133,7 +133,7 @@ def plain_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def status_table(rows: Sequence[Sequence[str]], title: str) -> Table:
     table = Table(title=title, title_justify="left", box=None, header_style="bold")
     for column in STATUS_COLUMNS:
-        justify = "right" if column in ("REPLICA", "PID", "RESTARTS") else "left"
+        justify: JustifyMethod = "right" if column in ("REPLICA", "PID", "RESTARTS") else "left"
         table.add_column(column, justify=justify, no_wrap=True)
     state_index = STATUS_COLUMNS.index("STATE")
     for row in rows:

@@ -32,7 +32,7 @@ class Sentinel:
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "meshctl.agent.sentinel", "--home", str(home)],
-                stdin=theirs,
+                stdin=theirs.fileno(),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,
