@@ -120,7 +120,7 @@ def _body_differences(primary: Response, other: Response, ignore: Ignore) -> Dif
             if a != b and not ignore.ignores_json(path):
                 found["body:" + path] = (a, b)
         return found
-    return {"body": _text_difference(primary.body, other.body)}  # type: ignore[arg-type]
+    return {"body": _text_difference(primary.body or b"", other.body or b"")}  # both known: differences() checked
 
 
 _NOT_JSON = object()

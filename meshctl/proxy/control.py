@@ -12,6 +12,7 @@ its per-exchange hook and serves the admin socket named by the snapshot's `admin
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 import json
 import logging
 
@@ -37,7 +38,7 @@ class ControlChannel(asyncio.Protocol):
         self._worker = state.loop.create_task(self._apply_in_order(), name="control-apply")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream: the config channel is a socketpair
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data

@@ -143,9 +143,12 @@ def _resolve_forward(snapshot: Snapshot, head: Head) -> Target:
 def _fixed_target(listener: Listener, snapshot: Snapshot) -> Target:
     """The one destination of an outbound or inbound listener, built once per snapshot."""
     if listener.kind == "outbound":
-        return Target(_service(snapshot, listener.service), None, listener.service, None, True)  # type: ignore[arg-type]
+        service = listener.service
+        assert service is not None  # an outbound listener names its service (proxy.snapshot.Listener)
+        return Target(_service(snapshot, service), None, service, None, True)
     app = listener.app
-    return Target(None, app, "%s (app %s:%d)" % (snapshot.instance, app[0], app[1]), None, False)  # type: ignore[index]
+    assert app is not None  # the other fixed one is inbound, to its app's address
+    return Target(None, app, "%s (app %s:%d)" % (snapshot.instance, app[0], app[1]), None, False)
 
 
 def resolve(listener: Listener, snapshot: Snapshot, head: Head) -> Target:

@@ -128,7 +128,9 @@ class Mirror:
         self.upstream = conn
         if self.no_body:
             conn.parser.expect_no_body()
-        conn.transport.writelines(self.data)  # type: ignore[union-attr]
+        transport = conn.transport
+        assert transport is not None  # the pool hands out connected connections only
+        transport.writelines(self.data)
         conn.bytes_out += sum(map(len, self.data))
         self.data = []
 
@@ -150,8 +152,8 @@ class Mirror:
             self.timer = None
         if problem is not None:
             log.debug("%r: %s", self, problem)
-        if self.on_end is not None:
-            self.on_end(self.role, self.capture, problem, self.pool.loop.time() - self.started)  # type: ignore[arg-type]
+        if self.on_end is not None and self.capture is not None:  # set together in __init__
+            self.on_end(self.role, self.capture, problem, self.pool.loop.time() - self.started)
 
     # -- the UpstreamConnection owner interface -----------------------------------------
 

@@ -210,13 +210,15 @@ def begin(exchange: Exchange, spec: CompareSpec, shadow_version: str) -> Compari
     A request the split already sends to the shadow's version is not compared: its
     answer would be compared with itself.
     """
-    if not spec.wants(exchange.method, exchange.head.target) or exchange.action.version == shadow_version:  # type: ignore[union-attr]
+    action, service = exchange.action, exchange.target.service
+    if action is None or service is None:  # only a request routed to a mesh service has a shadow
+        return None
+    if not spec.wants(exchange.method, exchange.head.target) or action.version == shadow_version:
         return None
     observer = exchange.client.state.observer
     if observer is None:
         return None
-    return Comparison(spec, exchange.target.service.name, shadow_version, exchange.method, exchange.head.target,  # type: ignore[union-attr]
-                      observer.shadow_results.add)
+    return Comparison(spec, service.name, shadow_version, exchange.method, exchange.head.target, observer.shadow_results.add)
 
 
 class ResponseTap:

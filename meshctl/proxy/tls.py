@@ -235,8 +235,7 @@ class InboundAcceptor:
                 conn.close()
                 return
             tls = self.current_tls()
-            is_tls = first[0] == TLS_HANDSHAKE_BYTE and tls is not None
-            self._serve(conn, tls.server_context if is_tls else None)  # type: ignore[union-attr]
+            self._serve(conn, tls.server_context if tls is not None and first[0] == TLS_HANDSHAKE_BYTE else None)
 
         self.loop.add_reader(conn.fileno(), readable)
 
@@ -285,12 +284,13 @@ class IngressTLS:
         if previous is not None and previous._source == source:
             self.server_context = previous.server_context
             return
-        if not all(isinstance(part, str) and part for part in source):
+        parts = [part for part in source if isinstance(part, str) and part]
+        if len(parts) != len(source):
             raise TLSConfigError("ingress_tls: cert_pem and key_pem are required")
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # outside clients: browsers, curl
         try:
-            _load_chain(ctx, source[0], source[1])  # type: ignore[arg-type]
+            _load_chain(ctx, parts[0], parts[1])
         except (ssl.SSLError, OSError) as exc:
             raise TLSConfigError(f"ingress_tls: cannot load the certificate: {exc}") from None
         ctx.set_alpn_protocols(["h2", "http/1.1"])  # h2 for gRPC and HTTP/2 clients (proxy.dispatch.ingress_h2)
