@@ -1,10 +1,11 @@
 """Live changes to a running mesh, without a failed request: converge, roll, scale, restart.
 
-`LiveChanges` is owned by the supervisor and sees of it only the `MeshHost` it is given;
-it owns the replacements in flight (`surges`, `rolling`). Every change follows one path: a replacement of the next
-generation starts beside the instance it replaces, joins the endpoints once ready; then
-the old one leaves the endpoints, every sidecar ACKs that (`converge()`), and only then
-does it drain and stop. Route overrides are pushed the same way and ACK-checked.
+`LiveChanges` is owned by the supervisor (`sup.live`) and sees of it only the `MeshHost`
+it is given; it owns the replacements in flight (`surges`, `rolling`). Every change follows
+one path: a replacement of the next generation starts beside the instance it replaces,
+joins the endpoints once ready; then the old one leaves the endpoints, every sidecar ACKs
+that (`converge()`), and only then does it drain and stop. Route overrides are pushed the
+same way and ACK-checked.
 """
 
 from __future__ import annotations
