@@ -30,7 +30,7 @@ from meshctl.proxy.snapshot import IngressRoute, Listener, Service, Snapshot
 from meshctl.proxy.tls import InboundAcceptor, IngressTLS, TLSConfig
 
 MESH_DOMAIN = b".mesh"
-LISTEN_BACKLOG = 4096  # as the agent listens (meshctl/agent/instance.py); create_server listens again
+LISTEN_BACKLOG = 4096  # as the agent listens (meshctl/agent/ports.py); create_server listens again
 # Listeners only the mesh's own processes use. The ingress is the mesh's front door, for
 # browsers and clients of any user (and of other hosts when it binds beyond loopback).
 GATED_KINDS = frozenset({"inbound", "outbound", "forward"})
