@@ -94,6 +94,6 @@ def duration_seconds(text: str, what: str = "duration") -> float:
 
     text = text.strip()
     try:
-        return float(text) if _PLAIN_SECONDS.match(text) else parse_duration(text)
+        return parse_duration(float(text) if _PLAIN_SECONDS.match(text) else text)  # "2": seconds, as in a manifest
     except DurationError:
         raise typer.BadParameter(f"{what} {text!r}: expected a duration like 500ms, 30s, 2m") from None
