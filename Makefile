@@ -41,7 +41,10 @@ status: $(STAMP)
 # the pure-Python fallback (h2) that serves where ngh2 cannot be installed.
 H2_TESTS := tests/test_h2conn.py tests/test_ingress_h2.py tests/test_protocols_mesh.py
 
+# mypy first (seconds; [tool.mypy] in pyproject.toml): the sidecar strictly, the agent and the CLI
+# in mypy's default mode.
 test: $(STAMP) test-deps
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -n 2 tests
 	MESHCTL_H2_CODEC=h2 $(BIN)/python -m pytest -n 2 $(H2_TESTS)
 
@@ -66,7 +69,7 @@ screenshots: $(STAMP) test-deps
 	MESHCTL_SCREENSHOTS=$(CURDIR)/docs $(BIN)/python -m pytest -q tests/test_dashboard.py -k shopfast
 
 clean:
-	rm -rf $(VENV) .state .pytest_cache .hypothesis
+	rm -rf $(VENV) .state .pytest_cache .hypothesis .mypy_cache
 
 # Benchmarks (bench/run.py): the mesh's two-sidecar path against nginx direct and an
 # mTLS HAProxy pair. BENCH_ARGS=--ref HEAD benchmarks the last commit, not the work tree.

@@ -403,9 +403,6 @@ def logs(
     access: Annotated[bool, typer.Option("--access", help="The sidecars' JSON access lines instead (manifest observability.access_log).")] = False,
 ) -> None:
     """Print the instances' logs, each line prefixed by its instance (service@version#replica)."""
-    if access:
-        cmd_obs.access_logs(service, follow, tail)
-        return
     home, client = running_agent()
     if client is None:
         no_mesh(home)
@@ -414,9 +411,12 @@ def logs(
         fields["service"] = service
     out = render.make_console()
     try:
-        with closing(client.events("logs", follow=follow, **fields)) as events:
+        with closing(client.events("access-logs" if access else "logs", follow=follow, **fields)) as events:
             for event in events:
-                render.print_log_line(out, event)
+                if access:
+                    print(json.dumps(event), flush=True)
+                else:
+                    render.print_log_line(out, event)
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_OK) from None
 

@@ -112,7 +112,7 @@ class Client:
             except StopIteration as done:
                 return done.value
 
-    def events(self, op: str, *, follow: bool = False, **fields: Any) -> Iterator[dict[str, Any]]:
+    def events(self, op: str, *, follow: bool = False, **fields: Any) -> Generator[dict[str, Any], None, None]:
         """Yield the events of a streaming op (`logs`); close the iterator to stop following.
 
         A final result that is a list is yielded item by item, so an agent that answers

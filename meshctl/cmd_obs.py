@@ -174,17 +174,6 @@ def trace(
     console.print(render_waterfall(build_tree(spans)))
 
 
-def access_logs(service: str | None, follow: bool, tail: int, output: str = "json") -> None:
-    """`meshctl logs --access`: the sidecars' JSON access lines."""
-    client = agent_or_exit()
-    try:
-        with closing(client.events("access-logs", follow=follow, service=service, tail=tail)) as events:
-            for event in events:
-                print(json.dumps(event), flush=True)
-    except KeyboardInterrupt:
-        pass
-
-
 def register(app: typer.Typer) -> None:
     app.command("metrics")(metrics)
     app.command("stat")(stat)

@@ -14,7 +14,6 @@ from typing import Annotated, Any
 import typer
 
 from meshctl import render
-from meshctl.cmd_route import format_split
 from meshctl.common import EXIT_USAGE, OutputOption, agent_or_exit
 from meshctl.completion import complete_instance, complete_target
 
@@ -40,7 +39,7 @@ def diff(output: OutputOption = "table") -> None:
 def describe(entry: dict[str, Any]) -> str:
     what, live, manifest = entry["what"], entry["live"], entry["manifest"]
     if what == "split":
-        return f"split {format_split(manifest)} (manifest) -> {format_split(live)} (live)"
+        return f"split {render.format_split(manifest)} (manifest) -> {render.format_split(live)} (live)"
     if what == "rule":
         return f"rule {live['header']}={live['value']} -> {live['version']} (not in the manifest)"
     if what == "shadow":
@@ -79,7 +78,7 @@ def proxy_config(
             + (f", NACK: {result['nack']}" if result.get("nack") else ""))
     for name, service in ((result.get("config") or {}).get("services") or {}).items():
         endpoints = ", ".join(e["id"] for e in service.get("endpoints") or []) or "none ready"
-        out.out(f"  {name}: split {format_split(service.get('split'))} · endpoints {endpoints}")
+        out.out(f"  {name}: split {render.format_split(service.get('split'))} · endpoints {endpoints}")
 
 
 def split_target(target: str) -> tuple[str, str | None]:

@@ -16,21 +16,17 @@ import typer
 
 from meshctl import render
 from meshctl.common import (
-    EXIT_FAILURE,
     EXIT_USAGE,
     OutputOption,
     WaitOption,
     agent_or_exit,
     duration_seconds,
+    report_change,
 )
 from meshctl.completion import complete_service, complete_version, complete_weights
 
 app = typer.Typer(help="Show and change traffic routing live (split, header rules, reset, promote).",
                   no_args_is_help=True)
-
-def format_split(split: dict[str, Any] | None) -> str:
-    return " ".join(f"{version}={weight}" for version, weight in (split or {}).items()) or "-"
-
 
 def format_rule(route: dict[str, Any]) -> str:
     match = route.get("match") or {}
@@ -40,26 +36,7 @@ def format_rule(route: dict[str, Any]) -> str:
     if match.get("methods"):
         conds.append("method " + ",".join(match["methods"]))
     conds += [f"?{q['name']}={q['value']}" for q in match.get("query") or []]
-    return f"{' & '.join(conds) or 'any'} -> {format_split(route.get('split'))}"
-
-
-def report_change(result: dict[str, Any], what: str, wait: bool) -> None:
-    """Print the outcome of a route change; exit 1 naming any sidecar that did not ACK it."""
-    out = render.make_console()
-    if not wait:
-        out.out(f"{what} (pushing; not waiting for the sidecars' ACKs)")
-        return
-    sidecars = result.get("sidecars") or []
-    problems = result.get("problems") or []
-    if problems:
-        err = render.make_console(stderr=True)
-        render.print_error(err, f"{what}: config v{result.get('version')} not in force everywhere")
-        for problem in problems:
-            err.out(f"  {problem}")
-        err.out("hint: `meshctl proxy-status` shows each sidecar; `meshctl route reset SERVICE` goes back")
-        raise typer.Exit(EXIT_FAILURE)
-    out.out(f"{what} · config v{result.get('version')} ACKed by {len(sidecars)} sidecar"
-            f"{'s' * (len(sidecars) != 1)}" + (f" ({', '.join(sidecars)})" if sidecars else ""))
+    return f"{' & '.join(conds) or 'any'} -> {render.format_split(route.get('split'))}"
 
 
 @app.command("show")
@@ -84,7 +61,7 @@ def show(
         promotion = entry.get("promotion")
         if promotion:
             source += f", promoting {promotion['canary']} at {promotion['weight']}%"
-        rows.append([name, ",".join(entry["versions"]), format_split(live["split"]), rules, source])
+        rows.append([name, ",".join(entry["versions"]), render.format_split(live["split"]), rules, source])
     out = render.make_console()
     out.out(f"mesh {result['mesh']} · config v{result['config_version']}")
     out.out(render.plain_table(("SERVICE", "VERSIONS", "SPLIT", "RULES", "FROM"), rows))
@@ -106,7 +83,7 @@ def split(
                            "weights are whole numbers summing to 100, e.g. v1=90 v2=10")
         raise typer.Exit(EXIT_USAGE) from None
     result = agent_or_exit().request("route-split", service=service, split=parsed, wait=wait)
-    report_change(result, f"{service}: split {format_split(parsed)}", wait)
+    report_change(result, f"{service}: split {render.format_split(parsed)}", wait)
 
 
 HEADER_ARG = re.compile(r"^([^=:\s]+)[=:](.*)$")

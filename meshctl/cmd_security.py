@@ -14,16 +14,11 @@ from typing import Annotated, Any
 import typer
 
 from meshctl import render
-from meshctl.common import agent_or_exit
+from meshctl.common import EXIT_FAILURE, EXIT_USAGE, OutputOption, agent_or_exit
 from meshctl.completion import complete_service
-
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
 
 certs_app = typer.Typer(help="Workload certificates: list, rotate, bring your own CA.", invoke_without_command=True)
 policy_app = typer.Typer(help="Authorization policies.", no_args_is_help=True)
-
-OutputOption = Annotated[str, typer.Option("-o", "--output", help="table or json.")]
 
 
 def _date(ts: float) -> str:

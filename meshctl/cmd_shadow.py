@@ -23,13 +23,13 @@ from typing import Annotated, Any
 import typer
 
 from meshctl import render
-from meshctl.cmd_route import report_change
 from meshctl.common import (
     EXIT_USAGE,
     OutputOption,
     WaitOption,
     agent_or_exit,
     duration_seconds,
+    report_change,
 )
 
 NOISE_SHOWN = 8

@@ -13,9 +13,7 @@ from typing import Annotated
 import typer
 
 from meshctl import explain, render
-from meshctl.cmd_route import agent_or_exit
-
-EXIT_USAGE = 2
+from meshctl.common import EXIT_USAGE, agent_or_exit
 
 
 def _usage(message: str, hint: str | None = None) -> typer.Exit:

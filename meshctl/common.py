@@ -1,5 +1,6 @@
 """What every command shares: exit codes, the `-o`/`--window`/`--wait` options, the running
-agent or a clean exit, the validated manifest or a clean exit, and durations as typed.
+agent or a clean exit, the validated manifest or a clean exit, durations as typed, and the
+report of a live change (which config version every sidecar ACKed).
 
 The `cmd_*` modules and cli.py import from here, never from each other, so any command
 module can be read (and loaded) on its own.
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -64,6 +65,25 @@ def load_manifest_or_exit(file: Path) -> Manifest:
     raise typer.Exit(EXIT_USAGE)
 
 
+def report_change(result: dict[str, Any], what: str, wait: bool) -> None:
+    """Print the outcome of a route change; exit 1 naming any sidecar that did not ACK it."""
+    out = render.make_console()
+    if not wait:
+        out.out(f"{what} (pushing; not waiting for the sidecars' ACKs)")
+        return
+    sidecars = result.get("sidecars") or []
+    problems = result.get("problems") or []
+    if problems:
+        err = render.make_console(stderr=True)
+        render.print_error(err, f"{what}: config v{result.get('version')} not in force everywhere")
+        for problem in problems:
+            err.out(f"  {problem}")
+        err.out("hint: `meshctl proxy-status` shows each sidecar; `meshctl route reset SERVICE` goes back")
+        raise typer.Exit(EXIT_FAILURE)
+    out.out(f"{what} · config v{result.get('version')} ACKed by {len(sidecars)} sidecar"
+            f"{'s' * (len(sidecars) != 1)}" + (f" ({', '.join(sidecars)})" if sidecars else ""))
+
+
 def duration_seconds(text: str, what: str = "duration") -> float:
     """A duration as typed on the command line: the manifest's forms, or plain seconds.
 
@@ -74,6 +94,6 @@ def duration_seconds(text: str, what: str = "duration") -> float:
 
     text = text.strip()
     try:
-        return float(text) if _PLAIN_SECONDS.match(text) else parse_duration(text)
+        return parse_duration(float(text) if _PLAIN_SECONDS.match(text) else text)  # "2": seconds, as in a manifest
     except DurationError:
         raise typer.BadParameter(f"{what} {text!r}: expected a duration like 500ms, 30s, 2m") from None

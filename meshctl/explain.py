@@ -57,7 +57,7 @@ def stitch(request_id: str, records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def crossing_order(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The records in the order the request crossed them (see the module docstring)."""
-    by_time = sorted(records, key=lambda r: (r.get("ts") or 0.0, _DIRECTION_ORDER.get(r.get("direction"), 3)))
+    by_time = sorted(records, key=lambda r: (r.get("ts") or 0.0, _DIRECTION_ORDER.get(str(r.get("direction")), 3)))
     children: dict[int, list[dict[str, Any]]] = {}
     claimed: set[int] = set()
     for record in by_time:

@@ -12,7 +12,7 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.table import Table
 from rich.text import Text
 
@@ -59,6 +59,11 @@ def humanize_duration(seconds: float) -> str:
     if minutes:
         return f"{minutes}m{secs:02d}s"
     return f"{secs}s"
+
+
+def format_split(split: dict[str, Any] | None) -> str:
+    """A split as `v1=90 v2=10`, or `-` when there is none."""
+    return " ".join(f"{version}={weight}" for version, weight in (split or {}).items()) or "-"
 
 
 def format_ports(instance: Mapping[str, Any]) -> str:
@@ -128,7 +133,7 @@ def plain_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def status_table(rows: Sequence[Sequence[str]], title: str) -> Table:
     table = Table(title=title, title_justify="left", box=None, header_style="bold")
     for column in STATUS_COLUMNS:
-        justify = "right" if column in ("REPLICA", "PID", "RESTARTS") else "left"
+        justify: JustifyMethod = "right" if column in ("REPLICA", "PID", "RESTARTS") else "left"
         table.add_column(column, justify=justify, no_wrap=True)
     state_index = STATUS_COLUMNS.index("STATE")
     for row in rows:

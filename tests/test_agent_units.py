@@ -9,7 +9,7 @@ import pytest
 from meshctl.agent.compile import Endpoint, SidecarIdentity, SidecarListeners, compile_sidecar
 from meshctl.agent.lifecycle import IllegalTransition, State, decide_after_exit, transition
 from meshctl.agent.model import Ingress, IngressRoute, Manifest, RestartPolicy, ServiceSpec, VersionSpec
-from meshctl.agent.instance import expand_vars
+from meshctl.agent.process import expand_vars
 from meshctl.agent.plan import desired_instances, env_name, plan_apply
 
 POLICY = RestartPolicy(policy="on_failure", backoff_s=1.0, max_backoff_s=8.0, max_quick_crashes=3, stable_after_s=10.0)

@@ -17,7 +17,7 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from meshctl.agent import overrides as ovr
@@ -64,13 +64,15 @@ def redact(value: Any) -> Any:
     return value
 
 
-def _string(request: dict, name: str, required: bool = True) -> str | None:
+def _string(request: dict, name: str) -> str:
     value = request.get(name)
-    if value is None and not required:
-        return None
     if not isinstance(value, str) or not value:
         raise BadRequest(f'"{name}" must be a non-empty string')
     return value
+
+
+def _optional_string(request: dict, name: str) -> str | None:
+    return None if request.get(name) is None else _string(request, name)
 
 
 def _line(obj: Any) -> bytes:
@@ -78,7 +80,7 @@ def _line(obj: Any) -> bytes:
 
 
 class ControlServer:
-    def __init__(self, supervisor: Supervisor, home: str, on_down: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, supervisor: Supervisor, home: str, on_down: Callable[[], Coroutine[Any, Any, None]]) -> None:
         self.sup = supervisor
         self.home = home
         self.on_down = on_down
@@ -102,7 +104,7 @@ class ControlServer:
             "debug-traffic": self._debug_traffic,
         }
         self._ops.update(security_ops(supervisor))
-        self.observability = Observability(supervisor.sidecars)
+        self.observability = Observability(supervisor.live.sidecars)
         supervisor.on_sidecar_message = self.observability.on_message
         self._ops.update(observability_ops(supervisor, self.observability))
         self.shadow_results = ShadowResults(live_shadow_version(supervisor))
@@ -245,7 +247,7 @@ class ControlServer:
 
     async def _route_show(self, request: dict, writer: asyncio.StreamWriter) -> dict:
         manifest = self.sup.require_manifest()
-        wanted = _string(request, "service", required=False)
+        wanted = _optional_string(request, "service")
         names = [wanted] if wanted else [s.name for s in manifest.services]
         services = {}
         for name in names:
@@ -267,7 +269,7 @@ class ControlServer:
         split = request.get("split")
         if not isinstance(split, dict):
             raise BadRequest('"split" must be an object of version to weight')
-        return await self.sup.change_overrides(
+        return await self.sup.live.change_overrides(
             service, lambda live, manifest: ovr.with_split(live, manifest, service, split),
             request.get("wait", True) is not False,
         )
@@ -275,7 +277,7 @@ class ControlServer:
     async def _route_set(self, request: dict, writer: asyncio.StreamWriter) -> dict:
         service = _string(request, "service")
         header, value, version = _string(request, "header"), str(request.get("value", "")), _string(request, "version")
-        return await self.sup.change_overrides(
+        return await self.sup.live.change_overrides(
             service, lambda live, manifest: ovr.with_rule(live, manifest, service, header, value, version),
             request.get("wait", True) is not False,
         )
@@ -285,7 +287,7 @@ class ControlServer:
         ovr.service_spec(self.sup.require_manifest(), service)  # an unknown service cancels nothing
         cancelled = self._cancel_promotion(service)
         self.sup.unchecked_traffic.pop(service, None)
-        result = await self.sup.change_overrides(
+        result = await self.sup.live.change_overrides(
             service, lambda live, manifest: ovr.without(live, manifest, service),
             request.get("wait", True) is not False,
         )
@@ -297,13 +299,13 @@ class ControlServer:
                 "differences": ovr.diff(manifest, self.sup.overrides)}
 
     async def _proxy_status(self, request: dict, writer: asyncio.StreamWriter) -> dict:
-        return {"config_version": self.sup.config_version, "sidecars": self.sup.proxy_status()}
+        return {"config_version": self.sup.config_version, "sidecars": self.sup.live.proxy_status()}
 
     async def _proxy_config(self, request: dict, writer: asyncio.StreamWriter) -> dict:
         name = _string(request, "instance")
-        handle = self.sup.sidecar_named(name)
+        handle = self.sup.live.sidecar_named(name)
         if handle is None:
-            known = ", ".join(n for n, _ in self.sup.sidecars())
+            known = ", ".join(n for n, _ in self.sup.live.sidecars())
             err = AgentError(f"no sidecar {name!r} (sidecars: {known})")
             err.code = "unknown-instance"
             raise err
@@ -314,11 +316,11 @@ class ControlServer:
         count = request.get("replicas")
         if isinstance(count, bool) or not isinstance(count, int):
             raise BadRequest('"replicas" must be a whole number')
-        return await self.sup.scale(_string(request, "service"), self._version_of(request), count)
+        return await self.sup.live.scale(_string(request, "service"), self._version_of(request), count)
 
     def _version_of(self, request: dict) -> str:
         service = _string(request, "service")
-        version = _string(request, "version", required=False)
+        version = _optional_string(request, "version")
         if version is None:
             spec = ovr.service_spec(self.sup.require_manifest(), service)
             if len(spec.versions) > 1:
@@ -328,7 +330,7 @@ class ControlServer:
         return version
 
     async def _restart(self, request: dict, writer: asyncio.StreamWriter) -> dict:
-        return await self.sup.restart(_string(request, "service"), _string(request, "version", required=False))
+        return await self.sup.live.restart(_string(request, "service"), _optional_string(request, "version"))
 
     async def _promote(self, request: dict, writer: asyncio.StreamWriter) -> dict:
         manifest = self.sup.require_manifest()
@@ -350,7 +352,7 @@ class ControlServer:
             raise BadRequest(f"{service} sends all traffic to {canary} already")
 
         async def apply_split(new_split: dict[str, int]) -> None:
-            await self.sup.change_overrides(
+            await self.sup.live.change_overrides(
                 service, lambda live, manifest: ovr.with_split(live, manifest, service, new_split)
             )
 
@@ -374,4 +376,4 @@ class ControlServer:
         if not isinstance(traffic, dict):
             raise BadRequest('"traffic" must be an object of traffic keys')
         self.sup.unchecked_traffic[service] = traffic
-        return await self.sup.push_routes(service, request.get("wait", True) is not False)
+        return await self.sup.live.push_routes(service, request.get("wait", True) is not False)

@@ -198,7 +198,7 @@ def observability_ops(sup: Supervisor, obs: Observability) -> dict[str, Handler]
 
     async def edges(request: dict, writer: asyncio.StreamWriter) -> list[dict]:
         snapshots: dict[str, dict] = {}
-        for _name, handle in sup.sidecars():
+        for _name, handle in sup.live.sidecars():
             pushed = handle.last_snapshot or {}
             snapshots[pushed.get("service") or "ingress"] = pushed
         domain = sup.manifest.security.trust_domain if sup.manifest is not None else None

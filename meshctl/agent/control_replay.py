@@ -142,7 +142,7 @@ def replay_ops(sup: Supervisor, obs: Observability, results: ShadowResults) -> d
         rate = _number(request, "rate", 20.0, 0.0, 10_000.0)
         timeout = _number(request, "timeout", REPLAY_TIMEOUT_S, 0.0, 600.0)
         requests, skipped = read_recording(path, request.get("unsafe") is True)
-        routing = sup.routing_sidecars(service)
+        routing = sup.live.routing_sidecars(service)
         if not routing:
             raise NoRoute(f"no sidecar routes to {service} (no ingress route and no caller); replay sends through one")
         _name, handle = routing[0]

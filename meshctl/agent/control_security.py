@@ -76,18 +76,19 @@ def security_ops(sup: Supervisor) -> dict[str, Handler]:
         return sup.identities
 
     async def converge_or_raise(step: str) -> None:
-        problems = await sup.converge(None)
+        problems = await sup.live.converge(None)
         if problems:
             raise RotationFailed(f"{step}: " + "; ".join(problems))
 
     async def certs(request: dict, writer: asyncio.StreamWriter) -> dict:
         report = identities().report()
-        owners = {owner_key(i): i for i in [*sup.instances.values(), *sup.surges.values()]}
+        owners = {owner_key(i): i for i in sup.live.sidecar_owners()}
         rows = []
         for owner, leaf in report["leaves"].items():
             inst = owners.get(owner)
             rows.append({"instance": INGRESS_ID if inst is None else inst.id, "owner": owner, **leaf})
-        return {"mesh": sup.manifest.mesh, "trust_domain": sup.manifest.security.trust_domain,
+        manifest = sup.require_manifest()
+        return {"mesh": manifest.mesh, "trust_domain": manifest.security.trust_domain,
                 "root": report["root"], "certificates": rows}
 
     async def rotate(request: dict, writer: asyncio.StreamWriter) -> dict:
@@ -104,9 +105,10 @@ def security_ops(sup: Supervisor) -> dict[str, Handler]:
                 await converge_or_raise("retiring the old CA")
                 rotated = "ca"
             else:
-                if service is not None and service not in [s.name for s in sup.manifest.services]:
-                    raise UnknownService(f"no service {service!r} in mesh {sup.manifest.mesh}")
-                owners = [owner_key(i) for i in [*sup.instances.values(), *sup.surges.values()]
+                manifest = sup.require_manifest()
+                if service is not None and service not in [s.name for s in manifest.services]:
+                    raise UnknownService(f"no service {service!r} in mesh {manifest.mesh}")
+                owners = [owner_key(i) for i in sup.live.sidecar_owners()
                           if service is None or i.spec.service == service]
                 if service is None and sup.ingress is not None:
                     owners.append(INGRESS_ID)

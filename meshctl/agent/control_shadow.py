@@ -112,7 +112,7 @@ def shadow_ops(sup: Supervisor, results: ShadowResults) -> dict[str, Handler]:
         shadow = shadow_from_request(request)
         ovr.with_shadow(sup.overrides, sup.require_manifest(), service, shadow)  # refused here, before anything
         results.by_service[service] = ShadowTally(service, shadow.version)
-        outcome = await sup.change_overrides(
+        outcome = await sup.live.change_overrides(
             service, lambda live, manifest: ovr.with_shadow(live, manifest, service, shadow),
             request.get("wait", True) is not False)
         return {**outcome, "shadow": shadow.to_json()}
@@ -120,7 +120,7 @@ def shadow_ops(sup: Supervisor, results: ShadowResults) -> dict[str, Handler]:
     async def stop(request: dict, writer: asyncio.StreamWriter) -> dict:
         service = service_of(request)
         ovr.without_shadow(sup.overrides, sup.require_manifest(), service)  # "no live shadow" before anything
-        return await sup.change_overrides(
+        return await sup.live.change_overrides(
             service, lambda live, manifest: ovr.without_shadow(live, manifest, service),
             request.get("wait", True) is not False)
 

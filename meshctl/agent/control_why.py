@@ -88,7 +88,7 @@ def why_ops(sup: Supervisor, obs: Observability) -> dict[str, Handler]:
         headers = request.get("headers") or {}
         if not isinstance(headers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
             raise BadWhyRequest('"headers" must map names to values')
-        callers = [name for name, handle in sup.sidecars()
+        callers = [name for name, handle in sup.live.sidecars()
                    if handle.running and target in (handle.last_snapshot or {}).get("services", {})
                    and (name == source if source == INGRESS_ID else name.startswith(source + "@"))]
         if not callers:
@@ -103,7 +103,7 @@ def why_ops(sup: Supervisor, obs: Observability) -> dict[str, Handler]:
         plan.update({"from": source, "method": method, "path": path, "headers": headers})
         plan["authz"] = authz_verdict(manifest, source, target, method, path, headers)
         not_ready: dict[str, list[dict]] = {}
-        for inst in [*sup.instances.values(), *sup.surges.values()]:
+        for inst in sup.live.sidecar_owners():
             if inst.spec.service != target or (inst.state is State.READY and inst.in_rotation):
                 continue
             state = "draining" if inst.state is State.READY else inst.state.value

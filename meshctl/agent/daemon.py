@@ -276,8 +276,11 @@ async def serve(home: Path, lock_fd: int) -> AgentExit:
                 return
 
     watcher = loop.create_task(watch_state_dir(), name="state-dir-watch")
+    def on_signal(name: str) -> None:
+        loop.create_task(shutdown(f"signal {name}"))
+
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.add_signal_handler(sig, lambda name=sig.name: loop.create_task(shutdown(f"signal {name}")))
+        loop.add_signal_handler(sig, on_signal, sig.name)
     loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     log.info("agent %d serving %s", os.getpid(), sock_path)
     try:

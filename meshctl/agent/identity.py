@@ -13,6 +13,7 @@ The supervisor waits for every sidecar's ACK between the phases.
 
 from __future__ import annotations
 
+import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -83,3 +84,13 @@ class IdentityManager:
                 for owner, leaf in sorted(self._leaves.items())
             },
         }
+
+
+def load_user_tls(cert_path: str, key_path: str | None) -> dict[str, str]:
+    """The user's ingress certificate, checked by loading it the way the sidecar will."""
+    with open(cert_path) as fh:
+        cert_pem = fh.read()
+    with open(key_path or "") as fh:
+        key_pem = fh.read()
+    ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert_path, key_path)
+    return {"cert_pem": cert_pem, "key_pem": key_pem}

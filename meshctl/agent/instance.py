@@ -3,7 +3,8 @@
 An `Instance` owns its listening sockets (so ports survive restarts), its app process and
 its sidecar, and one runner task: start the sidecar, then the app, probe until ready,
 restart with backoff after a crash, restart the sidecar alone if only it died. The
-supervisor decides which instances exist; an instance decides nothing about the others.
+supervisor decides which instances exist; an instance decides nothing about the others,
+and sees of the supervisor only the `InstanceHost` it is given.
 """
 
 from __future__ import annotations
@@ -11,15 +12,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
-import re
-import shutil
 import signal
-import socket
-import ssl
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from meshctl.agent import process
 from meshctl.agent.compile import (
@@ -31,102 +28,44 @@ from meshctl.agent.compile import (
 )
 from meshctl.agent.errors import ApplyError
 from meshctl.agent.lifecycle import State, decide_after_exit, describe_exit, transition
+from meshctl.agent.logs import LogBook
+from meshctl.agent.model import Manifest
 from meshctl.agent.plan import InstanceSpec, env_name
+from meshctl.agent.ports import bound_port, free_port, listening_socket, port_is_free, prepare_socket_path
 from meshctl.agent.probe import ProbeFailed, probe
 from meshctl.agent.sidecar import SidecarError, SidecarHandle
-
-if TYPE_CHECKING:
-    from meshctl.agent.seams import InstanceHost
 
 log = logging.getLogger("agent.supervisor")
 
 SIDECAR_RESTART_DELAY_S = 0.2
 SIDECAR_STABLE_S = 10.0  # a sidecar restart sooner than this after the last one is a crash loop
-# The kernel caps it at net.core.somaxconn (4096 since Linux 5.4): 2,000 clients connecting
-# at once to the ingress overflowed 1024, and each dropped SYN waits a second to be resent.
-LISTEN_BACKLOG = 4096
 LOOPBACK_NO_PROXY = "127.0.0.1,localhost,::1"
+
+
+class InstanceHost(Protocol):
+    """What an instance and the ingress use of the supervisor that runs them."""
+
+    @property
+    def home(self) -> str: ...
+    @property
+    def logbook(self) -> LogBook: ...
+    @property
+    def sentinel(self) -> process.Sentinel | None: ...
+    @property
+    def manifest(self) -> Manifest | None: ...
+
+    def base_env(self) -> dict[str, str]: ...
+    def sidecar_message(self, message: dict) -> None: ...
+    def sentinel_unregister(self, pid: int) -> None: ...
+    def state_changed(self) -> None: ...
+    def unready_upstreams(self, upstreams: Iterable[str]) -> list[str]: ...
+    async def wait_state_change(self) -> None: ...
+    async def start_sidecar(self, handle: SidecarHandle, owner: Instance | Ingress) -> None: ...
 
 
 def owner_key(owner: Instance | Ingress) -> str:
     """Whose leaf: each generation of an instance has its own; the ingress has one."""
-    return getattr(owner, "endpoint_id", INGRESS_ID)
-
-
-def expand_vars(arg: str, env: dict[str, str]) -> str:
-    """$NAME and ${NAME} from the instance's environment, as process-compose does."""
-    return re.sub(
-        r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))",
-        lambda m: env.get(m.group(1) or m.group(2), m.group(0)),
-        arg,
-    )
-
-
-def resolve_command(argv: tuple[str, ...], cwd: str, path: str) -> str | None:
-    """Where argv[0] is, or None: a missing binary is named before anything starts."""
-    exe = argv[0]
-    if "/" in exe:
-        full = exe if os.path.isabs(exe) else os.path.join(cwd, exe)
-        return full if os.access(full, os.X_OK) else None
-    return shutil.which(exe, path=path)
-
-
-def load_user_tls(cert_path: str, key_path: str | None) -> dict[str, str]:
-    """The user's ingress certificate, checked by loading it the way the sidecar will."""
-    with open(cert_path) as fh:
-        cert_pem = fh.read()
-    with open(key_path or "") as fh:
-        key_pem = fh.read()
-    ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert_path, key_path)
-    return {"cert_pem": cert_pem, "key_pem": key_pem}
-
-
-def listening_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(LISTEN_BACKLOG)
-    except OSError:
-        sock.close()
-        raise
-    sock.set_inheritable(False)  # passed explicitly with pass_fds, never leaked to apps
-    return sock
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def port_is_free(port: int) -> bool:
-    """Whether an app could listen on 127.0.0.1:`port` now (binding as servers do, SO_REUSEADDR)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
-
-
-def prepare_socket_path(path: str) -> str | None:
-    """Make way for the app to bind `path` (a private directory, no stale socket); the problem, if any."""
-    if len(os.fsencode(path)) > UNIX_PATH_MAX:
-        return (f"listen: unix: the socket path {path} is {len(os.fsencode(path))} bytes, over the "
-                f"{UNIX_PATH_MAX} a Unix socket allows; use a shorter MESHCTL_HOME")
-    directory = os.path.dirname(path)
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    os.chmod(directory, 0o700)
-    try:
-        os.unlink(path)  # left by the app's last run: it would make the new bind fail
-    except FileNotFoundError:
-        pass
-    return None
+    return owner.endpoint_id if isinstance(owner, Instance) else INGRESS_ID
 
 
 class Instance:
@@ -172,7 +111,7 @@ class Instance:
 
     @property
     def inbound_port(self) -> int:
-        return self.inbound.getsockname()[1]
+        return bound_port(self.inbound)
 
     def listeners(self) -> SidecarListeners:
         return SidecarListeners(
@@ -210,16 +149,16 @@ class Instance:
             MESH_INSTANCE=self.id,
         )
         for upstream, sock in self.outbound.items():
-            env[f"{env_name(upstream)}_URL"] = f"http://127.0.0.1:{sock.getsockname()[1]}"
+            env[f"{env_name(upstream)}_URL"] = f"http://127.0.0.1:{bound_port(sock)}"
         if self.forward is not None:
-            proxy = f"http://127.0.0.1:{self.forward.getsockname()[1]}"
+            proxy = f"http://127.0.0.1:{bound_port(self.forward)}"
             # The *_URL point at this sidecar's own loopback ports: reached directly, never
             # through the proxy (which would refuse 127.0.0.1 as neither a service nor egress).
             env.update(HTTP_PROXY=proxy, http_proxy=proxy, NO_PROXY=LOOPBACK_NO_PROXY, no_proxy=LOOPBACK_NO_PROXY)
         return env
 
     def argv(self, env: dict[str, str]) -> list[str]:
-        return [expand_vars(arg, env) for arg in self.spec.version.command]
+        return [process.expand_vars(arg, env) for arg in self.spec.version.command]
 
     def to_json(self) -> dict:
         return {
@@ -233,8 +172,8 @@ class Instance:
             "port": self.app_port if self.app_socket is None else None,
             "socket": self.app_socket,
             "inbound_port": self.inbound_port,
-            "outbound_ports": {u: s.getsockname()[1] for u, s in self.outbound.items()},
-            "admin_port": self.admin.getsockname()[1],
+            "outbound_ports": {u: bound_port(s) for u, s in self.outbound.items()},
+            "admin_port": bound_port(self.admin),
             "restarts": self.restarts,
             "started_at": self.started_at,
             "last_exit": self.last_exit,
@@ -444,7 +383,7 @@ class Ingress:
                 ) from None
             raise ApplyError(f"ingress: cannot listen on {host}:{port}: {exc.strerror}") from None
         self.host = host
-        self.port = self.sock.getsockname()[1]
+        self.port = bound_port(self.sock)
         self.admin = listening_socket()
         self.sidecar = SidecarHandle(
             "ingress.sidecar", None, (self.sock.fileno(), self.admin.fileno()), sup.logbook, sup.sentinel, sup.base_env(), sup.home
@@ -489,4 +428,4 @@ class Ingress:
 
     def to_json(self) -> dict:
         return {"host": self.host, "port": self.port, "ready": self.ready, "sidecar_pid": self.sidecar.pid,
-                "admin_port": self.admin.getsockname()[1]}
+                "admin_port": bound_port(self.admin)}

@@ -4,7 +4,7 @@ As docker compose does, the substitution happens when the manifest is loaded, so
 such as OTLP headers need not be written into the file. Two kinds of names keep their
 run-time meaning instead, in either spelling: the variables the agent sets for each
 instance (`PORT`, `MESH_*`, and `<UPSTREAM>_URL` for the mesh's services), which a
-`command` expands when the instance starts (agent/instance.py `expand_vars`). `$NAME`
+`command` expands when the instance starts (agent/process.py `expand_vars`). `$NAME`
 without braces is never touched here, and `$$` is a literal `$`.
 
 Pure: the caller passes the environment and reports the problems with their lines.

@@ -1,9 +1,11 @@
 """Live changes to a running mesh, without a failed request: converge, roll, scale, restart.
 
-A mixin of the Supervisor. Every change follows one path: a replacement of the next
-generation starts beside the instance it replaces, joins the endpoints once ready; then
-the old one leaves the endpoints, every sidecar ACKs that (`converge()`), and only then
-does it drain and stop. Route overrides are pushed the same way and ACK-checked.
+`LiveChanges` is owned by the supervisor (`sup.live`) and sees of it only the `MeshHost`
+it is given; it owns the replacements in flight (`surges`, `rolling`). Every change follows
+one path: a replacement of the next generation starts beside the instance it replaces,
+joins the endpoints once ready; then the old one leaves the endpoints, every sidecar ACKs
+that (`converge()`), and only then does it drain and stop. Route overrides are pushed the
+same way and ACK-checked.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 from meshctl.agent import overrides as ovr
 from meshctl.agent.compile import INGRESS_ID
-from meshctl.agent.errors import AgentError, RolloutError
-from meshctl.agent.instance import Instance
+from meshctl.agent.errors import RolloutError
+from meshctl.agent.instance import Ingress, Instance
 from meshctl.agent.lifecycle import State
 from meshctl.agent.model import Manifest
 from meshctl.agent.plan import InstanceSpec, desired_instances, plan_apply
@@ -30,18 +33,47 @@ CONVERGE_POLL_S = 0.02
 OverrideChange = Callable[[ovr.MeshOverrides, Manifest], ovr.MeshOverrides]
 
 
+class MeshHost(Protocol):
+    """What live changes use of the supervisor: the running mesh, its overrides, the push."""
+
+    instances: dict[str, Instance]
+    overrides: ovr.MeshOverrides
+
+    @property
+    def ingress(self) -> Ingress | None: ...
+    @property
+    def store(self) -> ovr.OverrideStore: ...
+    @property
+    def config_version(self) -> int: ...
+    @property
+    def apply_lock(self) -> asyncio.Lock: ...
+
+    def require_live(self) -> None: ...
+    def require_manifest(self) -> Manifest: ...
+    def new_instance(self, spec: InstanceSpec, generation: int = 0) -> Instance: ...
+    def request_push(self) -> None: ...
+    async def push_all(self) -> list[str]: ...
+    async def wait_state_change(self) -> None: ...
+
+
 class LiveChanges:
-    """Methods of the Supervisor that change a running mesh; see the module docstring."""
+    """Changes to the running mesh of `host`; see the module docstring."""
+
+    def __init__(self, host: MeshHost) -> None:
+        self.host = host
+        self.surges: dict[str, Instance] = {}  # replacements starting beside an instance
+        self.rolling: set[str] = set()  # ids of the instances being replaced
 
     def sidecar_owners(self) -> list[Instance]:
-        return [*self.instances.values(), *self.surges.values()]
+        return [*self.host.instances.values(), *self.surges.values()]
 
     def sidecars(self) -> list[tuple[str, SidecarHandle]]:
         """(the id shown to users, handle) of every sidecar: instances, replacements, ingress."""
-        named = [(i.id, i.sidecar) for i in self.instances.values()]
+        named = [(i.id, i.sidecar) for i in self.host.instances.values()]
         named += [(i.endpoint_id, i.sidecar) for i in self.surges.values()]
-        if self.ingress is not None:
-            named.append((INGRESS_ID, self.ingress.sidecar))
+        ingress = self.host.ingress
+        if ingress is not None:
+            named.append((INGRESS_ID, ingress.sidecar))
         return named
 
     def routing_sidecars(self, service: str | None) -> list[tuple[str, SidecarHandle]]:
@@ -55,7 +87,7 @@ class LiveChanges:
         its newest config. Returns the problems: NACKs, and sidecars still stale at the deadline."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        await self.push_all()
+        await self.host.push_all()
         while True:
             pending, problems = [], []
             for name, handle in self.routing_sidecars(service):
@@ -83,14 +115,14 @@ class LiveChanges:
                     f"replacement of {inst.id} not ready within {timeout:g}s ({inst.state.value}: {inst.message})"
                 )
             try:
-                await asyncio.wait_for(self.wait_state_change(), remaining)
+                await asyncio.wait_for(self.host.wait_state_change(), remaining)
             except asyncio.TimeoutError:
                 pass
 
     async def roll(self, iid: str, spec: InstanceSpec) -> None:
         """Replace instance `iid` with one running `spec`, never leaving callers without it."""
-        old = self.instances[iid]
-        new = Instance(self, spec, old.generation + 1)
+        old = self.host.instances[iid]
+        new = self.host.new_instance(spec, old.generation + 1)
         self.surges[iid] = new
         self.rolling.add(iid)
         try:
@@ -104,10 +136,10 @@ class LiveChanges:
         finally:
             self.rolling.discard(iid)
         self.surges.pop(iid, None)
-        self.instances[iid] = new  # same key: keeps its place in dependency order
-        await self._retire([old])
+        self.host.instances[iid] = new  # same key: keeps its place in dependency order
+        await self.retire([old])
 
-    async def _retire(self, instances: list[Instance]) -> None:
+    async def retire(self, instances: list[Instance]) -> None:
         """Take instances out of every caller's endpoints, wait for the ACKs, then stop them."""
         if not instances:
             return
@@ -119,10 +151,10 @@ class LiveChanges:
                         ", ".join(i.id for i in instances), "; ".join(problems))
         await asyncio.gather(*(inst.stop(drain_inbound=True) for inst in instances))
         for inst in instances:
-            if self.instances.get(inst.id) is inst:
-                self.instances.pop(inst.id)
+            if self.host.instances.get(inst.id) is inst:
+                self.host.instances.pop(inst.id)
 
-    async def _roll_all(self, ids: Iterable[str], desired: dict[str, InstanceSpec]) -> list[str]:
+    async def roll_all(self, ids: Iterable[str], desired: dict[str, InstanceSpec]) -> list[str]:
         failures = []
         for iid in ids:  # dependency order: upstreams are replaced before their callers
             try:
@@ -132,73 +164,72 @@ class LiveChanges:
                 failures.append(str(exc))
         return failures
 
-    def _launch_new(self, ids: Iterable[str], desired: dict[str, InstanceSpec]) -> None:
+    def launch_new(self, ids: Iterable[str], desired: dict[str, InstanceSpec]) -> None:
+        instances = self.host.instances
         for iid in ids:
-            self.instances[iid] = Instance(self, desired[iid])
+            instances[iid] = self.host.new_instance(desired[iid])
         # Keep dict order = dependency order, so status lists upstreams first.
-        order = [i for i in desired if i in self.instances]
-        self.instances = {i: self.instances[i] for i in [*order, *(i for i in self.instances if i not in desired)]}
+        order = [i for i in desired if i in instances]
+        self.host.instances = {i: instances[i] for i in [*order, *(i for i in instances if i not in desired)]}
         for iid in ids:
-            self.instances[iid].launch()
+            self.host.instances[iid].launch()
 
     # -- overrides ----------------------------------------------------------------------
 
-    def require_manifest(self) -> Manifest:
-        if self.manifest is None:
-            raise AgentError("no mesh is running; run `meshctl up -f mesh.yaml`")
-        return self.manifest
-
-    async def change_overrides(self, service: str, change: OverrideChange, wait: bool = True) -> dict:
+    async def change_overrides(self, service: str, change: OverrideChange, wait: bool = True) -> dict[str, Any]:
         """Make `change(live overrides, manifest)` the live overrides, persist them, push;
         with `wait`, until ACKed. One change at a time: each starts from the one before,
         and the last to return is the one in force."""
-        async with self._apply_lock:
-            self.require_live()
-            manifest = self.require_manifest()
-            self.overrides = change(self.overrides, manifest)
-            self.store.save(manifest.mesh, self.overrides)
+        host = self.host
+        async with host.apply_lock:
+            host.require_live()
+            manifest = host.require_manifest()
+            host.overrides = change(host.overrides, manifest)
+            host.store.save(manifest.mesh, host.overrides)
             return await self.push_routes(service, wait)
 
-    async def push_routes(self, service: str, wait: bool) -> dict:
+    async def push_routes(self, service: str, wait: bool) -> dict[str, Any]:
         if not wait:
-            self._push_needed.set()
+            self.host.request_push()
             return {"service": service, "version": None, "sidecars": [], "problems": []}
         problems = await self.converge(service)
         routing = self.routing_sidecars(service)
-        version = max((h.pushed_version for _, h in routing), default=self.config_version)
+        version = max((h.pushed_version for _, h in routing), default=self.host.config_version)
         return {"service": service, "version": version, "sidecars": [n for n, _ in routing], "problems": problems}
 
-    async def scale(self, service: str, version: str, count: int) -> dict:
-        async with self._apply_lock:
-            self.require_live()
-            manifest = self.require_manifest()
-            new = ovr.with_replicas(self.overrides, manifest, service, version, count)
-            self.overrides = new
-            self.store.save(manifest.mesh, new)
+    async def scale(self, service: str, version: str, count: int) -> dict[str, Any]:
+        host = self.host
+        async with host.apply_lock:
+            host.require_live()
+            manifest = host.require_manifest()
+            new = ovr.with_replicas(host.overrides, manifest, service, version, count)
+            host.overrides = new
+            host.store.save(manifest.mesh, new)
             desired = desired_instances(manifest, new.replicas)
-            plan = plan_apply({i: inst.spec for i, inst in self.instances.items()}, desired)
-            self._launch_new(plan.start, desired)
+            plan = plan_apply({i: inst.spec for i, inst in host.instances.items()}, desired)
+            self.launch_new(plan.start, desired)
             for iid in plan.start:
-                await self._wait_ready(self.instances[iid], ROLLOUT_READY_TIMEOUT_S)
+                await self._wait_ready(host.instances[iid], ROLLOUT_READY_TIMEOUT_S)
             await self.converge()
-            await self._retire([self.instances[i] for i in plan.stop])
+            await self.retire([host.instances[i] for i in plan.stop])
             return {"service": service, "version": version, "replicas": count,
                     "started": list(plan.start), "stopped": list(plan.stop)}
 
-    async def restart(self, service: str, version: str | None) -> dict:
-        async with self._apply_lock:
-            self.require_live()
-            manifest = self.require_manifest()
+    async def restart(self, service: str, version: str | None) -> dict[str, Any]:
+        host = self.host
+        async with host.apply_lock:
+            host.require_live()
+            manifest = host.require_manifest()
             spec = ovr.service_spec(manifest, service)
             if version is not None:
                 ovr.check_version(spec, version)
-            ids = [iid for iid, inst in self.instances.items()
+            ids = [iid for iid, inst in host.instances.items()
                    if inst.spec.service == service and version in (None, inst.spec.version.name)]
             for iid in ids:
-                await self.roll(iid, self.instances[iid].spec)
+                await self.roll(iid, host.instances[iid].spec)
             return {"restarted": ids}
 
-    def proxy_status(self) -> list[dict]:
+    def proxy_status(self) -> list[dict[str, Any]]:
         now = asyncio.get_running_loop().time()
         rows = []
         for name, handle in self.sidecars():

@@ -61,7 +61,7 @@ import os
 import re
 import shlex
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, TypeVar
 
 from meshctl.agent.durations import DurationError, parse_duration
 from meshctl.agent.errors import ManifestError, Problem
@@ -228,7 +228,7 @@ class _Checker:
 
     def _route(self, path: tuple, route: dict, versions: list[str]) -> Iterator:
         match = _dict(route.get("match"))
-        regexes = [(("match", "path", "regex"), _dict(match.get("path")).get("regex"))]
+        regexes: list[tuple[tuple[str, ...], Any]] = [(("match", "path", "regex"), _dict(match.get("path")).get("regex"))]
         for header, value in _dict(match.get("headers")).items():
             regexes.append((("match", "headers", header, "regex"), _dict(value).get("regex")))
         for key_path, pattern in regexes:
@@ -444,7 +444,7 @@ def _service(name: str, raw: dict, mesh_workdir: str) -> ServiceSpec:
 
 
 def _version(name: str, raw: dict, service: dict, service_workdir: str) -> VersionSpec:
-    command = raw.get("command", service.get("command"))
+    command: Any = raw.get("command", service.get("command"))  # a string or a list, as validated
     env = {**service.get("env", {}), **raw.get("env", {})}
     health = {**service.get("health", {}), **raw.get("health", {})}
     defaults = Health()
@@ -585,7 +585,11 @@ def _outlier(raw: dict, enabled: bool) -> dict:
     }
 
 
-def _seconds(raw: dict, key: str, default: float | None) -> float | None:
+Default = TypeVar("Default", bound=float | None)
+
+
+def _seconds(raw: dict, key: str, default: Default) -> float | Default:
+    """`raw[key]` in seconds, or `default` (a number, or None for a limit left unset)."""
     return parse_duration(raw[key]) if key in raw else default
 
 

@@ -117,7 +117,7 @@ class Observability:
         self._tap_ids = itertools.count(1)
         self._asks: dict[int, tuple[int, list[dict], asyncio.Future]] = {}  # id -> (answers wanted, answers, done)
         self._ask_ids = itertools.count(1)
-        self.server: asyncio.AbstractServer | None = None
+        self.server: asyncio.Server | None = None
         self.port: int | None = None
         self._poller: asyncio.Task | None = None
         # Called once per poll: CPU % needs two readings a known interval apart.
@@ -169,7 +169,7 @@ class Observability:
             old.close()
         return warning
 
-    async def _listen(self, port: int) -> asyncio.AbstractServer:
+    async def _listen(self, port: int) -> asyncio.Server:
         return await asyncio.start_server(self._serve_http, "127.0.0.1", port)
 
     async def close(self) -> None:
@@ -265,7 +265,8 @@ class Observability:
                 if len(answers) >= wanted and not done.done():
                     done.set_result(None)
         elif kind == "tap-event" or kind == "record-event":
-            listener = self.taps.get(message.get("id"))
+            tap_id = message.get("id")
+            listener = self.taps.get(tap_id) if isinstance(tap_id, int) else None
             if listener is not None:
                 listener(message["event"])
 
@@ -291,7 +292,7 @@ class Observability:
         """(requests, errors, p99 ms) that `service@version` served over the window, or None."""
         for row in service_stats(self.windows(window_s), "inbound"):
             if row.service == service and row.version == version:
-                errors = row.requests - round(row.success_rate * row.requests)
+                errors = 0 if row.success_rate is None else row.requests - round(row.success_rate * row.requests)
                 return row.requests, errors, row.p99_ms or 0.0
         return None
 

@@ -349,9 +349,9 @@ def reconcile(manifest: Manifest, ov: MeshOverrides) -> tuple[MeshOverrides, lis
             dropped.append(f"route override of {name}: {exc}")
             kept = _with_service(kept, name, ServiceOverride())
     for key, count in ov.replicas.items():
-        service, _, version = key.partition("@")
+        scaled, _, version = key.partition("@")
         try:
-            kept = with_replicas(kept, manifest, service, version, count)
+            kept = with_replicas(kept, manifest, scaled, version, count)
         except OverrideError as exc:
             dropped.append(f"scale of {key}: {exc}")
     return kept, dropped
@@ -370,9 +370,9 @@ def diff(manifest: Manifest, ov: MeshOverrides) -> list[dict[str, Any]]:
         if service.shadow is not None:
             out.append({"service": name, "what": "shadow", "manifest": None, "live": service.shadow.to_json()})
     for key, count in ov.replicas.items():
-        service, _, version = key.partition("@")
-        out.append({"service": service, "what": f"replicas {version}",
-                    "manifest": manifest.service(service).version(version).replicas, "live": count})
+        scaled, _, version = key.partition("@")
+        out.append({"service": scaled, "what": f"replicas {version}",
+                    "manifest": manifest.service(scaled).version(version).replicas, "live": count})
     return out
 
 

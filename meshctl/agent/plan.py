@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, replace
 
 from meshctl.agent import overrides as ovr
-from meshctl.agent.model import Manifest, VersionSpec
+from meshctl.agent.model import Manifest, RestartPolicy, VersionSpec
 
 
 def instance_id(service: str, version: str, replica: int) -> str:
@@ -32,7 +32,7 @@ class InstanceSpec:
     upstreams: tuple[str, ...]
     http_proxy: bool
     egress: tuple[str, ...]
-    restart: object
+    restart: RestartPolicy
     stop_grace_s: float
     listen: str = "tcp"
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,7 +32,7 @@ class Sentinel:
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "meshctl.agent.sentinel", "--home", str(home)],
-                stdin=theirs,
+                stdin=theirs.fileno(),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,
@@ -133,3 +135,21 @@ async def stop_process(proc: asyncio.subprocess.Process, grace_s: float, sentine
     if sentinel is not None:
         sentinel.unregister(proc.pid)
     return code
+
+
+def expand_vars(arg: str, env: dict[str, str]) -> str:
+    """$NAME and ${NAME} from the instance's environment, as process-compose does."""
+    return re.sub(
+        r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))",
+        lambda m: env.get(m.group(1) or m.group(2), m.group(0)),
+        arg,
+    )
+
+
+def resolve_command(argv: tuple[str, ...], cwd: str, path: str) -> str | None:
+    """Where argv[0] is, or None: a missing binary is named before anything starts."""
+    exe = argv[0]
+    if "/" in exe:
+        full = exe if os.path.isabs(exe) else os.path.join(cwd, exe)
+        return full if os.access(full, os.X_OK) else None
+    return shutil.which(exe, path=path)

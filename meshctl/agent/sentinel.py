@@ -74,8 +74,8 @@ def apply_message(message: str, fds: list[int], kept: Kept) -> list[int]:
         group.fds.extend(fds)
         group.log = rest or group.log
         return []
-    group = kept.groups.pop(pgid, None)
-    return [*fds, *(group.fds if group else [])]
+    gone = kept.groups.pop(pgid, None)
+    return [*fds, *(gone.fds if gone else [])]
 
 
 def signal_groups(groups: list[int], sig: int) -> None:
@@ -169,6 +169,7 @@ def keep_mesh(home: Path, kept: Kept) -> None:
     while time.monotonic() < deadline:
         for key, _ in selector.select(timeout=max(0.0, min(1.0, deadline - time.monotonic()))):
             if key.data == "listener":
+                assert listener is not None  # registered only when it exists
                 conn, _ = listener.accept()
                 conn.settimeout(1.0)
                 with suppress(OSError):

@@ -7,9 +7,10 @@ with backoff), so that no two tasks ever race on one process. Whenever an instan
 ready or stops being ready, one pusher task recompiles every sidecar's snapshot and pushes
 the ones that changed.
 
-Live changes keep callers whole: a replaced or restarted instance is rolled (`roll()`): a
-replacement of the next generation starts beside it, joins the endpoints once ready, then
-the old one leaves the endpoints, every sidecar ACKs that, and only then does it stop.
+Live changes keep callers whole (agent.live, which the supervisor owns as `self.live`): a
+replaced or restarted instance is rolled: a replacement of the next generation starts beside
+it, joins the endpoints once ready, then the old one leaves the endpoints, every sidecar ACKs
+that, and only then does it stop.
 Route and replica overrides (`agent.overrides`) are laid over the manifest when compiling.
 """
 
@@ -27,14 +28,14 @@ from collections.abc import Callable, Iterable
 from meshctl.agent import overrides as ovr
 from meshctl.agent import process
 from meshctl.agent.compile import INGRESS_ID, Endpoint, compile_sidecar, identity_of
-from meshctl.agent.errors import ApplyError, MeshMismatch, MeshStopping
-from meshctl.agent.identity import IdentityManager
-from meshctl.agent.instance import Ingress, Instance, load_user_tls, owner_key, resolve_command
+from meshctl.agent.errors import AgentError, ApplyError, MeshMismatch, MeshStopping
+from meshctl.agent.identity import IdentityManager, load_user_tls
+from meshctl.agent.instance import Ingress, Instance, owner_key
 from meshctl.agent.lifecycle import State
 from meshctl.agent.live import LiveChanges
 from meshctl.agent.logs import LogBook
 from meshctl.agent.model import Manifest
-from meshctl.agent.plan import desired_instances, plan_apply
+from meshctl.agent.plan import InstanceSpec, desired_instances, plan_apply
 from meshctl.agent.sidecar import SidecarHandle
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 SIDECAR_SETTINGS = frozenset({"MESHCTL_H2_CODEC"})
 
 
-class Supervisor(LiveChanges):
+class Supervisor:
     def __init__(self, home: str, logbook: LogBook, sentinel: process.Sentinel | None) -> None:
         self.home = home
         self.logbook = logbook
@@ -59,17 +60,16 @@ class Supervisor(LiveChanges):
         self._changed = asyncio.Condition()
         self._push_needed = asyncio.Event()
         self._pusher: asyncio.Task | None = None
-        self._apply_lock = asyncio.Lock()
+        self.apply_lock = asyncio.Lock()
         self.store = ovr.OverrideStore(home)
         self.overrides = ovr.MeshOverrides()
         # Traffic keys pushed as they are, without validation: only for the debug op that
         # tests the NACK path. Never persisted.
         self.unchecked_traffic: dict[str, dict] = {}
-        self.surges: dict[str, Instance] = {}  # replacements starting beside an instance
         self.identities: IdentityManager | None = None  # the CA and every sidecar's leaf
-        self.rolling: set[str] = set()
         # Where sidecars' observability messages go (agent.observability sets it).
         self.on_sidecar_message: Callable[[dict], None] | None = None
+        self.live = LiveChanges(self)  # converge, roll, scale, restart, override changes
 
     def sidecar_message(self, message: dict) -> None:
         if self.on_sidecar_message is not None:
@@ -90,6 +90,12 @@ class Supervisor(LiveChanges):
     def sentinel_unregister(self, pid: int) -> None:
         if self.sentinel is not None:
             self.sentinel.unregister(pid)
+
+    def new_instance(self, spec: InstanceSpec, generation: int = 0) -> Instance:
+        return Instance(self, spec, generation)
+
+    def request_push(self) -> None:
+        self._push_needed.set()
 
     def state_changed(self) -> None:
         self._push_needed.set()
@@ -118,7 +124,7 @@ class Supervisor(LiveChanges):
     def endpoints(self) -> list[Endpoint]:
         return [
             Endpoint(i.endpoint_id, i.spec.service, i.spec.version.name, i.inbound_port)
-            for i in [*self.instances.values(), *self.surges.values()]
+            for i in self.live.sidecar_owners()
             if i.state is State.READY and i.in_rotation
         ]
 
@@ -169,14 +175,14 @@ class Supervisor(LiveChanges):
             self._push_needed.clear()
             await self.push_all()
             if self.identities is not None:
-                live = {owner_key(o) for o in [*self.instances.values(), *self.surges.values()]}
+                live = {owner_key(o) for o in self.live.sidecar_owners()}
                 self.identities.prune(live | {INGRESS_ID})
 
     async def push_all(self) -> list[str]:
         """Recompile every sidecar's snapshot; push those that changed. Returns failures."""
         if self.manifest is None:
             return []
-        owners: list[Instance | Ingress] = [i for i in self.sidecar_owners() if i.sidecar.running]
+        owners: list[Instance | Ingress] = [i for i in self.live.sidecar_owners() if i.sidecar.running]
         if self.ingress is not None and self.ingress.sidecar.running:
             owners.append(self.ingress)
         pushes = []
@@ -210,7 +216,7 @@ class Supervisor(LiveChanges):
                     continue
                 if not version.command:
                     problems.append(f"{where}.command: empty")
-                elif resolve_command(version.command, version.workdir, path) is None:
+                elif process.resolve_command(version.command, version.workdir, path) is None:
                     problems.append(
                         f"{where}.command: {version.command[0]!r} not found "
                         f"(looked in {'the working directory' if '/' in version.command[0] else 'PATH'}); "
@@ -224,12 +230,17 @@ class Supervisor(LiveChanges):
         if problems:
             raise ApplyError("; ".join(problems))
 
+    def require_manifest(self) -> Manifest:
+        if self.manifest is None:
+            raise AgentError("no mesh is running; run `meshctl up -f mesh.yaml`")
+        return self.manifest
+
     def require_live(self) -> None:
         if self.stopping:
             raise MeshStopping("a `meshctl down` is stopping this mesh; no change is made any more")
 
     async def apply(self, manifest: Manifest) -> dict:
-        async with self._apply_lock:
+        async with self.apply_lock:
             self.require_live()
             if self.manifest is not None and self.manifest.mesh != manifest.mesh:
                 raise MeshMismatch(
@@ -252,7 +263,7 @@ class Supervisor(LiveChanges):
             if ingress_changed and old_ingress is not None:
                 await old_ingress.stop()
                 self.ingress = old_ingress = None
-            if ingress_changed:
+            if want is not None and ingress_changed:
                 new_ingress = Ingress(self, want.host, want.port)  # may raise: nothing started yet
                 if want.tls_cert is not None:
                     new_ingress.user_tls = load_user_tls(want.tls_cert, want.tls_key)
@@ -273,15 +284,15 @@ class Supervisor(LiveChanges):
             if want is None and old_ingress is not None:
                 await old_ingress.stop()
                 self.ingress = None
-            self._launch_new(plan.start, desired)
+            self.live.launch_new(plan.start, desired)
             if new_ingress is not None:
                 self.ingress = new_ingress
                 new_ingress.launch()
             if self._pusher is None:
                 self._pusher = asyncio.create_task(self._push_loop(), name="config-pusher")
             self._push_needed.set()
-            await self._retire([self.instances[i] for i in plan.stop])
-            rollout_failed = await self._roll_all(plan.replace, desired)
+            await self.live.retire([self.instances[i] for i in plan.stop])
+            rollout_failed = await self.live.roll_all(plan.replace, desired)
             return {
                 "mesh": manifest.mesh,
                 "generation": self.manifest_generation,
@@ -295,7 +306,7 @@ class Supervisor(LiveChanges):
                 "rollout_failed": rollout_failed,
             }
 
-    # -- live changes: rolling, draining, converging ------------------------------------
+    # -- stopping -----------------------------------------------------------------------
 
     async def _stop_instances(self, ids: Iterable[str]) -> None:
         ids = list(ids)
@@ -309,7 +320,7 @@ class Supervisor(LiveChanges):
         """Stop in reverse dependency order: the ingress, then dependants before upstreams."""
         stopped = []
         self.stopping = True  # before the lock: changes queued behind it are refused
-        async with self._apply_lock:
+        async with self.apply_lock:
             if self.ingress is not None:
                 await self.ingress.stop()
                 self.ingress = None
@@ -320,8 +331,8 @@ class Supervisor(LiveChanges):
                     await self._stop_instances(ids)
                     stopped.extend(ids)
             await self._stop_instances(list(self.instances))
-            await asyncio.gather(*(inst.stop() for inst in self.surges.values()))
-            self.surges.clear()
+            await asyncio.gather(*(inst.stop() for inst in self.live.surges.values()))
+            self.live.surges.clear()
             if self._pusher is not None:
                 self._pusher.cancel()
                 await asyncio.gather(self._pusher, return_exceptions=True)
@@ -336,7 +347,7 @@ class Supervisor(LiveChanges):
             "stopping": self.stopping,
             "ingress": self.ingress.to_json() if self.ingress else None,
             "instances": [i.to_json() for i in self.instances.values()],
-            "rolling": sorted(self.rolling),
+            "rolling": sorted(self.live.rolling),
         }
 
     def service_names(self) -> list[str]:

@@ -148,11 +148,13 @@ class YamlReader:
         try:
             if isinstance(node, MappingNode):
                 return self._mapping(node, path)
+            assert isinstance(node, SequenceNode)  # the third and last kind of YAML node
             return self._sequence(node, path)
         finally:
             self._active.discard(id(node))
 
     def _scalar(self, node: ScalarNode, path: tuple) -> Any:
+        assert self._loader is not None  # set for the whole of a read
         try:
             value = self._loader.construct_object(node, deep=True)
         except yaml.YAMLError:

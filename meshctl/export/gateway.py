@@ -19,6 +19,7 @@ HTTPRoutes on the same parent (`cart-part2`), which Gateway API merges into one 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from meshctl.agent.model import Manifest, ServiceSpec
 from meshctl.export import linkerd
@@ -97,7 +98,7 @@ def gateway_duration(seconds: float) -> str:
     return "".join("%d%s" % (amount, unit) for amount, unit in units if amount)
 
 
-_ANY = {"path": None, "methods": None, "headers": [], "query": []}
+_ANY: dict[str, Any] = {"path": None, "methods": None, "headers": [], "query": []}
 
 
 def http_route(name: str, parent_service: str, rules: list[dict], annotations: dict, given: ExportInput) -> dict:

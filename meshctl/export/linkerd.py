@@ -16,6 +16,8 @@ allow-only, so deny rules are reported as not translated.
 
 from __future__ import annotations
 
+from typing import Any
+
 from meshctl.agent.model import Manifest, ServiceSpec
 from meshctl.export.context import (
     PORT_NAME,
@@ -193,7 +195,7 @@ def caller(manifest: Manifest, source: str, given: ExportInput, where: str, note
 
 def authz_routes(name: str, service: str, rule: dict, given: ExportInput) -> list[dict]:
     """policy.linkerd.io HTTPRoutes on the Server with the rule's conditions (one unless the CRD's caps need more)."""
-    paths = [
+    paths: list[dict[str, Any] | None] = [
         {"type": "PathPrefix", "value": path[:-1]} if path.endswith("*") else {"type": "Exact", "value": path}
         for path in rule.get("paths") or [None]
         if path is not None

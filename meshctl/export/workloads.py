@@ -9,6 +9,8 @@ Linkerd, per-version Services (`cart-v1`) give HTTPRoute backendRefs something t
 
 from __future__ import annotations
 
+from typing import Any
+
 from meshctl.agent.model import DEFAULT_STOP_GRACE_S, Manifest, RestartPolicy, ServiceSpec, VersionSpec
 from meshctl.export import linkerd
 from meshctl.export.context import (
@@ -121,7 +123,7 @@ def environment(manifest: Manifest, service: ServiceSpec, version: VersionSpec, 
         **{env_name(upstream): upstream_url(upstream, given.namespace) for upstream in service.upstreams},
         **dict(version.env),
     }
-    env = [{"name": name, "value": value} for name, value in base.items()]
+    env: list[dict[str, Any]] = [{"name": name, "value": value} for name, value in base.items()]
     env.append({"name": "MESH_INSTANCE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
     return env
 

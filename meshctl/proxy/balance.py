@@ -238,11 +238,12 @@ class ConsistentHashBalancer(Balancer):
     def hash_key_for(self, headers: dict[str, str] | None, client_ip: str) -> str | None:
         if self.source == "source_ip":
             return client_ip or None
-        if not headers:
+        name = self.name
+        if not headers or name is None:
             return None
         if self.source == "header":
-            return headers.get(self.name)  # type: ignore[arg-type]
-        return _cookie_value(headers.get("cookie"), self.name)  # type: ignore[arg-type]
+            return headers.get(name)
+        return _cookie_value(headers.get("cookie"), name)
 
     def _choose(self, version: str, candidates: Sequence[Endpoint], hash_key: str | None) -> Endpoint:
         if hash_key is None:  # a request without the key: balance it like least_request

@@ -57,7 +57,7 @@ def parse_message(raw: bytes, is_request: bool, no_body: bool = False) -> tuple[
             if type(event) is Head:
                 head, body = event, []
             elif type(event) is Data:
-                body.append(event.data)  # type: ignore[attr-defined]
+                body.append(event.data)
             elif event is END:
                 if head is not None and not is_request and head.status < 200:
                     parser.start_next_cycle()  # an interim answer: the real one follows
@@ -75,7 +75,8 @@ def parse_message(raw: bytes, is_request: bool, no_body: bool = False) -> tuple[
 
 def dechunk(raw: bytes) -> bytes:
     """The payload of a chunked body the parser has validated (trailers dropped)."""
-    out, pos = [], 0
+    out: list[bytes] = []
+    pos = 0
     while True:
         eol = raw.index(b"\r\n", pos)
         size = int(raw[pos:eol].split(b";", 1)[0], 16)

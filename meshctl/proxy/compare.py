@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 ALWAYS_IGNORED_HEADERS = frozenset({
@@ -121,7 +121,7 @@ def _body_differences(primary: Response, other: Response, ignore: Ignore) -> Dif
             if a != b and not ignore.ignores_json(path):
                 found["body:" + path] = (a, b)
         return found
-    return {"body": _text_difference(primary.body, other.body)}  # type: ignore[arg-type]
+    return {"body": _text_difference(primary.body or b"", other.body or b"")}  # both known: differences() checked
 
 
 _NOT_JSON = object()
@@ -156,7 +156,7 @@ def _leaves(value: Any) -> dict[str, str]:
     return out
 
 
-def _path_order(left: dict[str, str], right: dict[str, str]):
+def _path_order(left: dict[str, str], right: dict[str, str]) -> Callable[[str], int]:
     """Paths in document order: the primary's first, then those only the other has."""
     order = {path: index for index, path in enumerate([*left, *(p for p in right if p not in left)])}
     return order.__getitem__

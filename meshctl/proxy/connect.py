@@ -8,7 +8,7 @@ caller keeps the one (host, port) shape and only the connect itself differs.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 
@@ -16,7 +16,9 @@ def is_socket_path(host: str) -> bool:
     return host.startswith("/")
 
 
-def create_connection(loop: asyncio.AbstractEventLoop, factory: Callable[[], asyncio.Protocol], host: str, port: int, **kwargs: Any):
+def create_connection(
+    loop: asyncio.AbstractEventLoop, factory: Callable[[], asyncio.Protocol], host: str, port: int, **kwargs: Any
+) -> Coroutine[Any, Any, tuple[asyncio.Transport, asyncio.Protocol]]:
     """`loop.create_connection`, or `create_unix_connection` when `host` is a socket path."""
     if is_socket_path(host):
         return loop.create_unix_connection(factory, host, **kwargs)

@@ -12,13 +12,14 @@ its per-exchange hook and serves the admin socket named by the snapshot's `admin
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 import json
 import logging
 
 from meshctl.proxy.admin import serve_admin
 from meshctl.proxy.observe import Observer
 from meshctl.proxy.server import ServerState
-from meshctl.proxy.snapshot import SnapshotError, compile_snapshot
+from meshctl.proxy.snapshot import Snapshot, SnapshotError, compile_snapshot
 
 log = logging.getLogger("proxy.control")
 
@@ -37,7 +38,7 @@ class ControlChannel(asyncio.Protocol):
         self._worker = state.loop.create_task(self._apply_in_order(), name="control-apply")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream: the config channel is a socketpair
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -71,7 +72,7 @@ class ControlChannel(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
 
-    async def _observe(self, snapshot, raw: dict) -> None:
+    async def _observe(self, snapshot: Snapshot, raw: dict) -> None:
         state = self.state
         if self.observer is None:
             self.observer = Observer(state, snapshot, self.send)

@@ -43,7 +43,7 @@ from meshctl.proxy.listeners import ingress_service
 from meshctl.proxy.metrics import INBOUND, OUTBOUND
 from meshctl.proxy.observe import service_of_identity
 from meshctl.proxy.opaque import Relay
-from meshctl.proxy.snapshot import Listener
+from meshctl.proxy.snapshot import Listener, Snapshot
 
 if TYPE_CHECKING:
     from meshctl.proxy.seams import Server
@@ -66,14 +66,27 @@ def hand_over(transport: asyncio.Transport, protocol: asyncio.Protocol, pending:
 # -- HTTP/2 ------------------------------------------------------------------------------------
 
 
+def _applied(state: Server) -> Snapshot:
+    """The snapshot in force: listeners serve only once the first one applied (proxy.control)."""
+    snapshot = state.snapshot
+    assert snapshot is not None
+    return snapshot
+
+
+def _app_address(listener: Listener) -> tuple[str, int]:
+    app = listener.app
+    assert app is not None  # an inbound listener has its app's address (proxy.snapshot.Listener)
+    return app
+
+
 def _source_service(state: Server) -> str:
-    service = state.snapshot.service  # type: ignore[union-attr]
+    service = _applied(state).service
     return service if service not in ("None", "?") else "ingress"
 
 
 def _pick_endpoint(state: Server, service_name: str, headers: list[tuple[bytes, bytes]]) -> UpstreamChoice:
     """Where one HTTP/2 stream to `service_name` goes: route, fault abort, limits, balancer."""
-    service = state.snapshot.services.get(service_name)  # type: ignore[union-attr]
+    service = _applied(state).services.get(service_name)
     if service is None:
         raise MeshError("route-not-found", "no service %r in this sidecar's config" % service_name, service=service_name)
     method = (header(headers, b":method") or b"").decode("latin-1")
@@ -110,7 +123,8 @@ def _pick_endpoint(state: Server, service_name: str, headers: list[tuple[bytes, 
 
 def outbound_h2(state: Server, listener: Listener) -> H2Proxy:
     """An H2Proxy for an app's HTTP/2 (or gRPC) connection to `listener.service`."""
-    service_name: str = listener.service  # type: ignore[assignment]
+    service_name = listener.service
+    assert service_name is not None  # an outbound listener names its service
     return state.track(H2Proxy(
         lambda headers: _pick_endpoint(state, service_name, headers), state.loop,
         record=_recorder(state, OUTBOUND, None), on_closed=state.untrack, service=service_name))
@@ -146,19 +160,18 @@ def _settle(state: Server, service: Any, endpoint: Any, ok: bool | None, slot: o
 
 def inbound_h2(state: Server, listener: Listener, peer: str | None) -> H2Proxy:
     """An H2Proxy for a peer sidecar's h2 connection (or a plaintext h2c client) to the app."""
-    host, port = listener.app  # type: ignore[misc]
+    host, port = _app_address(listener)
     http1_app = listener.protocol == "http"  # an `http` app speaks HTTP/1.1: each stream is bridged (proxy.h1bridge)
 
     def pick(headers: list[tuple[bytes, bytes]]) -> UpstreamChoice:
-        policy = state.snapshot.authz  # type: ignore[union-attr]
-        if policy is not None:
-            _authorize_stream(policy, peer, headers)
-        return UpstreamChoice(host, port, None, tag=(state.snapshot.service, state.snapshot.service_version),  # type: ignore[union-attr]
-                              http1=http1_app)
+        snapshot = _applied(state)
+        if snapshot.authz is not None:
+            _authorize_stream(snapshot.authz, peer, headers)
+        return UpstreamChoice(host, port, None, tag=(snapshot.service, snapshot.service_version), http1=http1_app)
 
     return state.track(H2Proxy(
         pick, state.loop, record=_recorder(state, INBOUND, peer), on_closed=state.untrack, peer_sidecar=peer is not None,
-        service=state.snapshot.service))  # type: ignore[union-attr]
+        service=_applied(state).service))
 
 
 def _authorize_stream(policy: Policy, peer: str | None, headers: list[tuple[bytes, bytes]]) -> None:
@@ -173,19 +186,19 @@ def _authorize_stream(policy: Policy, peer: str | None, headers: list[tuple[byte
             peer or "an unauthenticated caller", method, path.split("?", 1)[0][:200], decision.rule))
 
 
-def _recorder(state: Server, direction: str, peer: str | None):
+def _recorder(state: Server, direction: str, peer: str | None) -> Callable[[StreamRecord, int, int | None, bool], None]:
     def record(stream: StreamRecord, status: int, grpc_code: int | None, mesh_error: bool) -> None:
         observer = state.observer
         if observer is None:
             return
-        snapshot = state.snapshot
         destination, version = stream.choice.tag if isinstance(stream.choice.tag, tuple) else ("-", "")
         method = header(stream.headers, b":method") or b"POST"
         # A stream's latency is the time to its response head, not how long it stayed open.
         duration = (stream.head_at or state.loop.time()) - stream.started
         if direction == INBOUND:
             source = service_of_identity(peer)
-            destination, version = snapshot.service, snapshot.service_version  # type: ignore[union-attr]
+            snapshot = _applied(state)
+            destination, version = snapshot.service, snapshot.service_version
             path = header(stream.headers, b":path")
         else:
             source, path = _source_service(state), None
@@ -220,7 +233,7 @@ def _tcp_metrics(state: Server, direction: str, peer_service: str) -> Any:
 def outbound_relay(state: Server, listener: Listener, client_ip: str) -> Relay:
     """A Relay from the app to one endpoint of `listener.service`, picked by its balancer."""
     service_name = listener.service or "-"
-    relay = state.track(Relay(state.loop, state.snapshot.http.idle_timeout, _tcp_metrics(state, OUTBOUND, service_name)))  # type: ignore[union-attr]
+    relay = state.track(Relay(state.loop, _applied(state).http.idle_timeout, _tcp_metrics(state, OUTBOUND, service_name)))
     state.loop.create_task(_connect_endpoint(state, relay, service_name, client_ip), name="relay-connect %s" % service_name)
     return relay
 
@@ -229,7 +242,7 @@ async def _connect_endpoint(state: Server, relay: Relay, service_name: str, clie
     """Connect the relay's upstream end, trying other endpoints when a connect fails (L4 balancing)."""
     loop = state.loop
     tried: set[str] = set()
-    first = state.snapshot.services.get(service_name)  # type: ignore[union-attr]
+    first = _applied(state).services.get(service_name)
     if first is not None:
         limits = first.limits  # carried over by new snapshots, so the slot is given back where it was taken
         if not limits.hold(relay):
@@ -238,7 +251,7 @@ async def _connect_endpoint(state: Server, relay: Relay, service_name: str, clie
             return
         relay.done.add_done_callback(lambda _: _leave_limits(state, limits, relay))
     for _ in range(TCP_CONNECT_TRIES):
-        service = state.snapshot.services.get(service_name)  # type: ignore[union-attr]
+        service = _applied(state).services.get(service_name)
         if service is None or relay.closed:
             break
         action = service.router.route("", "")
@@ -276,8 +289,8 @@ def authorize_connection(policy: Policy | None, peer: str | None) -> str | None:
 
 def inbound_relay(state: Server, listener: Listener, peer: str | None) -> Relay:
     """A Relay from a peer sidecar (or permissive plaintext client) to the tcp app."""
-    host, port = listener.app  # type: ignore[misc]
-    relay = state.track(Relay(state.loop, state.snapshot.http.idle_timeout, _tcp_metrics(state, INBOUND, service_of_identity(peer))))  # type: ignore[union-attr]
+    host, port = _app_address(listener)
+    relay = state.track(Relay(state.loop, _applied(state).http.idle_timeout, _tcp_metrics(state, INBOUND, service_of_identity(peer))))
     state.loop.create_task(relay.connect_upstream(host, port, 1.0), name="relay-connect app")
     return relay
 

@@ -30,7 +30,7 @@ from meshctl.proxy.snapshot import IngressRoute, Listener, Service, Snapshot
 from meshctl.proxy.tls import InboundAcceptor, IngressTLS, TLSConfig
 
 MESH_DOMAIN = b".mesh"
-LISTEN_BACKLOG = 4096  # as the agent listens (meshctl/agent/instance.py); create_server listens again
+LISTEN_BACKLOG = 4096  # as the agent listens (meshctl/agent/ports.py); create_server listens again
 # Listeners only the mesh's own processes use. The ingress is the mesh's front door, for
 # browsers and clients of any user (and of other hosts when it binds beyond loopback).
 GATED_KINDS = frozenset({"inbound", "outbound", "forward"})
@@ -143,9 +143,12 @@ def _resolve_forward(snapshot: Snapshot, head: Head) -> Target:
 def _fixed_target(listener: Listener, snapshot: Snapshot) -> Target:
     """The one destination of an outbound or inbound listener, built once per snapshot."""
     if listener.kind == "outbound":
-        return Target(_service(snapshot, listener.service), None, listener.service, None, True)  # type: ignore[arg-type]
+        service = listener.service
+        assert service is not None  # an outbound listener names its service (proxy.snapshot.Listener)
+        return Target(_service(snapshot, service), None, service, None, True)
     app = listener.app
-    return Target(None, app, "%s (app %s:%d)" % (snapshot.instance, app[0], app[1]), None, False)  # type: ignore[index]
+    assert app is not None  # the other fixed one is inbound, to its app's address
+    return Target(None, app, "%s (app %s:%d)" % (snapshot.instance, app[0], app[1]), None, False)
 
 
 def resolve(listener: Listener, snapshot: Snapshot, head: Head) -> Target:

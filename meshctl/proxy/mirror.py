@@ -124,11 +124,13 @@ class Mirror:
         self._send(conn)
 
     def _send(self, conn: UpstreamConnection) -> None:
-        conn.owner = self
+        conn.owner = self  # type: ignore[assignment]  # UpstreamConnection.owner is untyped in pool.py until s4-15a merges
         self.upstream = conn
         if self.no_body:
             conn.parser.expect_no_body()
-        conn.transport.writelines(self.data)  # type: ignore[union-attr]
+        transport = conn.transport
+        assert transport is not None  # the pool hands out connected connections only
+        transport.writelines(self.data)
         conn.bytes_out += sum(map(len, self.data))
         self.data = []
 
@@ -150,8 +152,8 @@ class Mirror:
             self.timer = None
         if problem is not None:
             log.debug("%r: %s", self, problem)
-        if self.on_end is not None:
-            self.on_end(self.role, self.capture, problem, self.pool.loop.time() - self.started)  # type: ignore[arg-type]
+        if self.on_end is not None and self.capture is not None:  # set together in __init__
+            self.on_end(self.role, self.capture, problem, self.pool.loop.time() - self.started)
 
     # -- the UpstreamConnection owner interface -----------------------------------------
 
@@ -172,8 +174,8 @@ class Mirror:
             if event is NEED_DATA:
                 return
             if type(event) is Head:
-                self.interim = event.status < 200  # type: ignore[attr-defined]
-                self.keep_alive = event.keep_alive  # type: ignore[attr-defined]
+                self.interim = event.status < 200
+                self.keep_alive = event.keep_alive
             elif event is END:
                 if self.interim:
                     self.interim = False

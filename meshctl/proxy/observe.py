@@ -68,9 +68,8 @@ _NEVER_DROPPED = frozenset({b"content-length", b"transfer-encoding", b"host"})
 # The trace field lines of a validated head behind a "\n", names in any case (proxy.http1
 # validated the block). Searched in b"\n" + fields: the leading literal lets the regex engine
 # jump between line feeds instead of trying the names at every byte, as `^` would.
-_TRACE_FIELD = re.compile(
-    rb"\n(" + b"|".join(sorted(TRACE_HEADERS, key=len, reverse=True)) + rb"):[ \t]*([^\r\n]*)", re.IGNORECASE
-)
+_TRACE_NAMES_LONGEST_FIRST: list[bytes] = sorted(TRACE_HEADERS, key=len, reverse=True)
+_TRACE_FIELD = re.compile(rb"\n(" + b"|".join(_TRACE_NAMES_LONGEST_FIRST) + rb"):[ \t]*([^\r\n]*)", re.IGNORECASE)
 # A W3C traceparent whose sampled flag is off (flags with bit 0 clear), lower-case as sent.
 _W3C_UNSAMPLED = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f][02468ace]")
 _ZERO_TRACE = b"0" * 32
@@ -211,9 +210,12 @@ class Observer:
             self.send({"type": "why", "id": message.get("id"), "instance": self.metrics.instance, "records": found})
         elif kind == "why-plan?":
             snapshot = self.state.snapshot
-            headers = message.get("headers") if isinstance(message.get("headers"), dict) else {}
+            assert snapshot is not None  # the agent asks only sidecars that applied a config
+            headers = message.get("headers")
+            if not isinstance(headers, dict):
+                headers = {}
             answer = plan(snapshot, str(message.get("to")), str(message.get("method") or "GET"), str(message.get("path") or "/"),
-                          {str(k): str(v) for k, v in headers.items()}, self.state.loop.time())  # type: ignore[arg-type]
+                          {str(k): str(v) for k, v in headers.items()}, self.state.loop.time())
             self.send({"type": "why-plan", "id": message.get("id"), "instance": self.metrics.instance, "plan": answer})
         else:
             return False

@@ -126,7 +126,8 @@ class PeerGate:
         """The uid owning the other end of `conn`, or None when it cannot be known."""
         try:
             if conn.family == socket.AF_UNIX:
-                return _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[1]
+                uid: int = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[1]
+                return uid
             local, remote = conn.getsockname(), conn.getpeername()
         except OSError:
             return None

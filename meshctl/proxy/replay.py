@@ -81,13 +81,15 @@ def replay_request(state: Server, message: dict[str, Any], sink: Callable[[dict]
     name = str(message.get("service"))
     version = str(message.get("version"))
     primary = message.get("compare")
-    request = message.get("request") if isinstance(message.get("request"), dict) else {}
+    request = message.get("request")
+    if not isinstance(request, dict):
+        request = {}
     spec = CompareSpec(True, b"/", Ignore(message.get("ignore_headers") or (), message.get("ignore_json") or ()),
                        REFERENCE_PERCENT)
     snapshot = state.snapshot
     service = snapshot.services.get(name) if snapshot is not None else None
     try:
-        method, path, head, body = request_bytes(name, request)  # type: ignore[arg-type]
+        method, path, head, body = request_bytes(name, request)
     except BadRecordedRequest as exc:
         sink(Comparison(spec, name, version, b"-", b"-", sink, str(message.get("tag"))).failure("not sent: %s" % exc))
         return

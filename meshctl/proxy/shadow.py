@@ -155,10 +155,8 @@ class Comparison:
         return endpoint
 
     def _copy_ended(self, role: str, capture: Capture, problem: str | None, seconds: float) -> None:
-        answer: Response | str | None = problem
-        if problem is None:
-            answer = capture.response(self.no_body) or "invalid or too large response"
-        self.arrive(role, answer, seconds)  # type: ignore[arg-type]
+        answer = problem if problem is not None else capture.response(self.no_body) or "invalid or too large response"
+        self.arrive(role, answer, seconds)
 
     def arrive(self, role: str, answer: Response | str, seconds: float | None) -> None:
         """One answer ended: a Response, or a string saying why there is none (seconds None: not timed)."""
@@ -182,9 +180,10 @@ class Comparison:
 
     def result(self) -> dict[str, Any]:
         primary, shadow = self.answers["primary"], self.answers["shadow"]
+        assert isinstance(primary, Response)  # arrive() abandons a comparison whose primary answered nothing
         reference = self.answers.get("reference")
         failed = shadow if isinstance(shadow, str) else None
-        diffs = {} if failed else differences(primary, shadow, self.spec.ignore)  # type: ignore[arg-type]
+        diffs = differences(primary, shadow, self.spec.ignore) if isinstance(shadow, Response) else {}
         noise = sorted(differences(primary, reference, self.spec.ignore)) if isinstance(reference, Response) else None
         return {
             "service": self.service,
@@ -211,13 +210,15 @@ def begin(exchange: ComparedExchange, spec: CompareSpec, shadow_version: str) ->
     A request the split already sends to the shadow's version is not compared: its
     answer would be compared with itself.
     """
-    if not spec.wants(exchange.method, exchange.head.target) or exchange.action.version == shadow_version:  # type: ignore[union-attr]
+    action, service = exchange.action, exchange.target.service
+    if action is None or service is None:  # only a request routed to a mesh service has a shadow
+        return None
+    if not spec.wants(exchange.method, exchange.head.target) or action.version == shadow_version:
         return None
     observer = exchange.client.state.observer
     if observer is None:
         return None
-    return Comparison(spec, exchange.target.service.name, shadow_version, exchange.method, exchange.head.target,  # type: ignore[union-attr]
-                      observer.shadow_results.add)
+    return Comparison(spec, service.name, shadow_version, exchange.method, exchange.head.target, observer.shadow_results.add)
 
 
 class ResponseTap:

@@ -19,8 +19,8 @@ from meshctl.proxy.outlier import OutlierConfigError, OutlierDetector
 from meshctl.proxy.pool import DEFAULT_HANDSHAKE_TIMEOUT
 from meshctl.proxy.retry import RetryBudget, RetryPolicy
 from meshctl.proxy.routing import Router, RouterError
-from meshctl.proxy.authz import PolicyError
-from meshctl.proxy.tls import TLSConfigError, compile_security
+from meshctl.proxy.authz import Policy, PolicyError
+from meshctl.proxy.tls import ClientTLS, IngressTLS, TLSConfig, TLSConfigError, compile_security
 
 LISTENER_KINDS = ("inbound", "outbound", "ingress", "forward")
 PROTOCOLS = ("http", "grpc", "tcp")
@@ -121,7 +121,7 @@ class Service:
         self.budget = budget
         self.outlier = outlier
         self.raw: dict[str, Any] = {}
-        self.tls = None  # a proxy.tls.ClientTLS when calls to this service use mTLS
+        self.tls: ClientTLS | None = None  # when calls to this service use mTLS
         self.protocol = "http"  # http | grpc | tcp
         self.needs_headers = router.needs_request_details or balancer.needs_headers
 
@@ -158,9 +158,23 @@ class Snapshot:
         "ingress_tls",
         "local_uid",
     )
+    version: int | None  # the agent's config version, echoed in the ACK
+    instance: str
+    service: str
+    service_version: str
+    drain_timeout: float
+    listeners: dict[str, Listener]
+    services: dict[str, Service]
+    egress: frozenset[str]
+    http: HttpLimits
+    raw_listeners: list[Any]
+    tls: TLSConfig | None
+    authz: Policy | None
+    ingress_tls: IngressTLS | None
+    local_uid: int | None
 
     def __init__(self) -> None:
-        self.fixed_targets: dict = {}  # listener name or ingress route -> Target, filled by proxy.listeners
+        self.fixed_targets: dict[Any, Any] = {}  # listener name or ingress route -> Target, filled by proxy.listeners
 
     def __repr__(self) -> str:
         return "<Snapshot v%s %s: %d listeners, %d services>" % (self.version, self.instance, len(self.listeners), len(self.services))
@@ -175,7 +189,7 @@ def _require(raw: dict[str, Any], key: str, kind: type, where: str) -> Any:
 
 def _protocol(raw: dict[str, Any], where: str) -> str:
     protocol = raw.get("protocol", "http")
-    if protocol not in PROTOCOLS:
+    if not isinstance(protocol, str) or protocol not in PROTOCOLS:
         raise SnapshotError("%s.protocol: expected one of %s, got %r" % (where, ", ".join(PROTOCOLS), protocol))
     return protocol
 

@@ -21,7 +21,7 @@ import os
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from meshctl.proxy.transport import TRANSPORTS
 
@@ -74,7 +74,7 @@ def peer_identity(ssl_object: Any) -> str | None:
         return None
     for kind, value in cert.get("subjectAltName", ()):
         if kind == "URI" and value.startswith("spiffe://"):
-            return value
+            return str(value)
     return None
 
 
@@ -90,6 +90,10 @@ class TLSConfig:
     """The compiled `tls` part of a snapshot: this sidecar's identity and its contexts."""
 
     __slots__ = ("mode", "identity", "not_after", "server_context", "client_context", "h2_client_context", "_source")
+    mode: str
+    server_context: ssl.SSLContext
+    client_context: ssl.SSLContext
+    h2_client_context: ssl.SSLContext
 
     def __init__(self, raw: dict[str, Any], previous: TLSConfig | None) -> None:
         mode = raw.get("mode", "strict")
@@ -106,9 +110,10 @@ class TLSConfig:
             self.client_context = previous.client_context
             self.h2_client_context = previous.h2_client_context
             return
-        if not all(isinstance(part, str) and part for part in source):
+        parts = [part for part in source if isinstance(part, str) and part]
+        if len(parts) != len(source):
             raise TLSConfigError("tls: cert_pem, key_pem and bundle_pem are required")
-        chain, key, bundle = source
+        chain, key, bundle = parts
         try:
             self.server_context = _base_context(ssl.PROTOCOL_TLS_SERVER, chain, key, bundle)
             self.client_context = _base_context(ssl.PROTOCOL_TLS_CLIENT, chain, key, bundle)
@@ -132,13 +137,22 @@ class ClientTLS:
         self.expected_identity = expected_identity
         self.server_name = server_name
 
-    def verify(self, transport: asyncio.BaseTransport) -> None:
+    def verify(self, transport: asyncio.Transport) -> None:
         presented = peer_identity(transport.get_extra_info("ssl_object"))
         if presented != self.expected_identity:
             transport.abort()
             raise PeerIdentityError(
                 "peer identity %s, expected %s" % (presented or "(none)", self.expected_identity)
             )
+
+
+class ServerTLS(Protocol):
+    """What the acceptor needs of a listener's TLS: a mesh sidecar's (TLSConfig) or the ingress's (IngressTLS)."""
+
+    @property
+    def mode(self) -> str: ...
+    @property
+    def server_context(self) -> ssl.SSLContext: ...
 
 
 class InboundAcceptor:
@@ -156,7 +170,7 @@ class InboundAcceptor:
         loop: asyncio.AbstractEventLoop,
         sock: socket.socket,
         factory: Callable[[], asyncio.Protocol],
-        current_tls: Callable[[], TLSConfig | None],
+        current_tls: Callable[[], ServerTLS | None],
         silent_timeout: float | None = None,
         admits: Callable[[socket.socket], bool] | None = None,
     ) -> None:
@@ -221,8 +235,7 @@ class InboundAcceptor:
                 conn.close()
                 return
             tls = self.current_tls()
-            is_tls = first[0] == TLS_HANDSHAKE_BYTE and tls is not None
-            self._serve(conn, tls.server_context if is_tls else None)  # type: ignore[union-attr]
+            self._serve(conn, tls.server_context if tls is not None and first[0] == TLS_HANDSHAKE_BYTE else None)
 
         self.loop.add_reader(conn.fileno(), readable)
 
@@ -262,6 +275,7 @@ class IngressTLS:
     """HTTPS for outside clients on the ingress, with the user's certificate; no client certs."""
 
     __slots__ = ("mode", "server_context", "_source")
+    server_context: ssl.SSLContext
 
     def __init__(self, raw: dict[str, Any], previous: IngressTLS | None) -> None:
         self.mode = "strict"
@@ -270,12 +284,13 @@ class IngressTLS:
         if previous is not None and previous._source == source:
             self.server_context = previous.server_context
             return
-        if not all(isinstance(part, str) and part for part in source):
+        parts = [part for part in source if isinstance(part, str) and part]
+        if len(parts) != len(source):
             raise TLSConfigError("ingress_tls: cert_pem and key_pem are required")
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # outside clients: browsers, curl
         try:
-            _load_chain(ctx, source[0], source[1])  # type: ignore[arg-type]
+            _load_chain(ctx, parts[0], parts[1])
         except (ssl.SSLError, OSError) as exc:
             raise TLSConfigError(f"ingress_tls: cannot load the certificate: {exc}") from None
         ctx.set_alpn_protocols(["h2", "http/1.1"])  # h2 for gRPC and HTTP/2 clients (proxy.dispatch.ingress_h2)

@@ -33,7 +33,7 @@ def _fast_module() -> Any | None:
     if os.environ.get(ENV_NAME, LOOP) != FAST:
         return None
     try:
-        import aiofastnet  # type: ignore[import-not-found,unused-ignore]  # optional, untyped
+        import aiofastnet  # type: ignore[import-not-found,unused-ignore]  # optional: not installed off Linux (it ships its types where it is)
     except ImportError:
         return None
     return aiofastnet

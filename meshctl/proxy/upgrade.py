@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from meshctl.proxy.errors import MeshError
 from meshctl.proxy.http1 import Head, rebuild_head
@@ -68,7 +68,7 @@ def requested_upgrade(head: Head) -> bytes | None:
     return None
 
 
-def forward_request_head(head: Head, protocol: bytes, add: list[bytes] = (), start_line: bytes | None = None) -> bytes:  # type: ignore[assignment]
+def forward_request_head(head: Head, protocol: bytes, add: Sequence[bytes] = (), start_line: bytes | None = None) -> bytes:
     """The request head to send upstream: hop-by-hop headers dropped, the upgrade pair kept."""
     return rebuild_head(head, [*add, b"connection: upgrade", b"upgrade: " + protocol], start_line)
 
