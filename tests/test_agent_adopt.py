@@ -1,0 +1,139 @@
+"""A new agent re-adopts the mesh a crashed agent left serving (issue #21, part 1).
+
+Under steady load through the ingress, kill -9 the agent: no request fails while no agent
+runs, nor while a new one (started by `meshctl status` or `meshctl up`) adopts the mesh.
+The same processes serve throughout, live route changes work and traffic follows them,
+status says how long the mesh ran without an agent, an adopted app that dies is restarted,
+and a second crash with `agent_grace: 3s` still leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+from meshctl.agent.meshstate import STATE_FILE
+from tests.meshharness import alive, free_port, http_get, wait_for
+from tests.reliability import ContinuousLoad
+
+GONE_DEADLINE_S = 30.0
+REQUESTS_WITHOUT_AGENT = 200
+
+CANARY = """
+mesh: adopted
+services:
+  back:
+    health: {{http: /healthz}}
+    versions:
+      v1: {{command: {PY} {APPS}/echo.py, replicas: 2}}
+      v2: {{command: {PY} {APPS}/echo.py}}
+    split: {{v1: 100}}
+  front:
+    command: {PY} {APPS}/echo.py
+    upstreams: [back]
+    health: {{http: /healthz}}
+ingress:
+  port: {port}
+  routes: [{{path: /, service: front}}]
+{extra}"""
+
+
+def start(mesh, extra: str = "") -> int:
+    port = free_port()
+    mesh.write_manifest(CANARY.format(port=port, extra=extra, PY="{PY}", APPS="{APPS}"))
+    mesh.up()
+    mesh.remember_pids()
+    return port
+
+
+def processes(mesh) -> dict[str, tuple]:
+    """(app pid, sidecar pid, ports) of every instance and of the ingress."""
+    status = mesh.status()
+    found = {inst["id"]: (inst["pid"], inst["sidecar_pid"], inst["port"], inst["inbound_port"])
+             for inst in status["instances"]}
+    found["ingress"] = (None, status["ingress"]["sidecar_pid"], status["ingress"]["port"], None)
+    return found
+
+
+def pids_of(found: dict[str, tuple]) -> set[int]:
+    return {pid for app, sidecar, *_ in found.values() for pid in (app, sidecar) if pid}
+
+
+def kill_agent(mesh) -> int:
+    agent = mesh.agent_pid()
+    assert agent is not None
+    os.kill(agent, signal.SIGKILL)
+    wait_for(lambda: not alive(agent), what="the agent to die")
+    return agent
+
+
+def versions_answering(port: int, count: int) -> set[str]:
+    answers = set()
+    for _ in range(count):
+        code, _, body = http_get(f"http://127.0.0.1:{port}/call/back/whoami")
+        assert code == 200, body
+        answers.add(json.loads(body)["version"])
+    return answers
+
+
+def test_a_new_agent_re_adopts_the_mesh_with_no_failed_request(mesh):
+    port = start(mesh)
+    before = processes(mesh)
+    config_version = mesh.status()["config_version"]
+    with ContinuousLoad(port, "/call/back/whoami") as load:
+        load.wait_for_requests(50)
+        first = kill_agent(mesh)
+        load.wait_for_requests(REQUESTS_WITHOUT_AGENT)
+        status = mesh.status()  # needs an agent: starts one, which adopts the mesh
+        load.wait_for_requests(REQUESTS_WITHOUT_AGENT)
+        failures = [o.detail for o in load.outcomes if not o.ok]
+    assert failures == []
+    second = mesh.agent_pid()
+    assert second not in (None, first)
+    assert processes(mesh) == before  # the same pids, the same ingress port
+    assert status["config_version"] > config_version  # continued, never back
+    assert all(inst["state"] == "ready" for inst in status["instances"])
+    assert [period["agent"] for period in status["without_agent"]] == [second]
+    assert status["without_agent"][0]["seconds"] > 0
+    table = mesh.cli("status", check=True).stdout
+    assert f"without an agent until agent {second} re-adopted it" in table
+    assert "SYNCED" in mesh.cli("proxy-status", check=True).stdout
+
+    # Live changes reach the adopted sidecars, and traffic follows them.
+    assert versions_answering(port, 10) == {"v1"}
+    mesh.cli("route", "split", "back", "v2=100", "v1=0", check=True)
+    assert versions_answering(port, 10) == {"v2"}
+
+    # A second crash: the sentinel that followed the adopting agent stops all after the grace.
+    mesh.write_manifest(mesh.manifest.read_text() + "agent_grace: 3s\n")
+    assert "changed 0, stopped 0" in mesh.up().stdout
+    assert processes(mesh) == before
+    pids = pids_of(before)
+    assert len(pids) == 9  # 4 apps, 5 sidecars
+    kill_agent(mesh)
+    assert http_get(f"http://127.0.0.1:{port}/call/back/whoami")[0] == 200  # still serving
+    wait_for(lambda: not any(alive(p) for p in pids), timeout=GONE_DEADLINE_S,
+             what="every process to stop once agent_grace passed")
+    wait_for(lambda: not mesh.living(), timeout=GONE_DEADLINE_S, what="the sentinel to exit too")
+
+
+def test_an_adopted_app_that_dies_is_restarted_and_up_adopts(mesh):
+    port = start(mesh)
+    before = processes(mesh)
+    kill_agent(mesh)
+    mesh.up()  # adopts, then finds the manifest unchanged
+    after = processes(mesh)
+    assert after == before
+    victim = before["back@v1#0"][0]
+    os.kill(victim, signal.SIGKILL)  # not the new agent's child: noticed through its pidfd
+    wait_for(lambda: (pid := mesh.instance("back@v1#0")["pid"]) not in (None, victim) and pid,
+             what="the adopted app to be restarted")
+    restarted = mesh.instance("back@v1#0")
+    assert restarted["restarts"] == 1 and restarted["sidecar_pid"] == before["back@v1#0"][1]
+    wait_for(lambda: mesh.instance("back@v1#0")["state"] == "ready", what="the restarted app to be ready")
+    assert http_get(f"http://127.0.0.1:{port}/call/back/whoami")[0] == 200
+    mesh.remember_pids()
+    mesh.cli("down", check=True)
+    assert not (mesh.home / STATE_FILE).exists()  # nothing left to adopt
+    wait_for(lambda: not mesh.living(), timeout=GONE_DEADLINE_S, what="down to stop every process")
