@@ -349,7 +349,7 @@ def no_mesh(home: Path) -> NoReturn:
         fail(
             f"no agent answers in {home}; the mesh it ran may still be serving, kept by its"
             " sentinel until agent_grace passes",
-            "`meshctl up -f mesh.yaml` stops it and starts the mesh afresh; `meshctl down` stops it",
+            "the next `meshctl status` or `meshctl up` starts an agent that re-adopts it; `meshctl down` stops it",
         )
     fail(f"no mesh running (MESHCTL_HOME={home})", "start one with `meshctl up -f mesh.yaml`")
 
