@@ -230,8 +230,13 @@ class Adopter:
         return ingress
 
     async def leftovers(self) -> None:
-        """Stop every group the sentinel held that was not adopted, then close what is left."""
-        stray = [pgid for pgid in self.handover.groups if pgid not in self.adopted]
+        """Stop every group the sentinel held that was not adopted, then close what is left.
+
+        A group is signalled only while one of its processes still writes to the stdout
+        pipe the sentinel held for it: once a group is gone, its number may be another's.
+        """
+        stray = [pgid for pgid, group in self.handover.groups.items()
+                 if pgid not in self.adopted and group.drained and group_writes_to(pgid, group.drained[0])]
         for pgid in stray:
             process.signal_group(pgid, signal.SIGTERM)
         give_up_at = time.monotonic() + STOP_GRACE_S
@@ -243,6 +248,18 @@ class Adopter:
             log.warning("stopped process group %d: held by the sentinel but not adopted", pgid)
         for group in self.handover.groups.values():
             group.close()
+
+
+def group_writes_to(pgid: int, pipe_fd: int) -> bool:
+    """Whether a process of group `pgid` has the other end of pipe `pipe_fd` as its stdout."""
+    pipe = os.fstat(pipe_fd).st_ino
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and os.stat(f"/proc/{proc.pid}/fd/1").st_ino == pipe:
+                return True
+        except OSError:
+            continue  # gone meanwhile, or not ours to look at
+    return False
 
 
 async def adopt(sup: Supervisor, handover: Handover) -> None:
