@@ -12,13 +12,20 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 
+import psutil
+
+from meshctl.agent.adopt import open_same_process
 from meshctl.agent.meshstate import STATE_FILE
 from tests.meshharness import alive, free_port, http_get, wait_for
 from tests.reliability import ContinuousLoad
 
 GONE_DEADLINE_S = 30.0
 REQUESTS_WITHOUT_AGENT = 200
+WITHOUT_AGENT_S = 10.0
 
 CANARY = """
 mesh: adopted
@@ -68,6 +75,10 @@ def kill_agent(mesh) -> int:
     return agent
 
 
+def app_log_bytes(mesh) -> int:
+    return sum(path.stat().st_size for path in (mesh.home / "logs").glob("back@*[0-9].log"))
+
+
 def versions_answering(port: int, count: int) -> set[str]:
     answers = set()
     for _ in range(count):
@@ -84,7 +95,10 @@ def test_a_new_agent_re_adopts_the_mesh_with_no_failed_request(mesh):
     with ContinuousLoad(port, "/call/back/whoami") as load:
         load.wait_for_requests(50)
         first = kill_agent(mesh)
-        load.wait_for_requests(REQUESTS_WITHOUT_AGENT)
+        killed_at = time.monotonic()
+        wait_for(lambda: time.monotonic() - killed_at >= WITHOUT_AGENT_S, timeout=WITHOUT_AGENT_S + 5,
+                 what="the mesh to serve for a while with no agent")  # the scenario, not a synchronisation
+        assert len(load.between(killed_at, time.monotonic())) >= REQUESTS_WITHOUT_AGENT
         status = mesh.status()  # needs an agent: starts one, which adopts the mesh
         load.wait_for_requests(REQUESTS_WITHOUT_AGENT)
         failures = [o.detail for o in load.outcomes if not o.ok]
@@ -95,15 +109,18 @@ def test_a_new_agent_re_adopts_the_mesh_with_no_failed_request(mesh):
     assert status["config_version"] > config_version  # continued, never back
     assert all(inst["state"] == "ready" for inst in status["instances"])
     assert [period["agent"] for period in status["without_agent"]] == [second]
-    assert status["without_agent"][0]["seconds"] > 0
+    assert status["without_agent"][0]["seconds"] >= WITHOUT_AGENT_S
     table = mesh.cli("status", check=True).stdout
     assert f"without an agent until agent {second} re-adopted it" in table
     assert "SYNCED" in mesh.cli("proxy-status", check=True).stdout
 
-    # Live changes reach the adopted sidecars, and traffic follows them.
+    # Live changes reach the adopted sidecars, and traffic follows them; the adopted apps'
+    # output still reaches their log files, now read by the new agent.
+    logged = app_log_bytes(mesh)
     assert versions_answering(port, 10) == {"v1"}
     mesh.cli("route", "split", "back", "v2=100", "v1=0", check=True)
     assert versions_answering(port, 10) == {"v2"}
+    wait_for(lambda: app_log_bytes(mesh) > logged, what="adopted apps' lines in their logs")
 
     # A second crash: the sentinel that followed the adopting agent stops all after the grace.
     mesh.write_manifest(mesh.manifest.read_text() + "agent_grace: 3s\n")
@@ -122,6 +139,7 @@ def test_an_adopted_app_that_dies_is_restarted_and_up_adopts(mesh):
     port = start(mesh)
     before = processes(mesh)
     kill_agent(mesh)
+    assert os.stat(mesh.home / STATE_FILE).st_mode & 0o777 == 0o600
     mesh.up()  # adopts, then finds the manifest unchanged
     after = processes(mesh)
     assert after == before
@@ -137,3 +155,18 @@ def test_an_adopted_app_that_dies_is_restarted_and_up_adopts(mesh):
     mesh.cli("down", check=True)
     assert not (mesh.home / STATE_FILE).exists()  # nothing left to adopt
     wait_for(lambda: not mesh.living(), timeout=GONE_DEADLINE_S, what="down to stop every process")
+
+
+def test_only_the_recorded_process_is_adopted_never_a_reused_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        created = psutil.Process(proc.pid).create_time()
+        pidfd = open_same_process({"pid": proc.pid, "created": created})
+        assert pidfd is not None
+        os.close(pidfd)
+        assert open_same_process({"pid": proc.pid, "created": created - 1.0}) is None  # another process
+        assert open_same_process(None) is None
+    finally:
+        proc.kill()
+        proc.wait()
+    assert open_same_process({"pid": proc.pid, "created": created}) is None  # gone
