@@ -151,6 +151,16 @@ def test_an_adopted_app_that_dies_is_restarted_and_up_adopts(mesh):
     assert restarted["restarts"] == 1 and restarted["sidecar_pid"] == before["back@v1#0"][1]
     wait_for(lambda: mesh.instance("back@v1#0")["state"] == "ready", what="the restarted app to be ready")
     assert http_get(f"http://127.0.0.1:{port}/call/back/whoami")[0] == 200
+
+    # What the adopting agent started (through the sentinel it adopted) is adopted in turn.
+    mesh.remember_pids()
+    running = processes(mesh)
+    kill_agent(mesh)
+    status = mesh.status()
+    assert processes(mesh) == running
+    assert len(status["without_agent"]) == 2 and status["without_agent"][1]["agent"] == mesh.agent_pid()
+    assert "(2 times," in mesh.cli("status", check=True).stdout
+    assert http_get(f"http://127.0.0.1:{port}/call/back/whoami")[0] == 200
     mesh.remember_pids()
     mesh.cli("down", check=True)
     assert not (mesh.home / STATE_FILE).exists()  # nothing left to adopt

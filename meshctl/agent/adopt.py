@@ -56,6 +56,9 @@ from meshctl.agent.supervisor import Supervisor
 log = logging.getLogger(__name__)
 
 POLL_S = 0.05
+# Within the CLI's 10 s wait for a new agent to answer: a sidecar that does not ACK by
+# then shows STALE in `proxy-status` and gets the next push.
+ADOPT_CONVERGE_TIMEOUT_S = 5.0
 CREATE_TIME_TOLERANCE_S = 0.005  # create times are in clock ticks (10 ms): the same process or another
 
 
@@ -293,7 +296,7 @@ async def adopt(sup: Supervisor, handover: Handover) -> None:
     if record.get("ingress") and manifest.ingress is not None:
         sup.ingress = await adopter.ingress(record["ingress"])
     sup.start_pusher()
-    problems = await sup.converge()
+    problems = await sup.converge(timeout=ADOPT_CONVERGE_TIMEOUT_S)
     if problems:
         log.warning("after adopting the mesh: %s", "; ".join(problems))
     await adopter.leftovers()

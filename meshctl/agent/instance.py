@@ -387,7 +387,7 @@ class Instance:
             await asyncio.wait({app_exit, stop}, timeout=health.period_s)
         return False
 
-    async def _restart_sidecar(self, code: int) -> None:
+    async def _restart_sidecar(self, code: int | None) -> None:
         """Only the sidecar died: the app keeps running and callers keep this endpoint.
 
         The agent holds the sidecar's listening sockets, so new connections wait in the

@@ -288,12 +288,21 @@ def kept_sentinels(home: Path) -> Iterator[psutil.Process]:
             wanted = sentinel_home(proc.info["cmdline"] or [])
             if wanted is None or proc.info["uids"].real != os.getuid() or Path(wanted).resolve() != home.resolve():
                 continue
-            parent = psutil.Process(proc.info["ppid"]).cmdline() if proc.info["ppid"] > 1 else []
-            if parent[1:3] == ["-m", "meshctl.agent"] or adopter is not None:
-                continue  # its agent runs: that one answers for the mesh
         except (psutil.Error, OSError, TypeError):
             continue
+        if parent_is_agent(proc.info["ppid"]) or adopter is not None:
+            continue  # its agent runs: that one answers for the mesh
         yield proc
+
+
+def parent_is_agent(ppid: int) -> bool:
+    import psutil
+
+    try:
+        parent = psutil.Process(ppid)
+        return parent.status() != psutil.STATUS_ZOMBIE and parent.cmdline()[1:3] == ["-m", "meshctl.agent"]
+    except (psutil.Error, OSError):
+        return False  # gone, or a zombie: a dead agent
 
 
 def live_agent_pid(home: Path) -> int | None:

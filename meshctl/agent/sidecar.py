@@ -185,7 +185,7 @@ class SidecarHandle:
             if not waiter.done():
                 waiter.set_exception(SidecarError(f"{self.name} exited"))
 
-    async def wait(self) -> int:
+    async def wait(self) -> int | None:
         assert self.proc is not None
         code = await self.proc.wait()
         if self._sentinel is not None:
