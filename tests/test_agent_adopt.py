@@ -180,3 +180,22 @@ def test_only_the_recorded_process_is_adopted_never_a_reused_pid():
         proc.kill()
         proc.wait()
     assert open_same_process({"pid": proc.pid, "created": created}) is None  # gone
+
+
+def test_a_process_group_the_record_does_not_know_is_stopped_never_orphaned(mesh):
+    port = start(mesh)
+    before = processes(mesh)
+    kill_agent(mesh)
+    # As if the agent died between starting back@v1#1 and writing it down.
+    record_path = mesh.home / STATE_FILE
+    record = json.loads(record_path.read_text())
+    record["instances"] = [i for i in record["instances"] if i["id"] != "back@v1#1"]
+    record_path.write_text(json.dumps(record))
+    mesh.status()
+    unknown = before["back@v1#1"][:2]
+    wait_for(lambda: not any(alive(p) for p in unknown), what="the group nobody recorded to be stopped")
+    wait_for(lambda: mesh.instance("back@v1#1")["state"] == "ready", what="back@v1#1 started afresh")
+    after = processes(mesh)
+    assert not set(after.pop("back@v1#1")[:2]) & set(unknown)
+    assert after == {k: v for k, v in before.items() if k != "back@v1#1"}  # the others adopted
+    assert versions_answering(port, 4) == {"v1"}

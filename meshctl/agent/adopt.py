@@ -247,9 +247,10 @@ class Adopter:
             await asyncio.sleep(POLL_S)  # polling interval of a deadline loop
         for pgid in stray:
             process.signal_group(pgid, signal.SIGKILL)
-            self.sup.sentinel_unregister(pgid)
             log.warning("stopped process group %d: held by the sentinel but not adopted", pgid)
-        for group in self.handover.groups.values():
+        for pgid, group in self.handover.groups.items():
+            if pgid not in self.adopted:
+                self.sup.sentinel_unregister(pgid)  # it closes its copies; a later crash will not signal it
             group.close()
 
 
