@@ -199,3 +199,20 @@ def test_a_process_group_the_record_does_not_know_is_stopped_never_orphaned(mesh
     assert not set(after.pop("back@v1#1")[:2]) & set(unknown)
     assert after == {k: v for k, v in before.items() if k != "back@v1#1"}  # the others adopted
     assert versions_answering(port, 4) == {"v1"}
+
+
+def test_a_mesh_that_cannot_be_adopted_is_stopped_then_started_afresh(mesh):
+    port = start(mesh)
+    before = pids_of(processes(mesh))
+    kill_agent(mesh)
+    record_path = mesh.home / STATE_FILE
+    record = json.loads(record_path.read_text())
+    record["manifest"]["text"] = "mesh: [not a manifest"
+    record_path.write_text(json.dumps(record))
+    assert mesh.status()["instances"] == []  # the new agent runs no mesh
+    wait_for(lambda: not any(alive(p) for p in before), timeout=GONE_DEADLINE_S,
+             what="the mesh it could not adopt to be stopped")
+    assert not record_path.exists()
+    mesh.up()
+    assert not pids_of(processes(mesh)) & before
+    assert versions_answering(port, 2) == {"v1"}

@@ -49,7 +49,6 @@ from meshctl.agent.sentinel import (
     STOP_GRACE_S,
     group_alive,
     kept_sentinels,
-    stop_groups,
 )
 from meshctl.agent.supervisor import Supervisor
 
@@ -267,7 +266,28 @@ def group_writes_to(pgid: int, pipe_fd: int) -> bool:
 
 
 async def adopt(sup: Supervisor, handover: Handover) -> None:
-    """Make `sup` run the mesh of `handover`; raises AdoptionFailed before it has taken any process."""
+    """Make `sup` run the mesh of `handover`. If that fails, whatever it took is stopped as
+    `down` would and every other group the sentinel held too, then the error is raised."""
+    adopter = Adopter(sup, handover)
+    try:
+        await take_processes(sup, adopter)
+    except BaseException:
+        with suppress(Exception):
+            await sup.down()
+        adopter.adopted.clear()  # those are stopped: everything else still running is a stray now
+        await adopter.leftovers()
+        raise
+    await adopter.leftovers()
+    sup.manifest_record = handover.record["manifest"]
+    sup.persist()
+    log.info(
+        "adopted mesh %s after %.1f s without an agent: %d of %d process groups still running taken over",
+        sup.manifest.mesh if sup.manifest else "-", handover.without_agent_s, len(adopter.adopted), len(handover.groups),
+    )
+
+
+async def take_processes(sup: Supervisor, adopter: Adopter) -> None:
+    handover = adopter.handover
     record = handover.record
     source = record["manifest"]
     try:
@@ -284,7 +304,6 @@ async def adopt(sup: Supervisor, handover: Handover) -> None:
     sup.overrides = sup.store.load(manifest.mesh)
     if sup.sentinel is not None:
         sup.sentinel.set_grace(manifest.agent_grace_s)
-    adopter = Adopter(sup, handover)
     desired = desired_instances(manifest, sup.overrides.replicas)
     by_id = {r["id"]: r for r in record.get("instances", [])}
     for iid, spec in desired.items():
@@ -300,13 +319,6 @@ async def adopt(sup: Supervisor, handover: Handover) -> None:
     problems = await sup.converge(timeout=ADOPT_CONVERGE_TIMEOUT_S)
     if problems:
         log.warning("after adopting the mesh: %s", "; ".join(problems))
-    await adopter.leftovers()
-    sup.manifest_record = source
-    sup.persist()
-    log.info(
-        "adopted mesh %s after %.1f s without an agent: %d of %d processes still running taken over",
-        manifest.mesh, handover.without_agent_s, len(adopter.adopted), len(handover.groups),
-    )
 
 
 async def supervise(home: Path, handover: Handover | None) -> Supervisor:
@@ -323,12 +335,7 @@ async def supervise(home: Path, handover: Handover | None) -> Supervisor:
             await adopt(sup, handover)
             return sup
         except Exception as exc:
-            log.error("adopting the mesh failed (%s); stopping it", exc, exc_info=not isinstance(exc, AdoptionFailed))
-            with suppress(Exception):
-                await sup.down()
-            await asyncio.to_thread(stop_groups, sorted(handover.groups), STOP_GRACE_S)
-            for group in handover.groups.values():
-                group.close()
+            log.error("adopting the mesh failed (%s); stopped it", exc, exc_info=not isinstance(exc, AdoptionFailed))
             sentinel.close()
             meshstate.remove(home)
     return Supervisor(str(home), logbook, process.Sentinel(home))
