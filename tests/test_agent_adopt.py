@@ -26,6 +26,7 @@ from tests.reliability import ContinuousLoad
 GONE_DEADLINE_S = 30.0
 REQUESTS_WITHOUT_AGENT = 200
 WITHOUT_AGENT_S = 10.0
+ADOPTED_GRACE_S = 15.0  # long enough for a loaded machine to adopt within it
 
 CANARY = """
 mesh: adopted
@@ -183,9 +184,10 @@ def test_only_the_recorded_process_is_adopted_never_a_reused_pid():
 
 
 def test_a_process_group_the_record_does_not_know_is_stopped_never_orphaned(mesh):
-    port = start(mesh)
+    port = start(mesh, f"agent_grace: {ADOPTED_GRACE_S:g}s\n")
     before = processes(mesh)
     kill_agent(mesh)
+    killed_at = time.monotonic()
     # As if the agent died between starting back@v1#1 and writing it down.
     record_path = mesh.home / STATE_FILE
     record = json.loads(record_path.read_text())
@@ -199,6 +201,10 @@ def test_a_process_group_the_record_does_not_know_is_stopped_never_orphaned(mesh
     assert not set(after.pop("back@v1#1")[:2]) & set(unknown)
     assert after == {k: v for k, v in before.items() if k != "back@v1#1"}  # the others adopted
     assert versions_answering(port, 4) == {"v1"}
+    # The adoption stopped the sentinel's grace timer: past it, everything still serves.
+    wait_for(lambda: time.monotonic() - killed_at > ADOPTED_GRACE_S + 2, timeout=ADOPTED_GRACE_S + 5,
+             what="agent_grace to pass")  # the scenario, not a synchronisation
+    assert all(alive(pid) for pid in pids_of(after)) and versions_answering(port, 2) == {"v1"}
 
 
 def test_a_mesh_that_cannot_be_adopted_is_stopped_then_started_afresh(mesh):
