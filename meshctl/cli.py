@@ -45,6 +45,7 @@ from meshctl.client import (
     Client,
     ClientError,
     connect,
+    connect_or_adopt,
     ensure_agent,
     exit_reason,
     stop_agent,
@@ -334,12 +335,13 @@ def last_log_lines(client: Client, instance_id: str) -> list[str]:
 # --- down, status, logs -------------------------------------------------------------------
 
 
-def running_agent() -> tuple[Path, Client | None]:
-    """The state directory and its agent, without creating the directory."""
+def running_agent(adopt: bool = True) -> tuple[Path, Client | None]:
+    """The state directory and its agent, without creating the directory; with `adopt`, a
+    new agent that re-adopts the mesh a crashed one left serving."""
     home = resolve_home()
     if existing_home(home) is None:
         return home, None
-    return home, connect(home)
+    return home, connect_or_adopt(home) if adopt else connect(home)
 
 
 def no_mesh(home: Path) -> NoReturn:
@@ -347,7 +349,7 @@ def no_mesh(home: Path) -> NoReturn:
         fail(
             f"no agent answers in {home}; the mesh it ran may still be serving, kept by its"
             " sentinel until agent_grace passes",
-            "`meshctl up -f mesh.yaml` stops it and starts the mesh afresh; `meshctl down` stops it",
+            "the next `meshctl status` or `meshctl up` starts an agent that re-adopts it; `meshctl down` stops it",
         )
     fail(f"no mesh running (MESHCTL_HOME={home})", "start one with `meshctl up -f mesh.yaml`")
 
@@ -359,7 +361,7 @@ def down(
     ] = 30.0,
 ) -> None:
     """Stop every instance and the agent. Never hangs: past the timeout the agent is killed."""
-    home, client = running_agent()
+    home, client = running_agent(adopt=False)
     out = render.make_console()
     if client is None:
         if home.exists() and stop_kept_mesh(home, timeout):

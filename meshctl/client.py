@@ -4,8 +4,8 @@ Every request opens its own connection, sends one object and reads response line
 the final `{"ok": ...}`. Socket and protocol failures are translated here into the small
 `ClientError` hierarchy, so the CLI never sees a raw `OSError`.
 
-`connect()` finds a running agent (or None), `ensure_agent()` starts one detached if
-none answers (one CLI at a time: `start_turn()`), and `stop_agent()` asks it to go and
+`connect()` finds a running agent (or None), `connect_or_adopt()` also starts one that
+re-adopts a crashed agent's mesh, `ensure_agent()` starts one detached if none answers (one CLI at a time: `start_turn()`), and `stop_agent()` asks it to go and
 makes sure it has gone.
 """
 
@@ -26,7 +26,8 @@ from typing import Any
 
 import psutil
 
-from meshctl.agent.sentinel import stop_kept_mesh
+from meshctl.agent.meshstate import STATE_FILE
+from meshctl.agent.sentinel import KEEPER_SOCKET, stop_kept_mesh
 from meshctl.paths import log_path, socket_path
 
 REQUEST_TIMEOUT_S = 30.0
@@ -190,6 +191,15 @@ def connect(home: Path) -> Client | None:
         return None
     client = Client(sock)
     client.info = info if isinstance(info, dict) else {}
+    return client
+
+
+def connect_or_adopt(home: Path) -> Client | None:
+    """The agent of `home`; if none answers but a crashed agent's mesh is still served (its
+    sentinel keeps it), a new agent started here, which re-adopts that mesh (agent.adopt)."""
+    client = connect(home)
+    if client is None and ((home / KEEPER_SOCKET).exists() or (home / STATE_FILE).exists()):
+        client = ensure_agent(home)
     return client
 
 

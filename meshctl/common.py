@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from meshctl import render
-from meshctl.client import Client, connect
+from meshctl.client import Client, connect_or_adopt
 from meshctl.paths import existing_home, resolve_home
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ _PLAIN_SECONDS = re.compile(r"^\d+(?:\.\d+)?$")
 def agent_or_exit() -> Client:
     """The running agent of `$MESHCTL_HOME`, or exit 1 saying how to start one."""
     home = resolve_home()
-    client = connect(home) if existing_home(home) is not None else None
+    client = connect_or_adopt(home) if existing_home(home) is not None else None
     if client is None:
         render.print_error(render.make_console(stderr=True), f"no mesh running (MESHCTL_HOME={home})",
                            "start one with `meshctl up -f mesh.yaml`")

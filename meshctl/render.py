@@ -153,12 +153,28 @@ def print_status(console: Console, status: Mapping[str, Any], now: float) -> Non
     if not instances:
         console.out(f"{title}: no instances")
         return
+    unattended = without_agent_line(status.get("without_agent") or [], now)
+    if unattended:
+        console.out(unattended)
     rows = status_rows(instances, now)
     if console.is_terminal:
         console.print(status_table(rows, title))
     else:
         console.out(title)
         console.out(plain_table(STATUS_COLUMNS, rows))
+
+
+def without_agent_line(periods: Sequence[Mapping[str, Any]], now: float) -> str | None:
+    """How long the mesh served with no agent (after agent crashes), None if it never did."""
+    if not periods:
+        return None
+    last = periods[-1]
+    total = sum(float(p.get("seconds") or 0) for p in periods)
+    line = (f"ran {float(last.get('seconds') or 0):.1f} s without an agent until agent {last.get('agent')}"
+            f" re-adopted it {humanize_duration(now - float(last.get('adopted_at') or now))} ago")
+    if len(periods) > 1:
+        line += f" ({len(periods)} times, {total:.1f} s in all)"
+    return line
 
 
 def ingress_url(ingress: Mapping[str, Any]) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 
+from meshctl.agent.meshstate import STATE_FILE
 from meshctl.agent.sentinel import Kept, append_lines, apply_message, sentinel_home
 from tests.meshharness import alive, free_port, http_get, wait_for
 from tests.reliability import ContinuousLoad
@@ -52,9 +53,7 @@ def test_kill_9_of_the_agent_loses_no_request_and_down_still_stops_all(mesh):
     assert failures == []
     assert app_log_bytes(mesh) > logged  # the sentinel drains the apps' output into their logs
     assert all(alive(p) for p in others)  # the same processes served throughout
-    status = mesh.cli("status")
-    assert status.returncode == 1 and "kept by its sentinel" in status.stderr, status.stderr
-    result = mesh.cli("down", check=True)
+    result = mesh.cli("down", check=True)  # adopts nothing: stops the kept mesh at once
     assert "no agent" in result.stdout
     wait_for(lambda: not any(alive(p) for p in others), timeout=GONE_DEADLINE_S,
              what="every process of the kept mesh to stop")
@@ -70,10 +69,11 @@ def test_no_agent_within_agent_grace_stops_everything(mesh):
              what="the sentinel to stop every process once agent_grace passed")
 
 
-def test_up_after_a_crash_replaces_the_kept_mesh(mesh):
+def test_up_after_a_crash_replaces_a_kept_mesh_it_cannot_adopt(mesh):
     port, agent, others = start(mesh)
     os.kill(agent, signal.SIGKILL)
     wait_for(lambda: not alive(agent), what="the agent to die")
+    (mesh.home / STATE_FILE).unlink()  # as if written by a meshctl of another format
     mesh.up()
     assert not any(alive(p) for p in others)  # stopped before the new agent started its own
     assert mesh.agent_pid() != agent
@@ -87,7 +87,9 @@ def test_sentinel_messages():
     assert apply_message("grace 3", [], kept) == [] and kept.grace_s == 3.0
     assert apply_message("grace soon", [7], kept) == [7] and kept.grace_s == 3.0
     assert apply_message("garbage", [8], kept) == [8]
-    assert apply_message("-12", [], kept) == [5, 6]
+    assert apply_message("hold 12", [9, 10], kept) == [] and kept.groups[12].held == [9, 10]
+    assert apply_message("hold 99", [11], kept) == [11]  # no such group: not held
+    assert apply_message("-12", [], kept) == [5, 6, 9, 10]
     assert sorted(kept.groups) == [13]
     assert apply_message("exit", [], kept) == [] and kept.clean_exit
 

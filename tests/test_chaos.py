@@ -116,7 +116,7 @@ def test_kill_9_of_a_sidecar_is_restarted_and_callers_recover(chaos):
 
 
 
-def test_kill_9_of_the_agent_leaves_nothing_that_blocks_the_next_up(chaos):
+def test_kill_9_of_the_agent_leaves_nothing_that_blocks_the_next_up_adopting_it(chaos):
     chaos.remember_pids()
     agent = chaos.agent_pid()
     others = [p for p in chaos.seen_pids if p != agent]
@@ -129,8 +129,6 @@ def test_kill_9_of_the_agent_leaves_nothing_that_blocks_the_next_up(chaos):
     assert int((home / "agent.pid").read_text()) == agent
     with socket.socket(socket.AF_UNIX) as probe, pytest.raises(ConnectionRefusedError):
         probe.connect(str(home / "agent.sock"))
-    status = chaos.cli("status", timeout=30)
-    assert status.returncode == 1, status
     # A stale pid file that names some other live process must not matter either.
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
@@ -142,7 +140,7 @@ def test_kill_9_of_the_agent_leaves_nothing_that_blocks_the_next_up(chaos):
         bystander.wait()
     new_agent = chaos.agent_pid()
     assert new_agent not in (agent, bystander.pid) and alive(new_agent)
-    assert not any(alive(p) for p in others)  # the kept mesh was stopped before the new one started
+    assert all(alive(p) for p in others)  # the kept mesh was adopted, not restarted
     assert chaos.status()["mesh"] == "chaos"
     assert http_get(f"http://127.0.0.1:{chaos.port}/whoami")[0] == 200
 

@@ -30,7 +30,7 @@ from meshctl.agent.dashboard import Dashboard
 from meshctl.agent.control_why import why_ops
 from meshctl.agent.errors import AgentError
 from meshctl.agent.logs import LogLine
-from meshctl.agent.manifest import load_manifest
+from meshctl.agent.manifest import parse_manifest, read_manifest_text
 from meshctl.agent.observability import Observability
 from meshctl.agent.supervisor import Supervisor
 
@@ -190,9 +190,10 @@ class ControlServer:
             isinstance(key, str) and isinstance(value, str) for key, value in environ.items()
         ):
             raise BadRequest('"environ" must map variable names to strings')
-        manifest = load_manifest(path, environ=environ)
+        text = read_manifest_text(path)
+        manifest = parse_manifest(text, path, environ=environ)
         metrics_warning = await self.observability.serve_metrics(manifest.observability.metrics_port)
-        result = await self.sup.apply(manifest)
+        result = await self.sup.apply(manifest, {"text": text, "source": path, "environ": environ})
         if metrics_warning and isinstance(result, dict):
             result["metrics_warning"] = metrics_warning
         return result

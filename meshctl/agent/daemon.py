@@ -23,8 +23,8 @@ lock, or opened ours, is a sibling starting side by side with us: it will find t
 taken and exit, so it is left alone. Each orphan is asked to stop its mesh (SIGTERM),
 SIGKILLed with everything it started if still there after ORPHAN_STOP_GRACE_S (its
 sentinel would keep that mesh for `agent_grace`), and waited for with its processes
-before we serve, so their ports are free again. Likewise a mesh that a crashed agent's
-sentinel keeps serving here is stopped (`stop_kept_mesh`) before the new agent starts one.
+before we serve, so their ports are free again. A mesh that a crashed agent's sentinel
+keeps serving here is adopted (agent.adopt), or stopped (`stop_kept_mesh`) if it cannot be.
 """
 
 from __future__ import annotations
@@ -45,11 +45,10 @@ from pathlib import Path
 
 import psutil
 
+from meshctl.agent import meshstate
+from meshctl.agent.adopt import AdoptionFailed, Handover, supervise, take_over
 from meshctl.agent.control import ControlServer
-from meshctl.agent.logs import LogBook
-from meshctl.agent.process import Sentinel
 from meshctl.agent.sentinel import stop_kept_mesh
-from meshctl.agent.supervisor import Supervisor
 
 log = logging.getLogger("agent")
 
@@ -235,11 +234,12 @@ def write_exit_record(home: Path, reason: str) -> None:
     os.replace(temporary, path)
 
 
-async def serve(home: Path, lock_fd: int) -> AgentExit:
+async def serve(home: Path, lock_fd: int, handover: Handover | None) -> AgentExit:
     """Run the agent until `down`, a signal, or the loss of its state directory."""
     loop = asyncio.get_running_loop()
-    sentinel = Sentinel(home)
-    sup = Supervisor(str(home), LogBook(home / "logs"), sentinel)
+    sup = await supervise(home, handover)
+    sentinel = sup.sentinel
+    assert sentinel is not None
     finished = asyncio.Event()
     stopping = False
     reason = ""
@@ -256,6 +256,8 @@ async def serve(home: Path, lock_fd: int) -> AgentExit:
             finished.set()
 
     control = ControlServer(sup, str(home), shutdown)
+    if sup.manifest is not None:  # adopted: its metrics port is ours to serve now
+        await control.observability.serve_metrics(sup.manifest.observability.metrics_port)  # warns itself
     sock_path = home / SOCKET_NAME
     sock_path.unlink(missing_ok=True)  # ours now: the lock proves no live agent holds it
     await control.start(str(sock_path))
@@ -311,8 +313,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     stop_orphaned_agents(home, file_id(os.fstat(lock_fd)))
-    if stop_kept_mesh(home, KEPT_MESH_STOP_TIMEOUT_S):
-        log.warning("stopped the mesh that a crashed agent's sentinel kept serving; starting afresh")
+    try:
+        handover = take_over(home, KEPT_MESH_STOP_TIMEOUT_S)
+    except AdoptionFailed as exc:
+        handover = None
+        if stop_kept_mesh(home, KEPT_MESH_STOP_TIMEOUT_S):
+            log.warning("stopped the mesh that a crashed agent's sentinel kept serving (%s); starting afresh", exc)
+        meshstate.remove(home)
     pid_path = home / "agent.pid"
     pid_path.write_text(f"{os.getpid()}\n")
     os.chmod(pid_path, 0o600)
@@ -324,11 +331,11 @@ def main(argv: list[str] | None = None) -> int:
         watcher.attach_loop(loop)
         asyncio.set_child_watcher(watcher)
         try:
-            ended = loop.run_until_complete(serve(home, lock_fd))
+            ended = loop.run_until_complete(serve(home, lock_fd, handover))
         finally:
             loop.close()
     else:
-        ended = asyncio.run(serve(home, lock_fd))
+        ended = asyncio.run(serve(home, lock_fd, handover))
     if file_id_at(home / LOCK_NAME) == file_id(os.fstat(lock_fd)):  # else not ours to touch
         write_exit_record(home, ended.reason)
         pid_path.unlink(missing_ok=True)

@@ -13,6 +13,7 @@ The supervisor waits for every sidecar's ACK between the phases.
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 import time
 from pathlib import Path
@@ -60,6 +61,18 @@ class IdentityManager:
         """When the soonest leaf falls due (unix time), for the renewal timer."""
         times = [renewal_time(leaf) for leaf in self._leaves.values()]
         return min(times) if times else None
+
+    def export_leaves(self) -> dict[str, dict[str, Any]]:
+        """Every sidecar's leaf, keys included, for the 0600 state file a new agent adopts
+        the mesh from (agent.meshstate): its sidecars keep their certificates."""
+        return {owner: dataclasses.asdict(leaf) for owner, leaf in self._leaves.items()}
+
+    def restore_leaves(self, leaves: dict[str, dict[str, Any]]) -> None:
+        for owner, fields in leaves.items():
+            try:
+                self._leaves[owner] = Leaf(**fields)
+            except TypeError:
+                continue  # written by another meshctl: that sidecar gets a new leaf
 
     def force_renewal(self, owners: list[str]) -> None:
         self._forced.update(owners)

@@ -10,6 +10,7 @@ and sees of the supervisor only the `InstanceHost` it is given.
 from __future__ import annotations
 
 import asyncio
+import socket
 import errno
 import logging
 import signal
@@ -58,6 +59,7 @@ class InstanceHost(Protocol):
     def sidecar_message(self, message: dict) -> None: ...
     def sentinel_unregister(self, pid: int) -> None: ...
     def state_changed(self) -> None: ...
+    def persist(self) -> None: ...
     def unready_upstreams(self, upstreams: Iterable[str]) -> list[str]: ...
     async def wait_state_change(self) -> None: ...
     async def start_sidecar(self, handle: SidecarHandle, owner: Instance | Ingress) -> None: ...
@@ -71,7 +73,10 @@ def owner_key(owner: Instance | Ingress) -> str:
 class Instance:
     """One app process plus its sidecar, and the runner task that keeps them going."""
 
-    def __init__(self, sup: InstanceHost, spec: InstanceSpec, generation: int = 0) -> None:
+    def __init__(
+        self, sup: InstanceHost, spec: InstanceSpec, generation: int = 0, held: dict[str, socket.socket] | None = None
+    ) -> None:
+        """`held`: listening sockets by `sockets()` name, kept from a crashed agent's instance."""
         self.sup = sup
         self.spec = spec
         self.id = spec.id
@@ -82,14 +87,15 @@ class Instance:
         self.in_rotation = True  # False while it drains before a stop
         self.state = State.STOPPED
         self.message: str | None = None
-        self.app: asyncio.subprocess.Process | None = None
+        self.app: asyncio.subprocess.Process | process.AdoptedProcess | None = None
         self.app_port = free_port()
         # `listen: unix`: the app's socket in the private state directory instead of a port.
         self.app_socket = str(Path(sup.home) / "sockets" / f"{self.endpoint_id}.sock") if spec.listen == "unix" else None
-        self.inbound = listening_socket()
-        self.outbound = {u: listening_socket() for u in spec.upstreams}
-        self.forward = listening_socket() if spec.http_proxy else None
-        self.admin = listening_socket()
+        held = held or {}
+        self.inbound = held.get("inbound") or listening_socket()
+        self.outbound = {u: held.get(f"outbound:{u}") or listening_socket() for u in spec.upstreams}
+        self.forward = (held.get("forward") or listening_socket()) if spec.http_proxy else None
+        self.admin = held.get("admin") or listening_socket()
         self.restarts = 0
         self.quick_crashes = 0
         self.started_at: float | None = None
@@ -103,24 +109,30 @@ class Instance:
         )
         self.sidecar.on_message = sup.sidecar_message
 
-    def _fds(self) -> tuple[int, ...]:
-        fds = [self.inbound.fileno(), self.admin.fileno(), *(s.fileno() for s in self.outbound.values())]
+    def sockets(self) -> dict[str, socket.socket]:
+        """The sidecar's listening sockets by name, in the order they are passed to it."""
+        named = {"inbound": self.inbound, "admin": self.admin}
+        named.update({f"outbound:{u}": sock for u, sock in self.outbound.items()})
         if self.forward is not None:
-            fds.append(self.forward.fileno())
-        return tuple(fds)
+            named["forward"] = self.forward
+        return named
+
+    def _fds(self) -> tuple[int, ...]:
+        return tuple(sock.fileno() for sock in self.sockets().values())
 
     @property
     def inbound_port(self) -> int:
         return bound_port(self.inbound)
 
     def listeners(self) -> SidecarListeners:
+        fd = self.sidecar.fd_in_sidecar
         return SidecarListeners(
-            inbound_fd=self.inbound.fileno(),
+            inbound_fd=fd(self.inbound.fileno()),
             app_port=self.app_port,
             app_socket=self.app_socket,
-            outbound_fds=tuple((u, s.fileno()) for u, s in self.outbound.items()),
-            forward_fd=self.forward.fileno() if self.forward is not None else None,
-            admin_fd=self.admin.fileno(),
+            outbound_fds=tuple((u, fd(s.fileno())) for u, s in self.outbound.items()),
+            forward_fd=fd(self.forward.fileno()) if self.forward is not None else None,
+            admin_fd=fd(self.admin.fileno()),
         )
 
     def identity(self) -> SidecarIdentity:
@@ -199,9 +211,17 @@ class Instance:
         self.set_state(State.STARTING, "waiting for upstreams" if self.spec.upstreams else None)
         self.task = asyncio.create_task(self._run(), name=f"instance:{self.id}")
 
-    async def _run(self) -> None:
+    def resume(self, started_monotonic: float) -> None:
+        """Supervise an app adopted from a crashed agent (`self.app`, running) as if we had
+        started it at `started_monotonic`: restarted per its policy when it exits."""
+        self.passed_gate = True
+        self.task = asyncio.create_task(self._run(started_monotonic), name=f"instance:{self.id}")
+
+    async def _run(self, resumed_from: float | None = None) -> None:
         try:
             await self._gate()
+            if resumed_from is not None and await self._supervise(resumed_from) == "stop":
+                return
             while not self._stop.is_set():
                 outcome = await self._run_once()
                 if outcome == "stop":
@@ -260,12 +280,18 @@ class Instance:
             await self._stop.wait()
             return "stop"
         self.started_at = time.time()
-        assert self.app.stdout is not None
+        self.sup.persist()
+        return await self._supervise(started)
+
+    async def _supervise(self, started: float) -> str:
+        """Wait for the running app (started at monotonic `started`) to be ready, then to
+        exit or be stopped; restart its sidecar alone if only that dies."""
+        assert self.app is not None and self.app.stdout is not None
         pump = asyncio.create_task(self.sup.logbook.pump(self.app.stdout, self.id, self.id), name=f"log:{self.id}")
         app_exit = asyncio.create_task(self.app.wait(), name=f"wait:{self.id}")
         stop = asyncio.create_task(self._stop.wait(), name=f"stop:{self.id}")
         try:
-            ready = await self._probe_until_ready(app_exit, stop)
+            ready = self.state is State.READY or await self._probe_until_ready(app_exit, stop)
             if ready:
                 self.set_state(State.READY)
             while True:
@@ -302,7 +328,7 @@ class Instance:
             await asyncio.wait({app_exit, stop}, timeout=health.period_s)
         return False
 
-    async def _restart_sidecar(self, code: int) -> None:
+    async def _restart_sidecar(self, code: int | None) -> None:
         """Only the sidecar died: the app keeps running and callers keep this endpoint.
 
         The agent holds the sidecar's listening sockets, so new connections wait in the
@@ -371,10 +397,12 @@ class Instance:
 class Ingress:
     """The ingress: a sidecar with no app, listening where the manifest says."""
 
-    def __init__(self, sup: InstanceHost, host: str, port: int) -> None:
+    def __init__(self, sup: InstanceHost, host: str, port: int, held: dict[str, socket.socket] | None = None) -> None:
+        """`held`: the listening sockets by `sockets()` name, kept from a crashed agent's ingress."""
         self.sup = sup
+        held = held or {}
         try:
-            self.sock = listening_socket(host, port)
+            self.sock = held.get("ingress") or listening_socket(host, port)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise ApplyError(
@@ -384,7 +412,7 @@ class Ingress:
             raise ApplyError(f"ingress: cannot listen on {host}:{port}: {exc.strerror}") from None
         self.host = host
         self.port = bound_port(self.sock)
-        self.admin = listening_socket()
+        self.admin = held.get("admin") or listening_socket()
         self.sidecar = SidecarHandle(
             "ingress.sidecar", None, (self.sock.fileno(), self.admin.fileno()), sup.logbook, sup.sentinel, sup.base_env(), sup.home
         )
@@ -393,19 +421,26 @@ class Ingress:
         self.ready = False
         self.task: asyncio.Task | None = None
 
+    def sockets(self) -> dict[str, socket.socket]:
+        return {"ingress": self.sock, "admin": self.admin}
+
     def listeners(self) -> SidecarListeners:
-        return SidecarListeners(ingress_fd=self.sock.fileno(), admin_fd=self.admin.fileno())
+        fd = self.sidecar.fd_in_sidecar
+        return SidecarListeners(ingress_fd=fd(self.sock.fileno()), admin_fd=fd(self.admin.fileno()))
 
     def identity(self) -> SidecarIdentity:
         return SidecarIdentity(INGRESS_ID, None, None)
 
-    def launch(self) -> None:
-        self.task = asyncio.create_task(self._run(), name="ingress")
+    def launch(self, adopted: bool = False) -> None:
+        """Run the sidecar; `adopted`: it already runs, taken over from a crashed agent."""
+        self.task = asyncio.create_task(self._run(adopted), name="ingress")
 
-    async def _run(self) -> None:
+    async def _run(self, adopted: bool) -> None:
         while True:
             try:
-                await self.sup.start_sidecar(self.sidecar, self)
+                if not adopted:
+                    await self.sup.start_sidecar(self.sidecar, self)
+                adopted = False
             except SidecarError as exc:
                 log.error("ingress: %s", exc)
             else:

@@ -96,7 +96,7 @@ from meshctl.agent.schema_security import normal_authorization, source_problems
 from meshctl.agent.yamllines import YamlReader
 from meshctl.proxy.compare import json_pattern_error
 
-__all__ = ["ManifestError", "Problem", "load_manifest", "parse_manifest"]
+__all__ = ["ManifestError", "Problem", "load_manifest", "parse_manifest", "read_manifest_text"]
 
 DEFAULT_VERSION = "v1"
 _HEALTH_TIMES = (("health", "period"), ("health", "timeout"))
@@ -111,13 +111,16 @@ def load_manifest(path: str | Path, environ: Mapping[str, str] | None = None) ->
     `${VAR}` references are filled from `environ` (by default this process's environment).
     """
     source = os.fspath(path)
+    return parse_manifest(read_manifest_text(source), source, environ=environ)
+
+
+def read_manifest_text(source: str) -> str:
     try:
-        text = Path(source).read_bytes().decode("utf-8")
+        return Path(source).read_bytes().decode("utf-8")
     except OSError as error:
         raise ManifestError([Problem(source, None, "", "cannot read: %s" % (error.strerror or error))]) from None
     except UnicodeDecodeError as error:
         raise ManifestError([Problem(source, None, "", "not UTF-8 text: %s" % error.reason)]) from None
-    return parse_manifest(text, source, environ=environ)
 
 
 def parse_manifest(

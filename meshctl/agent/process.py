@@ -25,12 +25,13 @@ LOG_LINE_LIMIT = 2**16  # asyncio's own default; logs.pump splits a longer line
 
 
 class Sentinel:
-    """The agent's side of the sentinel socket (see agent.sentinel)."""
+    """The agent's side of the sentinel socket (see agent.sentinel): a sentinel it starts,
+    or (`adopted()`) the one of a crashed agent, over the keeper.sock connection."""
 
     def __init__(self, home: Path) -> None:
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self._proc = subprocess.Popen(
+            self._proc: subprocess.Popen | None = subprocess.Popen(
                 [sys.executable, "-m", "meshctl.agent.sentinel", "--home", str(home)],
                 stdin=theirs.fileno(),
                 stdout=subprocess.DEVNULL,
@@ -40,10 +41,18 @@ class Sentinel:
             )
         finally:
             theirs.close()
+        self._pid = self._proc.pid
+
+    @classmethod
+    def adopted(cls, sock: socket.socket, pid: int) -> Sentinel:
+        """The sentinel `pid` that kept the mesh and now follows this agent over `sock`."""
+        sentinel = cls.__new__(cls)
+        sentinel._sock, sentinel._proc, sentinel._pid = sock, None, pid
+        return sentinel
 
     @property
     def pid(self) -> int:
-        return self._proc.pid
+        return self._pid
 
     def _send(self, line: str, fds: tuple[int, ...] = ()) -> None:
         try:
@@ -55,6 +64,11 @@ class Sentinel:
         """A new group; the sentinel keeps copies of `hold` (its stdout pipe first) while it lives."""
         self._send(f"+{pgid}" + (f" {log_file}" if log_file else ""), hold)
 
+    def hold(self, pgid: int, fds: tuple[int, ...]) -> None:
+        """Fds of group `pgid` for the sentinel to keep without reading: a sidecar's listening
+        sockets, handed to the agent that adopts the mesh after a crash."""
+        self._send(f"hold {pgid}", fds)
+
     def unregister(self, pgid: int) -> None:
         self._send(f"-{pgid}")
 
@@ -65,6 +79,8 @@ class Sentinel:
         """A clean shutdown: everything is stopped already, so the sentinel may just leave."""
         self._send("exit")
         self._sock.close()
+        if self._proc is None:
+            return  # not our child: it exits on its own, reaped by whoever adopted it
         try:
             self._proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -106,11 +122,47 @@ async def spawn(
         os.close(write_end)
     if sentinel is not None:
         sentinel.register(proc.pid, (read_end, *hold_fds), log_file)  # a session leader's pgid is its pid
+    proc.stdout = await read_pipe(read_end)
+    return proc
+
+
+class AdoptedProcess:
+    """A process a crashed agent started and this one adopted, shaped like the
+    asyncio.subprocess.Process the rest of the agent handles.
+
+    It is not our child, so its exit is seen through a pidfd (readable once it has
+    exited) and its exit status cannot be known: `wait()` returns None ("exited"), and
+    `returncode` only tells that it has ended. The reaping is done by init (or a
+    subreaper), which inherited it from the dead agent.
+    """
+
+    def __init__(self, pid: int, pidfd: int, stdout: asyncio.StreamReader | None) -> None:
+        self.pid = pid
+        self.stdout = stdout
+        self.returncode: int | None = None
+        self._pidfd = pidfd
+        self._loop = asyncio.get_running_loop()
+        self._ended = self._loop.create_future()
+        self._loop.add_reader(pidfd, self._exited)
+
+    def _exited(self) -> None:
+        self._loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self.returncode = 0  # it ended; the status itself went to its reaper
+        if not self._ended.done():
+            self._ended.set_result(None)
+
+    async def wait(self) -> int | None:
+        await asyncio.shield(self._ended)
+        return None
+
+
+async def read_pipe(fd: int) -> asyncio.StreamReader:
+    """A StreamReader on the read end `fd` of a pipe (which it then owns)."""
     reader = asyncio.StreamReader(limit=LOG_LINE_LIMIT)
     loop = asyncio.get_running_loop()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_end, "rb", buffering=0))
-    proc.stdout = reader
-    return proc
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0))
+    return reader
 
 
 def signal_group(pid: int, sig: int) -> bool:
@@ -121,7 +173,7 @@ def signal_group(pid: int, sig: int) -> bool:
         return False
 
 
-async def stop_process(proc: asyncio.subprocess.Process, grace_s: float, sentinel: Sentinel | None) -> int | None:
+async def stop_process(proc: asyncio.subprocess.Process | AdoptedProcess, grace_s: float, sentinel: Sentinel | None) -> int | None:
     """SIGTERM to the group, wait up to grace_s, then SIGKILL the group. Returns the exit code."""
     if proc.returncode is None:
         signal_group(proc.pid, signal.SIGTERM)

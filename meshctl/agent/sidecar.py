@@ -50,7 +50,10 @@ class SidecarHandle:
         self._sentinel = sentinel
         self._env = env
         self._cwd = cwd
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: asyncio.subprocess.Process | process.AdoptedProcess | None = None
+        # An adopted sidecar knows its listening sockets by the fd numbers the dead agent
+        # gave them, which its snapshots must keep naming: ours -> its.
+        self._adopted_fds: dict[int, int] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task | None = None
         self._pump_task: asyncio.Task | None = None
@@ -87,15 +90,36 @@ class SidecarHandle:
             )
         finally:
             theirs.close()
-        assert self.proc.stdout is not None
+        if self._sentinel is not None:
+            self._sentinel.hold(self.proc.pid, self._pass_fds)  # for the agent that adopts the mesh
+        self.last_snapshot = None
+        self.pushed_version = self.acked_version = 0
+        await self._attach(ours)
+        await self.push(version, snapshot)
+
+    async def _attach(self, channel: socket.socket) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
         self._pump_task = asyncio.create_task(
             self._logbook.pump(self.proc.stdout, self.name, self.instance), name=f"log:{self.name}"
         )
-        reader, self._writer = await asyncio.open_unix_connection(sock=ours, limit=MAX_CHANNEL_LINE)
+        reader, self._writer = await asyncio.open_unix_connection(sock=channel, limit=MAX_CHANNEL_LINE)
         self._reader_task = asyncio.create_task(self._read_channel(reader), name=f"channel:{self.name}")
+
+    async def adopt(self, proc: process.AdoptedProcess, channel: socket.socket, version: int,
+                    fds_in_sidecar: dict[int, int]) -> None:
+        """Take over a running sidecar from a crashed agent: its config channel, its log, and
+        the config version it last acknowledged (the next push continues from there)."""
+        self.proc = proc
+        self._adopted_fds = fds_in_sidecar
         self.last_snapshot = None
-        self.pushed_version = self.acked_version = 0
-        await self.push(version, snapshot)
+        self.pushed_version = self.acked_version = version
+        await self._attach(channel)
+
+    def fd_in_sidecar(self, fd: int) -> int:
+        """The number the running sidecar knows our listening socket `fd` by."""
+        if isinstance(self.proc, process.AdoptedProcess) and self.running:
+            return self._adopted_fds.get(fd, fd)
+        return fd
 
     async def push(self, version: int, snapshot: dict[str, Any], timeout: float = ACK_TIMEOUT_S) -> None:
         """Send a snapshot and wait for its ACK. Raises SidecarError on NACK, exit or timeout."""
@@ -161,7 +185,7 @@ class SidecarHandle:
             if not waiter.done():
                 waiter.set_exception(SidecarError(f"{self.name} exited"))
 
-    async def wait(self) -> int:
+    async def wait(self) -> int | None:
         assert self.proc is not None
         code = await self.proc.wait()
         if self._sentinel is not None:

@@ -24,7 +24,9 @@ import ssl
 import sys
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
+from meshctl.agent import meshstate
 from meshctl.agent import overrides as ovr
 from meshctl.agent import process
 from meshctl.agent.compile import INGRESS_ID, Endpoint, compile_sidecar, identity_of
@@ -70,6 +72,11 @@ class Supervisor:
         # Where sidecars' observability messages go (agent.observability sets it).
         self.on_sidecar_message: Callable[[dict], None] | None = None
         self.live = LiveChanges(self)  # converge, roll, scale, restart, override changes
+        # The manifest as applied (text, source, environ): what a new agent adopting this
+        # mesh after a crash runs (agent.meshstate), whatever the file says by then.
+        self.manifest_record: dict | None = None
+        self.without_agent: list[dict] = []  # the periods the mesh ran with no agent (agent.adopt)
+        self._persist_soon = False
 
     def sidecar_message(self, message: dict) -> None:
         if self.on_sidecar_message is not None:
@@ -97,7 +104,23 @@ class Supervisor:
     def request_push(self) -> None:
         self._push_needed.set()
 
+    def persist(self) -> None:
+        """Rewrite mesh.state.json once this turn of the loop is over (many changes, one write)."""
+        if not self._persist_soon:
+            self._persist_soon = True
+            asyncio.get_running_loop().call_soon(self._write_state)
+
+    def _write_state(self) -> None:
+        self._persist_soon = False
+        if self.stopping or self.manifest is None or self.manifest_record is None:
+            return
+        try:
+            meshstate.save(Path(self.home), meshstate.mesh_record(self))
+        except OSError as exc:
+            log.warning("cannot write %s: %s; a new agent could not adopt this mesh", meshstate.STATE_FILE, exc)
+
     def state_changed(self) -> None:
+        self.persist()
         self._push_needed.set()
         asyncio.get_running_loop().create_task(self._notify())
 
@@ -119,6 +142,7 @@ class Supervisor:
 
     def next_version(self) -> int:
         self.config_version += 1
+        self._write_state()  # before any sidecar sees it: a new agent never reuses a version
         return self.config_version
 
     def endpoints(self) -> list[Endpoint]:
@@ -157,9 +181,17 @@ class Supervisor:
         )
 
     async def start_sidecar(self, handle: SidecarHandle, owner: Instance | Ingress) -> None:
-        await handle.start(self.next_version(), self.snapshot_for(owner))
+        try:
+            await handle.start(self.next_version(), self.snapshot_for(owner))
+        finally:
+            self.persist()
 
     # -- config push ------------------------------------------------------------------
+
+    def start_pusher(self) -> None:
+        if self._pusher is None:
+            self._pusher = asyncio.create_task(self._push_loop(), name="config-pusher")
+        self._push_needed.set()
 
     async def _push_loop(self) -> None:
         while True:
@@ -198,6 +230,8 @@ class Supervisor:
             if isinstance(result, Exception):
                 log.warning("config push to %s failed: %s", owner.sidecar.name, result)
                 failures.append(f"{owner.sidecar.name}: {result}")
+        if pushes:
+            self.persist()  # the versions acknowledged and any leaf renewed on the way
         return failures
 
     # -- apply and down ---------------------------------------------------------------
@@ -239,7 +273,8 @@ class Supervisor:
         if self.stopping:
             raise MeshStopping("a `meshctl down` is stopping this mesh; no change is made any more")
 
-    async def apply(self, manifest: Manifest) -> dict:
+    async def apply(self, manifest: Manifest, record: dict | None = None) -> dict:
+        """`record`: the manifest's text, source and environ, kept for an agent that adopts the mesh."""
         async with self.apply_lock:
             self.require_live()
             if self.manifest is not None and self.manifest.mesh != manifest.mesh:
@@ -279,6 +314,7 @@ class Supervisor:
             if self.manifest is None or not same_manifest(self.manifest, manifest):
                 self.manifest_generation += 1
             self.manifest = manifest
+            self.manifest_record = record or self.manifest_record
             if self.sentinel is not None:
                 self.sentinel.set_grace(manifest.agent_grace_s)
             if want is None and old_ingress is not None:
@@ -288,9 +324,7 @@ class Supervisor:
             if new_ingress is not None:
                 self.ingress = new_ingress
                 new_ingress.launch()
-            if self._pusher is None:
-                self._pusher = asyncio.create_task(self._push_loop(), name="config-pusher")
-            self._push_needed.set()
+            self.start_pusher()
             await self.live.retire([self.instances[i] for i in plan.stop])
             rollout_failed = await self.live.roll_all(plan.replace, desired)
             return {
@@ -337,6 +371,7 @@ class Supervisor:
                 self._pusher.cancel()
                 await asyncio.gather(self._pusher, return_exceptions=True)
                 self._pusher = None
+            meshstate.remove(Path(self.home))  # nothing left to adopt
         return stopped
 
     def status(self) -> dict:
@@ -348,6 +383,7 @@ class Supervisor:
             "ingress": self.ingress.to_json() if self.ingress else None,
             "instances": [i.to_json() for i in self.instances.values()],
             "rolling": sorted(self.live.rolling),
+            "without_agent": self.without_agent,
         }
 
     def service_names(self) -> list[str]:
