@@ -18,14 +18,16 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
 
 if TYPE_CHECKING:
     from meshctl.agent.instance import Ingress, Instance
     from meshctl.agent.sidecar import SidecarHandle
-    from meshctl.agent.supervisor import Supervisor
+    from meshctl.agent.identity import IdentityManager
+    from meshctl.agent.model import Manifest
+    from meshctl.agent.process import Sentinel
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,21 @@ def instance_record(inst: Instance) -> dict[str, Any]:
     }
 
 
-def mesh_record(sup: Supervisor) -> dict[str, Any]:
+class RecordedMesh(Protocol):
+    """What the record reads of the supervisor (agent/supervisor.py), without importing it back."""
+
+    manifest: Manifest | None
+    manifest_record: dict | None
+    ingress: Ingress | None
+    sentinel: Sentinel | None
+    config_version: int
+    manifest_generation: int
+    instances: dict[str, Instance]
+    identities: IdentityManager | None
+    without_agent: list[dict]
+
+
+def mesh_record(sup: RecordedMesh) -> dict[str, Any]:
     assert sup.manifest is not None and sup.manifest_record is not None
     ingress = sup.ingress
     return {
