@@ -22,7 +22,7 @@ from typing import Any
 
 _DIRECTION_ORDER = {"ingress": 0, "outbound": 1, "inbound": 2}
 _HOP_KEYS = ("sidecar", "service", "caller_service", "direction", "protocol", "method", "path", "peer_identity", "mtls",
-             "status", "by", "error", "duration_ms", "version", "balancer", "limits", "timeouts", "authz", "faults", "mirror", "ts")
+             "status", "grpc_status", "grpc_name", "by", "error", "duration_ms", "version", "balancer", "limits", "timeouts", "authz", "faults", "mirror", "ts")
 
 
 def hop_of(record: dict[str, Any]) -> dict[str, Any]:
@@ -30,7 +30,7 @@ def hop_of(record: dict[str, Any]) -> dict[str, Any]:
     hop = {key: record.get(key) for key in _HOP_KEYS}
     hop["route"] = record.get("route")
     hop["tries"] = [
-        {key: attempt.get(key) for key in ("endpoint", "version", "status", "error", "outcome", "start_ms", "duration_ms",
+        {key: attempt.get(key) for key in ("endpoint", "version", "status", "grpc_status", "grpc_name", "error", "outcome", "start_ms", "duration_ms",
                                            "retried", "retry_reason", "backoff_ms")}
         for attempt in record.get("tries") or ()
     ]
@@ -167,6 +167,9 @@ def _outcome_words(attempt: dict[str, Any], timeouts: dict[str, Any] | None) -> 
     outcome, status = attempt.get("outcome"), attempt.get("status")
     took = _ms(attempt.get("duration_ms"))
     if outcome == "response":
+        grpc = attempt.get("grpc_name")
+        if grpc is not None:
+            return "answered grpc-status %s%s after %s" % (grpc, " (HTTP %s)" % status if status else "", took)
         return "answered %s after %s" % (status, took)
     if outcome == "reset":
         return "reset the connection after %s" % took
@@ -180,6 +183,8 @@ def _outcome_words(attempt: dict[str, Any], timeouts: dict[str, Any] | None) -> 
             return "did not answer within the per-try timeout (%s)" % _ms((timeouts or {}).get("per_try_ms"))
         if fired == "request":
             return "did not answer within the request timeout (%s)" % _ms((timeouts or {}).get("request_ms"))
+        if fired == "deadline":
+            return "did not answer within the caller's grpc-timeout (%s)" % _ms((timeouts or {}).get("deadline_ms"))
         return "timed out after %s" % took
     if outcome == "stream-idle-timeout":
         return "moved no byte either way for the stream idle timeout (%s)" % _ms((timeouts or {}).get("stream_idle_ms"))
@@ -239,10 +244,11 @@ def route_sentence(route: dict[str, Any] | None, service: str) -> str:
 
 
 def _final_words(hop: dict[str, Any]) -> str:
+    grpc = hop.get("grpc_name")
+    status = hop.get("status") if grpc is None else "grpc-status %s (HTTP %s)" % (grpc, hop.get("status"))
     if hop.get("by") == "mesh" and hop.get("error"):
-        status = hop.get("status")
         return "the mesh answered %s (x-mesh-error: %s)" % (status, hop["error"]) if status else "the mesh ended it (%s)" % hop["error"]
-    return "%s answered %s" % ("the app" if hop.get("direction") == "inbound" else "the upstream", hop.get("status"))
+    return "%s answered %s" % ("the app" if hop.get("direction") == "inbound" else "the upstream", status)
 
 
 def hop_lines(hop: dict[str, Any]) -> list[str]:
@@ -287,7 +293,8 @@ def hop_lines(hop: dict[str, Any]) -> list[str]:
         lines.append(sentence)
     timeouts = hop.get("timeouts") or {}
     if timeouts.get("fired"):
-        which, key = {"request": ("request", "request_ms"), "stream_idle": ("stream idle", "stream_idle_ms")}.get(
+        which, key = {"request": ("request", "request_ms"), "stream_idle": ("stream idle", "stream_idle_ms"),
+                      "deadline": ("caller's grpc-timeout", "deadline_ms")}.get(
             timeouts["fired"], ("per-try", "per_try_ms"))
         lines.append("The %s timeout (%s) fired." % (which, _ms(timeouts.get(key))))
     tries = hop.get("tries") or []

@@ -30,6 +30,7 @@ import ssl
 from typing import TYPE_CHECKING, Any
 
 from meshctl.proxy.authz import Policy
+from meshctl.proxy.decisions import keep_stream
 from meshctl.proxy.h2conn import header
 from meshctl.proxy.h2proxy import H2Proxy
 from meshctl.proxy.errors import MeshError
@@ -99,6 +100,7 @@ def _pick_endpoint(state: ServerState, service_name: str, headers: list[tuple[by
         timeout=action.timeout, retries=policy.attempts - 1 if policy is not None else 0,
         backoff=policy.backoff_base if policy is not None else 0.025, tag=(service.name, endpoint.version),
         settle=lambda ok: _settle(state, service, endpoint, ok, slot), idle_timeout=action.idle_timeout,
+        service=service, action=action, endpoint=endpoint,
     )
 
 
@@ -107,7 +109,8 @@ def outbound_h2(state: ServerState, listener: Listener) -> H2Proxy:
     service_name: str = listener.service  # type: ignore[assignment]
     return state.track(H2Proxy(
         lambda headers: _pick_endpoint(state, service_name, headers), state.loop,
-        record=_recorder(state, OUTBOUND, None), on_closed=state.untrack, service=service_name))
+        record=_recorder(state, OUTBOUND, None, service_name), on_closed=state.untrack, service=service_name,
+        request_ids=state.next_request_id, echo_request_ids=False))
 
 
 def ingress_h2(state: ServerState, listener: Listener) -> H2Proxy:
@@ -117,8 +120,8 @@ def ingress_h2(state: ServerState, listener: Listener) -> H2Proxy:
         path = header(headers, b":path") or b"/"
         return _pick_endpoint(state, ingress_service(listener, path), headers)
 
-    return state.track(H2Proxy(pick, state.loop, record=_recorder(state, OUTBOUND, None), on_closed=state.untrack, service="ingress",
-                               request_ids=state.next_request_id))
+    return state.track(H2Proxy(pick, state.loop, record=_recorder(state, OUTBOUND, None, "-", hop="ingress"), on_closed=state.untrack,
+                               service="ingress", request_ids=state.next_request_id))
 
 
 def _leave_limits(state: ServerState, limits: CircuitLimits, holder: object) -> None:
@@ -151,7 +154,7 @@ def inbound_h2(state: ServerState, listener: Listener, peer: str | None) -> H2Pr
                               http1=http1_app)
 
     return state.track(H2Proxy(
-        pick, state.loop, record=_recorder(state, INBOUND, peer), on_closed=state.untrack, peer_sidecar=peer is not None,
+        pick, state.loop, record=_recorder(state, INBOUND, peer, None), on_closed=state.untrack, peer_sidecar=peer is not None,
         service=state.snapshot.service))  # type: ignore[union-attr]
 
 
@@ -167,11 +170,17 @@ def _authorize_stream(policy: Policy, peer: str | None, headers: list[tuple[byte
             peer or "an unauthenticated caller", method, path.split("?", 1)[0][:200], decision.rule))
 
 
-def _recorder(state: ServerState, direction: str, peer: str | None):
+def _recorder(state: ServerState, direction: str, peer: str | None, service: str | None, hop: str | None = None):
+    """Metrics of each ended stream, and its decision record when it is kept (`hop`: the record's direction)."""
+    hop = hop or direction
+
     def record(stream: StreamRecord, status: int, grpc_code: int | None, mesh_error: bool) -> None:
         observer = state.observer
         if observer is None:
             return
+        why = observer.why
+        if why.on and keep_stream(stream, status, grpc_code, why.keep_all):
+            why.keep_stream(stream, status, grpc_code, hop, peer, state.snapshot, state.loop.time(), service or "-")
         snapshot = state.snapshot
         destination, version = stream.choice.tag if isinstance(stream.choice.tag, tuple) else ("-", "")
         method = header(stream.headers, b":method") or b"POST"
