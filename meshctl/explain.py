@@ -292,9 +292,10 @@ def hop_lines(hop: dict[str, Any]) -> list[str]:
     if sentence:
         lines.append(sentence)
     timeouts = hop.get("timeouts") or {}
-    if timeouts.get("fired"):
-        which, key = {"request": ("request", "request_ms"), "stream_idle": ("stream idle", "stream_idle_ms"),
-                      "deadline": ("caller's grpc-timeout", "deadline_ms")}.get(
+    if timeouts.get("fired") == "deadline":
+        lines.append("The caller's deadline (grpc-timeout %s) passed." % _ms(timeouts.get("deadline_ms")))
+    elif timeouts.get("fired"):
+        which, key = {"request": ("request", "request_ms"), "stream_idle": ("stream idle", "stream_idle_ms")}.get(
             timeouts["fired"], ("per-try", "per_try_ms"))
         lines.append("The %s timeout (%s) fired." % (which, _ms(timeouts.get(key))))
     tries = hop.get("tries") or []

@@ -85,6 +85,19 @@ def test_a_grpc_call_refused_by_authz_is_explained_with_the_rule(cleanup, ca, re
     assert "It went wrong at hop 2, svc@v1#0 (inbound): x-mesh-error forbidden." in text
     assert records(front, "grpc-ok") == []  # the successful call left no record (observability.why: errors)
 
+    with pytest.raises(grpc.RpcError) as info:
+        channel.method("Slow")(b"", timeout=0.3, metadata=[("x-request-id", "grpc-slow-1")])  # grpc-timeout: about 300 ms, rounded up
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    (cut,) = wait_for(lambda: records(front, "grpc-slow-1"), what="the ingress's record of the slow call")
+    assert (cut["error"], cut["by"], cut["grpc_name"]) == ("timeout", "mesh", "DEADLINE_EXCEEDED")
+    timeouts = cut["timeouts"]
+    assert timeouts["fired"] == "deadline" and 0 < timeouts["deadline_ms"] <= 400 and timeouts["request_ms"] is None
+    (only,) = cut["tries"]
+    assert (only["endpoint"], only["outcome"]) == (ENDPOINT, "timeout")
+    assert only["retry_reason"] == "the deadline passed: no time left for a retry"
+    text = explain.tell(explain.stitch("grpc-slow-1", [cut]))
+    assert "svc@v1#0 did not answer within the caller's grpc-timeout (" in text and "The caller's deadline (grpc-timeout " in text
+
 
 def test_a_grpc_route_not_found_and_a_retried_app_status_are_explained(cleanup, ca, recommend):
     front, inner = two_hops(cleanup, ca, "recommend", ["127.0.0.1", recommend], "grpc", prefix=GRPC_ROUTE, retries=GRPC_RETRIES)

@@ -532,8 +532,8 @@ def _stream_tries(stream: StreamRecord, status: int, grpc_code: int | None, erro
             "retry_reason": "trailers-only grpc-status %s (retriable)" % grpc_name(code), "backoff_ms": _ms(backoff),
         })
     choice = stream.choice
-    if not choice.host or (error is not None and error not in _STREAM_OUTCOMES):
-        return tries  # refused before any try (route, authz, limits, fault), or no endpoint left for a retry
+    if not choice.host or (error is not None and error not in _STREAM_OUTCOMES) or (tries and not tries[-1]["retried"]):
+        return tries  # refused before any try (route, authz, limits, fault), or no endpoint left for the retry
     endpoint = choice.endpoint
     outcome = _STREAM_OUTCOMES.get(error, "response") if error is not None else "response" if status != 499 else "client-lost"
     tries.append({
