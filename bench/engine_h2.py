@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -28,12 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hpack import Encoder  # noqa: E402
 from hyperframe.frame import DataFrame, HeadersFrame, SettingsFrame, WindowUpdateFrame  # noqa: E402
 
-from engine import APP, SERVICE, FakeTransport  # noqa: E402
+from engine import APP, SERVICE, FakeTransport, add_why_option, min_cpu_per_item, sidecar_config, sidecar_state  # noqa: E402
 from meshctl.proxy import h2proxy  # noqa: E402
 from meshctl.proxy.dispatch import outbound_h2  # noqa: E402
-from meshctl.proxy.observe import Observer  # noqa: E402
-from meshctl.proxy.server import ServerState  # noqa: E402
-from meshctl.proxy.snapshot import compile_snapshot  # noqa: E402
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 BODY = b"hello, world\n"
@@ -72,18 +67,8 @@ def measure(streams: int, batches: int, why: str = "errors", grpc: bool = False)
     loop = asyncio.new_event_loop()
     try:
         listener = {"name": "out", "kind": "outbound", "fd": -1, "service": "web", "protocol": "grpc"}
-        config = {
-            "instance": "shop@v1#0", "service": "shop", "version": "v1", "drain_timeout": 5.0, "listeners": [listener],
-            "services": {"web": {**SERVICE, "protocol": "grpc"}}, "egress": [],
-            "http": {"max_header_bytes": 65536, "max_body_bytes": None, "header_timeout": 10.0, "idle_timeout": 60.0},
-            "tracing": {"sampling": 0.01}, "access_log": "off", "why": {"mode": why},
-        }
-        snapshot = compile_snapshot({"type": "config", "version": 1, "config": config}, None)
-        state = ServerState(loop)
-        state.snapshot = snapshot
-        state.observer = Observer(state, snapshot, lambda message: None)
-        state.observer.configure(snapshot, config)
-        proxy = outbound_h2(state, snapshot.listeners["out"])
+        state = sidecar_state(loop, sidecar_config(listener, "shop@v1#0", "shop", {"web": {**SERVICE, "protocol": "grpc"}}, why))
+        proxy = outbound_h2(state, state.snapshot.listeners["out"])  # type: ignore[union-attr]
         downstream = FakeTransport()
         proxy.connection_made(downstream)  # type: ignore[arg-type]
         upstream = h2proxy._Side(proxy, client_side=True, label="upstream (bench)")
@@ -103,13 +88,7 @@ def measure(streams: int, batches: int, why: str = "errors", grpc: bool = False)
         batch(warmup)
         if proxy.streams != warmup or proxy.records or BODY not in downstream.written[-1]:
             raise SystemExit("the proxy did not end every stream: %d streams, %d open" % (proxy.streams, len(proxy.records)))
-        best = float("inf")
-        gc.collect()
-        for _ in range(batches):
-            downstream.written.clear()
-            started = time.process_time()
-            batch(streams)
-            best = min(best, (time.process_time() - started) / streams)
+        best = min_cpu_per_item(batch, streams, batches, downstream.written.clear)
         if proxy.streams != warmup + streams * batches or proxy.records:
             raise SystemExit("the proxy did not end every stream")
         return best
@@ -121,8 +100,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=20000)
     parser.add_argument("--batches", type=int, default=7)
-    parser.add_argument("--why", choices=("errors", "all", "off"), default="errors",
-                        help="decision records for `meshctl why` (observability.why) [errors, the default]")
+    add_why_option(parser)
     parser.add_argument("--grpc", action="store_true", help="gRPC unary calls instead of GET with a 13-byte body")
     args = parser.parse_args()
     print("%-8s %6.2f us Python CPU per stream" % ("grpc" if args.grpc else "http2", measure(args.streams, args.batches, args.why, args.grpc) * 1e6))
