@@ -177,6 +177,8 @@ def _outcome_words(attempt: dict[str, Any], timeouts: dict[str, Any] | None) -> 
         return "refused the connection"
     if outcome == "connect-failure":
         return "could not be connected (%s)" % (attempt.get("error") or "connect failure")
+    if outcome == "connected":
+        return "accepted the connection after %s" % took
     if outcome == "timeout":
         fired = (timeouts or {}).get("fired")
         if fired == "per_try":
@@ -263,6 +265,8 @@ def hop_lines(hop: dict[str, Any]) -> list[str]:
         authz = hop.get("authz")
         if authz:
             lines.append("Authorization: %s (decided by %s)." % (authz["decision"].upper(), authz["rule"]))
+    elif hop.get("protocol") == "tcp":
+        lines.append("%s relayed a TCP connection to %s%s." % (sidecar, hop.get("service"), " over mTLS" if hop.get("mtls") else ""))
     else:
         lines.append("%s sent %s %s to %s%s." % (sidecar if direction != "ingress" else "the ingress", hop.get("method"),
                                                  hop.get("path"), hop.get("service"), " over mTLS" if hop.get("mtls") else ""))
@@ -300,7 +304,8 @@ def hop_lines(hop: dict[str, Any]) -> list[str]:
         lines.append("The %s timeout (%s) fired." % (which, _ms(timeouts.get(key))))
     tries = hop.get("tries") or []
     answered_by_try = len(tries) == 1 and hop.get("by") == "app" and tries[0].get("status") == hop.get("status")
-    if not answered_by_try:
+    relayed = hop.get("protocol") == "tcp" and not hop.get("error")  # the tries said it: the relay connected
+    if not answered_by_try and not relayed:
         final = _final_words(hop)
         lines.append("%s%s in %s." % (final[0].upper(), final[1:], _ms(hop.get("duration_ms"))))
     return lines
@@ -309,7 +314,10 @@ def hop_lines(hop: dict[str, Any]) -> list[str]:
 def tell(story: dict[str, Any]) -> str:
     """The whole story, hop by hop."""
     when = time.strftime("%H:%M:%S", time.localtime(story["ts"])) if story.get("ts") else "?"
-    head = "request %s: %s %s at %s -> %s" % (story["request_id"], story.get("method"), story.get("path"), when, story.get("status"))
+    if story.get("method") == "TCP":  # a relay's connects (raw TCP has no request id: the sidecar gave it one)
+        head = "TCP connection %s to %s at %s" % (story["request_id"], (story["hops"] or [{}])[0].get("service"), when)
+    else:
+        head = "request %s: %s %s at %s -> %s" % (story["request_id"], story.get("method"), story.get("path"), when, story.get("status"))
     if story.get("error"):
         head += " (x-mesh-error: %s)" % story["error"]
     out = [head]

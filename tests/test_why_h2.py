@@ -1,4 +1,4 @@
-"""`meshctl why` for HTTP/2 and gRPC streams: decision records from real sidecars, stitched across hops.
+"""`meshctl why` for HTTP/2 and gRPC streams and TCP relays: decision records from real sidecars, stitched across hops.
 
 An ingress sidecar in front of a service's sidecar, mTLS between them, real clients
 (grpcio, the h2 library); the records are asked for over the config channel as the agent
@@ -7,15 +7,18 @@ does (`why?`) and told as `meshctl why` tells them (meshctl/explain.py).
 
 from __future__ import annotations
 
+import contextlib
+import socket
+
 import grpc
 import pytest
 
 from meshctl import explain
 from meshctl.agent.ca import spiffe_id
-from meshctl.proxy.decisions import keep_stream
+from meshctl.proxy.stream_decisions import keep_stream
 from meshctl.proxy.h2streams import StreamRecord, UpstreamChoice
-from tests.proxy_harness import Sidecar, Upstream, service, wait_for
-from tests.test_ingress_h2 import GRPC_ROUTE, h2_call, plain_channel
+from tests.proxy_harness import Sidecar, Upstream, refused_port, service, wait_for
+from tests.test_ingress_h2 import GRPC_ROUTE, grpc_request, h2_call, plain_channel
 from tests.test_protocols_mesh import GrpcServer, load_recommend
 from tests.test_why_sidecar import records
 from tests.tlspeers import TRUST_DOMAIN, tls_block
@@ -85,13 +88,14 @@ def test_a_grpc_call_refused_by_authz_is_explained_with_the_rule(cleanup, ca, re
     assert "It went wrong at hop 2, svc@v1#0 (inbound): x-mesh-error forbidden." in text
     assert records(front, "grpc-ok") == []  # the successful call left no record (observability.why: errors)
 
-    with pytest.raises(grpc.RpcError) as info:
-        channel.method("Slow")(b"", timeout=0.3, metadata=[("x-request-id", "grpc-slow-1")])  # grpc-timeout: about 300 ms, rounded up
-    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # grpc-timeout 200m from a client that does not cancel on its own: the ingress's deadline fires, nothing races it.
+    response, _, trailers = h2_call(front.ports["ingress"], grpc_request(GRPC_ROUTE + "Slow", "200m") + [("x-request-id", "grpc-slow-1")],
+                                    b"\x00\x00\x00\x00\x00")
+    assert {**response, **trailers}["grpc-status"] == "4"
     (cut,) = wait_for(lambda: records(front, "grpc-slow-1"), what="the ingress's record of the slow call")
     assert (cut["error"], cut["by"], cut["grpc_name"]) == ("timeout", "mesh", "DEADLINE_EXCEEDED")
     timeouts = cut["timeouts"]
-    assert timeouts["fired"] == "deadline" and 0 < timeouts["deadline_ms"] <= 400 and timeouts["request_ms"] is None
+    assert (timeouts["fired"], timeouts["deadline_ms"], timeouts["request_ms"]) == ("deadline", 200.0, None)
     (only,) = cut["tries"]
     assert (only["endpoint"], only["outcome"]) == (ENDPOINT, "timeout")
     assert only["retry_reason"] == "the deadline passed: no time left for a retry"
@@ -165,8 +169,40 @@ def test_which_streams_are_kept():
     assert keep_stream(stream(), 200, None, keep_all=True)
     assert keep_stream(stream(), 503, None, keep_all=False)
     assert keep_stream(stream(), 404, 5, keep_all=False)  # a non-OK grpc-status, whatever its HTTP equivalent
+    assert not keep_stream(stream(), 499, 1, keep_all=False)  # CANCELLED by the client leaving: nothing went wrong in the mesh
     assert keep_stream(stream((b"x-mesh-debug", b"1")), 200, None, keep_all=False)
     assert not keep_stream(stream((b"x-mesh-debug", b"0")), 200, None, keep_all=False)
     cut = stream()
     cut.cut = "stream-idle-timeout"
     assert keep_stream(cut, 200, None, keep_all=False)
+
+
+def test_a_tcp_relay_whose_connects_fail_gets_a_record_with_an_id_of_its_own(cleanup):
+    app = Upstream("tcp")  # any listener: the relay only has to connect
+    cleanup(app)
+    dead = ["127.0.0.1", refused_port()]
+    for endpoints, connected in (([("v1", dead), ("v1", ["127.0.0.1", refused_port()])], False), ([("v1", dead), ("v1", app.address)], True)):
+        side = Sidecar([{"name": "out", "kind": "outbound", "service": "svc", "protocol": "tcp"}],
+                       {"svc": service(endpoints, protocol="tcp")})
+        cleanup(side)
+        side.start(instance="caller@v1#0", service="caller")
+        # Round robin may start a relay on the live endpoint (nothing to explain): of two relays in a row, one starts on the dead one.
+        with contextlib.ExitStack() as stack:
+            for _ in range(2 if connected else 1):
+                stack.enter_context(socket.create_connection(("127.0.0.1", side.ports["out"]), timeout=DEADLINE_S)).sendall(b"ping")
+            record = wait_for(lambda: records(side), what="a relay's record")[0]
+        assert (record["protocol"], record["direction"], record["service"], record["method"]) == ("tcp", "outbound", "svc", "TCP")
+        assert record["request_id"]  # raw TCP carries no id: the sidecar gives the relay one
+        first, last = record["tries"]
+        assert (first["outcome"], first["retried"]) == ("connect-failure", True) and {first["endpoint"], last["endpoint"]} == {
+            "svc@v1#0", "svc@v1#1"}
+        assert first["retry_reason"] == "a failed connect is tried on another endpoint" and "refused" in first["error"].lower()
+        text = explain.tell(explain.stitch(record["request_id"], [record]))
+        if connected:
+            assert (record["error"], last["outcome"], last["retry_reason"]) == (None, "connected", None)
+            assert "went to svc@v1#1 and accepted the connection" in text and "answered" not in text
+        else:
+            assert (record["error"], last["outcome"], last["retry_reason"]) == ("upstream-connect-failed", "connect-failure",
+                                                                                 "no other endpoint left to try")
+            assert text.startswith("TCP connection %s to svc" % record["request_id"])
+            assert "caller@v1#0 relayed a TCP connection to svc." in text and "not retried: no other endpoint left to try" in text

@@ -18,10 +18,8 @@ which the exchange remembers. Records live in a bounded ring (oldest dropped) an
 process only when the agent asks (`why?` on the config channel, proxy.observe).
 `plan()` answers `meshctl why --from --to`: what would happen to a request not sent.
 
-HTTP/2 and gRPC streams (proxy.h2proxy) get the same record from `build_stream_record()`:
-the stream's `StreamRecord` holds its routing decision by reference (`UpstreamChoice`),
-the tries retried before the last one (`stream_retried`, rare) and the mesh error that
-ended it; `keep_stream()` is the rule for which streams are kept, at the stream's end.
+HTTP/2 and gRPC streams and TCP relays get records of the same shape from
+proxy.stream_decisions, kept in the same ring (`Recorder.add`).
 """
 
 from __future__ import annotations
@@ -29,14 +27,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from meshctl.proxy.h2conn import GRPC_RETRIABLE, HeaderList, grpc_timeout, header
 from meshctl.proxy.retry import IDEMPOTENT_METHODS
 
 if TYPE_CHECKING:
     from meshctl.proxy.exchange import Exchange
-    from meshctl.proxy.h2streams import StreamRecord, UpstreamChoice
     from meshctl.proxy.routing import RouteAction
     from meshctl.proxy.snapshot import Service, Snapshot
 
@@ -128,13 +125,12 @@ class Recorder:
             # A record explains a request; failing to build one must never fail the request.
             log.exception("building the decision record of %r failed", exchange)
 
-    def keep_stream(self, stream: StreamRecord, status: int, grpc_code: int | None, direction: str, peer: str | None,
-                    snapshot: Snapshot, now: float, service_hint: str) -> None:
+    def add(self, build: Callable[..., dict[str, Any]], *inputs: Any) -> None:
+        """Keep the record `build(*inputs, instance, service)` makes (HTTP/2 streams, relays: proxy.stream_decisions)."""
         try:
-            self.records.append(build_stream_record(stream, status, grpc_code, direction, peer, snapshot, now,
-                                                    self.instance, self.service, service_hint))
+            self.records.append(build(*inputs, self.instance, self.service))
         except Exception:
-            log.exception("building the decision record of HTTP/2 stream %d failed", stream.stream_id)
+            log.exception("building a decision record (%s) failed", build.__name__)
 
     def find(self, request_id: str) -> list[dict[str, Any]]:
         return [record for record in self.records if record["request_id"] == request_id]
@@ -180,7 +176,7 @@ def build_record(exchange: Exchange, outcome: str, status: int, duration: float,
         "status": status,
         "by": "mesh" if mesh_error else "app",
         "error": outcome if mesh_error else None,
-        "duration_ms": _ms(duration),
+        "duration_ms": ms(duration),
         "route": None,
         "version": None,
         "balancer": None,
@@ -195,7 +191,7 @@ def build_record(exchange: Exchange, outcome: str, status: int, duration: float,
     if service is not None and action is not None:
         record["route"] = _route(service, action, method, path, query, headers)
         record["version"] = action.version
-        record["balancer"] = _balancer(service, action.version, record["tries"], started)
+        record["balancer"] = balancer_explained(service, action.version, record["tries"], started)
         record["timeouts"] = _timeouts(action, trail)
     if direction == "inbound" and snapshot is not None and snapshot.authz is not None:
         decision = snapshot.authz.check(client.peer_identity, method, target_text, headers)
@@ -203,7 +199,7 @@ def build_record(exchange: Exchange, outcome: str, status: int, duration: float,
     return record
 
 
-def _ms(seconds: float | None) -> float | None:
+def ms(seconds: float | None) -> float | None:
     """Milliseconds, or None for a limit that is not set (no whole-request timeout by default)."""
     return None if seconds is None else round(seconds * 1000, 3)
 
@@ -224,8 +220,8 @@ def _tries(exchange: Exchange, trail: list, outcome: str, status: int, method: s
         entry = {
             "endpoint": _endpoint_name(endpoint, exchange),
             "version": endpoint.version if endpoint is not None else None,
-            "start_ms": _ms(begun - started),
-            "duration_ms": _ms(ended - begun),
+            "start_ms": ms(begun - started),
+            "duration_ms": ms(ended - begun),
             "outcome": try_outcome,
             "status": try_status,
             "error": detail,
@@ -235,7 +231,7 @@ def _tries(exchange: Exchange, trail: list, outcome: str, status: int, method: s
         }
         if retry is not None:
             delay, counted = retry
-            entry["backoff_ms"] = _ms(delay)
+            entry["backoff_ms"] = ms(delay)
             if counted:
                 entry["retry_reason"] = policy.explain(attempt, method, try_outcome, try_status, body_size)[1] if policy else "retried"
                 attempt += 1
@@ -251,8 +247,8 @@ def _tries(exchange: Exchange, trail: list, outcome: str, status: int, method: s
         tries.append({
             "endpoint": _endpoint_name(endpoint, exchange),
             "version": endpoint.version if endpoint is not None else None,
-            "start_ms": _ms(begun - started),
-            "duration_ms": _ms(exchange.client.state.loop.time() - begun),
+            "start_ms": ms(begun - started),
+            "duration_ms": ms(exchange.client.state.loop.time() - begun),
             "outcome": "response" if outcome in _OK_OUTCOMES else outcome,
             "status": status or None,
             "error": outcome if outcome not in _OK_OUTCOMES else None,
@@ -285,12 +281,12 @@ def _limits(trail: list, exchange: Exchange, outcome: str) -> dict[str, Any]:
     queued = next((entry for entry in trail if entry[0] == QUEUED), None)
     waited = None
     if queued is not None and len(queued) > 2:
-        waited = _ms(queued[2] - queued[1])
+        waited = ms(queued[2] - queued[1])
     return {"queued": queued is not None, "queued_ms": waited, "circuit_open": outcome == "circuit-open"}
 
 
 def _faults(trail: list, outcome: str, status: int) -> list[dict[str, Any]]:
-    faults: list[dict[str, Any]] = [{"kind": "delay", "ms": _ms(entry[1])} for entry in trail if entry[0] == DELAY]
+    faults: list[dict[str, Any]] = [{"kind": "delay", "ms": ms(entry[1])} for entry in trail if entry[0] == DELAY]
     if outcome == "fault-abort":
         faults.append({"kind": "abort", "status": status})
     return faults
@@ -300,9 +296,9 @@ def _timeouts(action: RouteAction, trail: list) -> dict[str, Any]:
     policy = action.retry_policy
     fired = next((entry for entry in trail if entry[0] == FIRED), None)
     return {
-        "request_ms": _ms(action.timeout),
-        "stream_idle_ms": _ms(action.idle_timeout),
-        "per_try_ms": _ms(policy.per_try_timeout) if policy is not None and policy.per_try_timeout else None,
+        "request_ms": ms(action.timeout),
+        "stream_idle_ms": ms(action.idle_timeout),
+        "per_try_ms": ms(policy.per_try_timeout) if policy is not None and policy.per_try_timeout else None,
         "fired": fired[1] if fired is not None else None,
     }
 
@@ -361,7 +357,7 @@ def endpoints_state(service: Service, version: str, now: float) -> list[dict[str
     ]
 
 
-def _balancer(service: Service, version: str, tries: list[dict[str, Any]], started: float) -> dict[str, Any]:
+def balancer_explained(service: Service, version: str, tries: list[dict[str, Any]], started: float) -> dict[str, Any]:
     picked = [entry["endpoint"] for entry in tries]
     considered = endpoints_state(service, version, started)
     skipped = []
@@ -396,7 +392,7 @@ def plan(snapshot: Snapshot, to: str, method: str, path: str, headers: dict[str,
         retries = {
             "attempts": policy.attempts,
             "retry_on": sorted(policy.retry_on),
-            "per_try_timeout_ms": _ms(policy.per_try_timeout) if policy.per_try_timeout else None,
+            "per_try_timeout_ms": ms(policy.per_try_timeout) if policy.per_try_timeout else None,
             "non_idempotent": policy.non_idempotent,
             "method_retried": policy.non_idempotent or method.upper() in IDEMPOTENT_METHODS,
         }
@@ -406,8 +402,8 @@ def plan(snapshot: Snapshot, to: str, method: str, path: str, headers: dict[str,
         "route": route,
         "versions": {version: endpoints_state(service, version, now) for version in split},
         "algorithm": service.balancer.kind,
-        "timeouts": {"request_ms": _ms(action.timeout), "stream_idle_ms": _ms(action.idle_timeout),
-                     "connect_ms": _ms(service.connect_timeout),
+        "timeouts": {"request_ms": ms(action.timeout), "stream_idle_ms": ms(action.idle_timeout),
+                     "connect_ms": ms(service.connect_timeout),
                      "per_try_ms": retries["per_try_timeout_ms"] if retries else None},
         "retries": retries,
         "fault": action.fault,
@@ -415,164 +411,3 @@ def plan(snapshot: Snapshot, to: str, method: str, path: str, headers: dict[str,
         "mtls": service.tls is not None,
     }
 
-
-# -- HTTP/2 and gRPC streams -------------------------------------------------------------------
-
-GRPC_NAMES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
-              "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
-              "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED")
-_DEBUG_FIELD = b"x-mesh-debug"
-# How a stream the proxy ended describes its last try.
-_STREAM_OUTCOMES = {"upstream-connect-failed": "connect-failure", "upstream-reset": "reset", "timeout": "timeout",
-                    "stream-idle-timeout": "stream-idle-timeout"}
-
-
-def grpc_name(code: int | None) -> str | None:
-    return None if code is None else GRPC_NAMES[code] if 0 <= code < len(GRPC_NAMES) else str(code)
-
-
-def keep_stream(stream: StreamRecord, status: int, grpc_code: int | None, keep_all: bool) -> bool:
-    """Whether a stream that just ended gets a record: failed, ended by the mesh, retried, non-OK gRPC, or asked for."""
-    if keep_all or status >= 500 or stream.error is not None or stream.cut is not None or stream.trail is not None:
-        return True
-    if grpc_code:  # any grpc-status but OK (0)
-        return True
-    for name, value in stream.headers:
-        if name == _DEBUG_FIELD:
-            return value.strip() == b"1"
-    return False
-
-
-def stream_retried(stream: StreamRecord, tried: UpstreamChoice, grpc_code: int | None, now: float, backoff: float | None) -> None:
-    """A trailers-only retriable gRPC answer on `tried` is retried after `backoff` (None: no endpoint left to pick)."""
-    trail = stream.trail
-    if trail is None:
-        trail = stream.trail = []
-    trail.append((tried.endpoint, stream.try_started, now, grpc_code, backoff))
-
-
-def build_stream_record(stream: StreamRecord, status: int, grpc_code: int | None, direction: str, peer: str | None,
-                        snapshot: Snapshot, now: float, instance: str, own_service: str, service_hint: str) -> dict[str, Any]:
-    """The record of one HTTP/2 or gRPC stream, with the keys of `build_record`'s and grpc_status.
-
-    `service_hint` names the destination of a stream refused before it had one (the outbound listener's service).
-    """
-    headers = stream.headers
-    choice = stream.choice
-    service = choice.service
-    inbound = direction == "inbound"
-    method = (header(headers, b":method") or b"").decode("latin-1")
-    target = (header(headers, b":path") or b"").decode("latin-1")
-    path, _, query = target.partition("?")
-    request_id = header(headers, b"x-request-id")
-    fields = {name.decode("latin-1"): value.decode("latin-1") for name, value in headers if name[:1] != b":"}
-    error = stream.error or stream.cut
-    if inbound:
-        name = own_service
-    elif service is not None:
-        name = service.name
-    else:
-        name = choice.tag[0] if isinstance(choice.tag, tuple) else service_hint
-    tries = _stream_tries(stream, status, grpc_code, error, inbound, now)
-    action = choice.action
-    record: dict[str, Any] = {
-        "request_id": request_id.decode("latin-1") if request_id is not None else None,
-        "ts": round(time.time() - (now - stream.started), 6),
-        "sidecar": instance,
-        "service": name,
-        "caller_service": None if inbound else own_service,
-        "direction": direction,
-        "protocol": "grpc" if stream.grpc else "http2",
-        "method": method,
-        "path": path[:500],
-        "peer_identity": peer if inbound else None,
-        "mtls": peer is not None if inbound else choice.context is not None,
-        "status": status,
-        "grpc_status": grpc_code,
-        "grpc_name": grpc_name(grpc_code),
-        "by": "mesh" if error is not None else "app",
-        "error": error,
-        "duration_ms": _ms(now - stream.started),
-        "route": None,
-        "version": action.version if action is not None else None,
-        "balancer": None,
-        "limits": {"queued": False, "queued_ms": None, "circuit_open": error == "circuit-open"},
-        "tries": tries,
-        "timeouts": _stream_timeouts(stream, headers),
-        "authz": None,
-        "faults": [{"kind": "abort", "status": status}] if error == "fault-abort" else [],
-        "mirror": None,
-    }
-    if service is None and not inbound and snapshot is not None:
-        service = snapshot.services.get(name)  # refused before a choice: explained by re-routing
-    if service is not None:
-        record["route"] = route_explained(service, action.rule if action is not None else -1, record["version"], method, path,
-                                          query, fields)
-        if action is not None:
-            record["balancer"] = _balancer(service, action.version, tries, stream.started)
-    if inbound and snapshot is not None and snapshot.authz is not None:
-        decision = snapshot.authz.check(peer, method, target, fields)
-        record["authz"] = {"decision": "allow" if decision.allowed else "deny", "rule": decision.rule}
-    return record
-
-
-def _stream_endpoint(endpoint: Any, inbound: bool) -> str:
-    return endpoint.id if endpoint is not None else "app" if inbound else "?"
-
-
-def _stream_tries(stream: StreamRecord, status: int, grpc_code: int | None, error: str | None, inbound: bool,
-                  now: float) -> list[dict[str, Any]]:
-    started = stream.started
-    tries = []
-    for endpoint, begun, ended, code, backoff in stream.trail or ():
-        tries.append({
-            "endpoint": _stream_endpoint(endpoint, inbound), "version": endpoint.version if endpoint is not None else None,
-            "start_ms": _ms(begun - started), "duration_ms": _ms(ended - begun), "outcome": "response",
-            "status": None, "grpc_status": code, "grpc_name": grpc_name(code), "error": None, "retried": backoff is not None,
-            "retry_reason": "trailers-only grpc-status %s (retriable)" % grpc_name(code), "backoff_ms": _ms(backoff),
-        })
-    choice = stream.choice
-    if not choice.host or (error is not None and error not in _STREAM_OUTCOMES) or (tries and not tries[-1]["retried"]):
-        return tries  # refused before any try (route, authz, limits, fault), or no endpoint left for the retry
-    endpoint = choice.endpoint
-    outcome = _STREAM_OUTCOMES.get(error, "response") if error is not None else "response" if status != 499 else "client-lost"
-    tries.append({
-        "endpoint": _stream_endpoint(endpoint, inbound), "version": endpoint.version if endpoint is not None else None,
-        "start_ms": _ms(stream.try_started - started), "duration_ms": _ms(now - stream.try_started),
-        "outcome": outcome, "status": status if outcome == "response" else None, "grpc_status": grpc_code if outcome == "response" else None,
-        "grpc_name": grpc_name(grpc_code) if outcome == "response" else None,
-        "error": error, "retried": False,
-        "retry_reason": _stream_why_not(stream, grpc_code, outcome) if (status >= 500 or grpc_code) and not inbound else None,
-        "backoff_ms": None,
-    })
-    return tries
-
-
-def _stream_why_not(stream: StreamRecord, grpc_code: int | None, outcome: str) -> str:
-    """Why the last try of a stream was not retried (h2proxy retries trailers-only retriable gRPC answers only)."""
-    if not stream.grpc:
-        return "HTTP/2 streams are retried only for trailers-only gRPC answers"
-    if outcome in ("timeout", "stream-idle-timeout"):
-        return "the deadline passed: no time left for a retry"
-    if not stream.choice.retries and stream.trail is None:
-        return "no retries configured for this route"
-    if grpc_code is not None and grpc_code not in GRPC_RETRIABLE:
-        return "grpc-status %s is not retried (only CANCELLED, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNAVAILABLE)" % grpc_name(grpc_code)
-    if stream.retries_left <= 0:
-        return "attempts used"
-    if stream.replay is None:
-        return "the request body was too large (over 64 KiB) to keep for a replay"
-    return "the answer was not trailers-only: the response had begun"
-
-
-def _stream_timeouts(stream: StreamRecord, headers: HeaderList) -> dict[str, Any]:
-    """The route timeout, the client's grpc-timeout (the deadline), the stream idle timeout, and which one fired."""
-    choice = stream.choice
-    deadline = grpc_timeout(headers) if stream.grpc else None
-    fired = None
-    if stream.cut == "timeout":
-        fired = "deadline" if deadline is not None and (choice.timeout is None or deadline < choice.timeout) else "request"
-    elif stream.cut is not None:
-        fired = "stream_idle"
-    return {"request_ms": _ms(choice.timeout), "stream_idle_ms": _ms(choice.idle_timeout), "per_try_ms": None,
-            "deadline_ms": _ms(deadline), "fired": fired}

@@ -30,7 +30,7 @@ import ssl
 from typing import TYPE_CHECKING, Any
 
 from meshctl.proxy.authz import Policy
-from meshctl.proxy.decisions import keep_stream
+from meshctl.proxy.stream_decisions import build_relay_record, build_stream_record, keep_stream
 from meshctl.proxy.h2conn import header
 from meshctl.proxy.h2proxy import H2Proxy
 from meshctl.proxy.errors import MeshError
@@ -180,7 +180,7 @@ def _recorder(state: ServerState, direction: str, peer: str | None, service: str
             return
         why = observer.why
         if why.on and keep_stream(stream, status, grpc_code, why.keep_all):
-            why.keep_stream(stream, status, grpc_code, hop, peer, state.snapshot, state.loop.time(), service or "-")
+            why.add(build_stream_record, stream, status, grpc_code, hop, peer, state.snapshot, state.loop.time(), service or "-")
         snapshot = state.snapshot
         destination, version = stream.choice.tag if isinstance(stream.choice.tag, tuple) else ("-", "")
         method = header(stream.headers, b":method") or b"POST"
@@ -231,12 +231,15 @@ def outbound_relay(state: ServerState, listener: Listener, client_ip: str) -> Re
 async def _connect_endpoint(state: ServerState, relay: Relay, service_name: str, client_ip: str) -> None:
     """Connect the relay's upstream end, trying other endpoints when a connect fails (L4 balancing)."""
     loop = state.loop
+    started = loop.time()
     tried: set[str] = set()
+    failed: list | None = None  # the failed connects, for `meshctl why` (None until one fails)
     first = state.snapshot.services.get(service_name)  # type: ignore[union-attr]
     if first is not None:
         limits = first.limits  # carried over by new snapshots, so the slot is given back where it was taken
         if not limits.hold(relay):
             log.info("relay to %s refused: %d connections in use, limits reached", service_name, limits.connections.in_use)
+            _relay_recorded(state, service_name, started, [], "circuit-open")
             relay.close()
             return
         relay.done.add_done_callback(lambda _: _leave_limits(state, limits, relay))
@@ -252,6 +255,7 @@ async def _connect_endpoint(state: ServerState, relay: Relay, service_name: str,
         tried.add(endpoint.id)
         tls = service.tls
         endpoint.active += 1
+        begun = loop.time()
         try:
             async with asyncio.timeout(service.connect_timeout):
                 transport, _ = await loop.create_connection(
@@ -263,10 +267,24 @@ async def _connect_endpoint(state: ServerState, relay: Relay, service_name: str,
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             _settle(state, service, endpoint, False)
             log.info("relay to %s (%s:%d): %s", service_name, endpoint.address[0], endpoint.address[1], exc or "connect timed out")
+            if failed is None:
+                failed = []
+            failed.append((endpoint, begun, loop.time(), str(exc) or "connect timed out"))
             continue
         relay.done.add_done_callback(lambda _: _settle(state, service, endpoint, None))
+        if failed is not None:  # connected, but only after a failed connect: worth explaining too
+            _relay_recorded(state, service_name, started, failed + [(endpoint, begun, loop.time(), None)], None)
         return
+    _relay_recorded(state, service_name, started, failed or [], "upstream-connect-failed")
     relay.close()
+
+
+def _relay_recorded(state: ServerState, service_name: str, started: float, tries: list, error: str | None) -> None:
+    """A decision record of an outbound relay whose connect failed (or succeeded after a failure): it gets an id of its own."""
+    observer = state.observer
+    if observer is not None and observer.why.on:
+        observer.why.add(build_relay_record, state.snapshot, service_name, state.next_request_id(), started, state.loop.time(), tries,
+                         TCP_CONNECT_TRIES, error)
 
 
 def authorize_connection(policy: Policy | None, peer: str | None) -> str | None:

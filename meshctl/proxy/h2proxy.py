@@ -20,7 +20,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from meshctl.proxy import decisions
+from meshctl.proxy import stream_decisions
 from meshctl.proxy.connect import create_connection
 from meshctl.proxy.errors import (
     GRPC_CANCELLED,
@@ -435,10 +435,10 @@ class H2Proxy(_Side):
         try:
             record.choice = as_choice(self.pick_upstream(record.headers))
         except Exception as exc:
-            decisions.stream_retried(record, tried, code, self.loop.time(), None)
+            stream_decisions.stream_retried(record, tried, code, self.loop.time(), None)
             self._answer_error(record.stream_id, True, "upstream-connect-failed", str(exc))
             return True
-        decisions.stream_retried(record, tried, code, self.loop.time(), record.choice.backoff)
+        stream_decisions.stream_retried(record, tried, code, self.loop.time(), record.choice.backoff)
         replay = list(record.replay)
         self.loop.call_later(record.choice.backoff, self._retry_now, record, replay)
         return True
