@@ -87,6 +87,10 @@ def test_a_grpc_call_refused_by_authz_is_explained_with_the_rule(cleanup, ca, re
     assert "answered grpc-status PERMISSION_DENIED (HTTP 403)" in text
     assert "It went wrong at hop 2, svc@v1#0 (inbound): x-mesh-error forbidden." in text
     assert records(front, "grpc-ok") == []  # the successful call left no record (observability.why: errors)
+    debug = [("x-request-id", "grpc-debug-1"), ("x-mesh-debug", "1")]
+    assert channel.method("ForItem")(b"b", timeout=DEADLINE_S, metadata=debug) == b"b-a,b-b,b-c"
+    story = story_of("grpc-debug-1", front, inner, hops=2)  # asked for: a record at every hop although it succeeded
+    assert [(hop["sidecar"], hop["grpc_name"], hop["by"]) for hop in story["hops"]] == [("ingress", "OK", "app"), (ENDPOINT, "OK", "app")]
 
     # grpc-timeout 200m from a client that does not cancel on its own: the ingress's deadline fires, nothing races it.
     response, _, trailers = h2_call(front.ports["ingress"], grpc_request(GRPC_ROUTE + "Slow", "200m") + [("x-request-id", "grpc-slow-1")],
