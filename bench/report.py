@@ -109,22 +109,26 @@ def judge_why(results: dict[str, Any]) -> Verdict | None:
     )
 
 
-def render_why(results: dict[str, Any], params: dict[str, Any]) -> list[str]:
-    """The cost of `meshctl why` decision records: the three modes' meshes and engines, as ratios to `why: off`."""
+def render_why(results: dict[str, Any], params: dict[str, Any], measured_apart: str = "") -> list[str]:
+    """The cost of `meshctl why` decision records: the three modes' meshes and engines, as ratios to `why: off`.
+
+    `measured_apart` names the run when the section was spliced into a page of another run.
+    """
     entries = _why_entries(results)
     if entries is None:
         return []
     engines = results.get("why_engines") or {}
     names = list(engines.get("off", {}))
     off = entries["off"]
+    origin = "of the run named at the top" if not measured_apart else "of another `make bench` run (%s)" % measured_apart
     out = ["## Cost of `meshctl why`", "",
-           "The why meshes of \"Cost of observability\" (the same run, wrk -t1 -c%d, %d interleaved runs of %g s "
-           "each), as ratios to recording off; the target is the default's throughput within 3 %% of `why: off`. "
-           "The engine columns are Python CPU per request of the sidecar's engine alone in each mode (bench/engine.py "
-           "for the HTTP/1.1 ingress and inbound, bench/engine_h2.py for an HTTP/2 stream; minimum over batches, "
-           "run after the meshes): they move much less with the machine's load than wrk's figures. `errors` "
-           "keeps a record only for failed, retried or `x-mesh-debug` requests (none here); `all` builds one for "
-           "every request." % (params["connections"], params["runs"], params["seconds"]), ""]
+           "The why meshes of \"Cost of observability\" %s (wrk -t1 -c%d, %d interleaved runs of %g s each), as "
+           "ratios to recording off; the target is the default's throughput within 3 %% of `why: off`. The engine "
+           "columns are Python CPU per request of the sidecar's engine alone in each mode (bench/engine.py for the "
+           "HTTP/1.1 ingress and inbound, bench/engine_h2.py for an HTTP/2 stream; minimum over batches and rounds, "
+           "run after the meshes): they move much less with the machine's load than wrk's figures. `errors` keeps a "
+           "record only for failed, retried or `x-mesh-debug` requests (none here); `all` builds one for every "
+           "request." % (origin, params["connections"], params["runs"], params["seconds"]), ""]
     rows = []
     for mode, entry in entries.items():
         row = [mode + (" (default)" if mode == "errors" else ""), "%.0f" % entry["rps"], "%.3f" % (entry["rps"] / off["rps"]),
