@@ -23,6 +23,7 @@ import gc
 import os
 import sys
 import time
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -83,25 +84,54 @@ class FakeTransport:
         pass
 
 
+def sidecar_config(listener: dict, instance: str, service: str, services: dict, why: str) -> dict:
+    """A sidecar's config with one listener: tracing sampled at 0.01, access log off, `why` records."""
+    return {
+        "instance": instance, "service": service, "version": "v1", "drain_timeout": 5.0, "listeners": [listener],
+        "services": services, "egress": [],
+        "http": {"max_header_bytes": 65536, "max_body_bytes": None, "header_timeout": 10.0, "idle_timeout": 60.0},
+        "tracing": {"sampling": 0.01}, "access_log": "off", "why": {"mode": why},
+    }
+
+
+def sidecar_state(loop: asyncio.AbstractEventLoop, config: dict) -> ServerState:
+    """The state of a sidecar that applied `config`, its Observer hooked in, messages to the agent dropped."""
+    snapshot = compile_snapshot({"type": "config", "version": 1, "config": config}, None)
+    state = ServerState(loop)
+    state.snapshot = snapshot
+    state.observer = Observer(state, snapshot, lambda message: None)
+    state.on_exchange_done = state.observer.exchange_done
+    state.observer.configure(snapshot, config)
+    return state
+
+
+def min_cpu_per_item(batch: Callable[[int], None], count: int, batches: int, between: Callable[[], None]) -> float:
+    """The minimum over `batches` runs of `batch(count)` of process CPU seconds per item (`between` runs before each)."""
+    best = float("inf")
+    gc.collect()
+    for _ in range(batches):
+        between()
+        started = time.process_time()
+        batch(count)
+        best = min(best, (time.process_time() - started) / count)
+    return best
+
+
+def add_why_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--why", choices=("errors", "all", "off"), default="errors",
+                        help="decision records for `meshctl why` (observability.why) [errors, the default]")
+
+
 def measure(kind: str, requests: int, batches: int, why: str = "errors") -> float:
     """Minimum CPU seconds per request over `batches` of `requests` on a `kind` listener."""
     loop = asyncio.new_event_loop()
     try:
         listener = {"name": kind, "kind": kind, "fd": -1}
         listener.update({"app": list(APP)} if kind == "inbound" else {"routes": [{"path": "/", "service": "web"}]})
-        config = {
-            "instance": "web@v1#0" if kind == "inbound" else "ingress", "service": "web" if kind == "inbound" else "None",
-            "version": "v1", "drain_timeout": 5.0, "listeners": [listener], "services": {"web": SERVICE}, "egress": [],
-            "http": {"max_header_bytes": 65536, "max_body_bytes": None, "header_timeout": 10.0, "idle_timeout": 60.0},
-            "tracing": {"sampling": 0.01}, "access_log": "off", "why": {"mode": why},
-        }
-        snapshot = compile_snapshot({"type": "config", "version": 1, "config": config}, None)
-        state = ServerState(loop)
-        state.snapshot = snapshot
-        state.observer = Observer(state, snapshot, lambda message: None)
-        state.on_exchange_done = state.observer.exchange_done
-        state.observer.configure(snapshot, config)
-        client = ClientConnection(state, snapshot.listeners[kind])
+        inbound = kind == "inbound"
+        config = sidecar_config(listener, "web@v1#0" if inbound else "ingress", "web" if inbound else "None", {"web": SERVICE}, why)
+        state = sidecar_state(loop, config)
+        client = ClientConnection(state, state.snapshot.listeners[kind])  # type: ignore[union-attr]
         client_transport = FakeTransport()
         client.connection_made(client_transport)  # type: ignore[arg-type]
         upstream = UpstreamConnection(state.pool, APP, "web")
@@ -118,15 +148,12 @@ def measure(kind: str, requests: int, batches: int, why: str = "errors") -> floa
         batch(100)
         if len(upstream_transport.written) != 100 or not client_transport.written[-1].endswith(b"hello, world\n"):
             raise SystemExit("the engine did not answer every request: %r" % client_transport.written[-3:])
-        best = float("inf")
-        gc.collect()
-        for _ in range(batches):
+
+        def clear() -> None:
             client_transport.written.clear()
             upstream_transport.written.clear()
-            started = time.process_time()
-            batch(requests)
-            best = min(best, (time.process_time() - started) / requests)
-        return best
+
+        return min_cpu_per_item(batch, requests, batches, clear)
     finally:
         loop.close()
 
@@ -135,8 +162,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--batches", type=int, default=7)
-    parser.add_argument("--why", choices=("errors", "all", "off"), default="errors",
-                        help="decision records for `meshctl why` (observability.why) [errors, the default]")
+    add_why_option(parser)
     args = parser.parse_args()
     for kind in ("ingress", "inbound"):
         print("%-8s %6.2f us Python CPU per request" % (kind, measure(kind, args.requests, args.batches, args.why) * 1e6))

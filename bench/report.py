@@ -80,7 +80,69 @@ def judge_targets(results: dict[str, Any]) -> list[Verdict]:
     ))
     if results.get("h2") and not isinstance(results["h2"], str):
         verdicts += judge_h2_targets(results["h2"], small[mesh]["proxy_cpu_us"])
+    why = judge_why(results)
+    if why is not None:
+        verdicts.append(why)
     return verdicts
+
+
+def _why_entries(results: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    """{mode: the observability table's entry} for why off, errors (the defaults) and all, when measured."""
+    obs, labels = results.get("observability"), results.get("why_labels")
+    if not obs or not labels or any(label not in obs for label in labels.values()):
+        return None
+    return {mode: obs[label] for mode, label in labels.items()}
+
+
+def judge_why(results: dict[str, Any]) -> Verdict | None:
+    """Issue #18: with the default (`why: errors`) throughput stays within 3 % of recording off."""
+    entries = _why_entries(results)
+    if entries is None:
+        return None
+    off, default = entries["off"], entries["errors"]
+    ratio = _ratio(default["rps"], off["rps"])
+    return Verdict(
+        "mesh throughput with `observability.why: errors` (the default) within 3 % of `why: off`",
+        "%.0f vs %.0f rps = %.3fx (sidecar CPU %.1f vs %.1f us/req)" % (
+            default["rps"], off["rps"], ratio, default["proxy_cpu_us"], off["proxy_cpu_us"]),
+        ratio >= 0.97,
+    )
+
+
+def render_why(results: dict[str, Any], params: dict[str, Any], measured_apart: str = "") -> list[str]:
+    """The cost of `meshctl why` decision records: the three modes' meshes and engines, as ratios to `why: off`.
+
+    `measured_apart` names the run when the section was spliced into a page of another run.
+    """
+    entries = _why_entries(results)
+    if entries is None:
+        return []
+    engines = results.get("why_engines") or {}
+    names = list(engines.get("off", {}))
+    off = entries["off"]
+    origin = "of the run named at the top" if not measured_apart else "of another `make bench` run (%s)" % measured_apart
+    out = ["## Cost of `meshctl why`", "",
+           "The why meshes of \"Cost of observability\" %s (wrk -t1 -c%d, %d interleaved runs of %g s each), as "
+           "ratios to recording off; the target is the default's throughput within 3 %% of `why: off`. The engine "
+           "columns are Python CPU per request of the sidecar's engine alone in each mode (bench/engine.py for the "
+           "HTTP/1.1 ingress and inbound, bench/engine_h2.py for an HTTP/2 stream; minimum over batches and rounds, "
+           "run after the meshes): they move much less with the machine's load than wrk's figures. `errors` keeps a "
+           "record only for failed, retried or `x-mesh-debug` requests (none here); `all` builds one for every "
+           "request." % (origin, params["connections"], params["runs"], params["seconds"]), ""]
+    rows = []
+    for mode, entry in entries.items():
+        row = [mode + (" (default)" if mode == "errors" else ""), "%.0f" % entry["rps"], "%.3f" % (entry["rps"] / off["rps"]),
+               "%.1f" % entry["proxy_cpu_us"], "%.3f" % (entry["proxy_cpu_us"] / off["proxy_cpu_us"])]
+        for name in names:
+            figure, base = engines.get(mode, {}).get(name), engines["off"][name]
+            row.append("n/a" if figure is None else "%.2f (%.3fx)" % (figure, figure / base))
+        rows.append(row)
+    header = ["observability.why", "mesh rps", "x off", "sidecar CPU us/req", "x off"] + ["engine %s us" % name for name in names]
+    out += _table(header, rows)
+    verdict = judge_why(results)
+    if verdict is not None:
+        out += ["%s: %s, %s." % (_mark(verdict.passed), verdict.target, verdict.measured), ""]
+    return out
 
 
 def _mesh_entry(table: dict[str, Any]) -> dict[str, Any]:
@@ -376,12 +438,13 @@ def render(results: dict[str, Any], notes: str = "") -> str:
                 "the registry; with sampling 0 as well the hook is not called at all); `access_log: on` "
                 "sends every request's access line to the agent, in batches (one message per 0.1 s or 256 lines); "
                 "`why: off` keeps no decision records (the default keeps them for failed and `x-mesh-debug` "
-                "requests only, meshctl/proxy/decisions.py)." % (params["connections"], params["runs"], params["seconds"]), ""]
+                "requests only, meshctl/proxy/decisions.py) and `why: all` keeps one for every request." % (params["connections"], params["runs"], params["seconds"]), ""]
         rows = []
         for name, entry in obs.items():
             rows.append([name, "%.0f" % entry["rps"], "%.0f .. %.0f" % (min(entry["runs"]), max(entry["runs"])),
                          "%.2f" % (entry["rps"] / base["rps"]), "%.1f" % entry["proxy_cpu_us"], str(entry["errors"])])
         out += _table(["mesh", "rps", "runs (min .. max)", "x defaults", "sidecar CPU us/req", "errors"], rows)
+        out += render_why(results, params)
 
     control = results.get("control_plane")
     if control:

@@ -126,12 +126,21 @@ def profile(target: targets.Target, service_sidecar: int, seconds: float, connec
     }
 
 
+DEFAULTS_LABEL = "defaults (metrics on, access log off, sampling 0.01)"
+WHY_LABELS = {"off": "why records off (observability.why: off)", "errors": DEFAULTS_LABEL,
+              "all": "why records for every request (observability.why: all)"}
 OBSERVABILITY_VARIANTS = {
-    "defaults (metrics on, access log off, sampling 0.01)": None,
+    DEFAULTS_LABEL: None,
     "metrics off": {"metrics": False},
     "access log on (every request)": {"access_log": "on"},
-    "why records off (observability.why: off)": {"why": "off"},
+    WHY_LABELS["off"]: {"why": "off"},
+    WHY_LABELS["all"]: {"why": "all"},
 }
+ENGINE_ROUNDS = 2  # each figure is the minimum of its rounds: the modes interleave, so load bursts hit them alike
+ENGINES = (  # bench/engine*.py runs for the why costs: ~15 s of CPU in all
+    ["engine.py", "--requests", "1000", "--batches", "15"],
+    ["engine_h2.py", "--streams", "1000", "--batches", "15"],
+)
 
 
 def observability_costs(workdir: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -144,6 +153,27 @@ def observability_costs(workdir: str, params: dict[str, Any]) -> dict[str, Any]:
             target.name = label
             paths.append(target)
         return throughput(paths, "small", params["runs"], params["seconds"], params["warmup"], params["connections"])
+
+
+def why_engines() -> dict[str, dict[str, float]]:
+    """Python CPU per request (us) of the sidecar's engines in each `observability.why` mode: {mode: {engine: us}}.
+
+    Interleaved by mode, in ENGINE_ROUNDS rounds (the minimum kept); bench/engine.py gives the
+    ingress and inbound HTTP/1.1 figures, bench/engine_h2.py the HTTP/2 one. They run the
+    working tree's code (also with --ref).
+    """
+    figures: dict[str, dict[str, float]] = {mode: {} for mode in WHY_LABELS}
+    for _ in range(ENGINE_ROUNDS):
+        for script, *options in ENGINES:
+            for mode in WHY_LABELS:
+                argv = [sys.executable, os.path.join(targets.BENCH_DIR, script), *options, "--why", mode]
+                done = subprocess.run(argv, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+                if done.returncode != 0:
+                    raise BenchError("%s failed: %s" % (script, done.stderr[-1000:]))
+                for line in done.stdout.splitlines():
+                    name, value, *_ = line.split()
+                    figures[mode][name] = min(float(value), figures[mode].get(name, float("inf")))
+    return figures
 
 
 def _timed(argv: list[str], runs: int, cwd: str) -> float:
@@ -351,7 +381,7 @@ def _bench(args: argparse.Namespace, params: dict[str, Any], workdir: str) -> in
         results["haproxy_tls"] = haproxy.notes["tls"]
 
         if args.extras_only:
-            print(json.dumps({"observability": observability_costs(workdir, params),
+            print(json.dumps({"observability": observability_costs(workdir, params), "why_engines": why_engines(),
                               "control_plane": controlplane.measure(workdir, 20, args.route_changes)}, indent=1))
             return 0
 
@@ -398,6 +428,10 @@ def _bench(args: argparse.Namespace, params: dict[str, Any], workdir: str) -> in
     results["observability"] = observability_costs(workdir, params)
     for name, entry in results["observability"].items():
         print("  %-55s %9.0f rps  %.1f us CPU/req" % (name, entry["rps"], entry["proxy_cpu_us"]), flush=True)
+    results["why_labels"] = WHY_LABELS
+    results["why_engines"] = why_engines()
+    for mode, engines in results["why_engines"].items():
+        print("  engines, why: %-6s %s" % (mode, "  ".join("%s %.2f us" % item for item in engines.items())), flush=True)
 
     print("control plane (20 instances) ...", flush=True)
     results["control_plane"] = controlplane.measure(workdir, 20, args.route_changes)

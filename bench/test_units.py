@@ -116,3 +116,23 @@ def test_burst_table_lists_failures_and_wall_time_per_level():
 
     assert "| 500 | 0 of 4,000 | 1.50 | 3 of 4,000 | 2.25 |" in lines
     assert "Failures: haproxy at 500: status 502 upstream-connect-failed x3." in lines
+
+
+def test_why_cost_judged_against_recording_off_and_rendered_as_ratios():
+    labels = {"off": "why off", "errors": "defaults", "all": "why all"}
+    entry = lambda rps, cpu: {"rps": rps, "proxy_cpu_us": cpu, "runs": [rps], "errors": 0}  # noqa: E731
+    results = {
+        "observability": {"defaults": entry(9750.0, 102.0), "why off": entry(10000.0, 100.0), "why all": entry(6000.0, 160.0)},
+        "why_labels": labels,
+        "why_engines": {"off": {"ingress": 20.0, "http2": 40.0}, "errors": {"ingress": 20.2, "http2": 40.4},
+                        "all": {"ingress": 36.0, "http2": 80.0}},
+    }
+    verdict = report.judge_why(results)
+    assert verdict.passed is True and verdict.measured.startswith("9750 vs 10000 rps = 0.975x")
+    results["observability"]["defaults"] = entry(9600.0, 104.0)
+    assert report.judge_why(results).passed is False
+    section = "\n".join(report.render_why(results, {"connections": 32, "runs": 3, "seconds": 5.0}))
+    assert "| errors (default) | 9600 | 0.960 | 104.0 | 1.040 | 20.20 (1.010x) | 40.40 (1.010x) |" in section
+    assert "| all | 6000 | 0.600 | 160.0 | 1.600 | 36.00 (1.800x) | 80.00 (2.000x) |" in section
+    assert "MISS: mesh throughput with `observability.why: errors`" in section
+    assert report.judge_why({"observability": {"defaults": entry(1.0, 1.0)}}) is None  # an older run: not measured

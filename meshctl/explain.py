@@ -22,7 +22,7 @@ from typing import Any
 
 _DIRECTION_ORDER = {"ingress": 0, "outbound": 1, "inbound": 2}
 _HOP_KEYS = ("sidecar", "service", "caller_service", "direction", "protocol", "method", "path", "peer_identity", "mtls",
-             "status", "by", "error", "duration_ms", "version", "balancer", "limits", "timeouts", "authz", "faults", "mirror", "ts")
+             "status", "grpc_status", "grpc_name", "by", "error", "duration_ms", "version", "balancer", "limits", "timeouts", "authz", "faults", "mirror", "ts")
 
 
 def hop_of(record: dict[str, Any]) -> dict[str, Any]:
@@ -30,7 +30,7 @@ def hop_of(record: dict[str, Any]) -> dict[str, Any]:
     hop = {key: record.get(key) for key in _HOP_KEYS}
     hop["route"] = record.get("route")
     hop["tries"] = [
-        {key: attempt.get(key) for key in ("endpoint", "version", "status", "error", "outcome", "start_ms", "duration_ms",
+        {key: attempt.get(key) for key in ("endpoint", "version", "status", "grpc_status", "grpc_name", "error", "outcome", "start_ms", "duration_ms",
                                            "retried", "retry_reason", "backoff_ms")}
         for attempt in record.get("tries") or ()
     ]
@@ -167,6 +167,9 @@ def _outcome_words(attempt: dict[str, Any], timeouts: dict[str, Any] | None) -> 
     outcome, status = attempt.get("outcome"), attempt.get("status")
     took = _ms(attempt.get("duration_ms"))
     if outcome == "response":
+        grpc = attempt.get("grpc_name")
+        if grpc is not None:
+            return "answered grpc-status %s%s after %s" % (grpc, " (HTTP %s)" % status if status else "", took)
         return "answered %s after %s" % (status, took)
     if outcome == "reset":
         return "reset the connection after %s" % took
@@ -174,12 +177,16 @@ def _outcome_words(attempt: dict[str, Any], timeouts: dict[str, Any] | None) -> 
         return "refused the connection"
     if outcome == "connect-failure":
         return "could not be connected (%s)" % (attempt.get("error") or "connect failure")
+    if outcome == "connected":
+        return "accepted the connection after %s" % took
     if outcome == "timeout":
         fired = (timeouts or {}).get("fired")
         if fired == "per_try":
             return "did not answer within the per-try timeout (%s)" % _ms((timeouts or {}).get("per_try_ms"))
         if fired == "request":
             return "did not answer within the request timeout (%s)" % _ms((timeouts or {}).get("request_ms"))
+        if fired == "deadline":
+            return "did not answer within the caller's grpc-timeout (%s)" % _ms((timeouts or {}).get("deadline_ms"))
         return "timed out after %s" % took
     if outcome == "stream-idle-timeout":
         return "moved no byte either way for the stream idle timeout (%s)" % _ms((timeouts or {}).get("stream_idle_ms"))
@@ -239,10 +246,11 @@ def route_sentence(route: dict[str, Any] | None, service: str) -> str:
 
 
 def _final_words(hop: dict[str, Any]) -> str:
+    grpc = hop.get("grpc_name")
+    status = hop.get("status") if grpc is None else "grpc-status %s (HTTP %s)" % (grpc, hop.get("status"))
     if hop.get("by") == "mesh" and hop.get("error"):
-        status = hop.get("status")
         return "the mesh answered %s (x-mesh-error: %s)" % (status, hop["error"]) if status else "the mesh ended it (%s)" % hop["error"]
-    return "%s answered %s" % ("the app" if hop.get("direction") == "inbound" else "the upstream", hop.get("status"))
+    return "%s answered %s" % ("the app" if hop.get("direction") == "inbound" else "the upstream", status)
 
 
 def hop_lines(hop: dict[str, Any]) -> list[str]:
@@ -257,6 +265,8 @@ def hop_lines(hop: dict[str, Any]) -> list[str]:
         authz = hop.get("authz")
         if authz:
             lines.append("Authorization: %s (decided by %s)." % (authz["decision"].upper(), authz["rule"]))
+    elif hop.get("protocol") == "tcp":
+        lines.append("%s relayed a TCP connection to %s%s." % (sidecar, hop.get("service"), " over mTLS" if hop.get("mtls") else ""))
     else:
         lines.append("%s sent %s %s to %s%s." % (sidecar if direction != "ingress" else "the ingress", hop.get("method"),
                                                  hop.get("path"), hop.get("service"), " over mTLS" if hop.get("mtls") else ""))
@@ -286,13 +296,16 @@ def hop_lines(hop: dict[str, Any]) -> list[str]:
     if sentence:
         lines.append(sentence)
     timeouts = hop.get("timeouts") or {}
-    if timeouts.get("fired"):
+    if timeouts.get("fired") == "deadline":
+        lines.append("The caller's deadline (grpc-timeout %s) passed." % _ms(timeouts.get("deadline_ms")))
+    elif timeouts.get("fired"):
         which, key = {"request": ("request", "request_ms"), "stream_idle": ("stream idle", "stream_idle_ms")}.get(
             timeouts["fired"], ("per-try", "per_try_ms"))
         lines.append("The %s timeout (%s) fired." % (which, _ms(timeouts.get(key))))
     tries = hop.get("tries") or []
     answered_by_try = len(tries) == 1 and hop.get("by") == "app" and tries[0].get("status") == hop.get("status")
-    if not answered_by_try:
+    relayed = hop.get("protocol") == "tcp" and not hop.get("error")  # the tries said it: the relay connected
+    if not answered_by_try and not relayed:
         final = _final_words(hop)
         lines.append("%s%s in %s." % (final[0].upper(), final[1:], _ms(hop.get("duration_ms"))))
     return lines
@@ -301,7 +314,10 @@ def hop_lines(hop: dict[str, Any]) -> list[str]:
 def tell(story: dict[str, Any]) -> str:
     """The whole story, hop by hop."""
     when = time.strftime("%H:%M:%S", time.localtime(story["ts"])) if story.get("ts") else "?"
-    head = "request %s: %s %s at %s -> %s" % (story["request_id"], story.get("method"), story.get("path"), when, story.get("status"))
+    if story.get("method") == "TCP":  # a relay's connects (raw TCP has no request id: the sidecar gave it one)
+        head = "TCP connection %s to %s at %s" % (story["request_id"], (story["hops"] or [{}])[0].get("service"), when)
+    else:
+        head = "request %s: %s %s at %s -> %s" % (story["request_id"], story.get("method"), story.get("path"), when, story.get("status"))
     if story.get("error"):
         head += " (x-mesh-error: %s)" % story["error"]
     out = [head]

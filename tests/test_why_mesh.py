@@ -12,6 +12,7 @@ import json
 import pytest
 
 from tests.meshharness import Mesh, free_port, http_get, wait_for
+from tests.test_ingress_h2 import h2_call
 
 MESH = """
 mesh: why
@@ -83,6 +84,26 @@ def test_a_three_hop_request_is_stitched_in_order(mesh):
     text = mesh.cli("why", request_id, check=True).stdout
     assert "1. ingress (ingress)" in text and "6. back@v1#0 (inbound)" in text
     assert "Authorization: ALLOW (decided by default_policy)" in text
+
+
+def test_an_http2_request_is_stitched_with_the_http1_calls_it_caused(mesh):
+    port = int(mesh.url.rsplit(":", 1)[1])
+    headers = [(":method", "GET"), (":scheme", "http"), (":authority", "why"), (":path", "/call/mid/call/back/admin/h2")]
+    response, _, _ = h2_call(port, headers)  # h2c prior knowledge to the ingress; the apps speak HTTP/1.1
+    assert response[":status"] == "403"
+    request_id = response["x-request-id"]
+    story = wait_for(lambda: len(why(mesh, request_id)["hops"]) == 6 and why(mesh, request_id), what="six hops on record")
+    assert [(hop["sidecar"], hop["direction"], hop["protocol"]) for hop in story["hops"]] == [
+        ("ingress", "ingress", "http2"),
+        ("front@v1#0", "inbound", "http2"),  # the ingress's stream, bridged to the app as HTTP/1.1
+        ("front@v1#0", "outbound", "http/1.1"),
+        ("mid@v1#0", "inbound", "http/1.1"),
+        ("mid@v1#0", "outbound", "http/1.1"),
+        ("back@v1#0", "inbound", "http/1.1"),
+    ]
+    assert story["hops"][0]["tries"][0]["endpoint"] == "front@v1#0" and story["hops"][-1]["authz"]["rule"] == "deny[0]"
+    rows = json.loads(mesh.cli("why", "--recent", "--service", "front", "-o", "json", check=True).stdout)
+    assert request_id in [row["request_id"] for row in rows]
 
 
 def test_last_failure_explains_an_authz_deny_two_hops_down(mesh):

@@ -26,7 +26,7 @@ from meshctl.agent.supervisor import Supervisor
 from meshctl.proxy.decisions import MAX_RECENT
 
 Handler = Callable[[dict, asyncio.StreamWriter], Awaitable[Any]]
-KEPT = ("records are kept for requests that ended in 5xx or a mesh error and for requests sent with "
+KEPT = ("records are kept for requests that ended in 5xx, a mesh error or a non-OK gRPC status and for requests sent with "
         "`x-mesh-debug: 1` (`observability.why: all` keeps every request); each sidecar keeps the newest ones")
 
 

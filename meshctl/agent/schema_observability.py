@@ -95,8 +95,8 @@ MANIFEST_PROPERTIES: dict[str, Any] = {
             "access_log": {"enum": list(ACCESS_LOG_MODES), "description": "off, on (every request) or errors (5xx and mesh errors) [off]."},
             "why": {
                 "enum": list(WHY_MODES),
-                "description": "Which requests get a decision record for `meshctl why`: errors (5xx, mesh errors, resets and "
-                               "requests with x-mesh-debug: 1), all, or off [errors].",
+                "description": "Which requests get a decision record for `meshctl why`: errors (5xx, mesh errors, resets, "
+                               "non-OK gRPC statuses and requests with x-mesh-debug: 1), all, or off [errors].",
             },
             "why_records": {
                 "type": "integer", "minimum": 1, "maximum": 1000000,

@@ -17,6 +17,9 @@ are deterministic given the request, except the split's draw and the balancer's 
 which the exchange remembers. Records live in a bounded ring (oldest dropped) and leave the
 process only when the agent asks (`why?` on the config channel, proxy.observe).
 `plan()` answers `meshctl why --from --to`: what would happen to a request not sent.
+
+HTTP/2 and gRPC streams and TCP relays get records of the same shape from
+proxy.stream_decisions, kept in the same ring (`Recorder.add`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from meshctl.proxy.retry import IDEMPOTENT_METHODS
@@ -173,6 +177,13 @@ class Recorder:
             # A record explains a request; failing to build one must never fail the request.
             log.exception("building the decision record of %r failed", exchange)
 
+    def add(self, build: Callable[..., dict[str, Any]], *inputs: Any) -> None:
+        """Keep the record `build(*inputs, instance, service)` makes (HTTP/2 streams, relays: proxy.stream_decisions)."""
+        try:
+            self.records.append(build(*inputs, self.instance, self.service))
+        except Exception:
+            log.exception("building a decision record (%s) failed", build.__name__)
+
     def find(self, request_id: str) -> list[dict[str, Any]]:
         return [record for record in self.records if record["request_id"] == request_id]
 
@@ -217,7 +228,7 @@ def build_record(exchange: DecidedExchange, outcome: str, status: int, duration:
         "status": status,
         "by": "mesh" if mesh_error else "app",
         "error": outcome if mesh_error else None,
-        "duration_ms": _ms(duration),
+        "duration_ms": ms(duration),
         "route": None,
         "version": None,
         "balancer": None,
@@ -232,7 +243,7 @@ def build_record(exchange: DecidedExchange, outcome: str, status: int, duration:
     if service is not None and action is not None:
         record["route"] = _route(service, action, method, path, query, headers)
         record["version"] = action.version
-        record["balancer"] = _balancer(service, action.version, record["tries"], started)
+        record["balancer"] = balancer_explained(service, action.version, record["tries"], started)
         record["timeouts"] = _timeouts(action, trail)
     if direction == "inbound" and snapshot is not None and snapshot.authz is not None:
         decision = snapshot.authz.check(client.peer_identity, method, target_text, headers)
@@ -240,7 +251,7 @@ def build_record(exchange: DecidedExchange, outcome: str, status: int, duration:
     return record
 
 
-def _ms(seconds: float | None) -> float | None:
+def ms(seconds: float | None) -> float | None:
     """Milliseconds, or None for a limit that is not set (no whole-request timeout by default)."""
     return None if seconds is None else round(seconds * 1000, 3)
 
@@ -261,8 +272,8 @@ def _tries(exchange: DecidedExchange, trail: list, outcome: str, status: int, me
         entry = {
             "endpoint": _endpoint_name(endpoint, exchange),
             "version": endpoint.version if endpoint is not None else None,
-            "start_ms": _ms(begun - started),
-            "duration_ms": _ms(ended - begun),
+            "start_ms": ms(begun - started),
+            "duration_ms": ms(ended - begun),
             "outcome": try_outcome,
             "status": try_status,
             "error": detail,
@@ -272,7 +283,7 @@ def _tries(exchange: DecidedExchange, trail: list, outcome: str, status: int, me
         }
         if retry is not None:
             delay, counted = retry
-            entry["backoff_ms"] = _ms(delay)
+            entry["backoff_ms"] = ms(delay)
             if counted:
                 entry["retry_reason"] = policy.explain(attempt, method, try_outcome, try_status, body_size)[1] if policy else "retried"
                 attempt += 1
@@ -288,8 +299,8 @@ def _tries(exchange: DecidedExchange, trail: list, outcome: str, status: int, me
         tries.append({
             "endpoint": _endpoint_name(endpoint, exchange),
             "version": endpoint.version if endpoint is not None else None,
-            "start_ms": _ms(begun - started),
-            "duration_ms": _ms(exchange.client.state.loop.time() - begun),
+            "start_ms": ms(begun - started),
+            "duration_ms": ms(exchange.client.state.loop.time() - begun),
             "outcome": "response" if outcome in _OK_OUTCOMES else outcome,
             "status": status or None,
             "error": outcome if outcome not in _OK_OUTCOMES else None,
@@ -322,12 +333,12 @@ def _limits(trail: list, exchange: DecidedExchange, outcome: str) -> dict[str, A
     queued = next((entry for entry in trail if entry[0] == QUEUED), None)
     waited = None
     if queued is not None and len(queued) > 2:
-        waited = _ms(queued[2] - queued[1])
+        waited = ms(queued[2] - queued[1])
     return {"queued": queued is not None, "queued_ms": waited, "circuit_open": outcome == "circuit-open"}
 
 
 def _faults(trail: list, outcome: str, status: int) -> list[dict[str, Any]]:
-    faults: list[dict[str, Any]] = [{"kind": "delay", "ms": _ms(entry[1])} for entry in trail if entry[0] == DELAY]
+    faults: list[dict[str, Any]] = [{"kind": "delay", "ms": ms(entry[1])} for entry in trail if entry[0] == DELAY]
     if outcome == "fault-abort":
         faults.append({"kind": "abort", "status": status})
     return faults
@@ -337,9 +348,9 @@ def _timeouts(action: RouteAction, trail: list) -> dict[str, Any]:
     policy = action.retry_policy
     fired = next((entry for entry in trail if entry[0] == FIRED), None)
     return {
-        "request_ms": _ms(action.timeout),
-        "stream_idle_ms": _ms(action.idle_timeout),
-        "per_try_ms": _ms(policy.per_try_timeout) if policy is not None and policy.per_try_timeout else None,
+        "request_ms": ms(action.timeout),
+        "stream_idle_ms": ms(action.idle_timeout),
+        "per_try_ms": ms(policy.per_try_timeout) if policy is not None and policy.per_try_timeout else None,
         "fired": fired[1] if fired is not None else None,
     }
 
@@ -398,7 +409,7 @@ def endpoints_state(service: Service, version: str, now: float) -> list[dict[str
     ]
 
 
-def _balancer(service: Service, version: str, tries: list[dict[str, Any]], started: float) -> dict[str, Any]:
+def balancer_explained(service: Service, version: str, tries: list[dict[str, Any]], started: float) -> dict[str, Any]:
     picked = [entry["endpoint"] for entry in tries]
     considered = endpoints_state(service, version, started)
     skipped = []
@@ -433,7 +444,7 @@ def plan(snapshot: Snapshot, to: str, method: str, path: str, headers: dict[str,
         retries = {
             "attempts": policy.attempts,
             "retry_on": sorted(policy.retry_on),
-            "per_try_timeout_ms": _ms(policy.per_try_timeout) if policy.per_try_timeout else None,
+            "per_try_timeout_ms": ms(policy.per_try_timeout) if policy.per_try_timeout else None,
             "non_idempotent": policy.non_idempotent,
             "method_retried": policy.non_idempotent or method.upper() in IDEMPOTENT_METHODS,
         }
@@ -443,11 +454,12 @@ def plan(snapshot: Snapshot, to: str, method: str, path: str, headers: dict[str,
         "route": route,
         "versions": {version: endpoints_state(service, version, now) for version in split},
         "algorithm": service.balancer.kind,
-        "timeouts": {"request_ms": _ms(action.timeout), "stream_idle_ms": _ms(action.idle_timeout),
-                     "connect_ms": _ms(service.connect_timeout),
+        "timeouts": {"request_ms": ms(action.timeout), "stream_idle_ms": ms(action.idle_timeout),
+                     "connect_ms": ms(service.connect_timeout),
                      "per_try_ms": retries["per_try_timeout_ms"] if retries else None},
         "retries": retries,
         "fault": action.fault,
         "mirror": action.mirror,
         "mtls": service.tls is not None,
     }
+

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from meshctl.proxy.authz import Policy
+from meshctl.proxy.stream_decisions import build_relay_record, build_stream_record, keep_stream
 from meshctl.proxy.h2conn import header
 from meshctl.proxy.h2proxy import H2Proxy
 from meshctl.proxy.errors import MeshError, error_response
@@ -118,6 +119,7 @@ def _pick_endpoint(state: Server, service_name: str, headers: list[tuple[bytes, 
         timeout=action.timeout, retries=policy.attempts - 1 if policy is not None else 0,
         backoff=policy.backoff_base if policy is not None else 0.025, tag=(service.name, endpoint.version),
         settle=lambda ok: _settle(state, service, endpoint, ok, slot), idle_timeout=action.idle_timeout,
+        service=service, action=action, endpoint=endpoint,
     )
 
 
@@ -127,7 +129,8 @@ def outbound_h2(state: Server, listener: Listener) -> H2Proxy:
     assert service_name is not None  # an outbound listener names its service
     return state.track(H2Proxy(
         lambda headers: _pick_endpoint(state, service_name, headers), state.loop,
-        record=_recorder(state, OUTBOUND, None), on_closed=state.untrack, service=service_name))
+        record=_recorder(state, OUTBOUND, None, service_name), on_closed=state.untrack, service=service_name,
+        request_ids=state.next_request_id, echo_request_ids=False))
 
 
 def ingress_h2(state: Server, listener: Listener) -> H2Proxy:
@@ -137,8 +140,8 @@ def ingress_h2(state: Server, listener: Listener) -> H2Proxy:
         path = header(headers, b":path") or b"/"
         return _pick_endpoint(state, ingress_service(listener, path), headers)
 
-    return state.track(H2Proxy(pick, state.loop, record=_recorder(state, OUTBOUND, None), on_closed=state.untrack, service="ingress",
-                               request_ids=state.next_request_id))
+    return state.track(H2Proxy(pick, state.loop, record=_recorder(state, OUTBOUND, None, "-", hop="ingress"), on_closed=state.untrack,
+                               service="ingress", request_ids=state.next_request_id))
 
 
 def _leave_limits(state: Server, limits: CircuitLimits, holder: object) -> None:
@@ -170,7 +173,7 @@ def inbound_h2(state: Server, listener: Listener, peer: str | None) -> H2Proxy:
         return UpstreamChoice(host, port, None, tag=(snapshot.service, snapshot.service_version), http1=http1_app)
 
     return state.track(H2Proxy(
-        pick, state.loop, record=_recorder(state, INBOUND, peer), on_closed=state.untrack, peer_sidecar=peer is not None,
+        pick, state.loop, record=_recorder(state, INBOUND, peer, None), on_closed=state.untrack, peer_sidecar=peer is not None,
         service=_applied(state).service))
 
 
@@ -186,11 +189,19 @@ def _authorize_stream(policy: Policy, peer: str | None, headers: list[tuple[byte
             peer or "an unauthenticated caller", method, path.split("?", 1)[0][:200], decision.rule))
 
 
-def _recorder(state: Server, direction: str, peer: str | None) -> Callable[[StreamRecord, int, int | None, bool], None]:
+def _recorder(
+    state: Server, direction: str, peer: str | None, service: str | None, hop: str | None = None
+) -> Callable[[StreamRecord, int, int | None, bool], None]:
+    """Metrics of each ended stream, and its decision record when it is kept (`hop`: the record's direction)."""
+    hop = hop or direction
+
     def record(stream: StreamRecord, status: int, grpc_code: int | None, mesh_error: bool) -> None:
         observer = state.observer
         if observer is None:
             return
+        why = observer.why
+        if why.on and keep_stream(stream, status, grpc_code, why.keep_all):
+            why.add(build_stream_record, stream, status, grpc_code, hop, peer, state.snapshot, state.loop.time(), service or "-")
         destination, version = stream.choice.tag if isinstance(stream.choice.tag, tuple) else ("-", "")
         method = header(stream.headers, b":method") or b"POST"
         # A stream's latency is the time to its response head, not how long it stayed open.
@@ -241,12 +252,15 @@ def outbound_relay(state: Server, listener: Listener, client_ip: str) -> Relay:
 async def _connect_endpoint(state: Server, relay: Relay, service_name: str, client_ip: str) -> None:
     """Connect the relay's upstream end, trying other endpoints when a connect fails (L4 balancing)."""
     loop = state.loop
+    started = loop.time()
     tried: set[str] = set()
+    failed: list | None = None  # the failed connects, for `meshctl why` (None until one fails)
     first = _applied(state).services.get(service_name)
     if first is not None:
         limits = first.limits  # carried over by new snapshots, so the slot is given back where it was taken
         if not limits.hold(relay):
             log.info("relay to %s refused: %d connections in use, limits reached", service_name, limits.connections.in_use)
+            _relay_recorded(state, service_name, started, [], "circuit-open")
             relay.close()
             return
         relay.done.add_done_callback(lambda _: _leave_limits(state, limits, relay))
@@ -262,6 +276,7 @@ async def _connect_endpoint(state: Server, relay: Relay, service_name: str, clie
         tried.add(endpoint.id)
         tls = service.tls
         endpoint.active += 1
+        begun = loop.time()
         try:
             async with asyncio.timeout(service.connect_timeout):
                 transport, _ = await loop.create_connection(
@@ -273,10 +288,24 @@ async def _connect_endpoint(state: Server, relay: Relay, service_name: str, clie
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             _settle(state, service, endpoint, False)
             log.info("relay to %s (%s:%d): %s", service_name, endpoint.address[0], endpoint.address[1], exc or "connect timed out")
+            if failed is None:
+                failed = []
+            failed.append((endpoint, begun, loop.time(), str(exc) or "connect timed out"))
             continue
         relay.done.add_done_callback(lambda _: _settle(state, service, endpoint, None))
+        if failed is not None:  # connected, but only after a failed connect: worth explaining too
+            _relay_recorded(state, service_name, started, failed + [(endpoint, begun, loop.time(), None)], None)
         return
+    _relay_recorded(state, service_name, started, failed or [], "upstream-connect-failed")
     relay.close()
+
+
+def _relay_recorded(state: Server, service_name: str, started: float, tries: list, error: str | None) -> None:
+    """A decision record of an outbound relay whose connect failed (or succeeded after a failure): it gets an id of its own."""
+    observer = state.observer
+    if observer is not None and observer.why.on:
+        observer.why.add(build_relay_record, state.snapshot, service_name, state.next_request_id(), started, state.loop.time(), tries,
+                         TCP_CONNECT_TRIES, error)
 
 
 def authorize_connection(policy: Policy | None, peer: str | None) -> str | None:

@@ -59,6 +59,7 @@ from meshctl.proxy.h2streams import (
     StreamRecord,
     UpstreamChoice,
     as_choice,
+    stream_retried,
 )
 from meshctl.proxy.idle import STREAM_IDLE_TIMEOUT_CODE, IdleCheck, first_check
 
@@ -248,14 +249,16 @@ class H2Proxy(_Side):
     def __init__(
         self, pick_upstream: PickUpstream, loop: asyncio.AbstractEventLoop | None = None, record: Record | None = None,
         on_closed: Callable[[H2Proxy], None] | None = None, peer_sidecar: bool = False, service: str = "-",
-        request_ids: Callable[[], bytes] | None = None,
+        request_ids: Callable[[], bytes] | None = None, echo_request_ids: bool = True,
     ) -> None:
         self.dirty: dict[_Side, None] | None = None  # sides to write once the current read is handled
         super().__init__(self, client_side=False, label="downstream", peer_sidecar=peer_sidecar)
         self.on_closed = on_closed
         self.service = service
-        # At the ingress: give a request without x-request-id one, and echo it on the answer.
+        # Give a request without x-request-id one (the ingress, an app's outbound calls), and, at
+        # the ingress (`echo_request_ids`), echo it on the app's answer; the mesh's own answers always carry it.
         self.request_ids = request_ids
+        self.echo_request_ids = echo_request_ids and request_ids is not None
         self.draining = False
         self.pick_upstream = pick_upstream
         self.loop = loop or asyncio.get_running_loop()
@@ -279,7 +282,7 @@ class H2Proxy(_Side):
                     return
                 # end_stream here is a trailers-only response: it must stay one HEADERS frame.
                 answer = strip_connection_specific(event.headers)
-                if self.request_ids is not None and record is not None and header(answer, b"x-request-id") is None:
+                if self.echo_request_ids and record is not None and header(answer, b"x-request-id") is None:
                     answer.append((b"x-request-id", header(record.headers, b"x-request-id") or b""))
                 pipe.target.endpoint.send_response(pipe.target_stream, answer, event.end_stream)
                 pipe.closed = event.end_stream
@@ -287,6 +290,7 @@ class H2Proxy(_Side):
                 pipe.target.flush()
                 if record is not None:
                     record.responded = True
+                    record.answered = header(event.headers, b":status")
                     if not event.end_stream and header(event.headers, b"content-length") is None:
                         record.head_at = self.loop.time()  # a stream: its latency is the time to this head
                     if event.end_stream:
@@ -349,11 +353,11 @@ class H2Proxy(_Side):
         try:
             choice = as_choice(self.pick_upstream(headers))
         except MeshError as exc:
-            self._answer_error(event.stream_id, is_grpc(headers), exc.code, exc.detail, exc.status, exc.service, request_id)
+            self._answer_error(event.stream_id, is_grpc(headers), exc.code, exc.detail, exc.status, exc.service, request_id, headers)
             return
         except Exception as exc:  # a bug in routing: answer it on this stream only
             log.exception("routing an HTTP/2 stream failed")
-            self._answer_error(event.stream_id, is_grpc(headers), "upstream-connect-failed", str(exc))
+            self._answer_error(event.stream_id, is_grpc(headers), "upstream-connect-failed", str(exc), headers=headers)
             return
         record = StreamRecord(event.stream_id, headers, choice, self.loop.time())
         record.request_complete = event.end_stream
@@ -422,21 +426,26 @@ class H2Proxy(_Side):
             return False
         record.retries_left -= 1
         self.retried += 1
-        record.choice.settled(grpc_status(event.headers) != GRPC_UNAVAILABLE)
+        code = grpc_status(event.headers)
+        tried = record.choice
+        tried.settled(code != GRPC_UNAVAILABLE)
         side.incoming.pop(event.stream_id, None)
         side.outgoing.pop(event.stream_id, None)
         self.outgoing.pop(record.stream_id, None)
         try:
             record.choice = as_choice(self.pick_upstream(record.headers))
         except Exception as exc:
+            stream_retried(record, tried, code, self.loop.time(), None)
             self._answer_error(record.stream_id, True, "upstream-connect-failed", str(exc))
             return True
+        stream_retried(record, tried, code, self.loop.time(), record.choice.backoff)
         replay = list(record.replay)
         self.loop.call_later(record.choice.backoff, self._retry_now, record, replay)
         return True
 
     def _retry_now(self, record: StreamRecord, replay: list[bytes]) -> None:
         if not record.done and not self.lost:
+            record.try_started = self.loop.time()
             self._start_attempt(record, replay)
 
     def _idle_check(self, stream_id: int) -> None:
@@ -513,9 +522,12 @@ class H2Proxy(_Side):
 
     def _answer_error(
         self, stream_id: int, grpc: bool, code: str, detail: str, status: int | None = None, service: str | None = None,
-        request_id: bytes | None = None,
+        request_id: bytes | None = None, headers: HeaderList | None = None,
     ) -> None:
-        """Answer one downstream stream ourselves: x-mesh-error, or a gRPC trailers-only status (proxy.errors)."""
+        """Answer one downstream stream ourselves: x-mesh-error, or a gRPC trailers-only status (proxy.errors).
+
+        `headers`: the request's, for a stream refused before it had a StreamRecord (its decision record).
+        """
         self.outgoing.pop(stream_id, None)
         self.incoming.pop(stream_id, None)
         if status is None:
@@ -539,9 +551,12 @@ class H2Proxy(_Side):
             self.endpoint.end_stream(stream_id)
         self.flush()
         if record is not None:
+            record.error = code
             self._done(record, status, grpc_code, mesh_error=True)
         elif self.record is not None:
-            self.record(StreamRecord(stream_id, [], UpstreamChoice("", 0), self.loop.time()), status, grpc_code, True)
+            refused = StreamRecord(stream_id, headers or [], UpstreamChoice("", 0), self.loop.time())
+            refused.error = code
+            self.record(refused, status, grpc_code, True)
 
     def _service_of(self, record: StreamRecord | None) -> str:
         """The destination a stream's errors name: its choice's service, else this proxy's."""
@@ -550,7 +565,9 @@ class H2Proxy(_Side):
     def _finish(self, record: StreamRecord, final_headers: HeaderList | None) -> None:
         if record.done:
             return
-        status_value = header(final_headers or [], b":status")
+        status_value = header(final_headers, b":status") if final_headers is not None else None
+        if status_value is None:
+            status_value = record.answered  # the response head's, for a stream ended by data or trailers
         grpc_code = grpc_status(final_headers) if final_headers is not None and record.grpc else None
         if grpc_code is not None:
             status = grpc_as_http(grpc_code)
@@ -595,6 +612,8 @@ class H2Proxy(_Side):
         other.flush()
         record = self.records.get(stream_id if side is self else other_stream)
         if record is not None:
+            if side is not self:
+                record.error = "upstream-reset"
             # The client resetting its stream (a cancelled watch, or a caller's sidecar ending an
             # idle stream) is a 499 as when it leaves: no failure of the upstream, nor of a canary.
             self._done(record, 499 if side is self else 502, GRPC_CANCELLED if record.grpc else None, mesh_error=side is not self)

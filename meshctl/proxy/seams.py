@@ -25,6 +25,15 @@ if TYPE_CHECKING:
 HandedOver = TypeVar("HandedOver", "H2Proxy", "Relay")
 
 
+class DecisionRing(Protocol):
+    """Where decision records go (proxy.decisions' Recorder): on at all, every request or only failures."""
+
+    on: bool
+    keep_all: bool
+
+    def add(self, build: Callable[..., dict[str, Any]], *inputs: Any) -> None: ...
+
+
 class ObserverHooks(Protocol):
     """What the engine reports to proxy.observe's Observer: metrics, ejections, compared requests."""
 
@@ -33,6 +42,9 @@ class ObserverHooks(Protocol):
 
     @property
     def shadow_results(self) -> Batch: ...
+
+    @property
+    def why(self) -> DecisionRing: ...
 
     def count_ejection(self, destination: str, version: str) -> None: ...
 
