@@ -86,16 +86,19 @@ class FakeTransport:
 
 
 class ScriptedPool(Pool):
-    """A Pool whose connects open fake connections, or fail for the addresses in `refuse`."""
+    """A Pool whose connects open fake connections; the next `refuse` connects are refused instead."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
         self.opened: list[UpstreamConnection] = []
-        self.refuse: set[tuple[str, int]] = set()
+        self.refuse = 0
+        self.refused: list[tuple[str, int]] = []
 
     async def connect(self, address: tuple[str, int], timeout: float, tls: ClientTLS | None = None, peer: str = "unknown",
                       handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> UpstreamConnection:
-        if address in self.refuse:
+        if self.refuse:
+            self.refuse -= 1
+            self.refused.append(address)
             raise ConnectFailed("refused", "connection refused")
         conn = UpstreamConnection(self, address, peer)
         conn.connection_made(FakeTransport(address))  # type: ignore[arg-type]
@@ -158,6 +161,13 @@ class Engine:
         transport = FakeTransport()
         conn.connection_made(transport)  # type: ignore[arg-type]
         return conn, transport
+
+    def send(self, request: bytes) -> tuple[ClientConnection, FakeTransport, UpstreamConnection, FakeTransport]:
+        """A new client connection sends `request`: the connection, and the upstream connection the request went out on."""
+        client, client_transport = self.client()
+        client.data_received(request)
+        upstream, upstream_transport = self.upstream()
+        return client, client_transport, upstream, upstream_transport
 
     def idle_upstream(self, address: tuple[str, int] = APP) -> tuple[UpstreamConnection, FakeTransport]:
         """An upstream connection put into the pool as idle (as after an earlier response)."""

@@ -19,7 +19,7 @@ import logging
 import os
 import socket
 import time
-from typing import Callable, TypeVar
+from typing import Callable, TypeVar, cast
 
 from meshctl.proxy.errors import MeshError, ProtocolError, response_for
 from meshctl.proxy.exchange import Exchange
@@ -33,8 +33,8 @@ from meshctl.proxy.listeners import Target, open_listeners, resolve
 from meshctl.proxy.metrics import OUTBOUND
 from meshctl.proxy.observe import Observer, rebuild_traced_head, service_of_identity
 from meshctl.proxy.peers import PeerGate
-from meshctl.proxy.tls import TLSConfig, in_trust_domain, peer_identity
-from meshctl.proxy.pool import Pool, UpstreamConnection
+from meshctl.proxy.tls import InboundAcceptor, TLSConfig, in_trust_domain, peer_identity
+from meshctl.proxy.pool import NOT_CONNECTED, Pool, UpstreamConnection
 from meshctl.proxy.snapshot import Listener, Snapshot
 from meshctl.proxy.tunnel import Tunnel
 from meshctl.proxy.h2proxy import H2Proxy
@@ -56,16 +56,20 @@ _UPSTREAM_KEEP_ALIVE = b"connection: keep-alive"
 
 
 class ServerState:
-    """Everything shared by the connections of one sidecar process."""
+    """Everything shared by the connections of one sidecar process; an exchange's `Engine` (proxy.interfaces)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        # The loop's methods an exchange uses, bound once here rather than looked up per request.
+        self.clock = loop.time
+        self.call_later = loop.call_later
+        self.call_soon = loop.call_soon
         self.pool = Pool(loop)
         self.snapshot: Snapshot | None = None
         self.connections: set[ClientConnection] = set()
         # Connections that left HTTP/1 (proxy.dispatch, upgrades): HTTP/2 proxies and relays, drained too.
         self.handed_over: set[H2Proxy | Relay] = set()
-        self.servers: list[asyncio.AbstractServer] = []
+        self.servers: list[asyncio.AbstractServer | InboundAcceptor] = []
         self.gate: PeerGate | None = None  # the local-uid check, when the snapshot asks for it
         self.draining = False
         self.done: asyncio.Future[int] = loop.create_future()
@@ -117,7 +121,7 @@ class ServerState:
     def _current_tls(self) -> TLSConfig | None:
         return self.snapshot.tls if self.snapshot is not None else None
 
-    def _factory(self, listener: Listener):
+    def _factory(self, listener: Listener) -> Callable[[], asyncio.Protocol]:
         if listener.kind == "outbound" and listener.protocol == "tcp":
             return lambda: outbound_relay(self, listener, "127.0.0.1").downstream
         if listener.kind == "outbound" and listener.protocol == "grpc":
@@ -202,7 +206,7 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, state: ServerState, listener: Listener) -> None:
         self.state = state
         self.listener = listener
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.transport: asyncio.Transport = NOT_CONNECTED  # until connection_made
         self.parser: Parser = None  # type: ignore[assignment]
         self.client_ip = "?"
         self.forwarded = b""
@@ -224,8 +228,8 @@ class ClientConnection(asyncio.Protocol):
 
     # -- asyncio protocol callbacks ---------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def connection_made(self, base_transport: asyncio.BaseTransport) -> None:
+        transport = self.transport = cast(asyncio.Transport, base_transport)  # a stream transport (uvloop's do not subclass asyncio's)
         state = self.state
         http = state.snapshot.http  # type: ignore[union-attr]
         self.parser = Parser(True, http.max_header_bytes, http.max_body_bytes)
@@ -241,10 +245,10 @@ class ClientConnection(asyncio.Protocol):
                     transport.abort()
                     return
             if listener.protocol == "tcp":
-                self._relay_to_app(transport)  # type: ignore[arg-type]
+                self._relay_to_app(transport)
                 return
             if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
-                hand_over(transport, inbound_h2(state, listener, self.peer_identity))  # type: ignore[arg-type]
+                hand_over(transport, inbound_h2(state, listener, self.peer_identity))
                 return
             # An h2c preface (plaintext) is HTTP/2; bytes that are not HTTP, or silence (a
             # server-first protocol relayed opaque by the caller's sidecar), go to the app as TCP.
@@ -254,7 +258,7 @@ class ClientConnection(asyncio.Protocol):
         elif listener.kind == "ingress":
             ssl_object = transport.get_extra_info("ssl_object")
             if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
-                hand_over(transport, ingress_h2(state, listener))  # type: ignore[arg-type]
+                hand_over(transport, ingress_h2(state, listener))
                 return
             # h2c with prior knowledge, or HTTP/1.1, on the same port: the first bytes say which.
             self.prefix = b""
@@ -270,7 +274,7 @@ class ClientConnection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        self.deadline = state.loop.time() + (detect.DETECT_TIMEOUT_S if self.prefix is not None else http.idle_timeout)
+        self.deadline = state.clock() + (detect.DETECT_TIMEOUT_S if self.prefix is not None else http.idle_timeout)
         state.connections.add(self)
         if state.draining:
             self.close()
@@ -304,7 +308,7 @@ class ClientConnection(asyncio.Protocol):
         ingress = self.listener.kind == "ingress"
         # TLS on a plain listener, or anything but HTTP/2 on the ingress: parsed (and rejected) as HTTP/1.
         if kind is detect.Kind.HTTP1 or kind is detect.Kind.TLS or (ingress and kind is not detect.Kind.HTTP2):
-            self.deadline = state.loop.time() + state.snapshot.http.idle_timeout  # type: ignore[union-attr]
+            self.deadline = state.clock() + state.snapshot.http.idle_timeout  # type: ignore[union-attr]
             return prefix
         # From here on the connection is not HTTP/1: it leaves this server's bookkeeping.
         self.closed = True
@@ -337,7 +341,7 @@ class ClientConnection(asyncio.Protocol):
         self.parser.feed(data)
         if self.exchange is None and not self.head_started:
             self.head_started = True
-            self.deadline = self.state.loop.time() + self.state.snapshot.http.header_timeout  # type: ignore[union-attr]
+            self.deadline = self.state.clock() + self.state.snapshot.http.header_timeout  # type: ignore[union-attr]
         self._process()
 
     def eof_received(self) -> bool:
@@ -390,7 +394,7 @@ class ClientConnection(asyncio.Protocol):
                 event = parser.next_event_whole()
                 kind = type(event)
                 if kind is Data:
-                    self.exchange.request_data(event.data)  # type: ignore[union-attr]
+                    self.exchange.request_data(event.data)  # type: ignore[union-attr, attr-defined]
                 elif kind is Head:
                     self._begin(event)  # type: ignore[arg-type]
                     body = event.body  # type: ignore[attr-defined]
@@ -445,8 +449,8 @@ class ClientConnection(asyncio.Protocol):
                 self._authorize(snapshot.authz, head)
             target = resolve(self.listener, snapshot, head)
         except MeshError as exc:
-            exchange = self.exchange = Exchange(self, Target(None, None, "-", None, False), head, b"")
-            exchange.started = state.loop.time()
+            exchange = self.exchange = Exchange(self, state, Target(None, None, "-", None, False), head, b"")
+            exchange.started = state.clock()
             if not head.has(b"x-request-id"):
                 exchange.request_id = state.next_request_id()
             exchange.fail(exc.code, exc.detail, exc.status)
@@ -481,7 +485,7 @@ class ClientConnection(asyncio.Protocol):
             out_head = rebuild_head(head, add, start_line)
         else:
             out_head = head.raw
-        exchange = self.exchange = Exchange(self, target, head, out_head)
+        exchange = self.exchange = Exchange(self, state, target, head, out_head)
         if request_id is not None:
             exchange.request_id = request_id
         if self.listener.kind == "ingress":
@@ -489,7 +493,7 @@ class ClientConnection(asyncio.Protocol):
             exchange.request_id_line = b"x-request-id: " + (request_id or head.get(b"x-request-id") or b"")
         if switch_to is not None:
             exchange.replay = None
-        exchange.start(state.loop.time())
+        exchange.start(state.clock())
 
     def _authorize(self, policy: Policy, head: Head) -> None:
         headers = None
@@ -548,7 +552,7 @@ class ClientConnection(asyncio.Protocol):
             return
         parser = self.parser
         parser.start_next_cycle()
-        self.deadline = state.loop.time() + state.snapshot.http.idle_timeout  # type: ignore[union-attr]
+        self.deadline = state.clock() + state.snapshot.http.idle_timeout  # type: ignore[union-attr]
         if self.paused:
             self._resume(_PAUSE_PENDING | _PAUSE_UPSTREAM | _PAUSE_PIPELINE)
         if parser.has_input():  # a pipelined request, or the client's EOF
