@@ -520,11 +520,7 @@ class Exchange:
                 self._write_out(out)
                 self._upstream_broken(conn, str(exc))
                 return
-            if isinstance(event, Data):
-                if self.phase is not DISCARDING:
-                    out.append(event.data)
-                continue
-            if isinstance(event, Head):
+            if isinstance(event, Head):  # first: most responses come whole, as one Head
                 if not self._response_head(conn, event, out):
                     return
                 body = event.body
@@ -533,6 +529,10 @@ class Exchange:
                 # The whole response came with its head: no Data or END events follow.
                 if body and self.phase is not DISCARDING:
                     out.append(body)
+            elif isinstance(event, Data):
+                if self.phase is not DISCARDING:
+                    out.append(event.data)
+                continue
             elif event is not END:
                 break  # NEED_DATA, or PAUSED after a response that is not ours
             if self.phase is TRYING:
@@ -642,7 +642,9 @@ class Exchange:
         self.transition(ANSWERED)
         if self.counted:
             self._release_service()
-        self._completed(outcome)
+        hook = self.engine.on_exchange_done  # _completed's body: this is every exchange's path
+        if hook is not None:
+            hook(self, outcome)
         if self.request_done:
             self.client.exchange_finished(self, self.client_keep_alive)
 

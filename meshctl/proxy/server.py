@@ -406,8 +406,10 @@ class ClientConnection(asyncio.Protocol):
                                 break
                         self.exchange.request_end()  # type: ignore[union-attr]
                         if self.exchange is not None:
-                            # Still answering it, so the parser is at PAUSED: spare asking.
-                            self._hold_pipelined()
+                            # Still answering it, so the parser is at PAUSED: spare asking
+                            # (and the call to _hold_pipelined on this, every request's path).
+                            if parser.buffered > PIPELINE_BUFFER_LIMIT:
+                                self._pause(_PAUSE_PIPELINE)
                             break
                 elif event is END:
                     self.exchange.request_end()  # type: ignore[union-attr]
