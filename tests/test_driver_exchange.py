@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
+from meshctl.proxy.exchange import IllegalTransition, Phase
 from meshctl.proxy.server import PIPELINE_BUFFER_LIMIT
 from tests.drivers import APP, ENDPOINTS, Engine, service_config
 
@@ -283,3 +286,20 @@ def test_a_retriable_status_is_discarded_and_the_request_tried_again() -> None:
         assert from_ingress(client_transport.data()) == OK  # nothing of the 503 reached the client
         assert engine.completed == [("ok", 200, 2)]
         assert engine.pool.idle_count(first.address) == 1  # the discarded answer ended cleanly
+
+
+def test_the_phase_table_refuses_a_new_try_once_the_response_began_and_any_move_after_the_end() -> None:
+    with Engine("inbound") as engine:
+        client, _, upstream, _ = engine.send(GET)
+        exchange = client.exchange
+        assert exchange is not None and exchange.phase is Phase.TRYING
+        upstream.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhe")
+        assert exchange.phase is Phase.RESPONDING and exchange.response_started
+        with pytest.raises(IllegalTransition, match="RESPONDING to TRYING"):
+            exchange.transition(Phase.TRYING)
+        upstream.data_received(b"llo")
+        assert exchange.phase is Phase.ANSWERED and exchange.answered
+        for phase in Phase:
+            if phase is not Phase.ANSWERED:
+                with pytest.raises(IllegalTransition):
+                    exchange.transition(phase)
