@@ -31,6 +31,7 @@ from meshctl.proxy.observe import Observer  # noqa: E402
 from meshctl.proxy.pool import UpstreamConnection  # noqa: E402
 from meshctl.proxy.server import ClientConnection, ServerState  # noqa: E402
 from meshctl.proxy.snapshot import compile_snapshot  # noqa: E402
+from tests.drivers import FakeTransport  # noqa: E402
 
 APP = ("127.0.0.1", 9)
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\n\r\n"
@@ -51,37 +52,6 @@ SERVICE = {
     "retries": None, "load_balancer": {"kind": "round_robin"}, "outlier_detection": None,
     "limits": {"max_connections": 1024, "max_pending": 1024},
 }
-
-
-class FakeTransport:
-    """Collects what is written; the rest of the transport API does nothing."""
-
-    def __init__(self) -> None:
-        self.written: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def writelines(self, data: list[bytes]) -> None:
-        self.written.extend(data)
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return ("127.0.0.1", 40000) if name == "peername" else default
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def is_closing(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
 
 
 def sidecar_config(listener: dict, instance: str, service: str, services: dict, why: str) -> dict:

@@ -7,7 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshctl.proxy.errors import ProtocolError
-from meshctl.proxy.http1 import CLOSED, END, NEED_DATA, PAUSED, Data, Head, Parser, rebuild_head
+from meshctl.proxy.http1 import (
+    CLOSED, END, NEED_DATA, PAUSED, Data, Head, Parser, client_keep_alive, client_response_head, rebuild_head,
+)
 
 
 def events(data: bytes, is_request: bool = True, eof: bool = False, **limits) -> list:
@@ -445,3 +447,61 @@ def test_next_event_whole_agrees_with_next_event(is_request, seed, mutations, ch
     data = bytes(data)
     limits = {"max_header_bytes": 4096, "max_body_bytes": 1 << 20}
     assert _outcome(whole_events, Parser(is_request, **limits), data, chunk) == _outcome(plain_events, Parser(is_request, **limits), data, chunk)
+
+
+def _head(raw: bytes, is_request: bool) -> Head:
+    parser = Parser(is_request)
+    parser.feed(raw)
+    head = parser.next_event()
+    assert isinstance(head, Head)
+    return head
+
+
+GET11 = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+GET10_KEEP = b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+SIZED = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+UNTIL_CLOSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("case", "request_raw", "response_raw", "draining", "keep"),
+    [
+        ("sized", GET11, SIZED, False, True),
+        ("client asked to close", b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n", SIZED, False, False),
+        ("draining", GET11, SIZED, True, False),
+        ("chunked to 1.1", GET11, CHUNKED, False, True),
+        ("chunked to 1.0", GET10_KEEP, CHUNKED, False, False),
+        ("until close", GET11, UNTIL_CLOSE, False, False),
+        ("until close, HEAD", b"HEAD / HTTP/1.1\r\n\r\n", UNTIL_CLOSE, False, True),
+        ("no length, 204", GET11, b"HTTP/1.1 204 No Content\r\n\r\n", False, True),
+        ("no length, 304", GET11, b"HTTP/1.1 304 Not Modified\r\n\r\n", False, True),
+        ("1.0 without keep-alive", b"GET / HTTP/1.0\r\n\r\n", SIZED, False, False),
+        ("1.0 with keep-alive", GET10_KEEP, SIZED, False, True),
+        ("upstream closes: not the client's business", GET11, b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n", False, True),
+    ],
+)
+def test_client_keep_alive(case, request_raw, response_raw, draining, keep):
+    request = _head(request_raw, True)
+    assert client_keep_alive(request, _head(response_raw, False), draining) is keep, case
+
+
+@pytest.mark.parametrize(
+    ("case", "response_raw", "version", "keep", "extra", "expected"),
+    [
+        ("as it came", SIZED, b"1.1", True, None, SIZED),
+        ("only keep-alive, as it came", b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\n\r\n", b"1.1", True, None,
+         b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\n\r\n"),
+        ("extra line", SIZED, b"1.1", True, b"x-request-id: 7", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nx-request-id: 7\r\n\r\n"),
+        ("closing", SIZED, b"1.1", False, None, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nconnection: close\r\n\r\n"),
+        ("closing, extra line", SIZED, b"1.1", False, b"x-request-id: 7",
+         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nx-request-id: 7\r\nconnection: close\r\n\r\n"),
+        ("hop-by-hop dropped", b"HTTP/1.1 200 OK\r\nConnection: x-a\r\nX-A: 1\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\n\r\n",
+         b"1.1", True, None, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"),
+        ("1.0 kept", SIZED, b"1.0", True, None, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nconnection: keep-alive\r\n\r\n"),
+        ("1.0 closed, extra line", SIZED, b"1.0", False, b"x-request-id: 7",
+         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nx-request-id: 7\r\nconnection: close\r\n\r\n"),
+    ],
+)
+def test_client_response_head(case, response_raw, version, keep, extra, expected):
+    assert client_response_head(_head(response_raw, False), version, keep, extra) == expected, case

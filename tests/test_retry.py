@@ -6,7 +6,9 @@ import random
 
 import pytest
 
-from meshctl.proxy.retry import MAX_REPLAY_BODY_BYTES, RetryBudget, RetryConfigError, RetryPolicy
+from meshctl.proxy.retry import (
+    ABORT, FAIL, MAX_REPLAY_BODY_BYTES, RETRY, RETRY_STALE, RetryBudget, RetryConfigError, RetryPolicy, after_failure,
+)
 
 
 def policy(**cfg) -> RetryPolicy:
@@ -205,3 +207,42 @@ def test_budget_tolerates_a_clock_step_back():
     budget = RetryBudget(ratio=0.0, min_per_second=0.1, window=10.0)  # 1 retry per window
     assert budget.try_spend(50.0)
     assert not budget.try_spend(49.0)
+
+
+RESETS = policy(retry_on=["reset", "connect-failure"])
+
+
+@pytest.mark.parametrize(
+    ("case", "outcome", "route_policy", "attempt", "method", "body_size", "replayable", "budget_left", "flags", "expected"),
+    [
+        ("response bytes went out", "reset", RESETS, 1, "GET", 0, True, True, {"response_started": True}, ABORT),
+        ("started wins over final", "timeout", RESETS, 1, "GET", 0, True, True, {"response_started": True, "final": True}, ABORT),
+        ("request timeout is final", "timeout", policy(retry_on=["timeout"]), 1, "GET", 0, True, True, {"final": True}, FAIL),
+        ("no copy to send again", "reset", RESETS, 1, "GET", None, False, True, {}, FAIL),
+        ("stale: again at once", "reset", None, 1, "POST", None, True, False, {"stale_connection": True}, RETRY_STALE),
+        ("stale but final", "timeout", None, 1, "GET", 0, True, True, {"stale_connection": True, "final": True}, FAIL),
+        ("stale without a copy", "reset", RESETS, 1, "GET", None, False, True, {"stale_connection": True}, FAIL),
+        ("reset, GET", "reset", RESETS, 1, "GET", 0, True, True, {}, RETRY),
+        ("reset, POST", "reset", RESETS, 1, "POST", 0, True, True, {}, FAIL),
+        ("budget spent", "reset", RESETS, 1, "GET", 0, True, False, {}, FAIL),
+        ("attempts used", "reset", RESETS, 3, "GET", 0, True, True, {}, FAIL),
+        ("body streamed", "reset", RESETS, 1, "GET", None, True, True, {}, FAIL),
+        ("body too large", "reset", RESETS, 1, "PUT", MAX_REPLAY_BODY_BYTES + 1, True, True, {}, FAIL),
+        ("not in retry_on", "timeout", RESETS, 1, "GET", 0, True, True, {}, FAIL),
+        ("no route policy: refused POST", "refused", None, 1, "POST", 0, True, True, {}, RETRY),
+        ("no route policy: reset", "reset", None, 1, "GET", 0, True, True, {}, FAIL),
+        ("no route policy: third try", "connect-failure", None, 3, "GET", 0, True, True, {}, FAIL),
+    ],
+)
+def test_after_failure(case, outcome, route_policy, attempt, method, body_size, replayable, budget_left, flags, expected):
+    assert after_failure(outcome, route_policy, attempt, method, body_size, replayable, budget_left, **flags) == expected, case
+
+
+def test_budget_allows_agrees_with_try_spend_and_spends_nothing():
+    budget = RetryBudget(ratio=0.0, min_per_second=0.2, window=10)  # a floor of 2 retries
+    for _ in range(2):
+        assert budget.allows(5.0)
+        assert budget.allows(5.0)
+        assert budget.try_spend(5.0)
+    assert not budget.allows(5.0) and not budget.try_spend(5.0)
+    assert budget.allows(16.0)  # the window moved past both

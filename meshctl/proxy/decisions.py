@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from meshctl.proxy.http1 import Head
     from meshctl.proxy.listeners import Target
     from meshctl.proxy.routing import RouteAction
-    from meshctl.proxy.seams import Client
     from meshctl.proxy.snapshot import Service, Snapshot
 
 log = logging.getLogger("proxy.decisions")
@@ -63,7 +62,7 @@ class DecidedExchange(Protocol):
     trail: list[Any] | None
 
     @property
-    def client(self) -> Client: ...
+    def client(self) -> Any: ...  # the ClientConnection (seams.Client); Exchange types it as interfaces.Downstream
 
     @property
     def target(self) -> Target: ...
@@ -258,7 +257,7 @@ def ms(seconds: float | None) -> float | None:
 
 def _endpoint_name(endpoint: Any, exchange: DecidedExchange) -> str:
     if endpoint is not None:
-        return endpoint.id
+        return str(endpoint.id)
     return "app" if exchange.client.listener.kind == "inbound" else exchange.target.label
 
 
@@ -326,7 +325,7 @@ def _why_not(exchange: DecidedExchange, policy: Any, attempt: int, method: str, 
     would, reason = policy.explain(attempt, method, outcome, status, body_size)
     if would:
         return "retry budget exhausted (%s matched, but retries are capped to a share of traffic)" % reason
-    return reason
+    return str(reason)
 
 
 def _limits(trail: list, exchange: DecidedExchange, outcome: str) -> dict[str, Any]:

@@ -18,49 +18,92 @@ decides (route, endpoint, retry) with the pure policy modules, then moves raw by
 
 Every error the exchange generates goes through proxy.errors; once response bytes have
 been sent to the client, a failure can only abort the client connection.
+
+Its response side is a `Phase`, changed only by `transition()` along the `_ALLOWED` table
+(as agent/lifecycle does for instances); the request side is `request_done`, since a
+response may end before its request does. What happens after a failed try is decided by
+proxy.retry's `after_failure()`, whether the client connection outlives the response by
+proxy.http1's `client_keep_alive()`; the exchange acts on the answers. It reaches its client
+connection and the process through the narrow interfaces of proxy.interfaces.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import random
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from meshctl.proxy import decisions
 from meshctl.proxy.errors import ProtocolError, error_response, http_status
-from meshctl.proxy.http1 import END, Data, Head, rebuild_head
+from meshctl.proxy.http1 import END, Data, Head, client_keep_alive, client_response_head, length_unknown
 from meshctl.proxy.idle import STREAM_IDLE_TIMEOUT_CODE, IdleCheck, first_check
 from meshctl.proxy.limits import ADMITTED, QUEUED
 from meshctl.proxy.mirror import send_mirror
-from meshctl.proxy.pool import DEFAULT_HANDSHAKE_TIMEOUT
-from meshctl.proxy.retry import CONNECT_RETRIES, MAX_REPLAY_BODY_BYTES
+from meshctl.proxy.pool import DEFAULT_HANDSHAKE_TIMEOUT, Pool, UpstreamConnection
+from meshctl.proxy.retry import ABORT, CONNECT_RETRIES, MAX_REPLAY_BODY_BYTES, RETRY, RETRY_STALE, after_failure
 from meshctl.proxy.shadow import begin as begin_comparison
 from meshctl.proxy.upgrade import UpgradeError, check_switch
 
 if TYPE_CHECKING:
     from meshctl.proxy.balance import Endpoint
+    from meshctl.proxy.interfaces import Downstream, Engine
     from meshctl.proxy.listeners import Target
-    from meshctl.proxy.pool import UpstreamConnection
     from meshctl.proxy.retry import RetryPolicy
     from meshctl.proxy.routing import RouteAction
-    from meshctl.proxy.seams import Client
-    from meshctl.proxy.shadow import Comparison
+    from meshctl.proxy.shadow import Comparison, ResponseTap
+    from meshctl.proxy.snapshot import Service
 
 log = logging.getLogger("proxy.exchange")
 
 MAX_PENDING_BYTES = 256 * 1024  # queued while connecting; above it the client is paused
 MAX_REPLAY_BYTES = MAX_REPLAY_BODY_BYTES + 16 * 1024  # body limit plus room for the head
-_CONNECTION_CLOSE = b"connection: close"
-_CONNECTION_KEEP_ALIVE = b"connection: keep-alive"
 _CONNECT_FAILURE_CODE = {
     "connect-failure": "upstream-connect-failed", "refused": "upstream-connect-failed", "reset": "upstream-reset", "timeout": "timeout",
     STREAM_IDLE_TIMEOUT_CODE: STREAM_IDLE_TIMEOUT_CODE,
 }
 
 
+class Phase(enum.IntEnum):
+    """Where an exchange's response side stands; ordered, so `phase >= ANSWERED` means it ended."""
+
+    ADMITTING = 0  # routed; waiting for a slot in the service's limits or a delay fault, before the first try
+    TRYING = 1  # a try is under way: in the pool's line, or sent and waiting for the final response head
+    BACKOFF = 2  # a try failed; the next one is scheduled after a backoff
+    DISCARDING = 3  # a retriable response is read to its end and dropped; the next try follows it
+    RESPONDING = 4  # the response head, or a generated error, went to the client; the body follows
+    ANSWERED = 5  # the response is complete, or was cut by aborting the client connection
+    CLIENT_LOST = 6  # the client went away before the response was complete
+
+
+ADMITTING, TRYING, BACKOFF, DISCARDING, RESPONDING, ANSWERED, CLIENT_LOST = Phase
+
+# A 1xx head leaves an exchange TRYING (the final head is still to come); a failure while
+# RESPONDING can only abort; staying in a phase (a retry at once) is always allowed.
+_ALLOWED: dict[Phase, frozenset[Phase]] = {
+    ADMITTING: frozenset({TRYING, RESPONDING, CLIENT_LOST}),
+    TRYING: frozenset({BACKOFF, DISCARDING, RESPONDING, CLIENT_LOST}),
+    BACKOFF: frozenset({TRYING, RESPONDING, CLIENT_LOST}),
+    DISCARDING: frozenset({TRYING, BACKOFF, RESPONDING, CLIENT_LOST}),
+    RESPONDING: frozenset({ANSWERED, CLIENT_LOST}),
+    ANSWERED: frozenset(),
+    CLIENT_LOST: frozenset(),
+}
+
+
+class ExchangeStateError(RuntimeError):
+    """An exchange was driven against its own state: a bug in the engine, raised loudly."""
+
+
+class IllegalTransition(ExchangeStateError):
+    """A phase change the transition table does not have."""
+
+
 class Exchange:
     __slots__ = (
         "client",
+        "engine",
+        "phase",
         "target",
         "head",
         "method",
@@ -74,8 +117,6 @@ class Exchange:
         "replay",
         "replay_size",
         "request_done",
-        "response_started",
-        "answered",
         "client_keep_alive",
         "attempt",
         "tried",
@@ -84,8 +125,6 @@ class Exchange:
         "idle_due",
         "idle",
         "head_at",
-        "interim",
-        "discarding",
         "waiting_on",
         "hash_key",
         "counted",
@@ -101,8 +140,10 @@ class Exchange:
         "trail",
     )
 
-    def __init__(self, client: Client, target: Target, head: Head, out_head: bytes) -> None:
+    def __init__(self, client: Downstream[UpstreamConnection], engine: Engine[Pool], target: Target, head: Head, out_head: bytes) -> None:
         self.client = client
+        self.engine = engine
+        self.phase = ADMITTING
         self.target = target
         self.head = head
         self.method = head.method
@@ -115,9 +156,7 @@ class Exchange:
         self.pending_size = len(out_head)
         self.replay: list[bytes] | None = [out_head]
         self.replay_size = len(out_head)
-        self.request_done = False
-        self.response_started = False
-        self.answered = False
+        self.request_done = False  # the request's last byte was read (its own side: a response may end first)
         self.client_keep_alive = head.keep_alive
         self.attempt = 1
         self.tried: frozenset[str] = frozenset()
@@ -126,12 +165,10 @@ class Exchange:
         self.idle_due = 0.0  # next stream idle check (proxy.idle); 0: none
         self.idle: IdleCheck | None = None  # made at the first check
         self.head_at = 0.0  # when a response without a declared length (a stream) began
-        self.interim = False
-        self.discarding = False
         self.waiting_on: tuple[str, int] | None = None  # the address whose pool line this waits in
         self.hash_key: str | None = None
-        self.counted = False
-        self.reused = False
+        self.counted = False  # holds a place in the service's limits (proxy.limits), until _release_service
+        self.reused = False  # the current try went out on a kept-alive connection
         self.upstream_keep_alive = False
         self.started = 0.0
         self.status = 0
@@ -140,17 +177,34 @@ class Exchange:
         self.request_id: bytes | None = None  # when this sidecar generated it (else in the head)
         self.request_id_line: bytes | None = None  # the ingress adds it to responses that lack it
         self.try_started = 0.0
-        self.trail: list | None = None  # rare events for `meshctl why` (proxy.decisions)
+        self.trail: list[Any] | None = None  # rare events for `meshctl why` (proxy.decisions)
 
     def __repr__(self) -> str:
-        return "<Exchange %s %s -> %s try %d%s%s>" % (
+        return "<Exchange %s %s -> %s try %d, %s%s>" % (
             self.method.decode("ascii", "replace"),
             self.head.target[:80].decode("ascii", "replace"),
             self.label,
             self.attempt,
-            " request-done" if self.request_done else "",
-            " answered" if self.answered else "",
+            self.phase.name.lower(),
+            ", request done" if self.request_done else "",
         )
+
+    def transition(self, new: Phase) -> None:
+        """Move the response side to `new`; a move the table does not have raises IllegalTransition."""
+        current = self.phase
+        if new is not current and new not in _ALLOWED[current]:
+            raise IllegalTransition("exchange cannot go from %s to %s" % (current.name, new.name))
+        self.phase = new
+
+    @property
+    def response_started(self) -> bool:
+        """Response bytes (or a generated error) went to the client: a failure can only abort."""
+        return RESPONDING <= self.phase <= ANSWERED
+
+    @property
+    def answered(self) -> bool:
+        """Nothing more goes to the client: the response ended, was aborted, or the client left."""
+        return self.phase >= ANSWERED
 
     @property
     def label(self) -> str:
@@ -209,16 +263,25 @@ class Exchange:
         self.counted = True
         self.admitted()
 
+    def _routed(self) -> tuple[Service, RouteAction]:
+        """The service and route of an exchange to a service (the callers are only reached for one)."""
+        service, action = self.target.service, self.action
+        if service is None or action is None:
+            raise ExchangeStateError("%r has no service route" % (self,))
+        return service, action
+
     def admitted(self) -> None:
         """Holding a connection slot of the service: mirror decision, delay fault, first try."""
-        if self.answered:
+        if self.phase >= ANSWERED:
             return
         if self.trail is not None:
             decisions.woken(self)
-        action = self.action
-        service = self.target.service
-        service.budget.record_request(self.client.state.loop.time())  # type: ignore[union-attr]
-        mirror = action.mirror  # type: ignore[union-attr]
+        service, action = self.target.service, self.action
+        if service is None or action is None:  # as in _routed, spared a call on the hot path
+            raise ExchangeStateError("%r has no service route" % (self,))
+        engine = self.engine
+        service.budget.record_request(engine.clock())
+        mirror = action.mirror
         compared = False
         if mirror is not None and random.random() * 100 < mirror["percent"]:
             compare = mirror["compare"]
@@ -232,18 +295,18 @@ class Exchange:
                 if self.comparison is not None:
                     self.mirror_version = mirror["version"]
                     compared = True
-        fault = action.fault  # type: ignore[union-attr]
+        fault = action.fault
         if fault is not None:
             delay = fault["delay"]
             if delay is not None and random.random() * 100 < delay["percent"]:
                 decisions.note(self, decisions.DELAY, delay["fixed"])
                 self.client.deadline = self._next_deadline()
-                self.client.state.loop.call_later(delay["fixed"], self._try)
+                engine.call_later(delay["fixed"], self._try)
                 if compared and self.request_done:
                     self._send_mirror()  # the delay is the primary's, not the copies'
                 return
         self._try()
-        if compared and self.request_done and not self.answered:
+        if compared and self.request_done and self.phase < ANSWERED:
             self._send_mirror()  # after the first try, so that the reference copy can avoid its endpoint
 
     def _send_mirror(self) -> None:
@@ -251,48 +314,56 @@ class Exchange:
         replay = self.replay
         if replay is None or self.replay_size - len(replay[0]) > MAX_REPLAY_BODY_BYTES:
             return
-        service = self.target.service
-        state = self.client.state
+        service, action = self._routed()
+        engine = self.engine
         if self.comparison is not None:
-            self.comparison.send_copies(state.pool, service, replay, self.action.timeout, state.loop.time(), self.last_endpoint)  # type: ignore[arg-type, union-attr]
+            self.comparison.send_copies(engine.pool, service, replay, action.timeout, engine.clock(), self.last_endpoint)
             return
-        send_mirror(state.pool, service, version, replay, self.action.timeout, service.connect_timeout, state.loop.time())  # type: ignore[arg-type, union-attr]
+        if version is not None:  # set whenever a plain mirror is due (request_end, admitted)
+            send_mirror(engine.pool, service, version, replay, action.timeout, service.connect_timeout, engine.clock())
 
     def _try(self) -> None:
-        if self.answered:
+        if self.phase >= ANSWERED:
             return
+        self.transition(TRYING)
         service = self.target.service
-        state = self.client.state
+        engine = self.engine
         if service is not None:
             action = self.action
-            now = state.loop.time()
-            endpoint = service.balancer.pick(action.version, self.hash_key, self.tried, now)  # type: ignore[union-attr]
+            if action is None:
+                raise ExchangeStateError("%r tried before it was routed" % (self,))
+            now = engine.clock()
+            endpoint = service.balancer.pick(action.version, self.hash_key, self.tried, now)
             if endpoint is None:
-                self.fail("no-healthy-endpoints", "%s@%s: no endpoints" % (service.name, action.version))  # type: ignore[union-attr]
+                self.fail("no-healthy-endpoints", "%s@%s: no endpoints" % (service.name, action.version))
                 return
             endpoint.active += 1
             self.endpoint = endpoint
             self.address = endpoint.address
             self.last_endpoint = endpoint
             self.try_started = now
-            policy = action.retry_policy  # type: ignore[union-attr]
+            policy = action.retry_policy
             if policy is not None and policy.per_try_timeout:
                 self.try_deadline = now + policy.per_try_timeout
         else:
-            self.try_started = self.started if self.trail is None else state.loop.time()
-        self.client.deadline = self._next_deadline()
-        conn = state.pool.take(self.address)  # type: ignore[arg-type]
+            self.try_started = self.started if self.trail is None else engine.clock()
+        address = self.address
+        if address is None:
+            raise ExchangeStateError("%r has no address to try" % (self,))
+        client = self.client
+        client.deadline = self._next_deadline()
+        conn = engine.pool.take(address)
         if conn is not None:
             self._attach(conn, reused=True)
-            if not self.client.processing:
+            if not client.processing:
                 self.flush()
             return
-        self.waiting_on = self.address
+        self.waiting_on = address
         if service is not None:
-            state.pool.wait(self, self.address, service.connect_timeout, service.tls, service.name, service.handshake_timeout)  # type: ignore[arg-type]
+            engine.pool.wait(self, address, service.connect_timeout, service.tls, service.name, service.handshake_timeout)
         else:
-            peer = "app" if self.client.listener.kind == "inbound" else self.target.label
-            state.pool.wait(self, self.address, 1.0, None, peer, DEFAULT_HANDSHAKE_TIMEOUT)  # type: ignore[arg-type]
+            peer = "app" if client.listener.kind == "inbound" else self.target.label
+            engine.pool.wait(self, address, 1.0, None, peer, DEFAULT_HANDSHAKE_TIMEOUT)
 
     def _next_deadline(self) -> float:
         due = self.deadline
@@ -317,10 +388,11 @@ class Exchange:
         address = self.waiting_on
         if address is not None:
             self.waiting_on = None
-            self.client.state.pool.cancel(self, address)
+            self.engine.pool.cancel(self, address)
 
     def _attach(self, conn: UpstreamConnection, reused: bool) -> None:
-        conn.owner = self if self.comparison is None else self.comparison.tap(self, conn)
+        owner: Exchange | ResponseTap = self if self.comparison is None else self.comparison.tap(self, conn)
+        conn.owner = owner
         conn.requests += 1
         self.upstream = conn
         self.reused = reused
@@ -338,15 +410,16 @@ class Exchange:
         self.pending = None
         conn.bytes_out += self.pending_size
         if len(pending) == 1:
-            conn.transport.write(pending[0])  # type: ignore[union-attr]
+            conn.transport.write(pending[0])
         else:
-            conn.transport.writelines(pending)  # type: ignore[union-attr]
-        self.client.resume_for_pending()
+            conn.transport.writelines(pending)
+        if self.pending_size > MAX_PENDING_BYTES:  # only then did request_data pause the client
+            self.client.resume_for_pending()
 
     # -- request side (called by the client connection) ----------------------------------
 
     def request_data(self, data: bytes) -> None:
-        if self.answered:
+        if self.phase >= ANSWERED:
             return
         replay = self.replay
         if replay is not None:
@@ -358,8 +431,10 @@ class Exchange:
         pending = self.pending
         if pending is None:
             conn = self.upstream
-            conn.bytes_out += len(data)  # type: ignore[union-attr]
-            conn.transport.write(data)  # type: ignore[union-attr]
+            if conn is None:
+                raise ExchangeStateError("%r: request bytes with nothing queued and no connection" % (self,))
+            conn.bytes_out += len(data)
+            conn.transport.write(data)
             return
         pending.append(data)
         self.pending_size += len(data)
@@ -370,14 +445,14 @@ class Exchange:
         self.request_done = True
         if self.mirror_version is not None:
             self._send_mirror()
-        if self.answered:
+        if self.phase >= ANSWERED:
             self.client.exchange_finished(self, self.client_keep_alive)
 
     def client_lost(self) -> None:
         """The client went away: nothing left to answer."""
-        if not self.answered:
+        if self.phase < ANSWERED:
             self._completed("client-lost")
-        self.answered = True
+            self.transition(CLIENT_LOST)
         conn = self.upstream
         if conn is not None:
             self.upstream = None
@@ -395,28 +470,33 @@ class Exchange:
             self.upstream.resume_reading()
 
     def on_deadline(self, now: float) -> None:
-        if self.deadline and now >= self.deadline:
-            decisions.note(self, decisions.FIRED, "request", self.action.timeout)  # type: ignore[union-attr]
-            self._try_failed("timeout", "not finished within %gs" % self.action.timeout, None, final=True)  # type: ignore[union-attr]
-        elif self.try_deadline and now >= self.try_deadline:
-            decisions.note(self, decisions.FIRED, "per_try", self.action.retry_policy.per_try_timeout)  # type: ignore[union-attr]
-            self._try_failed("timeout", "no response within the per-try timeout of %gs" % self.action.retry_policy.per_try_timeout, None)  # type: ignore[union-attr]
+        action = self.action
+        if action is None:  # only a route sets deadlines
+            return
+        timeout = action.timeout
+        if self.deadline and now >= self.deadline and timeout is not None:
+            decisions.note(self, decisions.FIRED, "request", timeout)
+            self._try_failed("timeout", "not finished within %gs" % timeout, None, final=True)
+        elif self.try_deadline and now >= self.try_deadline and action.retry_policy is not None and action.retry_policy.per_try_timeout:
+            per_try_timeout = action.retry_policy.per_try_timeout
+            decisions.note(self, decisions.FIRED, "per_try", per_try_timeout)
+            self._try_failed("timeout", "no response within the per-try timeout of %gs" % per_try_timeout, None)
         elif self.idle_due and now >= self.idle_due:
-            self._idle_check(now)
+            self._idle_check(now, action.idle_timeout)
 
-    def _idle_check(self, now: float) -> None:
+    def _idle_check(self, now: float, timeout: float | None) -> None:
         client = self.client
         moved = client.bytes_in + client.bytes_out
         idle = self.idle
-        if self.answered:
+        if self.phase >= ANSWERED or timeout is None:
             self.idle_due = 0.0  # only the rest of the request body is awaited; the keep-alive timeout follows
         elif idle is None:
-            idle = self.idle = IdleCheck(self.action.idle_timeout, moved, now)  # type: ignore[arg-type, union-attr]
+            idle = self.idle = IdleCheck(timeout, moved, now)
             self.idle_due = idle.due
         elif idle.expired(moved, now):
             detail = "no byte moved either way for %gs" % idle.timeout
             decisions.note(self, decisions.FIRED, "stream_idle", idle.timeout)
-            if self.response_started:
+            if self.phase is RESPONDING:
                 log.info("%s: %s %s, cutting the response", self.label, STREAM_IDLE_TIMEOUT_CODE, detail)
             self._try_failed(STREAM_IDLE_TIMEOUT_CODE, detail, None, final=True)
             return
@@ -440,24 +520,23 @@ class Exchange:
                 self._write_out(out)
                 self._upstream_broken(conn, str(exc))
                 return
-            kind = type(event)
-            if kind is Data:
-                if not self.discarding:
-                    out.append(event.data)  # type: ignore[attr-defined]
-                continue
-            if kind is Head:
-                if not self._response_head(event, out):  # type: ignore[arg-type]
+            if isinstance(event, Head):  # first: most responses come whole, as one Head
+                if not self._response_head(conn, event, out):
                     return
-                body = event.body  # type: ignore[attr-defined]
+                body = event.body
                 if body is None:
                     continue
                 # The whole response came with its head: no Data or END events follow.
-                if body and not self.discarding:
+                if body and self.phase is not DISCARDING:
                     out.append(body)
+            elif isinstance(event, Data):
+                if self.phase is not DISCARDING:
+                    out.append(event.data)
+                continue
             elif event is not END:
                 break  # NEED_DATA, or PAUSED after a response that is not ours
-            if self.interim:
-                self.interim = False
+            if self.phase is TRYING:
+                # The message that ended was a 1xx: the final response follows on the same connection.
                 parser.start_next_cycle()
                 if self.method == b"HEAD":
                     parser.expect_no_body()
@@ -479,99 +558,93 @@ class Exchange:
                 client.transport.writelines(out)
             out.clear()
 
-    def _response_head(self, head: Head, out: list[bytes]) -> bool:
+    def _response_head(self, conn: UpstreamConnection, head: Head, out: list[bytes]) -> bool:
         """Forward a response head; False when the exchange already ended."""
         status = head.status
         if status < 200:
             if status == 101:
-                conn = self.upstream
                 try:
                     check_switch(self.head, head)
                 except UpgradeError as exc:
-                    self._upstream_broken(conn, exc.detail)  # type: ignore[arg-type]
+                    self._upstream_broken(conn, exc.detail)
                     return False
                 # The exchange ends here: the client connection turns both into a relay.
                 self.upstream = None
                 self.status = status
-                self.response_started = self.answered = True
+                self.transition(RESPONDING)
+                self.transition(ANSWERED)
                 self._release_endpoint()
                 self._release_service()
                 self._completed("ok")
                 self.client.switch_protocols(conn, head.raw)
                 return False
-            self.interim = True
             if self.head.version == b"1.1":
                 out.append(head.raw)
-            return True
+            return True  # still TRYING: the final head is to come
         self.try_deadline = 0.0
         endpoint = self.endpoint
         if endpoint is not None:
             self._record(endpoint, status < 500)
-            policy = self.action.retry_policy  # type: ignore[union-attr]
-            if (
-                policy is not None
-                and self.replay is not None
-                and self.request_done
-                and policy.should_retry(self.attempt, self.method.decode("latin-1"), "response", status, self.replay_size - len(self.replay[0]))
-                and self.target.service.budget.try_spend(self.client.state.loop.time())  # type: ignore[union-attr]
-            ):
+            action = self.action
+            policy = action.retry_policy if action is not None else None
+            if policy is not None and self._retries_response(policy, status):
                 decisions.try_ended(self, "response", status, None)
                 self.upstream_keep_alive = head.keep_alive
-                self.discarding = True
+                self.transition(DISCARDING)
                 return True
-        self.response_started = True
+        self.transition(RESPONDING)
         self.status = status
-        self.client.deadline = self._next_deadline()
+        client = self.client
+        client.deadline = self._next_deadline()
         self.upstream_keep_alive = head.keep_alive
-        keep = self.client_keep_alive
-        if head.content_length is None and status not in (204, 304) and self.method != b"HEAD":
-            self.head_at = self.client.state.loop.time()  # a stream: its latency is the time to this head
-            if not head.chunked:
-                keep = False  # the body runs until the upstream closes, so the client must see a close too
-        if self.client.state.draining:
-            keep = False
-        self.client_keep_alive = keep
+        request = self.head
+        if head.content_length is None and length_unknown(self.method, head):  # the first test spares the call when sized
+            self.head_at = self.engine.clock()  # a stream: its latency is the time to this head
+        keep = self.client_keep_alive = client_keep_alive(request, head, self.engine.draining)
         id_line = self.request_id_line
         if id_line is not None and head.has(b"x-request-id"):
             id_line = None
-        if self.head.version != b"1.1":
-            if head.chunked:
-                keep = self.client_keep_alive = False  # a 1.0 client cannot find the end of a chunked body
-            # HTTP/1.0 clients keep a connection only when the response says so (RFC 9112 9.3).
-            add = [_CONNECTION_KEEP_ALIVE] if keep else [_CONNECTION_CLOSE]
-            out.append(rebuild_head(head, add if id_line is None else [id_line, *add]))
-        elif (head.has_hop_by_hop and not head.only_keep_alive) or not keep:
-            add = [] if keep else [_CONNECTION_CLOSE]
-            out.append(rebuild_head(head, add if id_line is None else [id_line, *add]))
-        elif id_line is not None:
-            out.append(head.raw[:-2] + id_line + b"\r\n\r\n")  # raw ends with the blank line
-        else:
-            out.append(head.raw)
+        out.append(client_response_head(head, request.version, keep, id_line))
         return True
+
+    def _retries_response(self, policy: RetryPolicy, status: int) -> bool:
+        """Whether a response with `status` is dropped for another try; spends the retry from the budget."""
+        service = self._routed()[0]
+        replay = self.replay
+        return (
+            replay is not None
+            and self.request_done
+            and policy.should_retry(self.attempt, self.method.decode("latin-1"), "response", status, self.replay_size - len(replay[0]))
+            and service.budget.try_spend(self.engine.clock())
+        )
 
     def _response_end(self, conn: UpstreamConnection) -> None:
         self.upstream = None
+        discarded = self.phase is DISCARDING
         endpoint = self.endpoint
         if endpoint is not None:
-            if self.discarding:
+            if discarded:
                 self._release_endpoint()
             else:  # answered: no later try needs to avoid it
                 self.endpoint = None
                 endpoint.active -= 1
         if conn.parser.buffered == 0 and self.request_done and self.upstream_keep_alive:
-            self.client.state.pool.release(conn)
+            self.engine.pool.release(conn)
         else:
             conn.close()
-        if self.discarding:
-            self.discarding = False
-            self._retry(self.action.retry_policy.backoff(self.attempt), count_attempt=True)  # type: ignore[union-attr]
+        if discarded:
+            policy = self._routed()[1].retry_policy or CONNECT_RETRIES  # a response is only discarded under a route's policy
+            self._retry(policy.backoff(self.attempt), count_attempt=True)
             return
         self._answered("ok")
 
     def _answered(self, outcome: str) -> None:
-        self.answered = True
-        self._release_service()
-        self._completed(outcome)
+        self.transition(ANSWERED)
+        if self.counted:
+            self._release_service()
+        hook = self.engine.on_exchange_done  # _completed's body: this is every exchange's path
+        if hook is not None:
+            hook(self, outcome)
         if self.request_done:
             self.client.exchange_finished(self, self.client_keep_alive)
 
@@ -579,7 +652,7 @@ class Exchange:
         """Response bytes already went out: the only way to signal a failure is to abort."""
         self._release_endpoint()
         self._release_service()
-        self.answered = True
+        self.transition(ANSWERED)
         self._completed(outcome)
         self.client.abort()
 
@@ -588,7 +661,7 @@ class Exchange:
 
         `outcome` is "ok", a sidecar error code (x-mesh-error), or "client-lost".
         """
-        hook = self.client.state.on_exchange_done
+        hook = self.engine.on_exchange_done
         if hook is None:
             return
         hook(self, outcome)
@@ -604,7 +677,7 @@ class Exchange:
         if self.upstream is not conn:
             return
         self.upstream = None
-        if self.response_started:
+        if self.phase is RESPONDING:
             log.info("%s: upstream closed mid-response (%s), aborting the client", self.label, exc or "eof")
             self._abort_client("upstream-reset")
             return
@@ -621,7 +694,7 @@ class Exchange:
         self.upstream = None
         conn.abort()
         self._release_endpoint()
-        if self.response_started:
+        if self.phase is RESPONDING:
             log.info("%s: invalid response after the head (%s), aborting the client", self.label, detail)
             self._abort_client("upstream-reset")
             return
@@ -630,7 +703,8 @@ class Exchange:
     # -- failures and retries ------------------------------------------------------------
 
     def _try_failed(self, outcome: str, detail: str, exc: Exception | None, final: bool = False, stale_connection: bool = False) -> None:
-        if self.answered:
+        phase = self.phase
+        if phase >= ANSWERED:
             return
         decisions.try_ended(self, outcome, None, detail)
         self._stop_waiting()
@@ -638,41 +712,38 @@ class Exchange:
         if conn is not None:
             self.upstream = None
             conn.abort()
-        if self.response_started:
+        action = self.action
+        policy = action.retry_policy if action is not None else None
+        service = self.target.service
+        now = self.engine.clock()
+        decision = after_failure(
+            outcome, policy, self.attempt, self.method.decode("latin-1"), self._replay_body_size(),
+            replayable=self.replay is not None or self.pending is not None,
+            budget_left=service is None or service.budget.allows(now),
+            response_started=phase is RESPONDING, final=final, stale_connection=stale_connection,
+        )
+        if decision is ABORT:
             self._abort_client(_CONNECT_FAILURE_CODE[outcome])
             return
         endpoint = self.endpoint
         if endpoint is not None and not stale_connection:
             self._record(endpoint, False)
         self._release_endpoint()
-        if not final and (self.replay is not None or self.pending is not None):
-            if stale_connection:
-                # The peer closed a pooled connection as we reused it: not the endpoint's fault.
-                self._retry(0.0, count_attempt=False)
-                return
-            policy = self._may_retry(outcome)
-            if policy is not None:
-                self._retry(policy.backoff(self.attempt), count_attempt=True)
-                return
-        self.fail(_CONNECT_FAILURE_CODE[outcome], "%s: %s" % (self.label, detail))
-
-    def _may_retry(self, outcome: str) -> RetryPolicy | None:
-        """The policy that allows another try after `outcome`, with a retry taken from the service's budget.
-
-        A request to the app or an egress host (no service, no route) retries failed connects only.
-        """
-        action = self.action
-        policy = (action.retry_policy if action is not None else None) or CONNECT_RETRIES
-        if self.pending is not None:
-            body_size = 0  # nothing was sent: the queued bytes are the whole replay so far
+        if decision is RETRY_STALE:
+            self._retry(0.0, count_attempt=False)
+        elif decision is RETRY:
+            if service is not None:
+                service.budget.try_spend(now)
+            self._retry((policy or CONNECT_RETRIES).backoff(self.attempt), count_attempt=True)
         else:
-            body_size = self.replay_size - len(self.replay[0]) if self.request_done and self.replay else None  # type: ignore[index]
-        if not policy.should_retry(self.attempt, self.method.decode("latin-1"), outcome, None, body_size):
-            return None
-        service = self.target.service
-        if service is not None and not service.budget.try_spend(self.client.state.loop.time()):
-            return None
-        return policy
+            self.fail(_CONNECT_FAILURE_CODE[outcome], "%s: %s" % (self.label, detail))
+
+    def _replay_body_size(self) -> int | None:
+        """The request body's size for a replay (proxy.retry), None when streamed or not kept."""
+        if self.pending is not None:
+            return 0  # nothing was sent: the queued bytes are the whole replay so far
+        replay = self.replay
+        return self.replay_size - len(replay[0]) if self.request_done and replay else None
 
     def _retry(self, delay: float, count_attempt: bool) -> None:
         """Send the replay copy again, to another endpoint when there is one."""
@@ -680,20 +751,26 @@ class Exchange:
         if count_attempt:
             self.attempt += 1
         if self.pending is None:  # else nothing was sent and the queued bytes still wait
-            self.pending = list(self.replay)  # type: ignore[arg-type]
+            replay = self.replay
+            if replay is None:
+                raise ExchangeStateError("%r: a retry without a replay copy" % (self,))
+            self.pending = list(replay)
             self.pending_size = self.replay_size
         self.try_deadline = 0.0
         if delay > 0:
-            self.client.state.loop.call_later(delay, self._try)
+            self.transition(BACKOFF)
+            self.engine.call_later(delay, self._try)
         else:
             self._try()
 
     def _record(self, endpoint: Endpoint, ok: bool) -> None:
         service = self.target.service
         if service is not None:
-            state = self.client.state
-            if service.outlier.record(endpoint, ok, state.loop.time(), len(service.endpoints)) and state.observer is not None:
-                state.observer.count_ejection(service.name, endpoint.version)
+            engine = self.engine
+            if service.outlier.record(endpoint, ok, engine.clock(), len(service.endpoints)):
+                observer = engine.observer
+                if observer is not None:
+                    observer.count_ejection(service.name, endpoint.version)
 
     def _release_endpoint(self) -> None:
         endpoint = self.endpoint
@@ -704,35 +781,38 @@ class Exchange:
 
     def _release_service(self) -> None:
         """Leave the service's limits; a queued exchange that gets the slot is woken."""
-        if self.counted:
+        service = self.target.service
+        if self.counted and service is not None:  # only an exchange to a service is counted
             self.counted = False
-            woken = self.target.service.limits.leave(self)  # type: ignore[union-attr]
+            woken = service.limits.leave(self)
             if woken is not None:
                 # Not synchronously: this exchange may be in the middle of writing its own response.
-                self.client.state.loop.call_soon(woken.admitted)
+                self.engine.call_soon(woken.admitted)
 
     def fail(self, code: str, detail: str, status: int | None = None) -> None:
         """Answer the client with a sidecar-generated error (never after response bytes)."""
-        if self.answered:
+        phase = self.phase
+        if phase >= ANSWERED:
             return
         self._stop_waiting()
         conn = self.upstream
         if conn is not None:
             self.upstream = None
             conn.abort()
-        if self.response_started:
+        if phase is RESPONDING:
             self._abort_client(code)
             return
         self._release_endpoint()
         self.pending = None
-        self.response_started = True
+        self.transition(RESPONDING)
         self.status = status if status is not None else http_status(code)
-        if self.client.state.draining or self.head.version != b"1.1":
+        if self.engine.draining or self.head.version != b"1.1":
             self.client_keep_alive = False
         if code == "upstream-connect-failed" or code == "timeout" or code == "upstream-reset" or code == STREAM_IDLE_TIMEOUT_CODE:
             log.info("%s %s", code, detail)
         response = error_response(code, detail, status, close=not self.client_keep_alive,
                                   request_id=self.request_id or self.head.get(b"x-request-id"))
-        self.client.bytes_out += len(response)
-        self.client.transport.write(response)
+        client = self.client
+        client.bytes_out += len(response)
+        client.transport.write(response)
         self._answered(code)

@@ -171,7 +171,7 @@ class _Side(asyncio.Protocol):
             if outermost:
                 dirty, proxy.dirty = proxy.dirty, None
                 self.write_now()
-                for side in dirty:
+                for side in dirty or ():
                     side.write_now()
 
     def _handle(self, data: bytes) -> None:
@@ -454,8 +454,10 @@ class H2Proxy(_Side):
             return
         moved = sum(pipe.moved for pipe in (self.incoming.get(stream_id), self.outgoing.get(stream_id)) if pipe is not None)
         now = self.loop.time()
+        timeout = record.choice.idle_timeout
+        assert timeout is not None  # the check is scheduled only for a stream with an idle timeout
         if record.idle is None:
-            record.idle = IdleCheck(record.choice.idle_timeout, moved, now)
+            record.idle = IdleCheck(timeout, moved, now)
         elif record.idle.expired(moved, now):
             record.idle_timer = None
             self._expire(stream_id, STREAM_IDLE_TIMEOUT_CODE)
@@ -496,7 +498,7 @@ class H2Proxy(_Side):
     def _cut_detail(record: StreamRecord, code: str) -> str:
         if code == "timeout":
             return "no response within the deadline"
-        return "no byte moved either way for %gs" % record.idle.timeout  # type: ignore[union-attr]
+        return "no byte moved either way for %gs" % record.idle.timeout
 
     async def _connect(self, upstream: _Side, key: tuple, choice: UpstreamChoice) -> None:
         host, port, context = choice.host, choice.port, choice.context

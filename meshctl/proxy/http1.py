@@ -23,16 +23,24 @@ as the final transfer coding, strict chunk-size lines. Every rejection is a
 
 `rebuild_head()` serialises a head with headers dropped and added; the caller only uses
 it when something changes, otherwise `Head.raw` is forwarded as it came.
+
+For a proxy's response side, `client_keep_alive()` decides whether the client connection
+outlives a response and `client_response_head()` writes the head the client gets; both are
+pure, so the exchange decides first and then writes.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from meshctl.proxy.errors import ProtocolError
 
 __all__ = [
     "CLOSED",
+    "client_keep_alive",
+    "client_response_head",
+    "length_unknown",
     "END",
     "HOP_BY_HOP",
     "NEED_DATA",
@@ -76,21 +84,24 @@ _CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[^\x00-\x08\x0a-\x1f\x7f
 _MAX_CHUNK_LINE = 4096
 
 DEBUG_FIELD = b"x-mesh-debug"  # `x-mesh-debug: 1` asks every sidecar for a decision record (`meshctl why`)
-_FRAMING_HEADERS = frozenset(
+_FRAMING_HEADERS: frozenset[bytes] = frozenset(
     {b"content-length", b"transfer-encoding", b"connection", DEBUG_FIELD} | HOP_BY_HOP
 )
 # The framing and hop-by-hop field lines of a validated block behind a "\n", names in any
 # case. Searched in b"\n" + fields: a leading literal lets the regex engine skip from one
 # line feed to the next (a validated block has them only between lines), where `^` with
 # re.MULTILINE would try the names at every byte, at twice the cost.
+_LONGEST_FIRST: list[bytes] = sorted(_FRAMING_HEADERS, key=len, reverse=True)
 _FRAMING_FIELD = re.compile(
-    rb"\n(" + b"|".join(sorted(_FRAMING_HEADERS, key=len, reverse=True)) + rb"):[ \t]*(" + _FIELD_VALUE + rb")",
+    rb"\n(" + b"|".join(_LONGEST_FIRST) + rb"):[ \t]*(" + _FIELD_VALUE + rb")",
     re.IGNORECASE,
 )
 # Head.has(name): a field line named `name` behind a "\n" (see _FRAMING_FIELD), per name.
 _FIELD_NAMED: dict[bytes, re.Pattern[bytes]] = {}
 _NO_TOKENS: frozenset[bytes] = frozenset()
 _KEEP_ALIVE_ONLY = frozenset({b"keep-alive"})
+_CONNECTION_CLOSE = b"connection: close"
+_CONNECTION_KEEP_ALIVE = b"connection: keep-alive"
 
 # Parser states.
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILER, _UNTIL_CLOSE, _END, _DONE = range(9)
@@ -200,7 +211,7 @@ class Head:
             return NotImplemented
         return all(getattr(self, name) == getattr(other, name) for name in self._COMPARED)
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]  # unhashable, as __eq__ compares contents; mypy wants a method here
 
 
 class Data:
@@ -558,7 +569,7 @@ class Parser:
         return Data(buf[:pos])
 
 
-def rebuild_head(head: Head, add: list[bytes] = (), start_line: bytes | None = None, drop_hop_by_hop: bool = True) -> bytes:  # type: ignore[assignment]
+def rebuild_head(head: Head, add: Sequence[bytes] = (), start_line: bytes | None = None, drop_hop_by_hop: bool = True) -> bytes:
     """Serialise `head` without its hop-by-hop headers, with raw header lines `add` appended."""
     lines = [head.start_line if start_line is None else start_line]
     if drop_hop_by_hop and head.has_hop_by_hop:
@@ -569,3 +580,41 @@ def rebuild_head(head: Head, add: list[bytes] = (), start_line: bytes | None = N
     lines.extend(add)
     lines.append(b"\r\n")
     return b"\r\n".join(lines)
+
+
+def length_unknown(method: bytes, response: Head) -> bool:
+    """A response body with no declared length: chunked, or running until the upstream closes (a stream)."""
+    return response.content_length is None and response.status != 204 and response.status != 304 and method != b"HEAD"
+
+
+def client_keep_alive(request: Head, response: Head, draining: bool) -> bool:
+    """Whether the client connection stays open after `response` to `request` (RFC 9112 9.3, 9.6).
+
+    The upstream's own keep-alive is the pool's business, not the client's.
+    """
+    if not request.keep_alive or draining:
+        return False
+    if response.chunked:
+        return request.version == b"1.1"  # a 1.0 client cannot find the end of a chunked body
+    # A body that runs until the upstream closes: the client must see a close too.
+    return response.content_length is not None or not length_unknown(request.method, response)
+
+
+def client_response_head(response: Head, request_version: bytes, keep_alive: bool, extra: bytes | None) -> bytes:
+    """The response head as the client gets it: `extra` (a raw header line) added, and, when
+    needed, the hop-by-hop headers dropped and the connection's fate said.
+
+    An HTTP/1.1 head that keeps the connection and has nothing hop-by-hop but a
+    `connection: keep-alive` goes as it came (no rebuild on the common path).
+    """
+    if request_version != b"1.1":
+        # HTTP/1.0 clients keep a connection only when the response says so (RFC 9112 9.3).
+        fate = _CONNECTION_KEEP_ALIVE if keep_alive else _CONNECTION_CLOSE
+        return rebuild_head(response, [fate] if extra is None else [extra, fate])
+    if not keep_alive:
+        return rebuild_head(response, [_CONNECTION_CLOSE] if extra is None else [extra, _CONNECTION_CLOSE])
+    if response.has_hop_by_hop and not response.only_keep_alive:
+        return rebuild_head(response, [] if extra is None else [extra])
+    if extra is not None:
+        return response.raw[:-2] + extra + b"\r\n\r\n"  # raw ends with the blank line
+    return response.raw

@@ -124,7 +124,7 @@ class Mirror:
         self._send(conn)
 
     def _send(self, conn: UpstreamConnection) -> None:
-        conn.owner = self  # type: ignore[assignment]  # UpstreamConnection.owner is untyped in pool.py until s4-15a merges
+        conn.owner = self
         self.upstream = conn
         if self.no_body:
             conn.parser.expect_no_body()

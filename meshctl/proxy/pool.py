@@ -41,7 +41,7 @@ import asyncio
 import logging
 import socket
 from collections import deque
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from meshctl.proxy.connect import create_connection
 from meshctl.proxy.http1 import Parser
@@ -63,13 +63,37 @@ class ConnectionObserver(Protocol):
     def tcp_closed(self, direction: str, peer_service: str, bytes_in: int, bytes_out: int) -> None: ...
 
 
+class Waiter(Protocol):
+    """A request waiting in an address's line for a connection (proxy.exchange.Exchange)."""
+
+    def pooled(self, conn: UpstreamConnection, reused: bool) -> None:
+        """The pool hands over `conn`, which it no longer owns; `reused` when it served a request before."""
+
+    def connect_failed(self, outcome: str, detail: str) -> None:
+        """Opening a connection for the line failed (`outcome` as in proxy.retry)."""
+
+
+class Owner(Protocol):
+    """Who gets a lent connection's callbacks: an exchange, a mirror, a shadow's response tap."""
+
+    def upstream_data(self, data: bytes) -> None: ...
+
+    def upstream_eof(self) -> None: ...
+
+    def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None: ...
+
+    def upstream_write_paused(self) -> None: ...
+
+    def upstream_write_resumed(self) -> None: ...
+
+
 class Dial:
     """One address's line of requests waiting for a connection, and its connects in flight."""
 
     __slots__ = ("waiters", "establishing", "open")
 
     def __init__(self) -> None:
-        self.waiters: deque[Any] = deque()
+        self.waiters: deque[Waiter] = deque()
         self.establishing = 0
         self.open = 0  # connections made and not yet lost
 
@@ -86,6 +110,25 @@ class ConnectFailed(OSError):
         self.detail = detail
 
 
+class _Unconnected(asyncio.Transport):
+    """A connection's transport until connection_made: closing or pausing it does nothing."""
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+NOT_CONNECTED = _Unconnected()
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One TCP connection to an upstream; `owner` is the exchange using it, or None when idle."""
 
@@ -99,9 +142,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.bytes_in = 0
         self.bytes_out = 0
         self.reported = False
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport = NOT_CONNECTED  # until connection_made
         self.parser = Parser(is_request=False)
-        self.owner = None
+        self.owner: Owner | None = None
         self.closed = False
         self.reading_paused = False
         self.requests = 0
@@ -113,7 +156,7 @@ class UpstreamConnection(asyncio.Protocol):
         return "<UpstreamConnection %s:%d %s, %d requests>" % (self.address[0], self.address[1], state, self.requests)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream transport (uvloop's do not subclass asyncio's)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -169,25 +212,23 @@ class UpstreamConnection(asyncio.Protocol):
     def pause_reading(self) -> None:
         if not self.reading_paused and not self.closed:
             self.reading_paused = True
-            self.transport.pause_reading()  # type: ignore[union-attr]
+            self.transport.pause_reading()
 
     def resume_reading(self) -> None:
         if self.reading_paused and not self.closed:
             self.reading_paused = False
-            self.transport.resume_reading()  # type: ignore[union-attr]
+            self.transport.resume_reading()
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             self.owner = None
             self.pool.forget(self)
-            if self.transport is not None:
-                self.transport.close()
+            self.transport.close()
 
     def abort(self) -> None:
         self.owner = None
-        if self.transport is not None:
-            self.transport.abort()
+        self.transport.abort()
         self.closed = True
         self.pool.forget(self)
 
@@ -202,7 +243,7 @@ class Pool:
         self.now = loop.time()  # advanced by the server's sweeper
         self._idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
         self._dials: dict[tuple[str, int], Dial] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self.observer: ConnectionObserver | None = None  # set by proxy.observe while metrics are on
 
     def __repr__(self) -> str:
@@ -230,7 +271,8 @@ class Pool:
         conn.owner = None
         if conn.closed:
             return
-        conn.resume_reading()
+        if conn.reading_paused:
+            conn.resume_reading()
         conn.parser.start_next_cycle()
         dial = conn.dial
         if dial is not None and dial.waiters:
@@ -255,7 +297,7 @@ class Pool:
         conn.idle_since = self.now
         self._idle.setdefault(conn.address, []).append(conn)
 
-    def wait(self, waiter: Any, address: tuple[str, int], timeout: float, tls: ClientTLS | None = None, peer: str = "unknown",
+    def wait(self, waiter: Waiter, address: tuple[str, int], timeout: float, tls: ClientTLS | None = None, peer: str = "unknown",
              handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> None:
         """Queue `waiter` for the next free connection to `address`, opening one if the line needs it.
 
@@ -270,7 +312,7 @@ class Pool:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def cancel(self, waiter: Any, address: tuple[str, int]) -> None:
+    def cancel(self, waiter: Waiter, address: tuple[str, int]) -> None:
         dial = self._dials.get(address)
         if dial is not None:
             try:
@@ -321,7 +363,7 @@ class Pool:
         `take` hands out the most recently used, so each list is oldest first and the
         connections that stay idle are the ones a quieter load no longer needs.
         """
-        stale = []
+        stale: list[UpstreamConnection] = []
         for idle in self._idle.values():
             for conn in idle:
                 if conn.idle_since >= idle_before:
@@ -356,10 +398,13 @@ class Pool:
             raise ConnectFailed("connect-failure", exc.strerror or str(exc)) from None
         if tls is not None:
             try:
-                conn.transport = await self.loop.start_tls(
+                secured = await self.loop.start_tls(
                     transport, conn, tls.context, server_hostname=tls.server_name, ssl_handshake_timeout=handshake_timeout
                 )
-                tls.verify(conn.transport)
+                if secured is None:
+                    raise EOFError("the connection closed during the handshake")
+                conn.transport = secured
+                tls.verify(secured)
             except (OSError, TimeoutError, EOFError) as exc:
                 transport.abort()
                 conn.closed = True

@@ -32,13 +32,16 @@ Linkerd: the sidecar does not buffer more than that for a replay.
 A route without a ``retries`` block still retries what provably sent nothing:
 ``CONNECT_RETRIES``, two more tries after ``connect-failure`` or ``refused`` (Istio's default
 policy retries ``connect-failure`` and ``refused-stream`` twice), within the budget.
+
+`after_failure()` is the whole decision after a try that got no usable response: abort the
+client connection, answer with the error, retry, or replace a stale pooled connection.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from typing import Any
+from typing import Any, Protocol
 
 MAX_REPLAY_BODY_BYTES = 64 * 1024
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
@@ -70,6 +73,12 @@ _STATUSES_BY_NAME = {
 _EMPTY: frozenset = frozenset()
 
 
+class RandomSource(Protocol):
+    """Where jitter comes from: the `random` module, or a seeded `random.Random` in tests."""
+
+    def random(self) -> float: ...
+
+
 class RetryConfigError(ValueError):
     """A retries block that cannot be used. ``key`` is the offending key inside the block
     ("" for the block itself); the message starts with it."""
@@ -82,10 +91,11 @@ class RetryConfigError(ValueError):
         self.reason = reason
 
 
-def _number(cfg: dict, key: str, default: float | None, minimum: float) -> float | None:
-    value = cfg.get(key, default)
+def _number(cfg: dict[str, Any], key: str, default: float, minimum: float) -> float:
+    """`cfg[key]` validated, or `default` when it is missing or null."""
+    value = cfg.get(key)
     if value is None:
-        return None
+        return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise RetryConfigError(key, "expected a number, got %r" % (value,))
     if value < minimum:
@@ -178,18 +188,18 @@ class RetryPolicy:
             raise RetryConfigError("budget." + exc.key, exc.reason) from None
         backoff = _number(cfg, "backoff", DEFAULT_BACKOFF, 0.0)
         max_backoff = _number(cfg, "max_backoff", DEFAULT_MAX_BACKOFF, 0.0)
-        per_try_timeout = _number(cfg, "per_try_timeout", None, 0.0)
+        per_try_timeout = _number(cfg, "per_try_timeout", 0.0, 0.0) if cfg.get("per_try_timeout") is not None else None
         if per_try_timeout == 0.0:
             raise RetryConfigError("per_try_timeout", "must be > 0, got 0")
         return cls(
             attempts=attempts,
             per_try_timeout=per_try_timeout,
             retry_on=names,
-            backoff=backoff,  # type: ignore[arg-type]
-            max_backoff=max_backoff,  # type: ignore[arg-type]
+            backoff=backoff,
+            max_backoff=max_backoff,
             non_idempotent=non_idempotent,
-            budget_ratio=ratio,  # type: ignore[arg-type]
-            budget_min_per_second=min_per_second,  # type: ignore[arg-type]
+            budget_ratio=ratio,
+            budget_min_per_second=min_per_second,
         )
 
     def should_retry(
@@ -218,7 +228,7 @@ class RetryPolicy:
             return False, "body too large to replay (%d bytes, more than %d KiB)" % (body_size, MAX_REPLAY_BODY_BYTES // 1024)
         matched = self.matching_condition(outcome, status)
         if matched is None:
-            what = "status %d" % status if outcome == "response" else outcome
+            what = "status %s" % status if outcome == "response" else outcome
             return False, "%s is not in retry_on (%s)" % (what, ", ".join(sorted(self.retry_on)))
         if not (self.non_idempotent or outcome in _NOTHING_SENT or method in IDEMPOTENT_METHODS):
             return False, "%s is not idempotent (retries.non_idempotent is false)" % method
@@ -237,7 +247,7 @@ class RetryPolicy:
                 return name
         return None
 
-    def backoff(self, attempt: int, rng: Any = random) -> float:
+    def backoff(self, attempt: int, rng: RandomSource = random) -> float:
         """Seconds to wait before the next try: full jitter over base * 2^(attempt-1), capped."""
         ceiling = self.backoff_base * (2.0 ** (max(attempt, 1) - 1))
         if ceiling > self.max_backoff:
@@ -258,6 +268,44 @@ class RetryPolicy:
 
 
 CONNECT_RETRIES = RetryPolicy(attempts=DEFAULT_ATTEMPTS, retry_on=frozenset({"connect-failure"}))
+
+# What to do after a try failed (after_failure).
+ABORT = "abort"  # response bytes went out: only aborting the client connection can tell it
+FAIL = "fail"  # answer the client with the mesh error for the outcome
+RETRY = "retry"  # another try after a backoff: it counts as a try and spends a retry from the budget
+RETRY_STALE = "retry-stale"  # at once, not counted: the peer had closed the pooled connection we reused
+
+
+def after_failure(
+    outcome: str,
+    policy: RetryPolicy | None,
+    attempt: int,
+    method: str,
+    body_size: int | None,
+    replayable: bool,
+    budget_left: bool,
+    response_started: bool = False,
+    final: bool = False,
+    stale_connection: bool = False,
+) -> str:
+    """ABORT, FAIL, RETRY or RETRY_STALE after the ``attempt``-th try ended with ``outcome`` (no usable response).
+
+    `policy` is the route's (None: `CONNECT_RETRIES`); `body_size` as for `should_retry`;
+    `replayable`: the request bytes sent so far are still at hand; `budget_left`: the
+    service's retry budget would give one more (RetryBudget.allows); `final`: a limit that
+    covers every try fired (the request timeout, the stream idle timeout); `stale_connection`:
+    the try went out on a reused keep-alive connection that closed before a response byte
+    arrived, the race every HTTP/1.1 client has with a peer's idle timeout.
+    """
+    if response_started:
+        return ABORT
+    if final or not replayable:
+        return FAIL
+    if stale_connection:
+        return RETRY_STALE
+    if budget_left and (policy or CONNECT_RETRIES).should_retry(attempt, method, outcome, None, body_size):
+        return RETRY
+    return FAIL
 
 
 class RetryBudget:
@@ -331,17 +379,23 @@ class RetryBudget:
         self._requests[slot] += 1
         self._total_requests += 1
 
+    def allows(self, now: float) -> bool:
+        """Whether `try_spend` would give a retry now; spends nothing."""
+        self._advance(now)
+        return self._total_retries + 1 <= self._allowance()
+
     def try_spend(self, now: float) -> bool:
         """Take one retry from the budget if the rule allows it; False means do not retry."""
         slot = self._advance(now)
-        allowance = self.ratio * self._total_requests
-        if allowance < self._floor:
-            allowance = self._floor
-        if self._total_retries + 1 > allowance:
+        if self._total_retries + 1 > self._allowance():
             return False
         self._retries[slot] += 1
         self._total_retries += 1
         return True
+
+    def _allowance(self) -> float:
+        allowance = self.ratio * self._total_requests
+        return allowance if allowance > self._floor else self._floor
 
     def __repr__(self) -> str:
         return "RetryBudget(%d requests, %d retries in %gs, ratio=%g, min_per_second=%g)" % (

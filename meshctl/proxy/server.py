@@ -19,7 +19,7 @@ import logging
 import os
 import socket
 import time
-from typing import Callable, TypeVar
+from typing import Callable, TypeVar, cast
 
 from meshctl.proxy.errors import MeshError, ProtocolError, response_for
 from meshctl.proxy.exchange import Exchange
@@ -33,8 +33,8 @@ from meshctl.proxy.listeners import Target, open_listeners, resolve
 from meshctl.proxy.metrics import OUTBOUND
 from meshctl.proxy.observe import Observer, rebuild_traced_head, service_of_identity
 from meshctl.proxy.peers import PeerGate
-from meshctl.proxy.tls import TLSConfig, in_trust_domain, peer_identity
-from meshctl.proxy.pool import Pool, UpstreamConnection
+from meshctl.proxy.tls import InboundAcceptor, TLSConfig, in_trust_domain, peer_identity
+from meshctl.proxy.pool import NOT_CONNECTED, Pool, UpstreamConnection
 from meshctl.proxy.snapshot import Listener, Snapshot
 from meshctl.proxy.h2proxy import H2Proxy
 from meshctl.proxy.opaque import Relay
@@ -55,16 +55,20 @@ _UPSTREAM_KEEP_ALIVE = b"connection: keep-alive"
 
 
 class ServerState:
-    """Everything shared by the connections of one sidecar process."""
+    """Everything shared by the connections of one sidecar process; an exchange's `Engine` (proxy.interfaces)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        # The loop's methods an exchange uses, bound once here rather than looked up per request.
+        self.clock = loop.time
+        self.call_later = loop.call_later
+        self.call_soon = loop.call_soon
         self.pool = Pool(loop)
         self.snapshot: Snapshot | None = None
         self.connections: set[ClientConnection] = set()
         # Connections that left HTTP/1 (proxy.dispatch, upgrades): HTTP/2 proxies and relays, drained too.
         self.handed_over: set[H2Proxy | Relay] = set()
-        self.servers: list[asyncio.AbstractServer] = []
+        self.servers: list[asyncio.AbstractServer | InboundAcceptor] = []
         self.gate: PeerGate | None = None  # the local-uid check, when the snapshot asks for it
         self.draining = False
         self.done: asyncio.Future[int] = loop.create_future()
@@ -116,7 +120,7 @@ class ServerState:
     def _current_tls(self) -> TLSConfig | None:
         return self.snapshot.tls if self.snapshot is not None else None
 
-    def _factory(self, listener: Listener):
+    def _factory(self, listener: Listener) -> Callable[[], asyncio.Protocol]:
         if listener.kind == "outbound" and listener.protocol == "tcp":
             return lambda: outbound_relay(self, listener, "127.0.0.1").downstream
         if listener.kind == "outbound" and listener.protocol == "grpc":
@@ -200,7 +204,7 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, state: ServerState, listener: Listener) -> None:
         self.state = state
         self.listener = listener
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.transport: asyncio.Transport = NOT_CONNECTED  # until connection_made
         self.parser: Parser = None  # type: ignore[assignment]
         self.client_ip = "?"
         self.forwarded = b""
@@ -221,8 +225,8 @@ class ClientConnection(asyncio.Protocol):
 
     # -- asyncio protocol callbacks ---------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def connection_made(self, base_transport: asyncio.BaseTransport) -> None:
+        transport = self.transport = cast(asyncio.Transport, base_transport)  # a stream transport (uvloop's do not subclass asyncio's)
         state = self.state
         http = state.snapshot.http  # type: ignore[union-attr]
         self.parser = Parser(True, http.max_header_bytes, http.max_body_bytes)
@@ -238,10 +242,10 @@ class ClientConnection(asyncio.Protocol):
                     transport.abort()
                     return
             if listener.protocol == "tcp":
-                self._relay_to_app(transport)  # type: ignore[arg-type]
+                self._relay_to_app(transport)
                 return
             if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
-                hand_over(transport, inbound_h2(state, listener, self.peer_identity))  # type: ignore[arg-type]
+                hand_over(transport, inbound_h2(state, listener, self.peer_identity))
                 return
             # An h2c preface (plaintext) is HTTP/2; bytes that are not HTTP, or silence (a
             # server-first protocol relayed opaque by the caller's sidecar), go to the app as TCP.
@@ -251,7 +255,7 @@ class ClientConnection(asyncio.Protocol):
         elif listener.kind == "ingress":
             ssl_object = transport.get_extra_info("ssl_object")
             if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
-                hand_over(transport, ingress_h2(state, listener))  # type: ignore[arg-type]
+                hand_over(transport, ingress_h2(state, listener))
                 return
             # h2c with prior knowledge, or HTTP/1.1, on the same port: the first bytes say which.
             self.prefix = b""
@@ -267,7 +271,7 @@ class ClientConnection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        self.deadline = state.loop.time() + (detect.DETECT_TIMEOUT_S if self.prefix is not None else http.idle_timeout)
+        self.deadline = state.clock() + (detect.DETECT_TIMEOUT_S if self.prefix is not None else http.idle_timeout)
         state.connections.add(self)
         if state.draining:
             self.close()
@@ -301,7 +305,7 @@ class ClientConnection(asyncio.Protocol):
         ingress = self.listener.kind == "ingress"
         # TLS on a plain listener, or anything but HTTP/2 on the ingress: parsed (and rejected) as HTTP/1.
         if kind is detect.Kind.HTTP1 or kind is detect.Kind.TLS or (ingress and kind is not detect.Kind.HTTP2):
-            self.deadline = state.loop.time() + state.snapshot.http.idle_timeout  # type: ignore[union-attr]
+            self.deadline = state.clock() + state.snapshot.http.idle_timeout  # type: ignore[union-attr]
             return prefix
         # From here on the connection is not HTTP/1: it leaves this server's bookkeeping.
         self.closed = True
@@ -331,7 +335,7 @@ class ClientConnection(asyncio.Protocol):
         self.parser.feed(data)
         if self.exchange is None and not self.head_started:
             self.head_started = True
-            self.deadline = self.state.loop.time() + self.state.snapshot.http.header_timeout  # type: ignore[union-attr]
+            self.deadline = self.state.clock() + self.state.snapshot.http.header_timeout  # type: ignore[union-attr]
         self._process()
 
     def eof_received(self) -> bool:
@@ -376,7 +380,7 @@ class ClientConnection(asyncio.Protocol):
                 event = parser.next_event_whole()
                 kind = type(event)
                 if kind is Data:
-                    self.exchange.request_data(event.data)  # type: ignore[union-attr]
+                    self.exchange.request_data(event.data)  # type: ignore[union-attr, attr-defined]
                 elif kind is Head:
                     self._begin(event)  # type: ignore[arg-type]
                     body = event.body  # type: ignore[attr-defined]
@@ -388,8 +392,10 @@ class ClientConnection(asyncio.Protocol):
                                 break
                         self.exchange.request_end()  # type: ignore[union-attr]
                         if self.exchange is not None:
-                            # Still answering it, so the parser is at PAUSED: spare asking.
-                            self._hold_pipelined()
+                            # Still answering it, so the parser is at PAUSED: spare asking
+                            # (and the call to _hold_pipelined on this, every request's path).
+                            if parser.buffered > PIPELINE_BUFFER_LIMIT:
+                                self._pause(_PAUSE_PIPELINE)
                             break
                 elif event is END:
                     self.exchange.request_end()  # type: ignore[union-attr]
@@ -431,8 +437,8 @@ class ClientConnection(asyncio.Protocol):
                 self._authorize(snapshot.authz, head)
             target = resolve(self.listener, snapshot, head)
         except MeshError as exc:
-            exchange = self.exchange = Exchange(self, Target(None, None, "-", None, False), head, b"")
-            exchange.started = state.loop.time()
+            exchange = self.exchange = Exchange(self, state, Target(None, None, "-", None, False), head, b"")
+            exchange.started = state.clock()
             if not head.has(b"x-request-id"):
                 exchange.request_id = state.next_request_id()
             exchange.fail(exc.code, exc.detail, exc.status)
@@ -467,7 +473,7 @@ class ClientConnection(asyncio.Protocol):
             out_head = rebuild_head(head, add, start_line)
         else:
             out_head = head.raw
-        exchange = self.exchange = Exchange(self, target, head, out_head)
+        exchange = self.exchange = Exchange(self, state, target, head, out_head)
         if request_id is not None:
             exchange.request_id = request_id
         if self.listener.kind == "ingress":
@@ -475,7 +481,7 @@ class ClientConnection(asyncio.Protocol):
             exchange.request_id_line = b"x-request-id: " + (request_id or head.get(b"x-request-id") or b"")
         if switch_to is not None:
             exchange.replay = None
-        exchange.start(state.loop.time())
+        exchange.start(state.clock())
 
     def _authorize(self, policy: Policy, head: Head) -> None:
         headers = None
@@ -518,7 +524,7 @@ class ClientConnection(asyncio.Protocol):
         self.bytes_out += len(response_head)
         self.transport.write(response_head)
         relay = upgrade.switch_to_relay(
-            state.loop, self.transport, client_pending, upstream.transport, upstream.parser.take_buffer(),  # type: ignore[arg-type]
+            state.loop, self.transport, client_pending, upstream.transport, upstream.parser.take_buffer(),
             idle_timeout=state.snapshot.http.idle_timeout, on_close=lambda relay: self._relay_closed(upstream, relay),  # type: ignore[union-attr]
         )
         state.track(relay)
@@ -541,7 +547,7 @@ class ClientConnection(asyncio.Protocol):
             return
         parser = self.parser
         parser.start_next_cycle()
-        self.deadline = state.loop.time() + state.snapshot.http.idle_timeout  # type: ignore[union-attr]
+        self.deadline = state.clock() + state.snapshot.http.idle_timeout  # type: ignore[union-attr]
         if self.paused:
             self._resume(_PAUSE_PENDING | _PAUSE_UPSTREAM | _PAUSE_PIPELINE)
         if parser.has_input():  # a pipelined request, or the client's EOF

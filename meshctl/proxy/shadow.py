@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from meshctl.proxy.listeners import Target
     from meshctl.proxy.pool import Pool, UpstreamConnection
     from meshctl.proxy.routing import RouteAction
-    from meshctl.proxy.seams import Client
     from meshctl.proxy.snapshot import Service
 
 RESULTS_FLUSH_INTERVAL = 0.25
@@ -61,7 +60,7 @@ class ComparedExchange(Protocol):
     def target(self) -> Target: ...
 
     @property
-    def client(self) -> Client: ...
+    def client(self) -> Any: ...  # the ClientConnection (seams.Client); Exchange types it as interfaces.Downstream
 
     @property
     def upstream(self) -> UpstreamConnection | None: ...
