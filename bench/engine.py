@@ -26,6 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from meshctl.proxy.build import BUILD  # noqa: E402
 from meshctl.proxy.observe import Observer  # noqa: E402
 from meshctl.proxy.pool import UpstreamConnection  # noqa: E402
 from meshctl.proxy.server import ClientConnection, ServerState  # noqa: E402
@@ -138,6 +139,9 @@ def main() -> int:
     parser.add_argument("--why", choices=("errors", "all", "off"), default="errors",
                         help="decision records for `meshctl why` (observability.why) [errors, the default]")
     args = parser.parse_args()
+    print("build: %s" % BUILD.description)
+    if BUILD.warning is not None:
+        print(BUILD.warning)
     for kind in ("ingress", "inbound"):
         print("%-8s %6.2f us Python CPU per request" % (kind, measure(kind, args.requests, args.batches, args.why) * 1e6))
     return 0

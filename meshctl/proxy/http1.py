@@ -84,7 +84,7 @@ _FRAMING_HEADERS = frozenset(
 # line feed to the next (a validated block has them only between lines), where `^` with
 # re.MULTILINE would try the names at every byte, at twice the cost.
 _FRAMING_FIELD = re.compile(
-    rb"\n(" + b"|".join(sorted(_FRAMING_HEADERS, key=len, reverse=True)) + rb"):[ \t]*(" + _FIELD_VALUE + rb")",
+    rb"\n(" + b"|".join(sorted(_FRAMING_HEADERS, key=len, reverse=True)) + rb"):[ \t]*(" + _FIELD_VALUE + rb")",  # type: ignore[arg-type]  # typeshed: bytes are Sized
     re.IGNORECASE,
 )
 # Head.has(name): a field line named `name` behind a "\n" (see _FRAMING_FIELD), per name.
