@@ -128,17 +128,10 @@ class Build:
 
 
 def _compiled_description() -> str:
-    try:
-        with open(os.path.join(PACKAGE_DIR, MANIFEST), encoding="utf-8") as file:
-            compiler = json.load(file).get("compiler", "mypyc")
-    except (OSError, ValueError):
-        compiler = "mypyc"
-    return "compiled (%s, %d modules)" % (compiler, len(COMPILED))
-
-
-def running_compiled(module: ModuleType) -> bool:
-    """True when `module` was loaded from an extension, not from its .py."""
-    return not (getattr(module, "__file__", "") or "").endswith(".py")
+    """Called once stale_reason() has read the manifest successfully."""
+    with open(os.path.join(PACKAGE_DIR, MANIFEST), encoding="utf-8") as file:
+        manifest = json.load(file)
+    return "compiled (%s, %d modules)" % (manifest.get("compiler", "mypyc"), len(manifest["modules"]))
 
 
 BUILD = Build()
