@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export MESHCTL_HOME ?= $(CURDIR)/.state/demo
 
-.PHONY: screenshots demo test test-deps screenshots venv down status clean bench bench-quick bench-deps bench-peer-hop bench-test soak fuzz
+.PHONY: compile clean-compiled screenshots demo test test-deps screenshots venv down status clean bench bench-quick bench-deps bench-peer-hop bench-test soak fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,19 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+# The sidecar's request path compiled with mypyc, in place (tools/compile_proxy.py; the
+# modules are listed in meshctl/proxy/build.py). Rebuilds only when a source changed; without
+# a C compiler it says so and the .py files run. `make clean-compiled` returns to pure Python.
+MYPYC_REQ := mypy==2.4.1
+compile: $(STAMP)
+	@$(BIN)/python -c "import mypyc" 2>/dev/null || $(BIN)/pip install --quiet '$(MYPYC_REQ)' \
+	  || echo "could not install $(MYPYC_REQ): the request path stays pure Python"
+	$(BIN)/python tools/compile_proxy.py
+
+clean-compiled:
+	$(BIN)/python tools/compile_proxy.py --clean
+
+demo: $(STAMP) compile
 	$(BIN)/meshctl up -f templates/shopfast.yaml
 	@echo
 	@echo "ShopFast is up. Open http://127.0.0.1:8080/ in a browser."
@@ -37,15 +49,20 @@ down: $(STAMP)
 status: $(STAMP)
 	$(BIN)/meshctl status
 
+# The full run uses the compiled request path (`compile`); the request-path tests run again
+# on the .py files (MESHCTL_PROXY_BUILD=pure), the build a machine without a C compiler runs.
+PURE_TESTS := tests/test_http1.py tests/test_sidecar.py tests/test_pool.py tests/test_retry.py \
+	tests/test_sidecar_policy.py tests/test_errors.py tests/test_compiled_build.py
 # The HTTP/2 and gRPC tests run twice: with the fast codec (ngh2) in the full run, then with
 # the pure-Python fallback (h2) that serves where ngh2 cannot be installed.
 H2_TESTS := tests/test_h2conn.py tests/test_ingress_h2.py tests/test_protocols_mesh.py
 
 # mypy first (seconds; [tool.mypy] in pyproject.toml): the sidecar strictly, the agent and the CLI
 # in mypy's default mode.
-test: $(STAMP) test-deps
+test: $(STAMP) test-deps compile
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -n 2 tests
+	MESHCTL_PROXY_BUILD=pure $(BIN)/python -m pytest -n 2 $(PURE_TESTS)
 	MESHCTL_H2_CODEC=h2 $(BIN)/python -m pytest -n 2 $(H2_TESTS)
 
 # Optional system tools some tests use, as command:debian-package pairs (a real Redis and
@@ -70,6 +87,7 @@ screenshots: $(STAMP) test-deps
 
 clean:
 	rm -rf $(VENV) .state .pytest_cache .hypothesis .mypy_cache
+	rm -f meshctl/proxy/*.so meshctl/proxy/_compiled.json
 
 # Benchmarks (bench/run.py): the mesh's two-sidecar path against nginx direct and an
 # mTLS HAProxy pair. BENCH_ARGS=--ref HEAD benchmarks the last commit, not the work tree.
@@ -81,10 +99,10 @@ bench-deps: $(STAMP)
 	if [ -n "$$missing" ]; then apt-get update && apt-get install -y wrk haproxy nginx-light nghttp2-client; fi
 	@test -x $(BIN)/py-spy || $(BIN)/pip install --quiet py-spy
 
-bench-quick: bench-deps $(STAMP)
+bench-quick: bench-deps $(STAMP) compile
 	$(BIN)/python bench/run.py --quick $(BENCH_ARGS)
 
-bench: bench-deps $(STAMP)
+bench: bench-deps $(STAMP) compile
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/peer_hop.py --write
 

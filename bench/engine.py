@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from meshctl.proxy.build import BUILD  # noqa: E402
 from meshctl.proxy.observe import Observer  # noqa: E402
 from meshctl.proxy.pool import UpstreamConnection  # noqa: E402
 from meshctl.proxy.server import ClientConnection, ServerState  # noqa: E402
@@ -134,6 +135,9 @@ def main() -> int:
     parser.add_argument("--batches", type=int, default=7)
     add_why_option(parser)
     args = parser.parse_args()
+    print("build: %s" % BUILD.description)
+    if BUILD.warning is not None:
+        print(BUILD.warning)
     for kind in ("ingress", "inbound"):
         print("%-8s %6.2f us Python CPU per request" % (kind, measure(kind, args.requests, args.batches, args.why) * 1e6))
     return 0

@@ -82,6 +82,8 @@ def test_a_fresh_venv_installs_the_wheel_and_runs_a_mesh_from_an_empty_directory
         names = archive.namelist()
     top_level = {name.split("/", 1)[0] for name in names if not name.startswith("meshctl-")}
     assert top_level == {"meshctl"}
+    # Pure: a `make compile` of the working tree never leaks into it (meshctl/proxy/build.py).
+    assert [name for name in names if name.endswith((".so", ".c", "_compiled.json"))] == []
     for shipped in ("meshctl/templates/hello.yaml", "meshctl/templates/shopfast.yaml",
                     "meshctl/templates/grafana-dashboard.json", "meshctl/templates/prometheus.yml",
                     "meshctl/demo_services/frontend.py", "meshctl/demo_services/hello.py"):

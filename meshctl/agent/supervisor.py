@@ -42,8 +42,9 @@ from meshctl.agent.sidecar import SidecarHandle
 
 log = logging.getLogger(__name__)
 # Settings of the sidecar that pass from the agent's environment to the sidecars it starts
-# (MESHCTL_H2_CODEC=h2 forces the pure-Python HTTP/2 codec, meshctl/proxy/h2conn.py).
-SIDECAR_SETTINGS = frozenset({"MESHCTL_H2_CODEC"})
+# (MESHCTL_H2_CODEC=h2 forces the pure-Python HTTP/2 codec, meshctl/proxy/h2conn.py;
+# MESHCTL_PROXY_BUILD=pure the .py files where the request path is compiled, meshctl/proxy/build.py).
+SIDECAR_SETTINGS = frozenset({"MESHCTL_H2_CODEC", "MESHCTL_PROXY_BUILD"})
 
 
 class Supervisor:

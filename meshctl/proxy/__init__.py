@@ -17,3 +17,9 @@ Parts:
   maps every generated error to its HTTP/1.1, HTTP/2 and gRPC answer;
 - observability: `observe` (the per-request hook), `metrics`, `tracing`, `admin`.
 """
+
+# Before any module of the package loads: a compiled build that no longer matches its
+# sources is set aside here, so the .py files run instead (meshctl/proxy/build.py).
+from meshctl.proxy.build import BUILD
+
+BUILD.select()

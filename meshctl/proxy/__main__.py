@@ -3,7 +3,8 @@
 The event loop is uvloop when it is installed, plain asyncio otherwise;
 MESHCTL_PROXY_LOOP=asyncio forces plain asyncio. The transports and TLS are aiofastnet's
 when it is installed (meshctl/proxy/transport.py). Logs go to stderr, the level from
-MESHCTL_PROXY_LOG (default INFO).
+MESHCTL_PROXY_LOG (default INFO). The first line names the build that runs: compiled or pure
+Python (meshctl/proxy/build.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import signal
 import socket
 import sys
 
+from meshctl.proxy.build import BUILD
 from meshctl.proxy.control import ControlChannel
 from meshctl.proxy.server import ServerState
 from meshctl.proxy.transport import TRANSPORTS
@@ -61,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     loop = _new_event_loop()
     TRANSPORTS.install(loop)
     asyncio.set_event_loop(loop)
-    log.info("starting on %s, transports: %s", type(loop).__module__, TRANSPORTS.name)
+    log.info("starting on %s, transports: %s, build: %s", type(loop).__module__, TRANSPORTS.name, BUILD.description)
+    if BUILD.warning is not None:
+        log.warning("%s", BUILD.warning)
     try:
         code = loop.run_until_complete(_serve(args.control_fd))
     finally:
