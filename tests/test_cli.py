@@ -335,9 +335,12 @@ def test_logs_follow_stops_cleanly_on_ctrl_c(home: Path, fake_agent) -> None:
         return []
 
     agent = fake_agent({"logs": follow})
+    # As in a terminal: a test run started in the background (`make test &`, nohup) has SIGINT
+    # ignored, the child would inherit that, and Python installs no KeyboardInterrupt handler.
     proc = subprocess.Popen(
         [*CLI, "logs", "-f"], env=cli_env(home), text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert proc.stdout.readline() == "cart@v1#0 | listening on 41000\n"
